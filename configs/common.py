@@ -1,0 +1,89 @@
+"""Shared config defaults and the ``VARIANT[,key=value...]`` argument parsing.
+
+Every objective's config file builds on :func:`base_config` and exposes
+``get_config(arg)``, where ``arg`` is what follows the ``:`` in
+``--config=configs/NAME.py:VARIANT,key=value,...``.
+"""
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every objective shares (the documented config contract)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256            # global, across all devices and processes
+  c.lr = 1e-4                   # base lr; effective lr = lr * batch_size / 256 (see lr_scaling)
+  c.lr_scaling = "linear"       # 'linear' (x B/256) | 'sqrt' (x sqrt(B/1024)) | 'none'
+  c.min_lr = 0.0
+  c.warmup_steps = 100
+  c.weight_decay = 0.05         # decoupled; only on >=2-D kernels
+  c.grad_clip = 1.0             # global-norm clip; 0 disables
+  c.grad_accum_steps = 1
+  c.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'; params stay float32
+  c.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = fill
+  c.peak_tflops_per_device = 0.0  # 0 = look up the device table
+
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "phantoms"
+  c.data.image_size = 224
+  c.data.channels = 3
+  c.data.num_workers = 0        # grain worker processes (0 = in-process)
+  c.data.prefetch = 2           # batches buffered per worker
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.data.flip = True
+  c.data.mean = (0.5,)          # per channel (one value broadcasts)
+  c.data.std = (0.25,)
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.eval_examples = 512
+  c.data.eval_batch_size = 128
+
+  c.model = ml_collections.ConfigDict()
+  c.objective = ml_collections.ConfigDict()
+  return c
+
+
+def parse_arg(arg: str | None, default_variant: str) -> tuple[str, dict]:
+  """Splits ``"variant,k=v,a.b=w"`` into the variant and a dict of overrides."""
+  parts = [p for p in (arg or "").split(",") if p]
+  variant = default_variant
+  if parts and "=" not in parts[0]:
+    variant = parts.pop(0)
+  overrides = {}
+  for part in parts:
+    if "=" not in part:
+      raise ValueError(f"config argument {part!r}: expected key=value after the variant")
+    key, value = part.split("=", 1)
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return variant, overrides
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets dotted ``key=value`` overrides, refusing unknown keys."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"config argument {key!r}: unknown field {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"config argument {key!r}: unknown field {leaf!r}")
+    node[leaf] = value

@@ -1,0 +1,216 @@
+"""Transformer building blocks with logical axis names on every parameter and activation.
+
+Logical names: parameters use ``embed, heads, kv, mlp, patch, vocab, layers``; activations use
+``batch, seq, act_embed, act_heads, act_kv, act_mlp``. ``medfm_jax.parallel.mesh.LOGICAL_RULES`` maps
+them to mesh axes. Attention keeps explicit per-head 3-D kernels and calls
+``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU when available).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+constrain = nn.with_logical_constraint
+
+default_kernel_init = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+def param_with_axes(module: nn.Module, name: str, init: Callable, shape, axes):
+  """Creates a float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def exact_gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": jax.nn.gelu, "quick_gelu": quick_gelu, "relu": jax.nn.relu}
+
+
+class DenseGeneral(nn.Module):
+  """Dense layer with a logically named kernel ``[*in_shape, *out_shape]`` (Flax layout: in, out)."""
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  contract_dims: int = 1           # trailing input dims that are contracted
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.contract_dims:]
+    n_in = len(in_shape)
+    kernel_shape = (*in_shape, *self.features)
+
+    def init(key, shape, dtype):  # fan-in/out computed over the flattened matrix view
+      flat = (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
+      return self.kernel_init(key, flat, dtype).reshape(shape)
+
+    kernel = param_with_axes(self, "kernel", init, kernel_shape, self.kernel_axes)
+    x_axes = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((x_axes, tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", zeros, self.features, self.kernel_axes[n_in:])
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 with named scale/bias; returns the compute dtype."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * param_with_axes(self, "scale", nn.initializers.ones, (d,), ("embed",))
+    if self.use_bias:
+      y = y + param_with_axes(self, "bias", zeros, (d,), ("embed",))
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention: q/k/v kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``."""
+  num_heads: int
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None    # None = XLA; 'cudnn' for flash attention on GPU
+
+  @nn.compact
+  def __call__(self, x, mask=None, is_causal: bool = False):
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    head_dim = d // self.num_heads
+    proj = lambda name: DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"),
+                                     use_bias=self.qkv_bias, dtype=self.dtype, name=name)(x)
+    q, k, v = proj("query"), proj("key"), proj("value")      # [batch, seq, heads, kv]
+    q, k, v = (constrain(t, ("batch", "seq", "act_heads", "act_kv")) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=self.implementation)
+    out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
+    y = DenseGeneral((d,), ("heads", "kv", "embed"), contract_dims=2, dtype=self.dtype, name="out")(out)
+    return constrain(y, ("batch", "seq", "act_embed"))
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP (``fc1 -> act -> fc2``) or SwiGLU (``w12 -> silu-gate -> w3``)."""
+  hidden_dim: int
+  activation: str = "gelu"
+  swiglu: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    if self.swiglu:
+      h = DenseGeneral((2, self.hidden_dim), ("embed", None, "mlp"), dtype=self.dtype, name="w12")(x)
+      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+    else:
+      h = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+      h = ACTIVATIONS[self.activation](h)
+    h = constrain(h, ("batch", "seq", "act_mlp"))
+    y = DenseGeneral((d,), ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+    return constrain(y, ("batch", "seq", "act_embed"))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (rng stream ``dropout``).
+
+  ``rate`` is a call argument so that a scanned stack can feed each layer its own rate.
+  """
+
+  @nn.compact
+  def __call__(self, x, rate, deterministic: bool):
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = param_with_axes(self, "gamma", nn.initializers.constant(self.init_value),
+                            (x.shape[-1],), ("embed",))
+    return x * gamma.astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: ``x + ls(attn(ln(x)))``, ``x + ls(mlp(ln(x)))`` with drop-path."""
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  layer_scale_init: float = 0.0        # 0 disables LayerScale
+  activation: str = "gelu"
+  swiglu: bool = False
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, drop_rate=0.0, deterministic: bool = True):
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    ln = lambda name: LayerNorm(self.layer_norm_eps, self.dtype, name=name)
+    scale = lambda y, name: LayerScale(self.layer_scale_init, name=name)(y) if self.layer_scale_init else y
+    y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(ln("norm1")(x))
+    x = x + DropPath()(scale(y, "ls1"), drop_rate, deterministic)
+    y = Mlp(self.mlp_dim, self.activation, self.swiglu, self.dtype, name="mlp")(ln("norm2")(x))
+    x = x + DropPath()(scale(y, "ls2"), drop_rate, deterministic)
+    return x
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """``[sin(pos*w), cos(pos*w)]`` with ``w_i = 1/10000^(2i/dim)``; returns ``[len(pos), dim]``."""
+  if dim % 2:
+    raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding ``[(1+)grid_h*grid_w, dim]`` (MAE convention).
+
+  The first half of the channels encodes the column (w) index, the second half the row (h);
+  patches are in row-major order; an optional leading all-zero row stands for the cls token.
+  """
+  if dim % 4:
+    raise ValueError(f"2-D sin-cos embedding dim must be divisible by 4, got {dim}")
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def interpolate_pos_embed(pos: jnp.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int],
+                          num_prefix: int = 1) -> jnp.ndarray:
+  """Bicubically resizes learned patch position embeddings ``[1, prefix+h*w, d]`` to a new grid."""
+  if tuple(old_hw) == tuple(new_hw):
+    return pos
+  prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+  d = grid.shape[-1]
+  grid = grid.reshape(1, *old_hw, d)
+  grid = jax.image.resize(grid, (1, *new_hw, d), method="bicubic")
+  return jnp.concatenate([prefix, grid.reshape(1, -1, d).astype(pos.dtype)], axis=1)

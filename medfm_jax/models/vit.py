@@ -1,0 +1,221 @@
+"""Vision Transformer encoder (pre-LN, cls token, fixed sin-cos or learned position embeddings).
+
+Variants are looked up by strings like ``"B/16"`` (width/depth/heads from :data:`VARIANTS`, patch
+size after the slash). The block stack can run unrolled (``layer_0 ... layer_{n-1}``) or as one
+``nn.scan`` (``layers``, params stacked on a leading axis); :func:`stack_layers` and
+:func:`unstack_layers` convert between the two parameter trees.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medfm_jax.models import layers
+from medfm_jax.models.layers import constrain
+
+# name: (width, depth, heads, mlp_dim)
+VARIANTS = {
+    "Mu": (96, 4, 3, 384),        # CPU smoke tests and demos
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1536, 40, 24, 6144),    # DINOv2 giant
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+
+
+def parse_variant(variant: str) -> ViTSize:
+  """``"B/16"`` -> ViTSize(768, 12, 12, 3072, 16)."""
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS or not patch.isdigit() or int(patch) <= 0:
+    raise ValueError(f"model.variant={variant!r}: expected NAME/PATCH with NAME in "
+                     f"{sorted(VARIANTS)} and a positive integer patch size, e.g. 'B/16'")
+  return ViTSize(*VARIANTS[name], int(patch))
+
+
+def patchify(images: jnp.ndarray, patch: int) -> jnp.ndarray:
+  """``[b, H, W, c] -> [b, (H/p)*(W/p), p*p*c]``, patches row-major, pixels in (p, q, c) order."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(x: jnp.ndarray, patch: int, grid_hw: tuple[int, int], channels: int) -> jnp.ndarray:
+  """Inverse of :func:`patchify`."""
+  b = x.shape[0]
+  gh, gw = grid_hw
+  x = x.reshape(b, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * patch, gw * patch, channels)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Encoder(nn.Module):
+  """A stack of pre-LN blocks with linearly increasing drop-path, unrolled or scanned."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  layer_scale_init: float = 0.0
+  activation: str = "gelu"
+  swiglu: bool = False
+  dtype: Any = jnp.float32
+  remat: str = "none"                 # 'none' | 'full' | 'dots'
+  scan: bool = False
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                        layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
+                        activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
+                        attention_impl=self.attention_impl)
+    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else np.zeros(1)
+    block_cls = layers.Block
+    if self.remat != "none":
+      if self.remat not in _REMAT_POLICIES:
+        raise ValueError(f"model.remat={self.remat!r}: allowed 'none', 'full', 'dots'")
+      block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[self.remat], static_argnums=(3,))
+    if not self.scan:
+      for i in range(self.depth):
+        x = block_cls(**block_kwargs, name=f"layer_{i}")(x, float(rates[i]), deterministic)
+      return x
+
+    class ScanBody(nn.Module):
+      @nn.compact
+      def __call__(self, carry, rate, deterministic):
+        return block_cls(**block_kwargs, name="block")(carry, rate, deterministic), None
+
+    scanned = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast), length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic)
+    return x
+
+
+def stack_layers(params: dict, depth: int, prefix: str = "layer_") -> dict:
+  """Unrolled ``{layer_i: p}`` -> scanned ``{layers: {block: stacked p}}`` (any nesting level)."""
+  out = {}
+  for k, v in params.items():
+    if k == f"{prefix}0":
+      out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                             *[params[f"{prefix}{i}"] for i in range(depth)])}
+    elif k.startswith(prefix) and k[len(prefix):].isdigit():
+      continue
+    else:
+      out[k] = stack_layers(v, depth, prefix) if isinstance(v, dict) else v
+  return out
+
+
+def unstack_layers(params: dict, prefix: str = "layer_") -> dict:
+  """Inverse of :func:`stack_layers`."""
+  out = {}
+  for k, v in params.items():
+    if k == "layers" and isinstance(v, dict) and set(v) == {"block"}:
+      depth = jax.tree.leaves(v)[0].shape[0]
+      for i in range(depth):
+        out[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], v["block"])
+    else:
+      out[k] = unstack_layers(v, prefix) if isinstance(v, dict) else v
+  return out
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection as one matmul over patchified pixels (= a stride-p conv)."""
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = patchify(images, self.patch_size)
+    x = constrain(x, ("batch", "seq", None))
+    return layers.DenseGeneral((self.width,), ("patch", "embed"), dtype=self.dtype,
+                               name="proj")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder. ``__call__(images, keep_ids=None)`` -> ``[b, prefix + n_kept, width]`` after the final LN.
+
+  ``keep_ids [b, n_kept]`` selects which patch tokens enter the blocks (MAE); position embeddings
+  are added before selection. Prefix tokens: cls, then ``num_registers`` register tokens.
+  """
+  variant: str = "B/16"
+  image_size: int = 224                # grid the learned position embedding is created for
+  pos_embed: str = "sincos2d"          # 'sincos2d' (fixed) | 'learned'
+  layer_norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  layer_scale_init: float = 0.0
+  num_registers: int = 0
+  activation: str = "gelu"
+  swiglu: bool = False
+  final_norm: bool = True
+  dtype: Any = jnp.float32
+  remat: str = "none"
+  scan: bool = False
+  attention_impl: str | None = None
+
+  @property
+  def size(self) -> ViTSize:
+    return parse_variant(self.variant)
+
+  @nn.compact
+  def __call__(self, images, keep_ids=None, deterministic: bool = True):
+    size = self.size
+    p = size.patch_size
+    b, h, w, _ = images.shape
+    if h % p or w % p:
+      raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    grid = (h // p, w // p)
+    x = PatchEmbed(p, size.width, self.dtype, name="patch_embed")(images.astype(self.dtype))
+    x = x + self._position_embedding(grid, size.width).astype(self.dtype)
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+    prefix = [self._token("cls_token", size.width, b)]
+    if self.num_registers:
+      prefix.append(self._token("registers", size.width, b, self.num_registers))
+    x = jnp.concatenate([t.astype(self.dtype) for t in prefix] + [x], axis=1)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
+                self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
+                self.scan, self.attention_impl, name="encoder")(x, deterministic)
+    if self.final_norm:
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
+    return x
+
+  def _token(self, name, width, batch, n=1):
+    init = nn.initializers.normal(0.02)
+    tok = layers.param_with_axes(self, name, init, (1, n, width), (None, None, "embed"))
+    return jnp.broadcast_to(tok, (batch, n, width))
+
+  def _position_embedding(self, grid, width):
+    """Patch position embeddings ``[1, gh*gw, width]`` (the cls token gets none / zeros)."""
+    if self.pos_embed == "sincos2d":
+      return jnp.asarray(layers.sincos_2d(width, *grid))[None]
+    if self.pos_embed == "learned":
+      g0 = self.image_size // self.size.patch_size
+      pos = layers.param_with_axes(self, "pos_embed", nn.initializers.normal(0.02),
+                                   (1, g0 * g0, width), (None, None, "embed"))
+      return layers.interpolate_pos_embed(pos, (g0, g0), grid, num_prefix=0)
+    raise ValueError(f"model.pos_embed={self.pos_embed!r}: allowed 'sincos2d', 'learned'")

@@ -1,0 +1,28 @@
+"""medfm_jax: JAX/Flax foundation-model pretraining for medical imaging."""
+from setuptools import find_packages, setup
+
+setup(
+    name="medfm_jax",
+    version="0.1.0",
+    description="Sharded JAX/Flax pretraining (MAE, DINO, CLIP, FLAVA) for medical foundation models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["medfm_jax", "medfm_jax.*"]),
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "pillow>=10",
+        "tensorboardX>=2.6,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
+        "gpu": ["jax[cuda12]>=0.7,<0.11"],
+    },
+)
