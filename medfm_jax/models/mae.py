@@ -79,12 +79,17 @@ class MaskedAutoencoder(nn.Module):
     return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}
 
 
-def mae_loss(images, pred, mask, patch_size: int, norm_pix_loss: bool = True):
-  """Per-patch MSE against (optionally per-patch normalised) pixels, averaged over masked patches."""
+def patch_losses(images, pred, patch_size: int, norm_pix_loss: bool = True):
+  """Per-patch MSE ``[b, L]`` against (optionally per-patch normalised, unbiased var) pixels."""
   target = vit.patchify(images.astype(jnp.float32), patch_size)
   if norm_pix_loss:
     mean = target.mean(-1, keepdims=True)
     var = target.var(-1, keepdims=True, ddof=1)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
-  per_patch = jnp.square(pred - target).mean(-1)
+  return jnp.square(pred - target).mean(-1)
+
+
+def mae_loss(images, pred, mask, patch_size: int, norm_pix_loss: bool = True):
+  """Mean per-patch MSE over the masked patches only."""
+  per_patch = patch_losses(images, pred, patch_size, norm_pix_loss)
   return (per_patch * mask).sum() / mask.sum()

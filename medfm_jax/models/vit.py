@@ -219,3 +219,18 @@ class VisionTransformer(nn.Module):
                                    (1, g0 * g0, width), (None, None, "embed"))
       return layers.interpolate_pos_embed(pos, (g0, g0), grid, num_prefix=0)
     raise ValueError(f"model.pos_embed={self.pos_embed!r}: allowed 'sincos2d', 'learned'")
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def vit_from_config(config) -> VisionTransformer:
+  """The encoder described by ``config.model`` at ``config.data.image_size`` and ``config.dtype``."""
+  m = config.model
+  return VisionTransformer(
+      variant=m.variant, image_size=config.data.image_size, pos_embed=m.get("pos_embed", "sincos2d"),
+      layer_norm_eps=m.get("layer_norm_eps", 1e-6), drop_path=m.get("drop_path", 0.0),
+      layer_scale_init=m.get("layer_scale_init", 0.0), num_registers=m.get("num_registers", 0),
+      activation=m.get("activation", "gelu"), swiglu=m.get("swiglu", False),
+      dtype=COMPUTE_DTYPES[config.dtype], remat=m.get("remat", "none"), scan=m.get("scan", False),
+      attention_impl=m.get("attention_impl", None))

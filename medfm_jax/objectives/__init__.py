@@ -1,0 +1,22 @@
+"""Objective registry: ``config.objective.name`` -> Objective class."""
+from __future__ import annotations
+
+from medfm_jax.objectives.base import Objective
+
+_REGISTRY = {
+    "mae": "medfm_jax.objectives.mae:MaeObjective",
+}
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def build(config) -> Objective:
+  """Instantiates the objective named by ``config.objective.name``."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  name = config.objective.name
+  if name not in _REGISTRY:
+    raise ValueError(f"objective.name={name!r}: allowed {names()}")
+  module, cls = _REGISTRY[name].split(":")
+  return getattr(importlib.import_module(module), cls)(config)

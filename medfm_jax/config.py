@@ -1,0 +1,95 @@
+"""Config validation: fails fast, before any compile, with one line naming the field."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from medfm_jax import objectives
+from medfm_jax.models import vit
+from medfm_jax.parallel import mesh as mesh_lib
+
+
+class ConfigError(ValueError):
+  """A config value a user set is not allowed; the message names the field."""
+
+
+def _check(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def _writable(path: str) -> bool:
+  """True if ``path`` exists and is writable, or could be created (without creating it)."""
+  if "://" in path:   # bucket URLs: checked by the storage layer at first write
+    return True
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return False
+    path = parent
+  return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def validate(config, workdir: str | None = None, num_devices: int | None = None) -> dict[str, int]:
+  """Checks the config; returns the resolved mesh shape. Raises ConfigError on the first problem."""
+  num_devices = num_devices or jax.device_count()
+  c = config
+  _check(c.objective.get("name") in objectives.names(),
+         f"objective.name={c.objective.get('name')!r}: allowed {objectives.names()}")
+  _check(c.dtype in vit.COMPUTE_DTYPES, f"dtype={c.dtype!r}: allowed {sorted(vit.COMPUTE_DTYPES)}")
+  for field in ("total_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
+                "checkpoint_every", "keep_checkpoints"):
+    _check(isinstance(c[field], int) and c[field] > 0, f"{field}={c[field]!r}: must be a positive integer")
+  _check(0 <= c.warmup_steps, f"warmup_steps={c.warmup_steps}: must be >= 0")
+  _check(c.lr > 0, f"lr={c.lr}: must be > 0")
+  _check(c.lr_scaling in ("linear", "sqrt", "none"), f"lr_scaling={c.lr_scaling!r}: allowed 'linear', 'sqrt', 'none'")
+  _check(c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0")
+  _check(c.grad_clip >= 0, f"grad_clip={c.grad_clip}: must be >= 0 (0 disables)")
+
+  try:
+    size = vit.parse_variant(c.model.variant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  m = c.model
+  _check(m.get("remat", "none") in ("none", "full", "dots"), f"model.remat={m.get('remat')!r}: allowed 'none', 'full', 'dots'")
+  _check(m.get("pos_embed", "sincos2d") in ("sincos2d", "learned"),
+         f"model.pos_embed={m.get('pos_embed')!r}: allowed 'sincos2d', 'learned'")
+  _check(0.0 <= m.get("drop_path", 0.0) < 1.0, f"model.drop_path={m.get('drop_path')}: allowed [0, 1)")
+  _check(c.data.image_size > 0 and c.data.image_size % size.patch_size == 0,
+         f"data.image_size={c.data.image_size}: must be a positive multiple of the patch size "
+         f"{size.patch_size} of model.variant={m.variant!r}")
+  _check(c.data.channels in (1, 3), f"data.channels={c.data.channels}: allowed 1 or 3")
+  _check(len(c.data.mean) in (1, c.data.channels) and len(c.data.std) in (1, c.data.channels),
+         f"data.mean/data.std: need 1 or data.channels={c.data.channels} values")
+  _check(all(s > 0 for s in c.data.std), f"data.std={c.data.std}: must be positive")
+  lo, hi = c.data.crop_scale
+  _check(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)}: need 0 < min <= max <= 1")
+  _check(c.data.num_workers >= 0, f"data.num_workers={c.data.num_workers}: must be >= 0")
+
+  if c.objective.name == "mae":
+    r = c.objective.mask_ratio
+    _check(0.0 < r < 1.0, f"objective.mask_ratio={r}: must be in the open interval (0, 1)")
+    num_patches = (c.data.image_size // size.patch_size) ** 2
+    _check(int(num_patches * (1 - r)) >= 1, f"objective.mask_ratio={r}: keeps no patch of {num_patches}")
+    _check(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 4 == 0,
+           f"model.decoder_width={m.decoder_width}: must be divisible by 4 and by model.decoder_heads={m.decoder_heads}")
+
+  try:
+    shape = mesh_lib.resolve_mesh_shape(c.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e).replace("mesh=", "mesh.{data,fsdp,tensor}=")) from None
+  _check(size.num_heads % shape["tensor"] == 0 and size.mlp_dim % shape["tensor"] == 0,
+         f"mesh.tensor={shape['tensor']}: must divide the heads ({size.num_heads}) and MLP width "
+         f"({size.mlp_dim}) of model.variant={m.variant!r}")
+  shards = shape["data"] * shape["fsdp"]
+  per_step = shards * c.grad_accum_steps
+  _check(c.batch_size % per_step == 0,
+         f"batch_size={c.batch_size}: must be divisible by mesh.data*mesh.fsdp*grad_accum_steps "
+         f"= {shape['data']}*{shape['fsdp']}*{c.grad_accum_steps} = {per_step}")
+  _check(c.batch_size % jax.process_count() == 0,
+         f"batch_size={c.batch_size}: must be divisible by the process count {jax.process_count()}")
+  if workdir is not None:
+    _check(bool(workdir) and _writable(workdir), f"--workdir={workdir!r}: not a writable directory")
+  return shape

@@ -1,0 +1,41 @@
+r"""Train CLI: ``python -m medfm_jax.main --config=configs/mae.py:tiny --workdir=runs/mae_tiny``.
+
+Flags -> config (``--config.a.b=value`` overrides) -> validation (one line per problem, before
+any compile or file write) -> the shared trainer. Re-running in the same workdir resumes.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    config_lib.validate(config, workdir)
+  except config_lib.ConfigError as e:
+    sys.stderr.write(f"medfm_jax: config error: {e}\n")
+    sys.exit(2)
+  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  logging.info("config:\n%s", config)
+  try:
+    loop.train(config, workdir)
+  except loop.NonFiniteError as e:
+    sys.stderr.write(f"medfm_jax: {e}\n")
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,90 @@
+"""MAE objective: masked-patch reconstruction of (normalised) pixels, held-out loss, recon PNG."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medfm_jax.models import mae as mae_model
+from medfm_jax.models import vit
+from medfm_jax.objectives import base
+
+_EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across evaluations
+
+
+class MaeObjective(base.Objective):
+  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.model = mae_model.MaskedAutoencoder(vit.vit_from_config(config), m.decoder_width,
+                                             m.decoder_depth, m.decoder_heads)
+    self.patch = vit.parse_variant(m.variant).patch_size
+    self.mask_ratio = config.objective.mask_ratio
+    self.norm_pix = config.objective.norm_pix_loss
+
+  def _noise(self, rng, images):
+    num_patches = (images.shape[1] // self.patch) * (images.shape[2] // self.patch)
+    return jax.random.uniform(rng, (images.shape[0], num_patches))
+
+  def _forward(self, params, images, rng, deterministic=True):
+    noise_rng, drop_rng = jax.random.split(rng)
+    return self.model.apply({"params": params}, images, self._noise(noise_rng, images), self.mask_ratio,
+                            deterministic=deterministic, rngs={"dropout": drop_rng})
+
+  def init(self, rng, batch):
+    images = batch["image"]
+    variables = self.model.init({"params": rng}, images, self._noise(rng, images), self.mask_ratio)
+    return variables["params"], {}
+
+  def loss(self, params, extra, batch, rng, step):
+    images = batch["image"]
+    out = self._forward(params, images, rng, deterministic=False)
+    loss = mae_model.mae_loss(images, out["pred"], out["mask"], self.patch, self.norm_pix)
+    return loss, ({"mask_fraction": out["mask"].mean()}, extra)
+
+  def eval_metrics(self, params, extra, batch, rng):
+    images = batch["image"]
+    out = self._forward(params, images, jax.random.PRNGKey(_EVAL_NOISE_SEED))
+    per_patch = mae_model.patch_losses(images, out["pred"], self.patch, self.norm_pix)
+    per_example = (per_patch * out["mask"]).sum(1) / out["mask"].sum(1)
+    return {"loss": base.masked_sum(per_example, batch["mask"])}
+
+  def reconstruct(self, params, images):
+    """-> (masked input, reconstruction with visible patches pasted back), both ``[b, H, W, C]``."""
+    out = self._forward(params, images, jax.random.PRNGKey(_EVAL_NOISE_SEED))
+    target = vit.patchify(images.astype(jnp.float32), self.patch)
+    pred = out["pred"]
+    if self.norm_pix:   # undo the per-patch normalisation with the true patch statistics
+      mean = target.mean(-1, keepdims=True)
+      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      pred = pred * std + mean
+    m = out["mask"][..., None]
+    grid = (images.shape[1] // self.patch, images.shape[2] // self.patch)
+    unpatch = lambda x: vit.unpatchify(x, self.patch, grid, images.shape[-1])
+    return unpatch(target * (1 - m)), unpatch(target * (1 - m) + pred * m)
+
+  def eval_artifacts(self, params, extra, batch, rng, workdir, step):
+    n = min(self.config.objective.recon_examples, batch["image"].shape[0])
+    images = batch["image"][:n]
+    masked, recon = jax.jit(self.reconstruct)(params, images)
+    if jax.process_index() != 0:
+      return
+    rows = [np.asarray(jax.device_get(x)) for x in (images, masked, recon)]
+    write_image_grid(rows, self.config.data, os.path.join(workdir, "recon", f"step_{step:07d}.png"))
+
+
+def write_image_grid(columns: list[np.ndarray], data_cfg, path: str) -> None:
+  """Writes normalised images ``[n, H, W, C]`` side by side per example (one row each) as a PNG."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mean = np.asarray(data_cfg.mean, np.float32)
+  std = np.asarray(data_cfg.std, np.float32)
+  pixels = [np.clip((c * std + mean) * 255.0, 0, 255).astype(np.uint8) for c in columns]
+  grid = np.concatenate([np.concatenate(list(row), axis=1) for row in zip(*pixels)], axis=0)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)

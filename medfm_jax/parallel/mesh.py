@@ -1,0 +1,131 @@
+"""Device mesh from config, the logical-axis rules table, and shardings for state and batches."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The one table mapping logical names (models/layers.py) to mesh axes.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("patch", None),
+    ("layers", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+)
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Fills the (at most one) ``-1`` axis so the product equals ``num_devices``."""
+  shape = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  fill = [a for a, n in shape.items() if n == -1]
+  if len(fill) > 1 or any(n == 0 or n < -1 for n in shape.values()):
+    raise ValueError(f"mesh={shape}: each of mesh.data/fsdp/tensor must be a positive size, "
+                     "with at most one -1 (= fill the remaining devices)")
+  known = math.prod(n for n in shape.values() if n != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"mesh={shape}: fixed axes ({known}) do not divide the {num_devices} devices")
+    shape[fill[0]] = num_devices // known
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"mesh={shape}: product {math.prod(shape.values())} != number of devices "
+                     f"{num_devices}; use -1 on one axis to fill")
+  return shape
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over all devices of all processes (Auto axis types)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  dims = tuple(shape[a] for a in MESH_AXES)
+  if devices == jax.devices():
+    return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(dims), MESH_AXES,
+                           axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh,
+                    rules=LOGICAL_RULES) -> P:
+  """Maps logical names to a PartitionSpec, replicating dims the mesh axes do not divide."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def _path_key(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def param_specs(boxed_params, mesh) -> Any:
+  """PartitionSpecs for a tree of (abstract) params boxed with ``nn.Partitioned`` logical names."""
+  def spec(x):
+    return logical_to_spec(x.names, x.value.shape, mesh) if _is_box(x) else P()
+  return jax.tree.map(spec, boxed_params, is_leaf=_is_box)
+
+
+def shardings_by_param_path(tree, boxed_params, mesh) -> Any:
+  """Shardings for any tree whose leaves mirror parameters (params, optimizer moments, EMA copies).
+
+  A leaf whose key path ends with a parameter's full path and has that parameter's shape gets the
+  parameter's sharding; every other leaf (step counters, scalars, rng) is replicated.
+  """
+  by_path = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]:
+    value = x.value if _is_box(x) else x
+    spec = logical_to_spec(x.names, value.shape, mesh) if _is_box(x) else P()
+    by_path[_path_key(path)] = (spec, tuple(value.shape))
+  depths = sorted({len(k) for k in by_path}, reverse=True)
+
+  def sharding(path, leaf):
+    key = _path_key(path)
+    for d in depths:
+      match = by_path.get(key[-d:]) if len(key) >= d else None
+      if match is not None and match[1] == tuple(getattr(leaf, "shape", ())):
+        return NamedSharding(mesh, match[0])
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dim split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def to_global_batch(local_batch: dict, mesh) -> dict:
+  """Host-local numpy batch (this process's rows) -> global jax arrays sharded over data x fsdp."""
+  def put(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
+  return {k: put(v) for k, v in local_batch.items() if np.asarray(v).dtype != object}

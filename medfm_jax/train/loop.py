@@ -1,0 +1,183 @@
+"""THE training loop, shared by every objective.
+
+config -> mesh -> data -> sharded state (fresh or restored) -> AOT-compiled step -> loop with
+metrics, evals, checkpoints. The loop knows nothing about any objective beyond ``Objective``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+
+from medfm_jax import objectives as objectives_lib
+from medfm_jax.data import pipeline
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train import metrics as metrics_lib
+from medfm_jax.train import optim
+from medfm_jax.train import state as state_lib
+
+
+class NonFiniteError(RuntimeError):
+  """Loss or gradients became NaN/Inf; the bad state was not saved."""
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run holds; built by :func:`setup`, driven by :func:`train`."""
+  config: object
+  workdir: str
+  mesh: jax.sharding.Mesh
+  objective: objectives_lib.Objective
+  data_iterator: object
+  abstract_state: object
+  state: state_lib.TrainState
+  start_step: int
+  pending_batch: dict | None     # first train batch, consumed by step 0 of a fresh run
+
+
+def _context(mesh):
+  """Mesh + logical rules for tracing (``jax.set_mesh``, never ``with mesh:``)."""
+  class _Ctx:
+    def __enter__(self):
+      self._a = jax.set_mesh(mesh)
+      self._b = nn.logical_axis_rules(mesh_lib.LOGICAL_RULES)
+      self._a.__enter__()
+      self._b.__enter__()
+
+    def __exit__(self, *exc):
+      self._b.__exit__(*exc)
+      self._a.__exit__(*exc)
+  return _Ctx()
+
+
+def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> Trainer:
+  """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
+  mesh = mesh or mesh_lib.make_mesh(config.mesh)
+  objective = objectives_lib.build(config)
+  tx = optim.make_optimizer(config, _trainable_fn(objective))
+  data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
+                                               jax.process_index(), jax.process_count())
+  local = next(data_iterator)
+  with _context(mesh):
+    batch = mesh_lib.to_global_batch(local, mesh)
+    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is None:
+      state, start, pending = state_lib.create_state(objective, tx, config.seed, batch, abstract), 0, local
+    else:
+      state = checkpointer.restore(latest, abstract, data_iterator)
+      start, pending = int(jax.device_get(state.step)), None
+  return Trainer(config, workdir, mesh, objective, data_iterator, abstract, state, start, pending)
+
+
+def _trainable_fn(objective):
+  base = objectives_lib.Objective.trainable
+  return None if type(objective).trainable is base else objective.trainable
+
+
+def _check_finite(state) -> None:
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise NonFiniteError(f"loss or gradients became NaN/Inf at step {bad}; stopped, and no "
+                         "checkpoint of the bad state was written (lower lr, enable grad_clip, "
+                         "or use float32)")
+
+
+def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, float]:
+  """Held-out metrics over the eval split, then the objective's artifacts."""
+  sums: dict[str, list[float]] = {}
+  state = trainer.state
+  first = None
+  for local in eval_batches:
+    batch = mesh_lib.to_global_batch(local, trainer.mesh)
+    first = first or batch
+    for name, (total, count) in jax.device_get(eval_fn(state.params, state.extra, batch)).items():
+      acc = sums.setdefault(name, [0.0, 0.0])
+      acc[0] += float(total)
+      acc[1] += float(count)
+  if first is not None:
+    trainer.objective.eval_artifacts(state.params, state.extra, first, jax.random.PRNGKey(0),
+                                     trainer.workdir, step)
+  return {f"eval/{k}": s / max(c, 1.0) for k, (s, c) in sums.items()}
+
+
+def train(config, workdir: str) -> state_lib.TrainState:
+  """Runs (or resumes) training to ``config.total_steps``; returns the final state."""
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
+  trainer = setup(config, workdir, checkpointer)
+  writer = metrics_lib.MetricWriter(workdir)
+  try:
+    return _run(trainer, checkpointer, writer)
+  finally:
+    checkpointer.close()
+    writer.close()
+
+
+def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
+  config, mesh, objective = trainer.config, trainer.mesh, trainer.objective
+  tx = optim.make_optimizer(config, _trainable_fn(objective))
+  shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)
+  step_fn = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
+                    out_shardings=(shardings, None))
+  eval_fn = jax.jit(state_lib.make_eval_step(objective))
+  eval_batches = pipeline.make_eval_batches(
+      config.data, config.data.eval_split, config.data.eval_batch_size // jax.process_count(),
+      config.data.eval_examples, jax.process_index(), jax.process_count())
+  total, step = config.total_steps, trainer.start_step
+  if step >= total:
+    logging.info("run already complete at step %d (total_steps=%d)", step, total)
+    return trainer.state
+
+  with _context(mesh):
+    next_batch = lambda: mesh_lib.to_global_batch(
+        trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator), mesh)
+    batch = next_batch()
+    trainer.pending_batch = None
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(trainer.state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = metrics_lib.compiled_flops(compiled)
+    peak = metrics_lib.peak_tflops_per_device(config.peak_tflops_per_device)
+    n_dev = jax.device_count()
+    logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
+                 compile_s, flops / 1e9, n_dev, dict(mesh.shape))
+    writer.write(step, {"compile_time_s": compile_s})
+    progress = metrics_lib.Progress(step, total)
+    window = []
+    while step < total:
+      trainer.state, metrics = compiled(trainer.state, batch)
+      window.append(metrics)
+      step += 1
+      if step % config.log_every == 0 or step == total:
+        _check_finite(trainer.state)
+        scalars = {k: float(np.mean(v)) for k, v in jax.device_get(
+            jax.tree.map(lambda *xs: np.stack(xs), *window)).items()}
+        window = []
+        timing = progress.report(step)
+        dt = timing["step_time_s"]
+        tflops = flops / dt / n_dev / 1e12
+        scalars.update(timing, images_per_s=config.batch_size / dt,
+                       images_per_s_per_device=config.batch_size / dt / n_dev,
+                       tflops_per_device=tflops, mfu=tflops / peak)
+        writer.write(step, scalars)
+        logging.info("step %d/%d  loss %.4f  lr %.3g  |g| %.3g  %.3fs/step  %.1f img/s  MFU %.1f%%  ETA %s",
+                     step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
+                     scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))
+      if step % config.eval_every == 0 or step == total:
+        results = evaluate(trainer, eval_fn, eval_batches, step)
+        writer.write(step, results)
+        logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+      if step % config.checkpoint_every == 0 or step == total:
+        _check_finite(trainer.state)
+        checkpointer.save(step, trainer.state, trainer.data_iterator,
+                          {"step": step, "config": config.to_json_best_effort()})
+      if step < total:   # after the save, so the saved iterator state starts at this batch
+        batch = next_batch()
+  checkpointer.wait()
+  return trainer.state

@@ -1,0 +1,95 @@
+"""Metric writers (JSONL + TensorBoard), progress/ETA, throughput and MFU accounting."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+from absl import logging
+
+# Dense bf16 peak TFLOP/s per device (vendor figures); CPU: per-core estimate x cores.
+PEAK_TFLOPS = {
+    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
+    "tpu v6 lite": 918.0, "tpu v6e": 918.0, "h200": 989.0, "h100": 989.0, "a100": 312.0,
+    "l4": 121.0, "a10g": 70.0,
+}
+_CPU_TFLOPS_PER_CORE = 0.1   # ~2.5-3 GHz x 32 fp32 FLOP/cycle (AVX2 FMA) — an estimate
+
+
+def peak_tflops_per_device(override: float = 0.0) -> float:
+  """Peak TFLOP/s of one local device: the override if set, else the device table."""
+  if override and override > 0:
+    return float(override)
+  device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    cores = os.cpu_count() or 1
+    return _CPU_TFLOPS_PER_CORE * cores / max(1, jax.local_device_count())
+  kind = device.device_kind.lower()
+  for name, tflops in PEAK_TFLOPS.items():
+    if name in kind:
+      return tflops
+  logging.warning("unknown device kind %r: MFU not reported (set peak_tflops_per_device)", kind)
+  return float("nan")
+
+
+def compiled_flops(compiled) -> float:
+  """Total FLOPs of one call of a compiled XLA program (all devices), from XLA's cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get("flops", float("nan")))
+  # The analysis is of the per-device (SPMD-partitioned) program.
+  return flops * jax.device_count()
+
+
+class MetricWriter:
+  """Writes scalars to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Step timing since the last report, and an ETA from the recent step rate."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    step_time = (now - self.last_time) / max(1, step - self.last_step)
+    self.last_step, self.last_time = step, now
+    return {"step_time_s": step_time, "eta_s": step_time * max(0, self.total - step)}
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

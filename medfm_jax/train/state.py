@@ -1,0 +1,105 @@
+"""Train state, its sharded creation, and the jitted train step (accumulation, NaN guard)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from medfm_jax.objectives.base import Objective
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array             # completed optimizer steps
+  params: Any
+  opt_state: Any
+  extra: Any                  # objective state outside the optimizer (EMA teacher, centers, ...)
+  rng: jax.Array              # raw uint32 key; step k uses fold_in(rng, k)
+  nonfinite_step: jax.Array   # first step whose loss/grads were NaN/Inf, -1 if none
+
+
+def _boxed_init(objective: Objective, tx, seed: int, batch):
+  rng = jax.random.PRNGKey(seed)
+  init_rng, train_rng = jax.random.split(rng)
+  params, extra = objective.init(init_rng, batch)
+  plain = nn.unbox(params)
+  return params, TrainState(step=jnp.zeros((), jnp.int32), params=plain, opt_state=tx.init(plain),
+                            extra=nn.unbox(extra), rng=train_rng,
+                            nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def state_shardings(objective: Objective, tx, seed: int, batch, mesh):
+  """(abstract TrainState with shardings, the boxed abstract params) without allocating anything."""
+  boxed, abstract = jax.eval_shape(lambda b: _boxed_init(objective, tx, seed, b), batch)
+  shardings = mesh_lib.shardings_by_param_path(abstract, boxed, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings), boxed
+
+
+def create_state(objective: Objective, tx, seed: int, batch, abstract_state) -> TrainState:
+  """Initialises the train state directly into its shardings (no host-side full copy)."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  init = jax.jit(lambda b: _boxed_init(objective, tx, seed, b)[1], out_shardings=shardings)
+  return init(batch)
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+  """``[B, ...] -> [n, B/n, ...]`` with microbatch i = rows {j*n + i}: every microbatch is spread
+  over all data shards instead of living on a subset of devices."""
+  def split(x):
+    y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(y, (None, "batch", *([None] * (x.ndim - 1))))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, config):
+  """``step(state, batch) -> (state, metrics)``; on NaN/Inf the state is left unchanged and
+  ``nonfinite_step`` records the step."""
+  accum = config.grad_accum_steps
+  schedule = optim.lr_schedule(config)
+  grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum == 1:
+      (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, batch, rng, state.step)
+    else:
+      def micro(carry, inputs):
+        grads_sum, extra = carry
+        i, mb = inputs
+        (loss, (metrics, extra)), grads = grad_fn(state.params, extra, mb, jax.random.fold_in(rng, i),
+                                                  state.step)
+        return (jax.tree.map(jnp.add, grads_sum, grads), extra), (loss, metrics)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, extra), (losses, metrics) = jax.lax.scan(
+          micro, (zeros, state.extra), (jnp.arange(accum), _microbatches(batch, accum)))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss, metrics = losses.mean(), jax.tree.map(jnp.mean, metrics)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extra = objective.after_update(params, extra, state.step)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+    bad = state.replace(nonfinite_step=jnp.where(state.nonfinite_step < 0, state.step,
+                                                 state.nonfinite_step))
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, bad)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   param_norm=optax.global_norm(params))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(objective: Objective):
+  """``eval(params, extra, batch) -> {name: (sum, count)}`` with a fixed rng."""
+  def eval_step(params, extra, batch):
+    return objective.eval_metrics(params, extra, batch, jax.random.PRNGKey(0))
+  return eval_step

@@ -1,0 +1,52 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medfm_jax.models import mae, vit
+
+
+def test_random_masking_invariants():
+  noise = jax.random.uniform(jax.random.key(0), (4, 49))
+  keep, mask, restore = mae.random_masking(noise, 0.75)
+  assert keep.shape == (4, 12)                                # int(49 * 0.25)
+  np.testing.assert_array_equal(mask.sum(1), 37)
+  for b in range(4):
+    # Kept patches are the 12 smallest-noise ones, and exactly those are unmasked.
+    np.testing.assert_array_equal(np.sort(keep[b]), np.sort(np.argsort(noise[b])[:12]))
+    np.testing.assert_array_equal(np.flatnonzero(mask[b] == 0), np.sort(keep[b]))
+    # restore is the inverse permutation of the shuffle.
+    shuffle = np.argsort(noise[b])
+    np.testing.assert_array_equal(shuffle[restore[b]], np.arange(49))
+
+
+def test_loss_on_hand_computable_input():
+  # One 2x2 image, patch 1 (4 patches of 1 pixel, 1 channel): target = pixel values.
+  images = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 2, 2, 1)
+  pred = jnp.zeros((1, 4, 1))
+  mask = jnp.array([[1.0, 0.0, 1.0, 0.0]])
+  # Masked patches 0 and 2: squared errors 1 and 9 -> mean 5.
+  assert float(mae.mae_loss(images, pred, mask, 1, norm_pix_loss=False)) == 5.0
+  # norm_pix_loss: per patch (x - mean)/sqrt(var_unbiased + 1e-6) over a 2-pixel patch (patch 1, 2 channels).
+  images2 = jnp.array([[1.0, 3.0], [2.0, 2.0]]).reshape(1, 1, 2, 2)
+  pred2 = jnp.zeros((1, 2, 2))
+  target0 = np.array([-1.0, 1.0]) / np.sqrt(2.0 + 1e-6)       # unbiased var of (1, 3) is 2
+  expected = np.mean(target0 ** 2)                            # patch 1 has var 0 -> target 0, unmasked anyway
+  got = mae.mae_loss(images2, pred2, jnp.array([[1.0, 0.0]]), 1, norm_pix_loss=True)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_masked_patches_do_not_reach_encoder():
+  model = mae.MaskedAutoencoder(vit.VisionTransformer("Mu/4", image_size=16), 32, 1, 4)
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+  noise = jax.random.uniform(jax.random.key(1), (1, 16))
+  variables = model.init(jax.random.key(2), x, noise, 0.75)
+  out = model.apply(variables, x, noise, 0.75)
+  assert out["latent"].shape == (1, 1 + 4, 96) and out["pred"].shape == (1, 16, 16)
+  # Changing a masked patch changes nothing in the latent; changing a visible one does.
+  masked_patch = int(np.flatnonzero(out["mask"][0])[0])
+  visible_patch = int(np.flatnonzero(out["mask"][0] == 0)[0])
+  def perturb(i):
+    r, c = divmod(i, 4)
+    return x.at[:, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4].add(5.0)
+  np.testing.assert_array_equal(model.apply(variables, perturb(masked_patch), noise, 0.75)["latent"], out["latent"])
+  assert not np.allclose(model.apply(variables, perturb(visible_patch), noise, 0.75)["latent"], out["latent"])
