@@ -5,6 +5,7 @@ any compile or file write) -> the shared trainer. Re-running in the same workdir
 """
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -16,9 +17,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax/grain from the progress log (warnings still pass)."""
+
+  def filter(self, record):
+    noisy = ("orbax", "grain")
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()

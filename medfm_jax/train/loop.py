@@ -6,6 +6,8 @@ metrics, evals, checkpoints. The loop knows nothing about any objective beyond `
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 
 import flax.linen as nn
@@ -107,10 +109,16 @@ def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, fl
   return {f"eval/{k}": s / max(c, 1.0) for k, (s, c) in sums.items()}
 
 
-def train(config, workdir: str) -> state_lib.TrainState:
+def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:
+  results = evaluate(trainer, eval_fn, eval_batches, step)
+  writer.write(step, results)
+  logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
+
+def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
   """Runs (or resumes) training to ``config.total_steps``; returns the final state."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  trainer = setup(config, workdir, checkpointer)
+  trainer = setup(config, workdir, checkpointer, mesh)
   writer = metrics_lib.MetricWriter(workdir)
   try:
     return _run(trainer, checkpointer, writer)
@@ -127,7 +135,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
                     out_shardings=(shardings, None))
   eval_fn = jax.jit(state_lib.make_eval_step(objective))
   eval_batches = pipeline.make_eval_batches(
-      config.data, config.data.eval_split, config.data.eval_batch_size // jax.process_count(),
+      config.data, config.data.eval_split, config.data.eval_batch_size,
       config.data.eval_examples, jax.process_index(), jax.process_count())
   total, step = config.total_steps, trainer.start_step
   if step >= total:
@@ -148,12 +156,17 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
+    if step == 0:   # the untrained baseline every later eval is compared with
+      _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
+    crash_at = int(os.environ.get("MEDFM_CRASH_AT_STEP", "-1"))   # fault injection for resume tests
     progress = metrics_lib.Progress(step, total)
     window = []
     while step < total:
       trainer.state, metrics = compiled(trainer.state, batch)
       window.append(metrics)
       step += 1
+      if step == crash_at:
+        os.kill(os.getpid(), signal.SIGKILL)
       if step % config.log_every == 0 or step == total:
         _check_finite(trainer.state)
         scalars = {k: float(np.mean(v)) for k, v in jax.device_get(
@@ -170,9 +183,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
                      scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))
       if step % config.eval_every == 0 or step == total:
-        results = evaluate(trainer, eval_fn, eval_batches, step)
-        writer.write(step, results)
-        logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
       if step % config.checkpoint_every == 0 or step == total:
         _check_finite(trainer.state)
         checkpointer.save(step, trainer.state, trainer.data_iterator,

@@ -85,14 +85,14 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, conf
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = objective.after_update(params, extra, state.step)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
     bad = state.replace(nonfinite_step=jnp.where(state.nonfinite_step < 0, state.step,
                                                  state.nonfinite_step))
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, bad)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                   param_norm=optax.global_norm(params))
+                   param_norm=optax.tree.norm(params))
     return new_state, metrics
 
   return train_step

@@ -1,0 +1,49 @@
+"""Small configs and utilities shared by tests."""
+import os
+import subprocess
+import sys
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_mae_config(**overrides):
+  """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2-block decoder of width 32."""
+  from configs import mae  # pylint: disable=g-import-not-at-top
+  c = mae.get_config("tiny")
+  c.data.image_size = 16
+  c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 4
+  c.batch_size = 16
+  c.total_steps, c.warmup_steps = 6, 2
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
+  c.data.eval_examples, c.data.eval_batch_size = 32, 16
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def single_device_mesh(config):
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def run_cli(args, env_extra=None, timeout=600):
+  """Runs ``python -m medfm_jax.main`` on ONE CPU device in a fresh process."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "medfm_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(workdir):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
