@@ -1,0 +1,61 @@
+"""Validation: each bad field fails fast with one line naming it; the CLI writes nothing."""
+import os
+
+import pytest
+
+from medfm_jax import config as config_lib
+from tests import helpers
+
+
+def _validate(overrides, workdir=None, num_devices=1):
+  return config_lib.validate(helpers.tiny_mae_config(**overrides), workdir, num_devices)
+
+
+def test_valid_config_resolves_mesh():
+  assert _validate({}, num_devices=8) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert _validate({"mesh.data": 2, "mesh.fsdp": -1}, num_devices=8) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.parametrize("overrides, num_devices, field", [
+    ({"data.image_size": 18}, 1, "data.image_size"),
+    ({"objective.mask_ratio": 1.0}, 1, "objective.mask_ratio"),
+    ({"objective.mask_ratio": 0.0}, 1, "objective.mask_ratio"),
+    ({"model.variant": "Q/16"}, 1, "model.variant"),
+    ({"mesh.data": 2, "mesh.fsdp": 2}, 8, "mesh"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "mesh"),
+    ({"batch_size": 12, "mesh.data": 8}, 8, "batch_size"),
+    ({"batch_size": 16, "grad_accum_steps": 4, "mesh.data": 8}, 8, "batch_size"),
+    ({"dtype": "float16"}, 1, "dtype"),
+    ({"mesh.tensor": 2, "mesh.data": 1}, 2, "mesh.tensor"),
+    ({"objective.name": "simclr"}, 1, "objective.name"),
+    ({"total_steps": 0}, 1, "total_steps"),
+    ({"data.channels": 2}, 1, "data.channels"),
+    ({"model.remat": "some"}, 1, "model.remat"),
+])
+def test_each_bad_field_is_named(overrides, num_devices, field):
+  with pytest.raises(config_lib.ConfigError) as e:
+    _validate(overrides, num_devices=num_devices)
+  message = str(e.value)
+  assert field in message and "\n" not in message
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(config_lib.ConfigError, match="--workdir"):
+    _validate({}, workdir=str(blocker / "run"))
+  if os.geteuid() != 0:   # root ignores permission bits
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(config_lib.ConfigError, match="--workdir"):
+      _validate({}, workdir=str(locked / "run"))
+
+
+def test_cli_bad_config_exits_with_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  result = helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={workdir}",
+                            "--config.objective.mask_ratio=1.5"])
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax:")]
+  assert errors == ["medfm_jax: config error: objective.mask_ratio=1.5: must be in the open interval (0, 1)"]
+  assert not workdir.exists()
