@@ -37,6 +37,8 @@ class MaeDecoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  mlp_dim: int | None = None          # default 4 x width
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, latent, restore_ids, grid_hw):
@@ -51,8 +53,9 @@ class MaeDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + jnp.asarray(layers.sincos_2d(self.width, *grid_hw, cls_token=True))[None].astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
-    x = vit.Encoder(self.depth, self.num_heads, 4 * self.width, self.layer_norm_eps, dtype=self.dtype,
-                    remat=self.remat, scan=self.scan, name="encoder")(x)
+    x = vit.Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.layer_norm_eps,
+                    dtype=self.dtype, remat=self.remat, scan=self.scan,
+                    attention_impl=self.attention_impl, name="encoder")(x)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     x = layers.DenseGeneral((self.patch_dim,), ("mlp", None), dtype=self.dtype, name="pred")(x)
     return x[:, 1:]
@@ -64,6 +67,7 @@ class MaskedAutoencoder(nn.Module):
   decoder_width: int = 512
   decoder_depth: int = 8
   decoder_heads: int = 16
+  decoder_mlp_dim: int | None = None  # default 4 x decoder_width
 
   @nn.compact
   def __call__(self, images, noise, mask_ratio: float, deterministic: bool = True):
@@ -74,7 +78,7 @@ class MaskedAutoencoder(nn.Module):
     latent = self.encoder(images, keep_ids=keep_ids, deterministic=deterministic)
     decoder = MaeDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                          p * p * images.shape[-1], enc.layer_norm_eps, enc.dtype, enc.remat, enc.scan,
-                         name="decoder")
+                         self.decoder_mlp_dim, enc.attention_impl, name="decoder")
     pred = decoder(latent, restore_ids, grid)
     return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}
 

@@ -84,10 +84,11 @@ class Encoder(nn.Module):
   remat: str = "none"                 # 'none' | 'full' | 'dots'
   scan: bool = False
   attention_impl: str | None = None
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
                         attention_impl=self.attention_impl)
@@ -114,17 +115,16 @@ class Encoder(nn.Module):
     return x
 
 
-def stack_layers(params: dict, depth: int, prefix: str = "layer_") -> dict:
-  """Unrolled ``{layer_i: p}`` -> scanned ``{layers: {block: stacked p}}`` (any nesting level)."""
-  out = {}
-  for k, v in params.items():
-    if k == f"{prefix}0":
-      out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
-                                             *[params[f"{prefix}{i}"] for i in range(depth)])}
-    elif k.startswith(prefix) and k[len(prefix):].isdigit():
-      continue
-    else:
-      out[k] = stack_layers(v, depth, prefix) if isinstance(v, dict) else v
+def stack_layers(params: dict, prefix: str = "layer_") -> dict:
+  """Unrolled ``{layer_i: p}`` -> scanned ``{layers: {block: stacked p}}``, at every nesting level
+  (each stack keeps its own depth, e.g. an MAE encoder and its shallower decoder)."""
+  ids = sorted(int(k[len(prefix):]) for k in params if k.startswith(prefix) and k[len(prefix):].isdigit())
+  if ids != list(range(len(ids))):
+    raise ValueError(f"layer keys {ids} are not 0..n-1")
+  out = {k: stack_layers(v, prefix) if isinstance(v, dict) else v
+         for k, v in params.items() if not (k.startswith(prefix) and k[len(prefix):].isdigit())}
+  if ids:
+    out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{prefix}{i}"] for i in ids])}
   return out
 
 
@@ -175,10 +175,18 @@ class VisionTransformer(nn.Module):
   remat: str = "none"
   scan: bool = False
   attention_impl: str | None = None
+  qkv_bias: bool = True
+  # Optional overrides of the variant's sizes (imported checkpoints with off-table shapes).
+  width: int | None = None
+  depth: int | None = None
+  num_heads: int | None = None
+  mlp_dim: int | None = None
 
   @property
   def size(self) -> ViTSize:
-    return parse_variant(self.variant)
+    overrides = {k: getattr(self, k) for k in ("width", "depth", "num_heads", "mlp_dim")
+                 if getattr(self, k) is not None}
+    return dataclasses.replace(parse_variant(self.variant), **overrides)
 
   @nn.compact
   def __call__(self, images, keep_ids=None, deterministic: bool = True):
@@ -199,7 +207,7 @@ class VisionTransformer(nn.Module):
     x = constrain(x, ("batch", "seq", "act_embed"))
     x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
-                self.scan, self.attention_impl, name="encoder")(x, deterministic)
+                self.scan, self.attention_impl, self.qkv_bias, name="encoder")(x, deterministic)
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     return x

@@ -42,7 +42,7 @@ class Trainer:
   pending_batch: dict | None     # first train batch, consumed by step 0 of a fresh run
 
 
-def _context(mesh):
+def mesh_context(mesh):
   """Mesh + logical rules for tracing (``jax.set_mesh``, never ``with mesh:``)."""
   class _Ctx:
     def __enter__(self):
@@ -62,11 +62,11 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective = objectives_lib.build(config)
-  tx = optim.make_optimizer(config, _trainable_fn(objective))
+  tx = optim.make_optimizer(config, trainable_fn(objective))
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count())
   local = next(data_iterator)
-  with _context(mesh):
+  with mesh_context(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     latest = checkpointer.latest_step() if checkpointer else None
@@ -78,7 +78,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   return Trainer(config, workdir, mesh, objective, data_iterator, abstract, state, start, pending)
 
 
-def _trainable_fn(objective):
+def trainable_fn(objective):
   base = objectives_lib.Objective.trainable
   return None if type(objective).trainable is base else objective.trainable
 
@@ -129,7 +129,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_
 
 def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
   config, mesh, objective = trainer.config, trainer.mesh, trainer.objective
-  tx = optim.make_optimizer(config, _trainable_fn(objective))
+  tx = optim.make_optimizer(config, trainable_fn(objective))
   shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)
   step_fn = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
                     out_shardings=(shardings, None))
@@ -142,7 +142,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     logging.info("run already complete at step %d (total_steps=%d)", step, total)
     return trainer.state
 
-  with _context(mesh):
+  with mesh_context(mesh):
     next_batch = lambda: mesh_lib.to_global_batch(
         trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator), mesh)
     batch = next_batch()

@@ -53,7 +53,7 @@ def test_scan_matches_unrolled(remat):
   unrolled = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.1)
   scanned = unrolled.clone(scan=True, remat=remat)
   params = nn.unbox(unrolled.init(jax.random.key(0), x))["params"]
-  stacked = vit.stack_layers(params, 4)
+  stacked = vit.stack_layers(params)
   y0 = unrolled.apply({"params": params}, x)
   y1 = scanned.apply({"params": stacked}, x)
   np.testing.assert_allclose(y0, y1, atol=1e-5)

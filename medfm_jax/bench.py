@@ -1,0 +1,109 @@
+r"""Throughput benchmark of the jitted train step (not a test).
+
+  python -m medfm_jax.bench --config=configs/mae.py:tiny
+  python -m medfm_jax.bench --config=configs/mae.py:vit_b16,batch_size=8 --torch
+  python -m medfm_jax.bench --config=configs/mae.py:tiny --data_only
+
+Prints compile time, median step time, images/s (total and per device), TFLOP/s per device and
+MFU for the config's model and global batch on random inputs (data loading excluded; see
+``--data_only`` for the input pipeline). ``--torch`` times the same MAE model and batch in
+PyTorch eager (Hugging Face ``ViTMAEForPreTraining``) in the same process for comparison.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch eager MAE (HF transformers).")
+_DATA_ONLY = flags.DEFINE_bool("data_only", False, "Benchmark only the input pipeline.")
+_JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
+
+
+def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
+  """Compiles and times the train step of ``config`` on synthetic batches (all local devices)."""
+  from medfm_jax import objectives  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import loop, metrics, optim  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  objective = objectives.build(config)
+  tx = optim.make_optimizer(config, loop.trainable_fn(objective))
+  rng = np.random.default_rng(0)
+  size, c, b = config.data.image_size, config.data.channels, config.batch_size // jax.process_count()
+  local = {"image": rng.standard_normal((b, size, size, c), dtype=np.float32),
+           "modality": np.zeros((b,), np.int32), "finding": np.zeros((b,), np.int32)}
+  with loop.mesh_context(mesh):
+    batch = mesh_lib.to_global_batch(local, mesh)
+    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    state = state_lib.create_state(objective, tx, config.seed, batch, abstract)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    step = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
+                   out_shardings=(shardings, None))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, out = compiled(state, batch)
+      jax.block_until_ready(out["loss"])
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+  flops = metrics.compiled_flops(compiled)
+  median = statistics.median(times)
+  n_dev = jax.device_count()
+  tflops = flops / median / n_dev / 1e12
+  return {"compile_s": compile_s, "step_time_median_s": median, "images_per_s": config.batch_size / median,
+          "images_per_s_per_device": config.batch_size / median / n_dev, "gflop_per_step": flops / 1e9,
+          "tflops_per_device": tflops,
+          "mfu": tflops / metrics.peak_tflops_per_device(config.peak_tflops_per_device),
+          "devices": n_dev, "loss_finite": bool(np.isfinite(float(out["loss"])))}
+
+
+def benchmark_data(config, num_batches: int = 30) -> dict[str, float]:
+  """Images/s of phantom generation (one record at a time) and of the train iterator."""
+  from medfm_jax.data import phantoms, pipeline  # pylint: disable=g-import-not-at-top
+  return {"phantoms_images_per_s": phantoms.benchmark_phantoms(config.data.image_size, config.data.channels, 1000),
+          "train_iterator_images_per_s": pipeline.benchmark_train_iterator(
+              config.data, config.batch_size, num_batches=num_batches)}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  desc = {"model": config.model.get("variant"), "objective": config.objective.get("name"),
+          "image_size": config.data.image_size, "channels": config.data.channels,
+          "batch_size": config.batch_size, "dtype": config.dtype, "backend": jax.default_backend()}
+  if _DATA_ONLY.value:
+    result = dict(desc, **benchmark_data(config))
+  else:
+    result = dict(desc, **benchmark_train_step(config, _STEPS.value, _WARMUP.value))
+    if _TORCH.value:
+      from medfm_jax import bench_torch  # pylint: disable=g-import-not-at-top
+      m = config.model
+      torch_result = bench_torch.torch_mae_train_step_time(
+          m.variant, config.data.image_size, config.data.channels, config.batch_size,
+          m.decoder_width, m.decoder_depth, m.decoder_heads, steps=_STEPS.value, warmup=_WARMUP.value)
+      result.update({f"torch_{k}": v for k, v in torch_result.items()})
+      result["jax_over_torch_time"] = result["step_time_median_s"] / torch_result["step_time_median_s"]
+  for k, v in result.items():
+    print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+  if _JSON.value:
+    with open(_JSON.value, "a", encoding="utf-8") as f:
+      f.write(json.dumps(result) + "\n")
+  logging.flush()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
