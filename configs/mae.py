@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
   c.model.layer_scale_init = 0.0          # 0 disables LayerScale
   c.model.remat = "none"                  # 'none' | 'full' | 'dots'
   c.model.scan = False                    # nn.scan over blocks (faster compiles for deep models)
+  c.model.attention_impl = "auto"         # 'auto' (cuDNN flash on GPU in bf16) | 'xla' | 'cudnn'
   c.model.decoder_width = 512
   c.model.decoder_depth = 8
   c.model.decoder_heads = 16

@@ -56,6 +56,8 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(m.get("remat", "none") in ("none", "full", "dots"), f"model.remat={m.get('remat')!r}: allowed 'none', 'full', 'dots'")
   _check(m.get("pos_embed", "sincos2d") in ("sincos2d", "learned"),
          f"model.pos_embed={m.get('pos_embed')!r}: allowed 'sincos2d', 'learned'")
+  _check(m.get("attention_impl", "auto") in ("auto", "xla", "cudnn"),
+         f"model.attention_impl={m.get('attention_impl')!r}: allowed 'auto', 'xla', 'cudnn'")
   _check(0.0 <= m.get("drop_path", 0.0) < 1.0, f"model.drop_path={m.get('drop_path')}: allowed [0, 1)")
   _check(c.data.image_size > 0 and c.data.image_size % size.patch_size == 0,
          f"data.image_size={c.data.image_size}: must be a positive multiple of the patch size "

@@ -232,6 +232,16 @@ class VisionTransformer(nn.Module):
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def resolve_attention_impl(name: str, dtype) -> str:
+  """'auto' -> cuDNN flash attention on GPU with a half-precision compute dtype, else XLA."""
+  if name == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+  if name not in ("xla", "cudnn"):
+    raise ValueError(f"model.attention_impl={name!r}: allowed 'auto', 'xla', 'cudnn'")
+  return name
+
+
 def vit_from_config(config) -> VisionTransformer:
   """The encoder described by ``config.model`` at ``config.data.image_size`` and ``config.dtype``."""
   m = config.model
@@ -241,4 +251,4 @@ def vit_from_config(config) -> VisionTransformer:
       layer_scale_init=m.get("layer_scale_init", 0.0), num_registers=m.get("num_registers", 0),
       activation=m.get("activation", "gelu"), swiglu=m.get("swiglu", False),
       dtype=COMPUTE_DTYPES[config.dtype], remat=m.get("remat", "none"), scan=m.get("scan", False),
-      attention_impl=m.get("attention_impl", None))
+      attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]))

@@ -1,0 +1,116 @@
+"""Train-step mechanics on a tiny deterministic objective: accumulation, optimizer, masks."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from medfm_jax.models import layers
+from medfm_jax.objectives import base
+from medfm_jax.train import optim
+from medfm_jax.train import state as state_lib
+
+
+class _Regression(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = layers.DenseGeneral((8,), ("embed", "mlp"), name="hidden")(x)
+    return layers.DenseGeneral((1,), ("mlp", None), name="out")(jnp.tanh(h))
+
+
+class _RegressionObjective(base.Objective):
+  model = _Regression()
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch["x"])["params"], {}
+
+  def loss(self, params, extra, batch, rng, step):
+    pred = self.model.apply({"params": params}, batch["x"])[:, 0]
+    return jnp.mean((pred - batch["y"]) ** 2), ({}, extra)
+
+
+def _config(**kw):
+  c = ml_collections.ConfigDict(dict(
+      seed=0, total_steps=100, batch_size=16, lr=0.1, lr_scaling="none", min_lr=0.0, warmup_steps=10,
+      weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1, optim=dict(b1=0.9, b2=0.95, eps=1e-8)))
+  c.update(kw)
+  return c
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 4)).astype(np.float32)
+  return {"x": jnp.asarray(x), "y": jnp.asarray(np.sin(x.sum(1)))}
+
+
+def _run_steps(config, n=3, trainable=None):
+  objective = _RegressionObjective(config)
+  tx = optim.make_optimizer(config, trainable)
+  batch = _batch()
+  _, state = state_lib._boxed_init(objective, tx, config.seed, batch)  # pylint: disable=protected-access
+  step = jax.jit(state_lib.make_train_step(objective, tx, config))
+  first = state
+  for _ in range(n):
+    state, metrics = step(state, batch)
+  return first, state, metrics
+
+
+def test_gradient_accumulation_matches_full_batch():
+  _, full, m_full = _run_steps(_config())
+  _, accum, m_accum = _run_steps(_config(grad_accum_steps=4))
+  np.testing.assert_allclose(m_full["loss"], m_accum["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+  c = _config(lr=0.2, lr_scaling="linear", batch_size=512, min_lr=1e-3)
+  sched = optim.lr_schedule(c)
+  peak = 0.2 * 512 / 256
+  np.testing.assert_allclose(sched(0), 0.0)
+  np.testing.assert_allclose(sched(5), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(sched(10), peak, rtol=1e-6)
+  np.testing.assert_allclose(sched(55), 1e-3 + (peak - 1e-3) * 0.5, rtol=1e-5)   # cosine midpoint
+  np.testing.assert_allclose(sched(100), 1e-3, rtol=1e-5)
+  assert optim.effective_lr(_config(lr=1.0, lr_scaling="sqrt", batch_size=4096)) == 2.0
+
+
+def test_weight_decay_only_on_kernels():
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))},
+            "attn": {"query": {"kernel": jnp.ones((4, 2, 2)), "bias": jnp.ones((2, 2))}},
+            "cls_token": jnp.ones((1, 1, 4)), "norm": {"scale": jnp.ones((4,))}}
+  mask = optim.decay_mask(params)
+  assert mask["dense"] == {"kernel": True, "bias": False}
+  assert mask["attn"]["query"] == {"kernel": True, "bias": False}     # 2-D q bias: no decay
+  assert mask["cls_token"] is False and mask["norm"]["scale"] is False
+  # With zero gradients, only kernels shrink (decoupled decay), everything else stays.
+  tx = optim.make_optimizer(_config(grad_clip=0.0, warmup_steps=0))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["dense"]["kernel"][0, 0]) < 1.0 and float(new["attn"]["query"]["kernel"][0, 0, 0]) < 1.0
+  assert float(new["dense"]["bias"][0]) == 1.0 and float(new["cls_token"][0, 0, 0]) == 1.0
+
+
+def test_frozen_params_get_no_update_no_decay_no_state():
+  trainable = lambda p: {"hidden": jax.tree.map(lambda _: False, p["hidden"]),
+                         "out": jax.tree.map(lambda _: True, p["out"])}
+  first, state, _ = _run_steps(_config(), trainable=trainable)
+  for a, b in zip(jax.tree.leaves(first.params["hidden"]), jax.tree.leaves(state.params["hidden"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(first.params["out"]["kernel"], state.params["out"]["kernel"])
+  state_bytes = lambda s: sum(x.nbytes for x in jax.tree.leaves(s.opt_state))
+  _, full_state, _ = _run_steps(_config(), n=1)
+  assert state_bytes(full_state) - state_bytes(state) == 2 * 4 * (4 * 8 + 8)   # no Adam mu/nu for "hidden"
+
+
+def test_nonfinite_step_leaves_state_unchanged():
+  config = _config()
+  objective = _RegressionObjective(config)
+  tx = optim.make_optimizer(config)
+  batch = dict(_batch(), y=jnp.full((16,), jnp.nan))
+  _, state = state_lib._boxed_init(objective, tx, 0, batch)  # pylint: disable=protected-access
+  new, _ = jax.jit(state_lib.make_train_step(objective, tx, config))(state, batch)
+  assert int(new.nonfinite_step) == 0 and int(new.step) == 0
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(a, b)
