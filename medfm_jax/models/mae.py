@@ -49,7 +49,7 @@ class MaeDecoder(nn.Module):
                                         (1, 1, self.width), (None, None, "embed"))
     fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, length + 1 - x.shape[1], self.width))
     patches = jnp.concatenate([x[:, 1:], fill], axis=1)
-    patches = jnp.take_along_axis(patches, restore_ids[..., None], axis=1)
+    patches = layers.gather_tokens(patches, restore_ids)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + jnp.asarray(layers.sincos_2d(self.width, *grid_hw, cls_token=True))[None].astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
@@ -57,7 +57,7 @@ class MaeDecoder(nn.Module):
                     dtype=self.dtype, remat=self.remat, scan=self.scan,
                     attention_impl=self.attention_impl, name="encoder")(x)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
-    x = layers.DenseGeneral((self.patch_dim,), ("mlp", None), dtype=self.dtype, name="pred")(x)
+    x = layers.DenseGeneral((self.patch_dim,), ("embed", None), dtype=self.dtype, name="pred")(x)
     return x[:, 1:]
 
 

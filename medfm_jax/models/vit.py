@@ -199,7 +199,7 @@ class VisionTransformer(nn.Module):
     x = PatchEmbed(p, size.width, self.dtype, name="patch_embed")(images.astype(self.dtype))
     x = x + self._position_embedding(grid, size.width).astype(self.dtype)
     if keep_ids is not None:
-      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+      x = layers.gather_tokens(x, keep_ids)
     prefix = [self._token("cls_token", size.width, b)]
     if self.num_registers:
       prefix.append(self._token("registers", size.width, b, self.num_registers))

@@ -14,6 +14,8 @@ def initialize() -> None:
   SLURM (``SLURM_NTASKS`` > 1) and Cloud TPU pods are auto-detected by JAX. Single process: no-op.
   """
   coordinator = os.environ.get("MEDFM_COORDINATOR")
+  if coordinator and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU multi-process
   if coordinator:
     jax.distributed.initialize(coordinator, int(os.environ["MEDFM_NUM_PROCESSES"]),
                                int(os.environ["MEDFM_PROCESS_ID"]))
