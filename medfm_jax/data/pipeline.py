@@ -5,13 +5,13 @@ Train stream (identical on every process, then sharded)::
   range(N).shuffle(seed)   # a new permutation per epoch
     .repeat()              # infinite
     -> (global position, source index)
-    [process_index::process_count]
+    [blocks of b: process p takes blocks p, p+P, ...]
     -> source[index], random resized crop, flip, normalise
        (RNG seeded by (seed, global position): independent of workers/threads)
     .batch(global_batch // process_count)
 
 Global batch ``s`` is global positions ``[s*B, (s+1)*B)``; process ``p`` holds
-positions ``p, p+P, ...`` of it. Batching happens before the worker processes
+its rows ``[p*b, (p+1)*b)`` (b = B/P), matching ``jax.make_array_from_process_local_data``. Batching happens before the worker processes
 split the stream, so batches do not depend on ``data.num_workers``.
 
 All outputs are plain numpy (no JAX): the trainer assembles global arrays.
@@ -59,17 +59,34 @@ def _with_position(position: int, index: int) -> tuple[int, int]:
   return int(position), int(index)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ProcessPosition(grain.transforms.Map):
+  """Local position j of process p -> (global position, source index), in blocks of ``block``."""
+  stream: Any             # global position -> source index
+  block: int
+  process_index: int
+  process_count: int
+
+  def map(self, j: int) -> tuple[int, int]:
+    g = (j // self.block) * self.block * self.process_count + self.process_index * self.block + j % self.block
+    return _with_position(g, self.stream[g])
+
+
 def shard_stream(num_examples: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+                 process_count: int = 1, block: int = 1) -> grain.MapDataset:
   """Infinite per-process stream of ``(global position, source index)`` pairs.
 
-  Every epoch is a fresh permutation of ``range(num_examples)`` (seeded by
-  ``seed`` and the epoch); process ``p`` takes global positions ``p::P``.
+  Every epoch is a fresh permutation of ``range(num_examples)`` (seeded by ``seed`` and the
+  epoch). Global positions are dealt out in blocks of ``block``: process ``p`` takes blocks
+  ``p, p+P, ...``. With ``block`` = the local batch, process ``p`` holds rows
+  ``[p*b, (p+1)*b)`` of every global batch, exactly where ``jax.make_array_from_process_local_data``
+  puts them, so a multi-process run sees the same global batches as a single-process one.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  ds = grain.MapDataset.range(num_examples).shuffle(seed=_seed32(seed)).repeat(None)
-  return ds.map_with_index(_with_position)[process_index::process_count]
+  stream = grain.MapDataset.range(num_examples).shuffle(seed=_seed32(seed)).repeat(None)
+  local = grain.MapDataset.range(len(stream) // process_count)
+  return local.map(_ProcessPosition(stream, block, process_index, process_count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +145,7 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
       source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
       crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
       flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
-  ds = shard_stream(len(source), seed, process_index, process_count)
+  ds = shard_stream(len(source), seed, process_index, process_count, block=local)
   ds = ds.map(transform).batch(local, drop_remainder=True)
   it_ds = ds.to_iter_dataset(_read_options(data_cfg))
   if data_cfg.num_workers > 0:
@@ -195,8 +212,8 @@ def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
   transform = _EvalTransform(
       source=source, num_examples=int(num_examples), image_size=int(data_cfg.image_size),
       channels=int(data_cfg.channels), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
-  ds = grain.MapDataset.range(num_batches * batch_size)[process_index::process_count]
-  ds = ds.map(transform).batch(local, drop_remainder=True)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
+  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
   return EvalBatches(ds, _read_options(data_cfg))
 
 

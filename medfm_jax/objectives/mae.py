@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
@@ -69,11 +70,12 @@ class MaeObjective(base.Objective):
 
   def eval_artifacts(self, params, extra, batch, rng, workdir, step):
     n = min(self.config.objective.recon_examples, batch["image"].shape[0])
-    images = batch["image"][:n]
-    masked, recon = jax.jit(self.reconstruct)(params, images)
+    # Replicated outputs: every process can read them (the batch spans all processes).
+    columns = jax.jit(lambda p, x: (x[:n], *self.reconstruct(p, x[:n])), out_shardings=P())(
+        params, batch["image"])
     if jax.process_index() != 0:
       return
-    rows = [np.asarray(jax.device_get(x)) for x in (images, masked, recon)]
+    rows = [np.asarray(x) for x in columns]
     write_image_grid(rows, self.config.data, os.path.join(workdir, "recon", f"step_{step:07d}.png"))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -70,11 +71,14 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 def restore_params(path: str, abstract_params: Any | None = None) -> Any:
-  """Loads the ``params`` subtree of a train-state checkpoint (optionally onto given shardings)."""
+  """Loads the ``params`` subtree of a train-state checkpoint: as host numpy arrays (any saving
+  topology), or onto the shardings of ``abstract_params`` (ShapeDtypeStructs)."""
   state_dir = resolve_checkpoint_dir(path)
   with ocp.PyTreeCheckpointer() as ckptr:
     if abstract_params is None:
-      restored = ckptr.restore(state_dir)
+      tree = ckptr.metadata(state_dir).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     else:
       target = {"params": abstract_params}
       restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)

@@ -106,6 +106,12 @@ def test_shard_stream_disjoint_covering_and_reshuffled():
   assert sorted(order2) == list(range(n)) and order1 != order2
 
 
+def test_shard_stream_blocks():
+  blocks = [[pipeline.shard_stream(12, seed=5, process_index=p, process_count=2, block=3)[i][0]
+             for i in range(6)] for p in range(2)]
+  assert blocks == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]]
+
+
 def test_process_batches_are_rows_of_the_global_batch():
   glob = _take(pipeline.make_train_iterator(_cfg(), 8, seed=1, source=_source()), 2)
   for p in range(2):
@@ -114,7 +120,7 @@ def test_process_batches_are_rows_of_the_global_batch():
     for g, l in zip(glob, local):
       assert l["image"].shape[0] == 4
       for k in g:
-        np.testing.assert_array_equal(l[k], g[k][p::2])
+        np.testing.assert_array_equal(l[k], g[k][p * 4:(p + 1) * 4])
   with pytest.raises(ValueError, match="batch_size"):
     pipeline.make_train_iterator(_cfg(), 9, seed=0, process_count=2, source=_source())
 
@@ -132,13 +138,13 @@ def test_eval_batches_pad_and_mask():
   assert not out[-1]["image"][2:].any()
   np.testing.assert_array_equal(np.concatenate([b["modality"] for b in out])[:10],
                                 [src[i]["modality"] for i in range(10)])
-  # Two processes: same number of batches, rows p::2 of the global batches.
+  # Two processes: same number of batches, rows [2p, 2p+2) of the global batches.
   for p in range(2):
     local = list(pipeline.make_eval_batches(cfg, "train", 4, 10, p, 2, source=src))
     assert len(local) == 3
     for g, l in zip(out, local):
       for k in g:
-        np.testing.assert_array_equal(l[k], g[k][p::2])
+        np.testing.assert_array_equal(l[k], g[k][p * 2:(p + 1) * 2])
 
 
 def test_make_source_and_errors():
