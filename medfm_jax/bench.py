@@ -42,7 +42,7 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
   size, c, b = config.data.image_size, config.data.channels, config.batch_size // jax.process_count()
   local = {"image": rng.standard_normal((b, size, size, c), dtype=np.float32),
            "modality": np.zeros((b,), np.int32), "finding": np.zeros((b,), np.int32)}
-  with loop.mesh_context(mesh):
+  with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     state = state_lib.create_state(objective, tx, config.seed, batch, abstract)

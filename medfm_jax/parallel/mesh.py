@@ -1,6 +1,7 @@
 """Device mesh from config, the logical-axis rules table, and shardings for state and batches."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -30,6 +31,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv", None),
     ("act_mlp", "tensor"),
 )
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh):
+  """Mesh + logical-axis rules for tracing: ``jax.set_mesh`` (``with mesh:`` would silently
+  disable Flax's logical constraints)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

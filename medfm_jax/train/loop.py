@@ -35,26 +35,12 @@ class Trainer:
   workdir: str
   mesh: jax.sharding.Mesh
   objective: objectives_lib.Objective
+  tx: object                     # the optax transformation the state's opt_state belongs to
   data_iterator: object
   abstract_state: object
   state: state_lib.TrainState
   start_step: int
   pending_batch: dict | None     # first train batch, consumed by step 0 of a fresh run
-
-
-def mesh_context(mesh):
-  """Mesh + logical rules for tracing (``jax.set_mesh``, never ``with mesh:``)."""
-  class _Ctx:
-    def __enter__(self):
-      self._a = jax.set_mesh(mesh)
-      self._b = nn.logical_axis_rules(mesh_lib.LOGICAL_RULES)
-      self._a.__enter__()
-      self._b.__enter__()
-
-    def __exit__(self, *exc):
-      self._b.__exit__(*exc)
-      self._a.__exit__(*exc)
-  return _Ctx()
 
 
 def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = None,
@@ -66,7 +52,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count())
   local = next(data_iterator)
-  with mesh_context(mesh):
+  with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     latest = checkpointer.latest_step() if checkpointer else None
@@ -75,7 +61,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
     else:
       state = checkpointer.restore(latest, abstract, data_iterator)
       start, pending = int(jax.device_get(state.step)), None
-  return Trainer(config, workdir, mesh, objective, data_iterator, abstract, state, start, pending)
+  return Trainer(config, workdir, mesh, objective, tx, data_iterator, abstract, state, start, pending)
 
 
 def trainable_fn(objective):
@@ -128,8 +114,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_
 
 
 def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
-  config, mesh, objective = trainer.config, trainer.mesh, trainer.objective
-  tx = optim.make_optimizer(config, trainable_fn(objective))
+  config, mesh, objective, tx = trainer.config, trainer.mesh, trainer.objective, trainer.tx
   shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)
   step_fn = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
                     out_shardings=(shardings, None))
@@ -142,7 +127,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     logging.info("run already complete at step %d (total_steps=%d)", step, total)
     return trainer.state
 
-  with mesh_context(mesh):
+  with mesh_lib.use_mesh(mesh):
     next_batch = lambda: mesh_lib.to_global_batch(
         trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator), mesh)
     batch = next_batch()

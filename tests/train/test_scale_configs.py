@@ -25,7 +25,7 @@ def _abstract(variant):
   tx = optim.make_optimizer(config, loop.trainable_fn(objective))
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), np.float32,
                                          sharding=mesh_lib.batch_sharding(mesh, 4))}
-  with loop.mesh_context(mesh):
+  with mesh_lib.use_mesh(mesh):
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
   return config, mesh, objective, tx, batch, abstract
 
@@ -52,6 +52,6 @@ def test_vit_b16_bf16_train_step_traces_on_8_devices():
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   step = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
                  out_shardings=(shardings, None))
-  with loop.mesh_context(mesh):
+  with mesh_lib.use_mesh(mesh):
     hlo = step.lower(abstract, batch).as_text()
   assert "bf16" in hlo and '"fsdp"' in hlo     # bf16 compute; fsdp sharding annotations

@@ -69,13 +69,16 @@ def test_nonfinite_loss_stops_without_saving_bad_state(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_tiny_run_heldout_loss_drops(tmp_path):
-  config = helpers.tiny_mae_config(**{"total_steps": 150, "warmup_steps": 15, "log_every": 50,
-                                      "eval_every": 150, "checkpoint_every": 150,
+def test_tiny_run_heldout_loss_drops_below_trivial(tmp_path):
+  config = helpers.tiny_mae_config(**{"total_steps": 300, "warmup_steps": 15, "log_every": 100,
+                                      "eval_every": 300, "checkpoint_every": 300,
                                       "data.eval_examples": 64, "data.eval_batch_size": 32})
   loop.train(config, str(tmp_path), helpers.single_device_mesh(config))
   evals = [m["eval/loss"] for m in helpers.read_metrics(str(tmp_path)) if "eval/loss" in m]
   assert len(evals) == 2
-  assert evals[1] < 0.9 * evals[0], evals
+  # Predicting each masked patch's mean (0 after norm_pix) scores (n-1)/n with n = 16 pixels per
+  # patch (unbiased variance): the model must do better than that, not just unlearn its init.
+  trivial = 15 / 16
+  assert evals[1] < trivial < 0.5 * evals[0], evals
   assert os.listdir(os.path.join(str(tmp_path), "recon"))
   assert os.listdir(os.path.join(str(tmp_path), "tensorboard"))
