@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   c.objective.recon_examples = 8          # images in the eval reconstruction PNG
 
   c.model.variant = "B/16"                # encoder, see medfm_jax.models.vit.VARIANTS
+  c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0   # 0 = the variant's
   c.model.layer_norm_eps = 1e-6
   c.model.pos_embed = "sincos2d"          # fixed, as in the paper
   c.model.drop_path = 0.0

@@ -91,8 +91,9 @@ def main(argv):
     if _TORCH.value:
       from medfm_jax import bench_torch  # pylint: disable=g-import-not-at-top
       m = config.model
+      from medfm_jax.models import vit  # pylint: disable=g-import-not-at-top
       torch_result = bench_torch.torch_mae_train_step_time(
-          m.variant, config.data.image_size, config.data.channels, config.batch_size,
+          vit.size_from_config(m), config.data.image_size, config.data.channels, config.batch_size,
           m.decoder_width, m.decoder_depth, m.decoder_heads, steps=_STEPS.value, warmup=_WARMUP.value)
       result.update({f"torch_{k}": v for k, v in torch_result.items()})
       result["jax_over_torch_time"] = result["step_time_median_s"] / torch_result["step_time_median_s"]

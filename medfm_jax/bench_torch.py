@@ -11,7 +11,7 @@ import time
 from medfm_jax.models import vit
 
 
-def torch_mae_train_step_time(encoder: str, image_size: int = 224, channels: int = 3, batch_size: int = 32,
+def torch_mae_train_step_time(encoder: "str | vit.ViTSize", image_size: int = 224, channels: int = 3, batch_size: int = 32,
                               decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
                               steps: int = 10, warmup: int = 3, threads: int | None = None,
                               seed: int = 0) -> dict[str, float]:
@@ -27,7 +27,7 @@ def torch_mae_train_step_time(encoder: str, image_size: int = 224, channels: int
 
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-  size = vit.parse_variant(encoder)
+  size = encoder if isinstance(encoder, vit.ViTSize) else vit.parse_variant(encoder)
   config = transformers.ViTMAEConfig(
       hidden_size=size.width, num_hidden_layers=size.depth, num_attention_heads=size.num_heads,
       intermediate_size=size.mlp_dim, patch_size=size.patch_size, image_size=image_size,

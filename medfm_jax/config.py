@@ -49,10 +49,12 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(c.grad_clip >= 0, f"grad_clip={c.grad_clip}: must be >= 0 (0 disables)")
 
   try:
-    size = vit.parse_variant(c.model.variant)
+    size = vit.size_from_config(c.model)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   m = c.model
+  _check(size.width % size.num_heads == 0,
+         f"model.num_heads={size.num_heads}: must divide the width {size.width}")
   _check(m.get("remat", "none") in ("none", "full", "dots"), f"model.remat={m.get('remat')!r}: allowed 'none', 'full', 'dots'")
   _check(m.get("pos_embed", "sincos2d") in ("sincos2d", "learned"),
          f"model.pos_embed={m.get('pos_embed')!r}: allowed 'sincos2d', 'learned'")

@@ -31,6 +31,8 @@ def test_valid_config_resolves_mesh():
     ({"total_steps": 0}, 1, "total_steps"),
     ({"data.channels": 2}, 1, "data.channels"),
     ({"model.remat": "some"}, 1, "model.remat"),
+    ({"model.num_heads": 5}, 1, "model.num_heads"),
+    ({"model.attention_impl": "flash"}, 1, "model.attention_impl"),
 ])
 def test_each_bad_field_is_named(overrides, num_devices, field):
   with pytest.raises(config_lib.ConfigError) as e:

@@ -242,10 +242,23 @@ def resolve_attention_impl(name: str, dtype) -> str:
   return name
 
 
+_SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+
+
+def size_overrides(model_cfg) -> dict[str, int]:
+  """Non-zero ``model.{width,depth,num_heads,mlp_dim}`` fields (0 = the variant's value)."""
+  return {k: int(model_cfg[k]) for k in _SIZE_FIELDS if model_cfg.get(k, 0)}
+
+
+def size_from_config(model_cfg) -> ViTSize:
+  """The encoder sizes: ``model.variant`` with any size overrides applied."""
+  return dataclasses.replace(parse_variant(model_cfg.variant), **size_overrides(model_cfg))
+
+
 def vit_from_config(config) -> VisionTransformer:
   """The encoder described by ``config.model`` at ``config.data.image_size`` and ``config.dtype``."""
   m = config.model
-  return VisionTransformer(
+  return VisionTransformer(**size_overrides(m),
       variant=m.variant, image_size=config.data.image_size, pos_embed=m.get("pos_embed", "sincos2d"),
       layer_norm_eps=m.get("layer_norm_eps", 1e-6), drop_path=m.get("drop_path", 0.0),
       layer_scale_init=m.get("layer_scale_init", 0.0), num_registers=m.get("num_registers", 0),

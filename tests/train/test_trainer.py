@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
@@ -45,6 +46,20 @@ def test_fsdp_matches_single_device(fsdp_run, tmp_path):
   # so they agree to a fraction of one lr-sized update (lr here is 1.5e-4).
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+
+
+def test_data_fsdp_tensor_mesh_matches_single_device(tmp_path):
+  common = {"total_steps": 3, "checkpoint_every": 3, "model.num_heads": 4}
+  config = helpers.tiny_mae_config(**common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  sharded = loop.train(config, str(tmp_path / "2x2x2"), mesh_lib.make_mesh(config.mesh))
+  block = sharded.params["encoder"]["encoder"]["layer_0"]
+  assert block["attn"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)   # [96, 4, 24]
+  assert block["attn"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
+  assert block["mlp"]["fc1"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  single_config = helpers.tiny_mae_config(**common)
+  loop.train(single_config, str(tmp_path / "1"), helpers.single_device_mesh(single_config))
+  losses = lambda w: [m["loss"] for m in helpers.read_metrics(str(tmp_path / w)) if "loss" in m]
+  np.testing.assert_allclose(losses("2x2x2"), losses("1"), atol=1e-5)
 
 
 def test_restore_onto_a_different_mesh(fsdp_run):
