@@ -32,16 +32,22 @@ def main(argv):
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:   # one progress log per job; warnings still from everyone
+    logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     config_lib.validate(config, workdir)
   except config_lib.ConfigError as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
-  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config)
   try:
     loop.train(config, workdir)
+  except checkpoint.CheckpointError as e:
+    sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
+    sys.exit(2)
   except loop.NonFiniteError as e:
     sys.stderr.write(f"medfm_jax: {e}\n")
     sys.exit(3)

@@ -45,6 +45,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    _check_matches(os.path.join(self.directory, str(step), "state"), abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
@@ -55,6 +56,28 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in leaves}
+
+
+def _check_matches(state_dir: str, abstract_state) -> None:
+  """Raises CheckpointError naming missing/unexpected keys and shape mismatches, before reading."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    stored = _shapes_by_path(ckptr.metadata(state_dir).item_metadata.tree)
+  wanted = _shapes_by_path(abstract_state)
+  missing = sorted(set(wanted) - set(stored))
+  unexpected = sorted(set(stored) - set(wanted))
+  mismatched = sorted(f"{k} {stored[k]} != {wanted[k]}" for k in set(wanted) & set(stored)
+                      if stored[k] != wanted[k])
+  if missing or unexpected or mismatched:
+    parts = [f"{name}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+             for name, items in (("missing", missing), ("unexpected", unexpected),
+                                 ("shape mismatch (stored != config)", mismatched)) if items]
+    raise CheckpointError(f"checkpoint {os.path.dirname(state_dir)} does not fit this config's train "
+                          f"state (changed model/optimizer config? use a new --workdir): {'; '.join(parts)}")
 
 
 def resolve_checkpoint_dir(path: str) -> str:

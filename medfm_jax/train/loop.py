@@ -104,13 +104,17 @@ def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:
 def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
   """Runs (or resumes) training to ``config.total_steps``; returns the final state."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  trainer = setup(config, workdir, checkpointer, mesh)
-  writer = metrics_lib.MetricWriter(workdir)
+  trainer = writer = None
   try:
+    trainer = setup(config, workdir, checkpointer, mesh)
+    writer = metrics_lib.MetricWriter(workdir)
     return _run(trainer, checkpointer, writer)
   finally:
     checkpointer.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
+    if trainer is not None and hasattr(trainer.data_iterator, "close"):   # stops grain workers
+      trainer.data_iterator.close()
 
 
 def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:

@@ -73,6 +73,14 @@ def test_restore_onto_a_different_mesh(fsdp_run):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_resume_with_incompatible_config_is_a_clear_error(fsdp_run):
+  config, workdir, _ = fsdp_run
+  changed = helpers.tiny_mae_config(**{"total_steps": 3, "model.decoder_width": 64})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/3 does not fit this config") as e:
+    loop.train(changed, workdir, helpers.single_device_mesh(changed))
+  assert "\n" not in str(e.value)
+
+
 def test_nonfinite_loss_stops_without_saving_bad_state(tmp_path):
   config = helpers.tiny_mae_config(**{"lr": 1e30, "total_steps": 5, "checkpoint_every": 1,
                                       "async_checkpointing": False})
