@@ -171,12 +171,14 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
         logging.info("step %d/%d  loss %.4f  lr %.3g  |g| %.3g  %.3fs/step  %.1f img/s  MFU %.1f%%  ETA %s",
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
                      scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))
+      t0 = time.perf_counter()
       if step % config.eval_every == 0 or step == total:
         _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
       if step % config.checkpoint_every == 0 or step == total:
         _check_finite(trainer.state)
         checkpointer.save(step, trainer.state, trainer.data_iterator,
                           {"step": step, "config": config.to_json_best_effort()})
+      progress.exclude(time.perf_counter() - t0)
       if step < total:   # after the save, so the saved iterator state starts at this batch
         batch = next_batch()
   checkpointer.wait()

@@ -77,16 +77,21 @@ class MetricWriter:
 
 
 class Progress:
-  """Step timing since the last report, and an ETA from the recent step rate."""
+  """Step timing since the last report (evals and checkpoint saves excluded), and an ETA."""
 
   def __init__(self, start_step: int, total_steps: int):
     self.total = total_steps
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Time spent outside train steps (evaluation, checkpointing) since the last report."""
+    self.excluded += seconds
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    step_time = (now - self.last_time) / max(1, step - self.last_step)
-    self.last_step, self.last_time = step, now
+    step_time = (now - self.last_time - self.excluded) / max(1, step - self.last_step)
+    self.last_step, self.last_time, self.excluded = step, now, 0.0
     return {"step_time_s": step_time, "eta_s": step_time * max(0, self.total - step)}
 
 
