@@ -22,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.min_lr = 0.0
   c.warmup_steps = 100
   c.weight_decay = 0.05         # decoupled; only on >=2-D kernels
-  c.grad_clip = 1.0             # global-norm clip; 0 disables
+  c.weight_decay_end = ml_collections.config_dict.placeholder(float)  # set: cosine to it (DINO)
+  c.grad_clip = 1.0             # 0 disables
+  c.grad_clip_mode = "global"   # 'global' (one norm over all grads) | 'per_param' (DINO)
   c.grad_accum_steps = 1
   c.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'; params stay float32
   c.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8))

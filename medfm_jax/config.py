@@ -47,6 +47,10 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(c.lr_scaling in ("linear", "sqrt", "none"), f"lr_scaling={c.lr_scaling!r}: allowed 'linear', 'sqrt', 'none'")
   _check(c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0")
   _check(c.grad_clip >= 0, f"grad_clip={c.grad_clip}: must be >= 0 (0 disables)")
+  _check(c.get("grad_clip_mode", "global") in ("global", "per_param"),
+         f"grad_clip_mode={c.get('grad_clip_mode')!r}: allowed 'global', 'per_param'")
+  _check(c.get("weight_decay_end") is None or c.weight_decay_end >= 0,
+         f"weight_decay_end={c.get('weight_decay_end')}: must be >= 0 (or unset)")
 
   try:
     size = vit.size_from_config(c.model)

@@ -32,6 +32,8 @@ def test_valid_config_resolves_mesh():
     ({"data.channels": 2}, 1, "data.channels"),
     ({"model.remat": "some"}, 1, "model.remat"),
     ({"model.num_heads": 5}, 1, "model.num_heads"),
+    ({"grad_clip_mode": "layer"}, 1, "grad_clip_mode"),
+    ({"weight_decay_end": -0.1}, 1, "weight_decay_end"),
     ({"model.attention_impl": "flash"}, 1, "model.attention_impl"),
 ])
 def test_each_bad_field_is_named(overrides, num_devices, field):

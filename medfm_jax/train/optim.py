@@ -5,6 +5,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 TRAIN, FROZEN = "train", "frozen"
@@ -38,15 +39,76 @@ def decay_mask(params) -> Any:
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(config, trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
-  """AdamW (+ global-norm clipping). ``trainable(params) -> tree of bool``: frozen leaves get no
-  update, no weight decay and no optimizer state."""
+def weight_decay_schedule(config) -> float | optax.Schedule:
+  """``weight_decay``, or a cosine from it to ``weight_decay_end`` over ``total_steps`` (DINO:
+  0.04 -> 0.4)."""
+  start, end = config.weight_decay, config.get("weight_decay_end", None)
+  if end is None or end == start:
+    return start
+  steps = max(config.total_steps, 1)
+
+  def schedule(count):
+    frac = jnp.clip(count / steps, 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+  return schedule
+
+
+def clip_per_param(max_norm: float) -> optax.GradientTransformation:
+  """Clips each parameter tensor's gradient to norm ``max_norm`` independently (DINO's
+  ``clip_gradients``: scale by ``max_norm / (norm + 1e-6)`` when that is < 1)."""
+  def update_fn(updates, state, params=None):
+    del params
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def freeze_until(mask: Callable[[Any], Any], steps: int) -> optax.GradientTransformation:
+  """Zeroes the final updates of the leaves where ``mask(params)`` is True for the first ``steps``
+  optimizer steps: no update and no weight decay (DINO's frozen last layer). Adam moments of those
+  leaves still accumulate, unlike PyTorch where their grads are None."""
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("freeze_until needs params in update()")
+    frozen = state.count < steps
+    updates = jax.tree.map(lambda m, u: jnp.where(frozen & m, jnp.zeros_like(u), u), mask(params), updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
+                   lr_multipliers: Callable[[Any], Any] | None = None,
+                   frozen_for_steps: tuple[Callable[[Any], Any], int] | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine lr and (optionally scheduled) decoupled weight decay on kernels.
+
+  ``config.grad_clip`` clips by global norm (``grad_clip_mode='global'``) or per parameter tensor
+  (``'per_param'``). ``trainable(params) -> tree of bool``: frozen leaves get no update, no weight
+  decay and no optimizer state. ``lr_multipliers(params) -> tree of floats`` scales each leaf's
+  step (layer-wise lr decay). ``frozen_for_steps=(mask_fn, n)`` holds masked leaves still for the
+  first n steps.
+  """
   o = config.optim
   chain = []
   if config.grad_clip and config.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(config.grad_clip))
+    mode = config.get("grad_clip_mode", "global")
+    if mode not in ("global", "per_param"):
+      raise ValueError(f"grad_clip_mode={mode!r}: allowed 'global', 'per_param'")
+    chain.append(optax.clip_by_global_norm(config.grad_clip) if mode == "global"
+                 else clip_per_param(config.grad_clip))
   chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=config.weight_decay, mask=decay_mask))
+                           weight_decay=weight_decay_schedule(config), mask=decay_mask))
+  if lr_multipliers is not None:
+    from medfm_jax.peft import freeze  # pylint: disable=g-import-not-at-top
+    chain.append(freeze.scale_by_tree(lr_multipliers))
+  if frozen_for_steps is not None:
+    chain.append(freeze_until(*frozen_for_steps))
   tx = optax.chain(*chain)
   if trainable is None:
     return tx

@@ -114,3 +114,37 @@ def test_nonfinite_step_leaves_state_unchanged():
   assert int(new.nonfinite_step) == 0 and int(new.step) == 0
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_weight_decay_cosine_schedule():
+  sched = optim.weight_decay_schedule(_config(weight_decay=0.04, weight_decay_end=0.4, total_steps=100))
+  np.testing.assert_allclose([sched(0), sched(50), sched(100), sched(200)], [0.04, 0.22, 0.4, 0.4], rtol=1e-6)
+  assert optim.weight_decay_schedule(_config(weight_decay=0.05)) == 0.05
+
+
+def test_per_param_clipping_clips_each_tensor_independently():
+  grads = {"big": jnp.full((4,), 10.0), "small": jnp.full((4,), 0.1)}     # norms 20 and 0.2
+  clipped, _ = optim.clip_per_param(3.0).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(np.linalg.norm(clipped["big"]), 3.0, rtol=1e-5)
+  np.testing.assert_array_equal(clipped["small"], grads["small"])
+  tx = optim.make_optimizer(_config(grad_clip=3.0, grad_clip_mode="per_param"))
+  assert tx.update(grads, tx.init(grads), grads)[0]["big"].shape == (4,)
+
+
+def test_frozen_for_steps_and_lr_multipliers():
+  params = {"body": {"kernel": jnp.ones((2, 2))}, "last_layer": {"kernel": jnp.ones((2, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  mask = lambda p: {"body": {"kernel": False}, "last_layer": {"kernel": True}}
+  half = lambda p: {"body": {"kernel": 0.5}, "last_layer": {"kernel": 1.0}}
+  config = _config(grad_clip=0.0, warmup_steps=0)
+  tx = optim.make_optimizer(config, frozen_for_steps=(mask, 2), lr_multipliers=half)
+  ref = optim.make_optimizer(config)
+  state, ref_state = tx.init(params), ref.init(params)
+  for step in range(3):
+    upd, state = tx.update(grads, state, params)
+    ref_upd, ref_state = ref.update(grads, ref_state, params)
+    np.testing.assert_allclose(upd["body"]["kernel"], 0.5 * ref_upd["body"]["kernel"], rtol=1e-6)
+    if step < 2:     # no update and no weight decay while frozen
+      np.testing.assert_array_equal(upd["last_layer"]["kernel"], 0.0)
+    else:
+      np.testing.assert_allclose(upd["last_layer"]["kernel"], ref_upd["last_layer"]["kernel"], rtol=1e-6)
