@@ -8,6 +8,7 @@ Train stream (identical on every process, then sharded)::
     [blocks of b: process p takes blocks p, p+P, ...]
     -> source[index], random resized crop, flip, normalise
        (RNG seeded by (seed, global position): independent of workers/threads)
+       [or, with ``data.multicrop`` set, DINO global + local views]
     .batch(global_batch // process_count)
 
 Global batch ``s`` is global positions ``[s*B, (s+1)*B)``; process ``p`` holds
@@ -114,6 +115,37 @@ class _TrainTransform(grain.transforms.Map):
             "finding": np.int32(record["finding"])}
 
 
+@dataclasses.dataclass(frozen=True)
+class _MultiCropTransform(grain.transforms.Map):
+  """(position, index) -> normalised DINO ``global``/``local`` views (picklable)."""
+  source: Any
+  seed: int
+  spec: transforms.MultiCropSpec
+  flip: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    position, index = element
+    record = self.source[index]
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+    views = transforms.multicrop(record["image"], rng, self.spec, self.flip)
+    return {"global": transforms.normalize(views["global"], self.mean, self.std),
+            "local": transforms.normalize(views["local"], self.mean, self.std),
+            "modality": np.int32(record["modality"]),
+            "finding": np.int32(record["finding"])}
+
+
+def multicrop_spec(data_cfg) -> transforms.MultiCropSpec | None:
+  """``data.multicrop`` as a validated spec; None when absent, None or False (off)."""
+  raw = data_cfg.get("multicrop") if hasattr(data_cfg, "get") else None
+  if raw is None or raw is False:
+    return None
+  if not hasattr(raw, "keys"):
+    raise ValueError(f"data.multicrop={raw!r} must be a dict of multi-crop fields or None")
+  return transforms.MultiCropSpec.from_config(raw)
+
+
 def _local_batch_size(batch_size: int, process_count: int, field: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"{field}={batch_size} must be a positive multiple of the process count "
@@ -133,6 +165,10 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
 
   Yields ``{"image": float32 [b, H, W, C], "modality": int32 [b],
   "finding": int32 [b]}`` with ``b = global_batch_size // process_count``.
+  With ``data.multicrop`` set (see ``transforms.MultiCropSpec``), ``image`` is
+  replaced by ``global`` float32 ``[b, num_global, G, G, C]`` and ``local``
+  float32 ``[b, num_local, L, L, C]`` (DINO views, flipped if ``data.flip``,
+  normalised with ``data.mean/std``), seeded the same way.
   ``get_state()`` returns a JSON-serialisable dict (``set_state`` restores it;
   e.g. ``{"next_index": 3}`` in-process, a nested dict of per-worker states
   with workers). ``source`` overrides ``make_source(data_cfg,
@@ -141,10 +177,16 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
   """
   local = _local_batch_size(global_batch_size, process_count, "batch_size")
   source = make_source(data_cfg, data_cfg.train_split) if source is None else source
-  transform = _TrainTransform(
-      source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
-      crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
-      flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+  spec = multicrop_spec(data_cfg)
+  if spec is None:
+    transform = _TrainTransform(
+        source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
+        crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
+        flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+  else:
+    transform = _MultiCropTransform(
+        source=source, seed=_seed32(seed), spec=spec, flip=bool(data_cfg.flip),
+        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
   ds = shard_stream(len(source), seed, process_index, process_count, block=local)
   ds = ds.map(transform).batch(local, drop_remainder=True)
   it_ds = ds.to_iter_dataset(_read_options(data_cfg))
@@ -154,8 +196,9 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data_cfg.num_workers),
         per_worker_buffer_size=max(int(data_cfg.prefetch), 1)))
-  logging.info("train input: %s, %d examples, local batch %d (process %d/%d), %d workers",
-               source, len(source), local, process_index, process_count, data_cfg.num_workers)
+  logging.info("train input: %s, %d examples, local batch %d (process %d/%d), %d workers%s",
+               source, len(source), local, process_index, process_count, data_cfg.num_workers,
+               f", {spec}" if spec else "")
   return iter(it_ds)
 
 
