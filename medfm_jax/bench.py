@@ -37,7 +37,7 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
 
   mesh = mesh_lib.make_mesh(config.mesh)
   objective = objectives.build(config)
-  tx = optim.make_optimizer(config, loop.trainable_fn(objective))
+  tx = optim.make_optimizer(config, loop.trainable_fn(objective), **objective.optimizer_kwargs())
   rng = np.random.default_rng(0)
   size, c, b = config.data.image_size, config.data.channels, config.batch_size // jax.process_count()
   local = {"image": rng.standard_normal((b, size, size, c), dtype=np.float32),

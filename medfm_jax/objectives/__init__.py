@@ -5,6 +5,7 @@ from medfm_jax.objectives.base import Objective
 
 _REGISTRY = {
     "mae": "medfm_jax.objectives.mae:MaeObjective",
+    "dino": "medfm_jax.objectives.dino:DinoObjective",
 }
 
 

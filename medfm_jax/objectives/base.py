@@ -39,6 +39,10 @@ class Objective(abc.ABC):
     del params
     return None
 
+  def optimizer_kwargs(self) -> dict:
+    """Extra keyword arguments for ``train.optim.make_optimizer`` (e.g. ``frozen_for_steps``)."""
+    return {}
+
   def eval_metrics(self, params, extra, batch: dict, rng: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Held-out metrics as ``name -> (sum over valid rows, number of valid rows)``.
 

@@ -48,7 +48,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective = objectives_lib.build(config)
-  tx = optim.make_optimizer(config, trainable_fn(objective))
+  tx = optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count())
   local = next(data_iterator)
@@ -97,6 +97,8 @@ def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, fl
 
 def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:
   results = evaluate(trainer, eval_fn, eval_batches, step)
+  if not results:
+    return
   writer.write(step, results)
   logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
 

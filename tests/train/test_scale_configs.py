@@ -22,7 +22,7 @@ def _abstract(variant):
   assert config_lib.validate(config, None, num_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
   mesh = mesh_lib.make_mesh(config.mesh)
   objective = objectives.build(config)
-  tx = optim.make_optimizer(config, loop.trainable_fn(objective))
+  tx = optim.make_optimizer(config, loop.trainable_fn(objective), **objective.optimizer_kwargs())
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), np.float32,
                                          sharding=mesh_lib.batch_sharding(mesh, 4))}
   with mesh_lib.use_mesh(mesh):

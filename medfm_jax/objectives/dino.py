@@ -1,0 +1,76 @@
+"""DINO self-distillation (Caron et al., 2021): student ViT + head vs an EMA teacher.
+
+State outside the optimizer (``extra``): ``teacher`` (EMA of the student params, sharded like
+them) and ``center`` (``[K]``). Batches are multi-crop: ``global [b, n_g, G, G, C]`` and
+``local [b, n_l, L, L, C]`` (``data.multicrop``). Not yet here (see the DINO issue): DINOv2's
+iBOT/KoLeo/Sinkhorn wiring, kNN evaluation and attention maps.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medfm_jax.models import heads, vit
+from medfm_jax.objectives import base
+from medfm_jax.objectives import dino_losses
+
+
+class DinoModel(nn.Module):
+  """Backbone cls token -> DINO head logits ``[b, K]``."""
+  backbone: vit.VisionTransformer
+  head: heads.DinoHead
+
+  def __call__(self, images, deterministic: bool = True):
+    return self.head(self.backbone(images, deterministic=deterministic)[:, 0])
+
+
+def _views(x):
+  """``[b, n, H, W, C] -> [n*b, H, W, C]`` (view-major, so logits reshape to ``[n, b, K]``)."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+class DinoObjective(base.Objective):
+  """``config.objective``: out_dim, head_hidden_dim, head_bottleneck_dim, norm_last_layer,
+  student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, center_momentum,
+  momentum_teacher (-> 1 on a cosine), freeze_last_layer_steps."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    o = config.objective
+    self.model = DinoModel(vit.vit_from_config(config), heads.DinoHead(
+        o.out_dim, o.head_hidden_dim, o.head_bottleneck_dim, norm_last_layer=o.norm_last_layer))
+    self.teacher_model = self.model.clone(backbone=self.model.backbone.clone(drop_path=0.0))
+
+  def init(self, rng, batch):
+    params = self.model.init(rng, batch["global"][:, 0])["params"]
+    teacher = jax.tree.map(jnp.copy, nn.unbox(params))
+    return params, {"teacher": teacher, "center": jnp.zeros((self.config.objective.out_dim,), jnp.float32)}
+
+  def optimizer_kwargs(self):
+    return {"frozen_for_steps": (heads.last_layer_mask, self.config.objective.freeze_last_layer_steps)}
+
+  def loss(self, params, extra, batch, rng, step):
+    o = self.config.objective
+    n_g, b = batch["global"].shape[1], batch["global"].shape[0]
+    teacher_logits = self.teacher_model.apply({"params": extra["teacher"]}, _views(batch["global"]))
+    teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(n_g, b, -1)
+    student = lambda x, r: self.model.apply({"params": params}, _views(x), deterministic=False,
+                                            rngs={"dropout": r})
+    rng_g, rng_l = jax.random.split(rng)
+    logits = [student(batch["global"], rng_g)]
+    if batch.get("local") is not None and batch["local"].shape[1]:
+      logits.append(student(batch["local"], rng_l))
+    student_logits = jnp.concatenate(logits).reshape(-1, b, o.out_dim)
+    teacher_temp = dino_losses.teacher_temp_schedule(step, o.warmup_teacher_temp_steps,
+                                                     o.warmup_teacher_temp, o.teacher_temp)
+    loss, metrics = dino_losses.dino_loss(student_logits, teacher_logits, extra["center"],
+                                          o.student_temp, teacher_temp, n_g)
+    center = dino_losses.update_center(extra["center"], teacher_logits, o.center_momentum)
+    metrics.update(teacher_temp=teacher_temp, center_norm=jnp.linalg.norm(center))
+    return loss, (metrics, dict(extra, center=center))
+
+  def after_update(self, params, extra, step):
+    m = dino_losses.cosine_schedule(step, self.config.total_steps, self.config.objective.momentum_teacher, 1.0)
+    teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, extra["teacher"], params)
+    return dict(extra, teacher=teacher)
