@@ -47,3 +47,32 @@ def read_metrics(workdir):
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  """Two lists of batches (dicts of arrays) are bitwise equal."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def assert_process_rows(make_iterator, global_batch: int, process_count: int = 2, num_batches: int = 2):
+  """Each process's batches are its contiguous rows ``[p*b, (p+1)*b)`` of the 1-process batches.
+
+  ``make_iterator(process_index, process_count)`` builds the train iterator.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  glob = take(make_iterator(0, 1), num_batches)
+  b = global_batch // process_count
+  for p in range(process_count):
+    for g, local in zip(glob, take(make_iterator(p, process_count), num_batches)):
+      for k in g:
+        assert local[k].shape[0] == b
+        np.testing.assert_array_equal(local[k], g[k][p * b:(p + 1) * b])

@@ -90,6 +90,16 @@ def shard_stream(num_examples: int, seed: int, process_index: int = 0,
   return local.map(_ProcessPosition(stream, block, process_index, process_count))
 
 
+def _record_and_rng(source, seed: int, element: tuple[int, int]) -> tuple[dict, np.random.Generator]:
+  """The record at ``index`` and an augmentation rng seeded by (seed, global position)."""
+  position, index = element
+  return source[index], np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, position])))
+
+
+def _labels(record: dict) -> dict[str, np.ndarray]:
+  return {"modality": np.int32(record["modality"]), "finding": np.int32(record["finding"])}
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainTransform(grain.transforms.Map):
   """(position, index) -> augmented, normalised example (picklable)."""
@@ -103,16 +113,12 @@ class _TrainTransform(grain.transforms.Map):
   std: tuple[float, ...]
 
   def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
-    position, index = element
-    record = self.source[index]
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+    record, rng = _record_and_rng(self.source, self.seed, element)
     image = transforms.random_resized_crop(record["image"], rng, self.image_size,
                                            self.crop_scale, self.crop_ratio)
     if self.flip:
       image = transforms.random_flip(image, rng)
-    return {"image": transforms.normalize(image, self.mean, self.std),
-            "modality": np.int32(record["modality"]),
-            "finding": np.int32(record["finding"])}
+    return {"image": transforms.normalize(image, self.mean, self.std), **_labels(record)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +132,10 @@ class _MultiCropTransform(grain.transforms.Map):
   std: tuple[float, ...]
 
   def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
-    position, index = element
-    record = self.source[index]
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+    record, rng = _record_and_rng(self.source, self.seed, element)
     views = transforms.multicrop(record["image"], rng, self.spec, self.flip)
     return {"global": transforms.normalize(views["global"], self.mean, self.std),
-            "local": transforms.normalize(views["local"], self.mean, self.std),
-            "modality": np.int32(record["modality"]),
-            "finding": np.int32(record["finding"])}
+            "local": transforms.normalize(views["local"], self.mean, self.std), **_labels(record)}
 
 
 def multicrop_spec(data_cfg) -> transforms.MultiCropSpec | None:

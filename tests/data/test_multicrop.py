@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configs import common  # noqa: E402
 from medfm_jax.data import pipeline, transforms  # noqa: E402
 from medfm_jax.data.phantoms import PhantomSource  # noqa: E402
+from tests import helpers  # noqa: E402
 
 SPEC = transforms.MultiCropSpec(global_size=32, local_size=16, num_local=3)
 
@@ -197,16 +198,8 @@ def _source(n=40, channels=1):
   return PhantomSource("train", image_size=32, channels=channels, num_examples=n)
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+_take = helpers.take
+_assert_batches_equal = helpers.assert_batches_equal
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -253,14 +246,8 @@ def test_pipeline_multicrop_batches_do_not_depend_on_workers():
 
 
 def test_pipeline_multicrop_process_rows():
-  glob = _take(pipeline.make_train_iterator(_cfg(), 4, seed=1, source=_source()), 2)
-  for p in range(2):
-    local = _take(pipeline.make_train_iterator(_cfg(), 4, seed=1, process_index=p,
-                                               process_count=2, source=_source()), 2)
-    for g, l in zip(glob, local):
-      assert l["global"].shape[0] == 2
-      for k in g:
-        np.testing.assert_array_equal(l[k], g[k][p * 2:(p + 1) * 2])
+  helpers.assert_process_rows(lambda p, n: pipeline.make_train_iterator(
+      _cfg(), 4, seed=1, process_index=p, process_count=n, source=_source()), global_batch=4)
 
 
 def test_pipeline_multicrop_off_and_errors():

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configs import common  # noqa: E402
 from medfm_jax.data import pipeline  # noqa: E402
 from medfm_jax.data.phantoms import PhantomSource  # noqa: E402
+from tests import helpers  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
@@ -28,16 +29,8 @@ def _source(n=64):
   return PhantomSource("train", image_size=32, channels=1, num_examples=n)
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+_take = helpers.take
+_assert_batches_equal = helpers.assert_batches_equal
 
 
 @pytest.mark.parametrize("channels,size", [(1, 32), (3, 24)])
@@ -113,14 +106,8 @@ def test_shard_stream_blocks():
 
 
 def test_process_batches_are_rows_of_the_global_batch():
-  glob = _take(pipeline.make_train_iterator(_cfg(), 8, seed=1, source=_source()), 2)
-  for p in range(2):
-    local = _take(pipeline.make_train_iterator(_cfg(), 8, seed=1, process_index=p,
-                                               process_count=2, source=_source()), 2)
-    for g, l in zip(glob, local):
-      assert l["image"].shape[0] == 4
-      for k in g:
-        np.testing.assert_array_equal(l[k], g[k][p * 4:(p + 1) * 4])
+  helpers.assert_process_rows(lambda p, n: pipeline.make_train_iterator(
+      _cfg(), 8, seed=1, process_index=p, process_count=n, source=_source()), global_batch=8)
   with pytest.raises(ValueError, match="batch_size"):
     pipeline.make_train_iterator(_cfg(), 9, seed=0, process_count=2, source=_source())
 
