@@ -40,7 +40,6 @@ class DinoObjective(base.Objective):
     o = config.objective
     self.model = DinoModel(vit.vit_from_config(config), heads.DinoHead(
         o.out_dim, o.head_hidden_dim, o.head_bottleneck_dim, norm_last_layer=o.norm_last_layer))
-    self.teacher_model = self.model.clone(backbone=self.model.backbone.clone(drop_path=0.0))
 
   def init(self, rng, batch):
     params = self.model.init(rng, batch["global"][:, 0])["params"]
@@ -53,7 +52,8 @@ class DinoObjective(base.Objective):
   def loss(self, params, extra, batch, rng, step):
     o = self.config.objective
     n_g, b = batch["global"].shape[1], batch["global"].shape[0]
-    teacher_logits = self.teacher_model.apply({"params": extra["teacher"]}, _views(batch["global"]))
+    # The teacher runs deterministically: no drop-path (that is for the student only).
+    teacher_logits = self.model.apply({"params": extra["teacher"]}, _views(batch["global"]))
     teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(n_g, b, -1)
     student = lambda x, r: self.model.apply({"params": params}, _views(x), deterministic=False,
                                             rngs={"dropout": r})
