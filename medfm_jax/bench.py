@@ -38,10 +38,13 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
   mesh = mesh_lib.make_mesh(config.mesh)
   objective = objectives.build(config)
   tx = optim.make_optimizer(config, loop.trainable_fn(objective), **objective.optimizer_kwargs())
+  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  # Random data shaped like one real batch of this config (image, or multi-crop views).
   rng = np.random.default_rng(0)
-  size, c, b = config.data.image_size, config.data.channels, config.batch_size // jax.process_count()
-  local = {"image": rng.standard_normal((b, size, size, c), dtype=np.float32),
-           "modality": np.zeros((b,), np.int32), "finding": np.zeros((b,), np.int32)}
+  real = next(pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
+                                           jax.process_index(), jax.process_count()))
+  local = {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v)
+           for k, v in real.items()}
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)

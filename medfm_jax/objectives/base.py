@@ -43,6 +43,11 @@ class Objective(abc.ABC):
     """Extra keyword arguments for ``train.optim.make_optimizer`` (e.g. ``frozen_for_steps``)."""
     return {}
 
+  def warnings(self, scalars: dict[str, float]) -> list[str]:
+    """Host-side checks of logged training scalars (e.g. collapse); each string is logged."""
+    del scalars
+    return []
+
   def eval_metrics(self, params, extra, batch: dict, rng: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Held-out metrics as ``name -> (sum over valid rows, number of valid rows)``.
 

@@ -7,6 +7,8 @@ iBOT/KoLeo/Sinkhorn wiring, kNN evaluation and attention maps.
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,13 @@ class DinoObjective(base.Objective):
     center = dino_losses.update_center(extra["center"], teacher_logits, o.center_momentum)
     metrics.update(teacher_temp=teacher_temp, center_norm=jnp.linalg.norm(center))
     return loss, (metrics, dict(extra, center=center))
+
+  def warnings(self, scalars):
+    if dino_losses.collapse_warning(scalars["loss"], self.config.objective.out_dim):
+      return [f"DINO loss {scalars['loss']:.3f} sits at ln K = {math.log(self.config.objective.out_dim):.3f}: "
+              f"the teacher output may have collapsed (teacher entropy "
+              f"{scalars.get('teacher_entropy', float('nan')):.3f}); check teacher temperature and centering"]
+    return []
 
   def after_update(self, params, extra, step):
     m = dino_losses.cosine_schedule(step, self.config.total_steps, self.config.objective.momentum_teacher, 1.0)

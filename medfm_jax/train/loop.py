@@ -170,6 +170,8 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
                        images_per_s_per_device=config.batch_size / dt / n_dev,
                        tflops_per_device=tflops, mfu=tflops / peak)
         writer.write(step, scalars)
+        for message in objective.warnings(scalars):
+          logging.warning("step %d: %s", step, message)
         logging.info("step %d/%d  loss %.4f  lr %.3g  |g| %.3g  %.3fs/step  %.1f img/s  MFU %.1f%%  ETA %s",
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
                      scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))

@@ -60,3 +60,10 @@ def test_teacher_sharded_like_student_and_tiny_run_checkpoints(tmp_path):
   losses = [m["loss"] for m in helpers.read_metrics(str(tmp_path)) if "loss" in m]
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert any(m.get("teacher_entropy", 0) > 0 for m in helpers.read_metrics(str(tmp_path)))
+
+
+def test_collapse_warning_names_ln_k():
+  objective = objectives.build(_config())
+  assert objective.warnings({"loss": 2.0, "teacher_entropy": 1.0}) == []
+  (message,) = objective.warnings({"loss": float(np.log(64)), "teacher_entropy": 0.01})
+  assert "ln K = 4.159" in message and "collapsed" in message
