@@ -37,6 +37,7 @@ def get_config(arg: str | None = None):
   c.objective.center_momentum = 0.9
   c.objective.momentum_teacher = 0.996
   c.objective.freeze_last_layer_steps = 1 * _IMAGENET_STEPS_PER_EPOCH
+  c.objective.knn_train_examples = 2000           # kNN bank (phantom train split) at eval time
 
   c.model.variant = "S/16"
   c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0
@@ -68,7 +69,8 @@ def get_config(arg: str | None = None):
     c.objective.warmup_teacher_temp_steps, c.objective.freeze_last_layer_steps = 50, 20
     c.data.image_size, c.data.channels, c.data.num_workers = 32, 1, 0
     c.data.multicrop.update(global_size=32, num_local=4, local_size=16)
-    c.data.eval_examples, c.data.eval_batch_size = 64, 64
+    c.data.eval_examples, c.data.eval_batch_size = 256, 64
+    c.objective.knn_train_examples = 1024
     c.batch_size, c.lr = 32, 5e-4 * 8
     c.total_steps, c.warmup_steps = 200, 20
     c.log_every, c.eval_every, c.checkpoint_every = 20, 200, 200

@@ -56,6 +56,12 @@ class Objective(abc.ABC):
     del params, extra, batch, rng
     return {}
 
+  def evaluate(self, params, extra, mesh, step: int) -> dict[str, float]:
+    """Whole-dataset evaluations run at eval time (e.g. kNN on frozen features), called on every
+    process inside the mesh context; returns scalars merged into the eval metrics. Default: none."""
+    del params, extra, mesh, step
+    return {}
+
   def eval_artifacts(self, params, extra, batch: dict, rng: jax.Array, workdir: str, step: int) -> None:
     """Writes eval images etc. Called on every process (it may run sharded computations);
     only process 0 may write files."""

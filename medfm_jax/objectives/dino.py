@@ -12,8 +12,14 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
+from medfm_jax.data import phantoms, pipeline
+from medfm_jax.evaluate import knn
 from medfm_jax.models import heads, vit
+from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
 
@@ -71,6 +77,35 @@ class DinoObjective(base.Objective):
     center = dino_losses.update_center(extra["center"], teacher_logits, o.center_momentum)
     metrics.update(teacher_temp=teacher_temp, center_norm=jnp.linalg.norm(center))
     return loss, (metrics, dict(extra, center=center))
+
+  def evaluate(self, params, extra, mesh, step):
+    """kNN (k=20, T=0.07) top-1 accuracy of teacher cls features on phantom labels: a bank of
+    ``objective.knn_train_examples`` train images, queried with ``data.eval_examples`` val images."""
+    del params, step
+    c = self.config
+    features = jax.jit(lambda p, x: self.model.backbone.apply({"params": p}, x)[:, 0],
+                       out_shardings=PartitionSpec())     # replicated: readable on every process
+
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # global rows
+
+    def embed(split, n):
+      feats, labels = [], {"modality": [], "finding": []}
+      for local in pipeline.make_eval_batches(c.data, split, c.data.eval_batch_size, n,
+                                              jax.process_index(), jax.process_count()):
+        images = mesh_lib.to_global_batch({"image": local["image"]}, mesh)["image"]
+        keep = gather(local["mask"])
+        feats.append(np.asarray(features(extra["teacher"]["backbone"], images))[keep])
+        for k in labels:
+          labels[k].append(gather(local[k])[keep])
+      return np.concatenate(feats), {k: np.concatenate(v) for k, v in labels.items()}
+
+    train_x, train_y = embed(c.data.train_split, c.objective.knn_train_examples)
+    val_x, val_y = embed(c.data.eval_split, c.data.eval_examples)
+    k = min(20, len(train_x))
+    return {f"knn_{name}_acc": knn.knn_accuracy(train_x, train_y[name], val_x, val_y[name],
+                                                 num_classes, k=k)
+            for name, num_classes in (("finding", len(phantoms.FINDINGS)),
+                                      ("modality", len(phantoms.MODALITIES)))}
 
   def warnings(self, scalars):
     if dino_losses.collapse_warning(scalars["loss"], self.config.objective.out_dim):

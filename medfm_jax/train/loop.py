@@ -92,7 +92,9 @@ def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, fl
   if first is not None:
     trainer.objective.eval_artifacts(state.params, state.extra, first, jax.random.PRNGKey(0),
                                      trainer.workdir, step)
-  return {f"eval/{k}": s / max(c, 1.0) for k, (s, c) in sums.items()}
+  results = {k: s / max(c, 1.0) for k, (s, c) in sums.items()}
+  results.update(trainer.objective.evaluate(state.params, state.extra, trainer.mesh, step))
+  return {f"eval/{k}": v for k, v in results.items()}
 
 
 def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:

@@ -21,6 +21,7 @@ def _config(**overrides):
   c.batch_size, c.total_steps, c.warmup_steps = 8, 4, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 100, 4
   c.data.eval_examples, c.data.eval_batch_size = 8, 8
+  c.objective.knn_train_examples = 16
   c.update(overrides)
   return c
 
@@ -60,6 +61,8 @@ def test_teacher_sharded_like_student_and_tiny_run_checkpoints(tmp_path):
   losses = [m["loss"] for m in helpers.read_metrics(str(tmp_path)) if "loss" in m]
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert any(m.get("teacher_entropy", 0) > 0 for m in helpers.read_metrics(str(tmp_path)))
+  knn_acc = [m["eval/knn_modality_acc"] for m in helpers.read_metrics(str(tmp_path)) if "eval/knn_modality_acc" in m]
+  assert len(knn_acc) == 2 and all(0.0 <= a <= 1.0 for a in knn_acc)     # at step 0 and at the end
 
 
 def test_collapse_warning_names_ln_k():
