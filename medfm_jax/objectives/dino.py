@@ -48,6 +48,9 @@ class DinoObjective(base.Objective):
     o = config.objective
     self.model = DinoModel(vit.vit_from_config(config), heads.DinoHead(
         o.out_dim, o.head_hidden_dim, o.head_bottleneck_dim, norm_last_layer=o.norm_last_layer))
+    # cls features, replicated so every process can read them; built once, reused every eval.
+    self._cls_features = jax.jit(lambda p, x: self.model.backbone.apply({"params": p}, x)[:, 0],
+                                 out_shardings=PartitionSpec())
 
   def init(self, rng, batch):
     params = self.model.init(rng, batch["global"][:, 0])["params"]
@@ -83,8 +86,6 @@ class DinoObjective(base.Objective):
     ``objective.knn_train_examples`` train images, queried with ``data.eval_examples`` val images."""
     del params, step
     c = self.config
-    features = jax.jit(lambda p, x: self.model.backbone.apply({"params": p}, x)[:, 0],
-                       out_shardings=PartitionSpec())     # replicated: readable on every process
 
     gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # global rows
 
@@ -94,7 +95,7 @@ class DinoObjective(base.Objective):
                                               jax.process_index(), jax.process_count()):
         images = mesh_lib.to_global_batch({"image": local["image"]}, mesh)["image"]
         keep = gather(local["mask"])
-        feats.append(np.asarray(features(extra["teacher"]["backbone"], images))[keep])
+        feats.append(np.asarray(self._cls_features(extra["teacher"]["backbone"], images))[keep])
         for k in labels:
           labels[k].append(gather(local[k])[keep])
       return np.concatenate(feats), {k: np.concatenate(v) for k, v in labels.items()}

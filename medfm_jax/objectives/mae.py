@@ -26,6 +26,9 @@ class MaeObjective(base.Objective):
     self.patch = vit.parse_variant(m.variant).patch_size
     self.mask_ratio = config.objective.mask_ratio
     self.norm_pix = config.objective.norm_pix_loss
+    # Built once so every eval reuses the compiled program; replicated outputs are readable on
+    # every process (the batch spans all processes).
+    self._recon_columns = jax.jit(self._recon_columns_fn, out_shardings=P())
 
   def _noise(self, rng, images):
     num_patches = (images.shape[1] // self.patch) * (images.shape[2] // self.patch)
@@ -68,11 +71,12 @@ class MaeObjective(base.Objective):
     unpatch = lambda x: vit.unpatchify(x, self.patch, grid, images.shape[-1])
     return unpatch(target * (1 - m)), unpatch(target * (1 - m) + pred * m)
 
+  def _recon_columns_fn(self, params, images):
+    images = images[:min(self.config.objective.recon_examples, images.shape[0])]
+    return (images, *self.reconstruct(params, images))
+
   def eval_artifacts(self, params, extra, batch, rng, workdir, step):
-    n = min(self.config.objective.recon_examples, batch["image"].shape[0])
-    # Replicated outputs: every process can read them (the batch spans all processes).
-    columns = jax.jit(lambda p, x: (x[:n], *self.reconstruct(p, x[:n])), out_shardings=P())(
-        params, batch["image"])
+    columns = self._recon_columns(params, batch["image"])
     if jax.process_index() != 0:
       return
     rows = [np.asarray(x) for x in columns]
