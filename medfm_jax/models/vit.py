@@ -85,13 +85,16 @@ class Encoder(nn.Module):
   scan: bool = False
   attention_impl: str | None = None
   qkv_bias: bool = True
+  adapter_dim: int = 0                # bottleneck adapters in every block (0 = none)
+  adapter_where: str = "both"         # 'attn' | 'mlp' | 'both'
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
-                        attention_impl=self.attention_impl)
+                        attention_impl=self.attention_impl, adapter_dim=self.adapter_dim,
+                        adapter_where=self.adapter_where)
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else np.zeros(1)
     block_cls = layers.Block
     if self.remat != "none":
@@ -160,6 +163,8 @@ class VisionTransformer(nn.Module):
 
   ``keep_ids [b, n_kept]`` selects which patch tokens enter the blocks (MAE); position embeddings
   are added before selection. Prefix tokens: cls, then ``num_registers`` register tokens.
+  ``patch_mask [b, n]`` (True = masked; needs ``mask_token=True``) replaces those patch embeddings
+  by a learned mask token before position embeddings are added (iBOT / DINOv2).
   """
   variant: str = "B/16"
   image_size: int = 224                # grid the learned position embedding is created for
@@ -171,6 +176,7 @@ class VisionTransformer(nn.Module):
   activation: str = "gelu"
   swiglu: bool = False
   final_norm: bool = True
+  mask_token: bool = False             # learned [MASK] embedding for patch_mask (iBOT)
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
@@ -181,6 +187,16 @@ class VisionTransformer(nn.Module):
   depth: int | None = None
   num_heads: int | None = None
   mlp_dim: int | None = None
+  # Parameter-efficient fine-tuning (defaults add nothing): learned prompt tokens after the prefix
+  # tokens (VPT-shallow), bottleneck adapters in every block (see layers.Block).
+  num_prompts: int = 0
+  adapter_dim: int = 0
+  adapter_where: str = "both"
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens in the output: cls, registers, prompts."""
+    return 1 + self.num_registers + self.num_prompts
 
   @property
   def size(self) -> ViTSize:
@@ -189,7 +205,7 @@ class VisionTransformer(nn.Module):
     return dataclasses.replace(parse_variant(self.variant), **overrides)
 
   @nn.compact
-  def __call__(self, images, keep_ids=None, deterministic: bool = True):
+  def __call__(self, images, keep_ids=None, deterministic: bool = True, patch_mask=None):
     size = self.size
     p = size.patch_size
     b, h, w, _ = images.shape
@@ -197,17 +213,27 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
     grid = (h // p, w // p)
     x = PatchEmbed(p, size.width, self.dtype, name="patch_embed")(images.astype(self.dtype))
+    if self.mask_token:
+      token = layers.param_with_axes(self, "mask_token", nn.initializers.zeros, (1, 1, size.width),
+                                     (None, None, "embed"))
+      if patch_mask is not None:
+        x = jnp.where(patch_mask[..., None], token.astype(self.dtype), x)
+    elif patch_mask is not None:
+      raise ValueError("patch_mask needs a model built with mask_token=True (model.mask_token)")
     x = x + self._position_embedding(grid, size.width).astype(self.dtype)
     if keep_ids is not None:
       x = layers.gather_tokens(x, keep_ids)
     prefix = [self._token("cls_token", size.width, b)]
     if self.num_registers:
       prefix.append(self._token("registers", size.width, b, self.num_registers))
+    if self.num_prompts:
+      prefix.append(self._token("prompts", size.width, b, self.num_prompts))
     x = jnp.concatenate([t.astype(self.dtype) for t in prefix] + [x], axis=1)
     x = constrain(x, ("batch", "seq", "act_embed"))
     x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
-                self.scan, self.attention_impl, self.qkv_bias, name="encoder")(x, deterministic)
+                self.scan, self.attention_impl, self.qkv_bias, self.adapter_dim, self.adapter_where,
+                name="encoder")(x, deterministic)
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     return x
@@ -263,5 +289,8 @@ def vit_from_config(config) -> VisionTransformer:
       layer_norm_eps=m.get("layer_norm_eps", 1e-6), drop_path=m.get("drop_path", 0.0),
       layer_scale_init=m.get("layer_scale_init", 0.0), num_registers=m.get("num_registers", 0),
       activation=m.get("activation", "gelu"), swiglu=m.get("swiglu", False),
+      mask_token=m.get("mask_token", False),
       dtype=COMPUTE_DTYPES[config.dtype], remat=m.get("remat", "none"), scan=m.get("scan", False),
-      attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]))
+      attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]),
+      num_prompts=m.get("num_prompts", 0), adapter_dim=m.get("adapter_dim", 0),
+      adapter_where=m.get("adapter_where", "both"))

@@ -87,3 +87,21 @@ def test_bfloat16_compute_keeps_float32_params():
   variables = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1))))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   assert model.apply(variables, jnp.ones((1, 16, 16, 1))).dtype == jnp.bfloat16
+
+
+def test_mask_token_replaces_masked_patches_only():
+  model = vit.VisionTransformer("Mu/4", image_size=16, mask_token=True, layer_norm_eps=1e-6)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  assert nn.unbox(params)["mask_token"].shape == (1, 1, model.size.width)
+  none = np.zeros((2, 16), bool)
+  np.testing.assert_array_equal(model.apply({"params": params}, x, patch_mask=none),
+                                model.apply({"params": params}, x))
+  # A masked patch no longer depends on its pixels: two images differing only there agree.
+  mask = none.copy()
+  mask[:, 0] = True
+  y = x.at[:, :4, :4].set(5.0)       # patch 0 is the top-left 4x4 block
+  np.testing.assert_allclose(model.apply({"params": params}, x, patch_mask=mask),
+                             model.apply({"params": params}, y, patch_mask=mask), atol=1e-6)
+  with pytest.raises(ValueError, match="mask_token"):
+    vit.VisionTransformer("Mu/4", image_size=16).init(jax.random.PRNGKey(1), x, patch_mask=mask)
