@@ -1,14 +1,23 @@
-"""Reads PyTorch / Hugging Face checkpoints into ``{name: np.ndarray}`` without executing pickles.
+"""PyTorch / Hugging Face checkpoint I/O and the name/layout mapping shared by the HF importers.
 
-Floating-point tensors come back as float32 (bfloat16 / float16 are upcast); other dtypes are kept.
-``*.safetensors`` files are read with ``safetensors`` (no torch needed); ``*.bin`` / ``*.pt`` /
-``*.pth`` files need torch and are opened with ``torch.load(weights_only=True)``.
+Reading: checkpoints become ``{name: np.ndarray}`` without executing pickles. Floating-point tensors
+come back as float32 (bfloat16 / float16 are upcast); other dtypes are kept. ``*.safetensors`` files
+are read with ``safetensors`` (no torch needed); ``*.bin`` / ``*.pt`` / ``*.pth`` files need torch
+and are opened with ``torch.load(weights_only=True)``.
+
+Mapping: an importer is a list of :class:`Entry` (HF tensor names <-> our param paths, with the
+layout conversion each way); :func:`convert_with_mapping` / :func:`export_with_mapping` apply it
+with one error listing every unused, missing and mis-shaped tensor. Layouts: torch Linear
+``(out, in)`` -> Flax kernel ``(in, out)``; q/k/v -> ``[embed, heads, head_dim]``; attention output
+-> ``[heads, head_dim, embed]``; patch conv ``(D, C, p, p)`` -> PatchEmbed kernel ``[p*p*C, D]`` in
+``(p, q, c)`` order (:func:`medfm_jax.models.vit.patchify`).
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -86,3 +95,220 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.endswith(_TORCH_SUFFIXES):
     return _read_torch(path)
   raise ValueError(f"checkpoint {path!r} has an unknown file type; expected {_ALLOWED}")
+
+
+def as_numpy_state_dict(source) -> dict[str, np.ndarray]:
+  """A torch module (``.state_dict()``), a ``{name: tensor | array}`` dict, or a checkpoint path /
+  HF directory (:func:`load_torch_state_dict`) -> ``{name: np.ndarray}`` (floats as float32)."""
+  if isinstance(source, (str, os.PathLike)):
+    return load_torch_state_dict(source)
+  if hasattr(source, "state_dict") and callable(source.state_dict):
+    source = source.state_dict()
+  if not isinstance(source, dict):
+    raise ValueError(f"expected a torch module, a state dict or a checkpoint path, got {type(source).__name__}")
+  out = {}
+  for name, t in source.items():
+    if hasattr(t, "detach"):  # torch tensor (bfloat16 has no numpy dtype: upcast first)
+      t = t.detach().cpu()
+      t = t.float() if t.is_floating_point() else t
+      t = t.numpy()
+    out[name] = _as_float32(np.asarray(t))
+  return out
+
+
+def read_hf_config(hf_config, what: str) -> dict[str, Any]:
+  """An HF config object, its dict, or a ``config.json`` path / model directory -> a plain dict."""
+  if isinstance(hf_config, (str, os.PathLike)):
+    path = os.fspath(hf_config)
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+      raise ValueError(f"{what} config {path!r} does not exist; expected a config.json or its directory")
+    with open(path) as f:
+      return json.load(f)
+  if isinstance(hf_config, dict):
+    return dict(hf_config)
+  return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
+
+
+def square(value, name: str, what: str) -> int:
+  """``224`` or ``[224, 224]`` -> 224; non-square sizes are rejected."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"{what} {name}={value!r}: only square sizes are supported")
+    value = value[0]
+  return int(value)
+
+
+def variant_name(width: int, depth: int, num_heads: int, mlp_dim: int, patch_size: int) -> str:
+  """The ``"NAME/PATCH"`` ViT variant with exactly these sizes, else the closest-width name (callers
+  then pass the exact sizes as ``VisionTransformer`` overrides)."""
+  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  for name, entry in vit.VARIANTS.items():
+    if tuple(entry) == (width, depth, num_heads, mlp_dim):
+      return f"{name}/{patch_size}"
+  return f"{min(vit.VARIANTS, key=lambda n: abs(vit.VARIANTS[n][0] - width))}/{patch_size}"
+
+
+# ---------------------------------------------------------------------------------------------
+# layout conversions (each pair: HF -> ours, ours -> HF)
+
+def ident(x):
+  return x
+
+
+def transpose(x):
+  return np.ascontiguousarray(x.T)
+
+
+def qkv_kernel(w, heads):
+  return w.T.reshape(w.shape[1], heads, -1)
+
+
+def qkv_kernel_to_torch(k, heads):  # pylint: disable=unused-argument
+  return transpose(k.reshape(k.shape[0], -1))
+
+
+def out_kernel(w, heads):
+  return w.T.reshape(heads, -1, w.shape[0])
+
+
+def out_kernel_to_torch(k, heads):  # pylint: disable=unused-argument
+  return transpose(k.reshape(-1, k.shape[-1]))
+
+
+def patch_kernel(w):
+  d, c, p, q = w.shape
+  return w.transpose(2, 3, 1, 0).reshape(p * q * c, d)
+
+
+def patch_kernel_to_torch(k, patch, channels):
+  return np.ascontiguousarray(k.reshape(patch, patch, channels, -1).transpose(3, 2, 0, 1))
+
+
+class Entry(NamedTuple):
+  """HF tensors ``hf`` <-> our param paths ``ours``; ``to_ours(*hf arrays)`` returns one array per
+  path, ``to_hf(*our arrays)`` one per HF name."""
+  hf: tuple[str, ...]
+  ours: tuple[tuple[str, ...], ...]
+  to_ours: Callable
+  to_hf: Callable
+
+
+def entry(hf: str, ours: tuple[str, ...], to_ours: Callable = ident, to_hf: Callable = ident) -> Entry:
+  """A one-tensor-to-one-param :class:`Entry`."""
+  return Entry((hf,), (ours,), lambda x: (to_ours(x),), lambda x: (to_hf(x),))
+
+
+def dense_entries(hf: str, ours: tuple[str, ...]) -> list[Entry]:
+  return [entry(f"{hf}.weight", (*ours, "kernel"), transpose, transpose),
+          entry(f"{hf}.bias", (*ours, "bias"))]
+
+
+def norm_entries(hf: str, ours: tuple[str, ...]) -> list[Entry]:
+  return [entry(f"{hf}.weight", (*ours, "scale")), entry(f"{hf}.bias", (*ours, "bias"))]
+
+
+def attention_entries(hf: str, ours: tuple[str, ...], heads: int) -> list[Entry]:
+  """HF ``{hf}.{q,k,v,o}_proj`` Linear layers <-> our per-head ``Attention`` at ``ours``."""
+  m = []
+  for hf_name, our_name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+    m += [entry(f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"),
+                lambda w: qkv_kernel(w, heads), lambda k: qkv_kernel_to_torch(k, heads)),
+          entry(f"{hf}.{hf_name}.bias", (*ours, our_name, "bias"),
+                lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1))]
+  return m + [entry(f"{hf}.o_proj.weight", (*ours, "out", "kernel"),
+                    lambda w: out_kernel(w, heads), lambda k: out_kernel_to_torch(k, heads)),
+              entry(f"{hf}.o_proj.bias", (*ours, "out", "bias"))]
+
+
+def fmt_names(names, limit: int = 20) -> str:
+  names = sorted("/".join(n) if isinstance(n, tuple) else n for n in names)
+  more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def convert_with_mapping(state_dict: dict[str, np.ndarray], mapping: list[Entry],
+                         expected: dict[tuple[str, ...], tuple[int, ...]], what: str,
+                         consumed: tuple[str, ...] = (), bad: tuple[str, ...] = ()) -> dict:
+  """Applies ``mapping`` -> flat ``{path: float32 array}`` shaped like ``expected``.
+
+  ``consumed``: HF names the caller handled itself (not reported as unused); ``bad``: the caller's
+  own mismatch messages. Raises one ValueError naming every unused HF tensor, missing HF tensor,
+  unfilled param, param our model lacks and shape mismatch.
+  """
+  flat, used, missing_hf, bad = {}, set(consumed), [], list(bad)
+  for e in mapping:
+    if absent := [n for n in e.hf if n not in state_dict]:
+      missing_hf += absent
+      continue
+    used.update(e.hf)
+    xs = [np.asarray(state_dict[n], np.float32) for n in e.hf]
+    try:
+      ys = e.to_ours(*xs)
+    except ValueError:
+      bad.append(f"{', '.join(e.hf)} {', '.join(str(x.shape) for x in xs)} -> {fmt_names(e.ours)}")
+      continue
+    flat.update({path: np.asarray(y, np.float32) for path, y in zip(e.ours, ys)})
+  bad += [f"{'/'.join(k)} {flat[k].shape} (expected {v})" for k, v in expected.items()
+          if k in flat and flat[k].shape != v]
+  problems = []
+  if unused := set(state_dict) - used:
+    problems.append(f"unused HF tensors: {fmt_names(unused)}")
+  if missing_hf:
+    problems.append(f"missing HF tensors: {fmt_names(missing_hf)}")
+  if unfilled := set(expected) - set(flat):
+    problems.append(f"unfilled params: {fmt_names(unfilled)}")
+  if extra := set(flat) - set(expected):
+    problems.append(f"params our model does not have: {fmt_names(extra)}")
+  if bad:
+    problems.append(f"shape/value mismatches: {fmt_names(bad)}")
+  if problems:
+    raise ValueError(f"{what}: " + "; ".join(problems))
+  return flat
+
+
+def export_with_mapping(flat: dict[tuple[str, ...], np.ndarray], mapping: list[Entry],
+                        what: str) -> dict[str, np.ndarray]:
+  """Inverse of :func:`convert_with_mapping` on a flat ``{path: array}`` tree -> HF state dict."""
+  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  out, used, missing = {}, set(), []
+  for e in mapping:
+    if absent := [p for p in e.ours if p not in flat]:
+      missing += absent
+      continue
+    used.update(e.ours)
+    ys = e.to_hf(*(flat[p] for p in e.ours))
+    out.update({n: np.ascontiguousarray(y, np.float32) for n, y in zip(e.hf, ys)})
+  unused = set(flat) - used
+  if missing or unused:
+    raise ValueError(f"{what}: missing params: {fmt_names(missing) or '-'}; "
+                     f"params with no HF name: {fmt_names(unused) or '-'}")
+  return out
+
+
+def flat_shapes(init_fn: Callable[[], dict]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of the (unboxed) param tree ``init_fn()`` returns, via ``eval_shape`` (no compute)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(jax.eval_shape(init_fn)).items()}
+
+
+def to_param_tree(flat: dict[tuple[str, ...], np.ndarray], scan: bool) -> dict:
+  """Flat unrolled ``{path: array}`` -> nested params (numpy float32), stacked for a scanned encoder."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  params = traverse_util.unflatten_dict(flat)
+  if not scan:
+    return params
+  with jax.default_device(jax.devices("cpu")[0]):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), vit.stack_layers(params))
+
+
+def from_param_tree(params: dict) -> dict[tuple[str, ...], np.ndarray]:
+  """Inverse of :func:`to_param_tree`: params (boxed or not, unrolled or scanned) -> flat unrolled."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  flat = traverse_util.flatten_dict(vit.unstack_layers(nn.unbox(params)))
+  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
