@@ -156,8 +156,31 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
+class Adapter(nn.Module):
+  """Bottleneck adapter (Houlsby et al., 2019) on a sublayer output: ``y + up(gelu(down(y)))``.
+
+  ``up`` is zero-initialised (kernel and bias), so at init the output equals ``y`` bitwise.
+  """
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y):
+    h = DenseGeneral((self.dim,), ("embed", "mlp"), dtype=self.dtype, name="down")(y)
+    h = DenseGeneral((y.shape[-1],), ("mlp", "embed"), dtype=self.dtype, kernel_init=zeros,
+                     name="up")(exact_gelu(h))
+    return y + h
+
+
+ADAPTER_PLACES = ("attn", "mlp", "both")
+
+
 class Block(nn.Module):
-  """Pre-LN transformer block: ``x + ls(attn(ln(x)))``, ``x + ls(mlp(ln(x)))`` with drop-path."""
+  """Pre-LN transformer block: ``x + ls(attn(ln(x)))``, ``x + ls(mlp(ln(x)))`` with drop-path.
+
+  ``adapter_dim > 0`` inserts bottleneck :class:`Adapter` s (``adapter_attn``/``adapter_mlp``) on
+  the attention and/or MLP output (``adapter_where``: 'attn' | 'mlp' | 'both').
+  """
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-6
@@ -167,16 +190,25 @@ class Block(nn.Module):
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  adapter_dim: int = 0                 # 0: no adapters
+  adapter_where: str = "both"
+
+  def _adapt(self, y, place: str):
+    if not self.adapter_dim or self.adapter_where not in (place, "both"):
+      return y
+    return Adapter(self.adapter_dim, self.dtype, name=f"adapter_{place}")(y)
 
   @nn.compact
   def __call__(self, x, drop_rate=0.0, deterministic: bool = True):
+    if self.adapter_where not in ADAPTER_PLACES:
+      raise ValueError(f"model.adapter_where={self.adapter_where!r}: allowed {ADAPTER_PLACES}")
     x = constrain(x, ("batch", "seq", "act_embed"))
     ln = lambda name: LayerNorm(self.layer_norm_eps, self.dtype, name=name)
     scale = lambda y, name: LayerScale(self.layer_scale_init, name=name)(y) if self.layer_scale_init else y
     y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(ln("norm1")(x))
-    x = x + DropPath()(scale(y, "ls1"), drop_rate, deterministic)
+    x = x + DropPath()(scale(self._adapt(y, "attn"), "ls1"), drop_rate, deterministic)
     y = Mlp(self.mlp_dim, self.activation, self.swiglu, self.dtype, name="mlp")(ln("norm2")(x))
-    x = x + DropPath()(scale(y, "ls2"), drop_rate, deterministic)
+    x = x + DropPath()(scale(self._adapt(y, "mlp"), "ls2"), drop_rate, deterministic)
     return x
 
 
