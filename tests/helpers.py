@@ -18,6 +18,26 @@ def tiny_mae_config(**overrides):
   c.total_steps, c.warmup_steps = 6, 2
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
   c.data.eval_examples, c.data.eval_batch_size = 32, 16
+  return _override(c, overrides)
+
+
+def tiny_dino_config(**overrides):
+  """The tiny DINO config shrunk further: 16 px global / 8 px local crops, 64 prototypes."""
+  from configs import dino  # pylint: disable=g-import-not-at-top
+  c = dino.get_config("tiny")
+  c.data.image_size = 16
+  c.data.multicrop.update(global_size=16, local_size=8, num_local=2)
+  c.objective.out_dim, c.objective.head_hidden_dim, c.objective.head_bottleneck_dim = 64, 32, 16
+  c.objective.freeze_last_layer_steps = 2
+  c.batch_size, c.total_steps, c.warmup_steps = 8, 4, 1
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 100, 4
+  c.data.eval_examples, c.data.eval_batch_size = 8, 8
+  c.objective.knn_train_examples = 16
+  return _override(c, overrides)
+
+
+def _override(c, overrides):
+  """Sets dotted ``overrides`` (``"a.b": value``) on config ``c``; returns it."""
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

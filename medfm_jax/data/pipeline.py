@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import phantoms, transforms
+from medfm_jax.data import masking, phantoms, transforms
 
 SOURCES = ("phantoms",)
 
@@ -41,12 +41,19 @@ class RandomAccessSource(Protocol):
   def __getitem__(self, index: int) -> dict: ...
 
 
-def make_source(data_cfg, split: str, num_examples: int | None = None) -> RandomAccessSource:
-  """Random-access source for ``data_cfg.source`` (dataset seed fixed at 0)."""
+def make_source(data_cfg, split: str, num_examples: int | None = None, *,
+                skip_log: str | None = None) -> RandomAccessSource:
+  """Random-access source for ``data_cfg.source`` (phantom dataset seed fixed at 0).
+
+  ``folder`` / ``manifest`` / ``tfds`` read real images (see ``sources``); ``skip_log`` is the
+  file that skipped bad records are appended to with ``data.on_error='skip'``.
+  """
   if data_cfg.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=data_cfg.image_size,
                                   channels=data_cfg.channels, seed=0,
                                   num_examples=num_examples)
+  if data_cfg.source in SOURCES:
+    return sources.make_file_source(data_cfg, split, num_examples, skip_log)
   raise ValueError(f"data.source={data_cfg.source!r} is not supported; "
                    f"allowed: {', '.join(SOURCES)}")
 
@@ -97,7 +104,16 @@ def _record_and_rng(source, seed: int, element: tuple[int, int]) -> tuple[dict, 
 
 
 def _labels(record: dict) -> dict[str, np.ndarray]:
-  return {"modality": np.int32(record["modality"]), "finding": np.int32(record["finding"])}
+  labels = {"modality": np.int32(record["modality"]), "finding": np.int32(record["finding"])}
+  if "skipped" in record:   # on_error='skip' sources: counted into the train metrics
+    labels[SKIPPED_KEY] = np.int32(record["skipped"])
+  return labels
+
+
+def pop_skipped(batch: dict) -> int:
+  """Removes the skip counts from a train batch; returns their sum (0 if absent)."""
+  counts = batch.pop(SKIPPED_KEY, None)
+  return 0 if counts is None else int(np.sum(counts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +146,16 @@ class _MultiCropTransform(grain.transforms.Map):
   flip: bool
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  patch_masks: masking.PatchMaskSpec | None = None    # iBOT masks for the global views
 
   def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     record, rng = _record_and_rng(self.source, self.seed, element)
     views = transforms.multicrop(record["image"], rng, self.spec, self.flip)
-    return {"global": transforms.normalize(views["global"], self.mean, self.std),
-            "local": transforms.normalize(views["local"], self.mean, self.std), **_labels(record)}
+    out = {"global": transforms.normalize(views["global"], self.mean, self.std),
+           "local": transforms.normalize(views["local"], self.mean, self.std), **_labels(record)}
+    if self.patch_masks is not None:
+      out["global_masks"] = masking.view_masks(rng, self.patch_masks, self.spec.num_global)
+    return out
 
 
 def multicrop_spec(data_cfg) -> transforms.MultiCropSpec | None:
@@ -146,6 +166,15 @@ def multicrop_spec(data_cfg) -> transforms.MultiCropSpec | None:
   if not hasattr(raw, "keys"):
     raise ValueError(f"data.multicrop={raw!r} must be a dict of multi-crop fields or None")
   return transforms.MultiCropSpec.from_config(raw)
+
+
+def patch_mask_spec(data_cfg) -> masking.PatchMaskSpec | None:
+  """``data.patch_masks`` (iBOT block masks of the multi-crop global views) or None when off."""
+  raw = data_cfg.get("patch_masks") if hasattr(data_cfg, "get") else None
+  spec = multicrop_spec(data_cfg)
+  if raw is None or raw is False or spec is None:
+    return None
+  return masking.PatchMaskSpec.from_config(raw, spec.global_size)
 
 
 def _local_batch_size(batch_size: int, process_count: int, field: str) -> int:
@@ -162,7 +191,8 @@ def _read_options(data_cfg) -> grain.ReadOptions:
 
 def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, *,
-                        source: RandomAccessSource | None = None) -> grain.DatasetIterator:
+                        source: RandomAccessSource | None = None,
+                        skip_log: str | None = None) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator over this process's train batches.
 
   Yields ``{"image": float32 [b, H, W, C], "modality": int32 [b],
@@ -175,10 +205,13 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
   e.g. ``{"next_index": 3}`` in-process, a nested dict of per-worker states
   with workers). ``source`` overrides ``make_source(data_cfg,
   data_cfg.train_split)`` (tests, custom sources). Close iterators with
-  workers via ``.close()`` when done.
+  workers via ``.close()`` when done. Sources with ``data.on_error='skip'``
+  add ``data_skipped`` int32 [b] (see :func:`pop_skipped`); skipped files are
+  appended to ``skip_log``.
   """
   local = _local_batch_size(global_batch_size, process_count, "batch_size")
-  source = make_source(data_cfg, data_cfg.train_split) if source is None else source
+  source = (make_source(data_cfg, data_cfg.train_split, skip_log=skip_log) if source is None
+            else source)
   spec = multicrop_spec(data_cfg)
   if spec is None:
     transform = _TrainTransform(
@@ -188,7 +221,7 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
   else:
     transform = _MultiCropTransform(
         source=source, seed=_seed32(seed), spec=spec, flip=bool(data_cfg.flip),
-        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std), patch_masks=patch_mask_spec(data_cfg))
   ds = shard_stream(len(source), seed, process_index, process_count, block=local)
   ds = ds.map(transform).batch(local, drop_remainder=True)
   it_ds = ds.to_iter_dataset(_read_options(data_cfg))
@@ -240,7 +273,8 @@ class EvalBatches:
 
 def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
                       process_index: int = 0, process_count: int = 1, *,
-                      source: RandomAccessSource | None = None) -> EvalBatches:
+                      source: RandomAccessSource | None = None,
+                      skip_log: str | None = None) -> EvalBatches:
   """The first ``num_examples`` records of ``split``, unaugmented, in batches.
 
   ``batch_size`` is global; each process gets ``batch_size // process_count``
@@ -249,7 +283,7 @@ def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
   (bool [b], False on padding rows, which are zeros with labels 0).
   """
   local = _local_batch_size(batch_size, process_count, "data.eval_batch_size")
-  source = make_source(data_cfg, split) if source is None else source
+  source = make_source(data_cfg, split, skip_log=skip_log) if source is None else source
   if not 0 < num_examples <= len(source):
     raise ValueError(f"data.eval_examples={num_examples} must be in [1, {len(source)}] "
                      f"(size of split {split!r})")

@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 
-from configs import dino as dino_config
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
 from medfm_jax.objectives import dino_losses
@@ -13,17 +12,7 @@ from tests import helpers
 
 
 def _config(**overrides):
-  c = dino_config.get_config("tiny")
-  c.data.image_size = 16
-  c.data.multicrop.update(global_size=16, local_size=8, num_local=2)
-  c.objective.out_dim, c.objective.head_hidden_dim, c.objective.head_bottleneck_dim = 64, 32, 16
-  c.objective.freeze_last_layer_steps = 2
-  c.batch_size, c.total_steps, c.warmup_steps = 8, 4, 1
-  c.log_every, c.eval_every, c.checkpoint_every = 1, 100, 4
-  c.data.eval_examples, c.data.eval_batch_size = 8, 8
-  c.objective.knn_train_examples = 16
-  c.update(overrides)
-  return c
+  return helpers.tiny_dino_config(**overrides)
 
 
 def test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen():
