@@ -28,9 +28,11 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, phantoms, transforms
+from medfm_jax.data import masking, phantoms, sources, transforms
+from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
 
-SOURCES = ("phantoms",)
+SOURCES = ("phantoms", "folder", "manifest", "tfds")
+SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
 
 
 class RandomAccessSource(Protocol):

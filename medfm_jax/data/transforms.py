@@ -42,18 +42,29 @@ def _resize_matrix(in_size: int, out_size: int, start: float = 0.0,
   return (w / total).astype(np.float32)
 
 
+def _apply(image: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+  """``wy @ image @ wx.T`` per channel (same dtype; integers rounded and clipped)."""
+  out = np.tensordot(wy, image.astype(np.float32), axes=(1, 0))     # [out_h, W, C]
+  out = np.tensordot(wx, out, axes=(1, 1)).transpose(1, 0, 2)       # [out_h, out_w, C]
+  if image.dtype.kind in "ui":
+    info = np.iinfo(image.dtype)
+    return np.clip(np.rint(out), info.min, info.max).astype(image.dtype)
+  return out.astype(image.dtype, copy=False)
+
+
 def _resample(image: np.ndarray, out_size: int,
               box: tuple[float, float, float, float]) -> np.ndarray:
   """Resizes the window ``box = (top, left, height, width)`` to ``out_size``^2."""
   top, left, h, w = box
-  wy = _resize_matrix(image.shape[0], out_size, top, h)
-  wx = _resize_matrix(image.shape[1], out_size, left, w)
-  x = image.astype(np.float32)
-  out = np.tensordot(wy, x, axes=(1, 0))                            # [out, W, C]
-  out = np.tensordot(wx, out, axes=(1, 1)).transpose(1, 0, 2)       # [out, out, C]
-  if image.dtype == np.uint8:
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-  return out.astype(image.dtype, copy=False)
+  return _apply(image, _resize_matrix(image.shape[0], out_size, top, h),
+                _resize_matrix(image.shape[1], out_size, left, w))
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Whole image resized to ``[height, width, C]`` (antialiased bilinear, same dtype)."""
+  if image.shape[:2] == (height, width):
+    return image
+  return _apply(image, _resize_matrix(image.shape[0], height), _resize_matrix(image.shape[1], width))
 
 
 def crop_box(height: int, width: int, rng: np.random.Generator,

@@ -1,0 +1,236 @@
+r"""Builds a TFDS-compatible array_record dataset from a folder, a manifest or the phantoms.
+
+  python -m medfm_jax.data.build --source=folder --path=/data/cxr_png --out=/data/tfds \
+      --name=cxr --splits=train:0.9,val:0.05,test:0.05
+  python -m medfm_jax.data.build --source=manifest --path=/data/reports.csv --out=gs://B/tfds --name=rep
+  python -m medfm_jax.data.build --source=phantoms --num_examples=train:2000,val:200 \
+      --image_size=64 --out=/data/tfds --name=phantoms64
+
+Writes ``OUT/NAME/VERSION/NAME-SPLIT.array_record-0000i-of-0000n`` plus TFDS metadata
+(``dataset_info.json``, ``features.json``), readable with ``tfds.data_source`` or
+``tfds.builder_from_directory`` WITHOUT TensorFlow, and by ``data.source='tfds'`` with
+``data.name=NAME:VERSION data.data_dir=OUT``. Features: ``image`` (PNG, uint8 or with
+``--bit_depth=16`` uint16), ``label`` and ``modality`` (ClassLabel, sorted names), ``caption``,
+``patient_id``, ``path``. Images go through the same decoding and preprocessing as the folder
+source (``--window``, ``--channels``, ``--resize``/``--size``); ``--window=full --bit_depth=16``
+keeps 16-bit pixels unchanged. Without explicit splits (manifest ``split`` column, or
+``ROOT/<split>/`` folders) examples are split by patient: no patient in two splits. The train
+split's per-channel mean/std (of pixel / max value) are written to ``medfm_stats.json`` and
+printed as config overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from medfm_jax.data import decode, export, phantoms, sources
+from medfm_jax.data.decode import DataError
+
+SOURCES = ("folder", "manifest", "phantoms")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  image: np.ndarray
+  label: int
+  modality: int
+  caption: str
+  patient_id: str
+  path: str
+
+
+def features(channels: int, bit_depth: int, class_names: Sequence[str],
+             modality_names: Sequence[str]):
+  """The TFDS FeaturesDict of a built dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, channels),
+                                   dtype=np.uint8 if bit_depth == 8 else np.uint16,
+                                   encoding_format="png"),
+      "label": tfds.features.ClassLabel(names=list(class_names) or ["unlabeled"]),
+      "modality": tfds.features.ClassLabel(names=list(modality_names) or ["unknown"]),
+      "caption": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "path": tfds.features.Text(),
+  })
+
+
+class _Stats:
+  """Running per-channel mean/std of pixel values scaled to [0, 1]."""
+
+  def __init__(self):
+    self.n, self.s, self.s2 = 0, 0.0, 0.0
+
+  def add(self, image: np.ndarray, max_value: float) -> None:
+    x = image.reshape(-1, image.shape[-1]).astype(np.float64) / max_value
+    self.n += x.shape[0]
+    self.s = self.s + x.sum(0)
+    self.s2 = self.s2 + (x * x).sum(0)
+
+  def result(self) -> dict[str, list[float]]:
+    mean = self.s / max(self.n, 1)
+    std = np.sqrt(np.maximum(self.s2 / max(self.n, 1) - mean * mean, 0))
+    return {"mean": [round(float(m), 6) for m in np.atleast_1d(mean)],
+            "std": [round(float(s), 6) for s in np.atleast_1d(std)]}
+
+
+def write_split(out_dir: str, name: str, split: str, examples: Iterator[Example], feats,
+                shard_size: int, stats: _Stats | None = None, max_value: float = 255.0):
+  """Writes one split as array_record shards; returns its ``tfds.core.SplitInfo``."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  shards: list[list[bytes]] = [[]]
+  for ex in examples:
+    if len(shards[-1]) == shard_size:
+      shards.append([])
+    if stats is not None:
+      stats.add(ex.image, max_value)
+    shards[-1].append(feats.serialize_example(feats.encode_example({
+        "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
+        "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path})))
+  if not shards[-1]:
+    raise ValueError(f"split {split!r} has no examples")
+  num_bytes = 0
+  for i, records in enumerate(shards):
+    path = os.path.join(out_dir, f"{name}-{split}.array_record-{i:05d}-of-{len(shards):05d}")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for r in records:
+      writer.write(r)
+      num_bytes += len(r)
+    writer.close()
+  return tfds.core.SplitInfo(name=split, shard_lengths=[len(s) for s in shards],
+                             num_bytes=num_bytes, filename_template=None)
+
+
+def _file_examples(source: sources.FileSource, on_error: str,
+                   skip_log: str) -> Iterator[Example]:
+  """Decodes every entry once; bad files raise or are skipped (logged, not replaced)."""
+  for i in range(len(source.entries)):
+    try:
+      r = source._load(i)  # pylint: disable=protected-access
+    except DataError as e:
+      if on_error == "raise":
+        raise
+      logging.warning("skipping bad data: %s", e)
+      with open(skip_log, "a", encoding="utf-8") as f:
+        f.write(f"{e.path}\t{e.reason}\n")
+      continue
+    frame = f"#frame={int(r['frame'])}" if int(r["frame"]) else ""
+    yield Example(r["image"], int(r["label"]), int(r["modality"]), r["caption"],
+                  r["patient_id"], r["path"] + frame)
+
+
+def _phantom_examples(split: str, n: int, image_size: int, channels: int) -> Iterator[Example]:
+  src = phantoms.PhantomSource(split, image_size=image_size, channels=channels, num_examples=n)
+  for i in range(n):
+    r = src[i]
+    yield Example(r["image"], int(r["finding"]), int(r["modality"]), r["caption"],
+                  f"phantom-{split}-{i}", f"phantoms/{split}/{i}")
+
+
+def build(source: str, out: str, name: str, *, path: str = "", version: str = "1.0.0",
+          splits: str = "train:0.9,val:0.05,test:0.05", split_seed: int = 0,
+          channels: int = 1, window: str = "auto", resize: str = "none", size: int = 0,
+          bit_depth: int = 8, on_error: str = "raise", shard_size: int = 10_000,
+          image_size: int = 64, num_examples: str = "train:1000,val:100,test:100") -> dict:
+  """Builds the dataset; returns ``{"dir", "splits": {split: n}, "stats", "skipped"}``."""
+  if source not in SOURCES:
+    raise ValueError(f"--source={source!r}: allowed {', '.join(SOURCES)}")
+  if on_error not in sources.ON_ERROR:
+    raise ValueError(f"--on_error={on_error!r}: allowed {', '.join(sources.ON_ERROR)}")
+  out_dir = os.path.join(out, name, version)
+  os.makedirs(out_dir, exist_ok=True)
+  skip_log = os.path.join(out_dir, "skipped_files.txt")
+  max_value = 255.0 if bit_depth == 8 else 65535.0
+  stats = _Stats()
+  if source == "phantoms":
+    counts = {k: int(v) for k, v in sources.parse_splits_counts(num_examples).items()}
+    class_names, modality_names = phantoms.FINDINGS, phantoms.MODALITIES
+    split_examples = {s: _phantom_examples(s, n, image_size, channels) for s, n in counts.items()}
+    if bit_depth != 8:
+      raise ValueError("--bit_depth=16 needs real 16-bit data; phantoms are 8-bit")
+  else:
+    preprocess = decode.Preprocess(channels=channels, window=window, resize=resize,
+                                   size=size, bit_depth=bit_depth)
+    if source == "folder":
+      entries, class_names = sources.list_folder(path, on_error)
+    else:
+      entries = sources.read_manifest(path, on_error)
+      class_names = sources.class_names_of([e.label for e in entries if e.label])
+    if not any(e.split for e in entries):
+      fractions = sources.parse_splits(splits)
+      groups = [e.patient_id or e.path for e in entries]
+      entries = [dataclasses.replace(e, split=s)
+                 for e, s in zip(entries, sources.assign_splits(groups, fractions, split_seed))]
+    modality_names = sources.class_names_of([e.modality for e in entries if e.modality])
+    split_examples = {}
+    for split in sorted({e.split for e in entries}, key=lambda s: (s != "train", s)):
+      src = sources.FileSource([e for e in entries if e.split == split], class_names, preprocess,
+                               name=f"{path}[{split}]", modality_names=modality_names)
+      split_examples[split] = _file_examples(src, on_error, skip_log)
+  feats = features(channels, bit_depth, class_names, modality_names)
+  infos = [write_split(out_dir, name, split, examples, feats, shard_size,
+                       stats if split == "train" else None, max_value)
+           for split, examples in split_examples.items()]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.folder_dataset.write_metadata(
+      data_dir=out_dir, features=feats, split_infos=infos, check_data=False,
+      description=f"Built by medfm_jax.data.build from {source} {path}".strip())
+  result = {"dir": out_dir, "splits": {i.name: i.num_examples for i in infos},
+            "stats": stats.result() if stats.n else None,
+            "skipped": sum(1 for _ in open(skip_log)) if os.path.exists(skip_log) else 0}
+  with open(os.path.join(out_dir, "medfm_stats.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+_SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "What to read.")
+_PATH = flags.DEFINE_string("path", "", "Folder root (folder) or CSV/JSONL file (manifest).")
+_OUT = flags.DEFINE_string("out", None, "TFDS data_dir to write into (local or bucket URL).")
+_NAME = flags.DEFINE_string("name", None, "Dataset name.")
+_VERSION = flags.DEFINE_string("version", "1.0.0", "Dataset version.")
+_SPLITS = flags.DEFINE_string("splits", "train:0.9,val:0.05,test:0.05",
+                              "Patient-level split fractions (when the data has no splits).")
+_SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the patient-level split.")
+_CHANNELS = flags.DEFINE_integer("channels", 1, "Stored channels: 1 or 3.")
+_WINDOW = flags.DEFINE_string("window", "auto", "Intensity window: auto | minmax | full | "
+                              f"{' | '.join(decode.WINDOW_PRESETS)} | center,width.")
+_RESIZE = flags.DEFINE_enum("resize", "none", list(decode.RESIZE_POLICIES), "Resize policy.")
+_SIZE = flags.DEFINE_integer("size", 0, "Target size of --resize.")
+_BIT_DEPTH = flags.DEFINE_enum("bit_depth", "8", ["8", "16"], "Stored PNG bit depth.")
+_ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(sources.ON_ERROR), "Bad files.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Records per array_record file.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Phantom resolution.")
+_NUM_EXAMPLES = flags.DEFINE_string("num_examples", "train:1000,val:100,test:100",
+                                    "Phantom examples per split.")
+
+
+def main(argv):
+  del argv
+  try:
+    result = build(_SOURCE.value, _OUT.value, _NAME.value, path=_PATH.value,
+                   version=_VERSION.value, splits=_SPLITS.value, split_seed=_SPLIT_SEED.value,
+                   channels=_CHANNELS.value, window=_WINDOW.value, resize=_RESIZE.value,
+                   size=_SIZE.value, bit_depth=int(_BIT_DEPTH.value), on_error=_ON_ERROR.value,
+                   shard_size=_SHARD_SIZE.value, image_size=_IMAGE_SIZE.value,
+                   num_examples=_NUM_EXAMPLES.value)
+  except ValueError as e:   # DataError included: one line naming the file or flag
+    sys.stderr.write(f"medfm_jax.data.build: error: {e}\n")
+    sys.exit(2)
+  print(json.dumps(result))
+  if result["stats"]:
+    s = result["stats"]
+    print(f"config: --config.data.source=tfds --config.data.name={_NAME.value}:{_VERSION.value} "
+          f"--config.data.data_dir={_OUT.value} --config.data.mean={tuple(s['mean'])} "
+          f"--config.data.std={tuple(s['std'])}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["source", "out", "name"])
+  app.run(main)
