@@ -72,38 +72,57 @@ def dino_loss(student_logits: Array, teacher_logits: Array, center: Array, stude
   return loss, metrics
 
 
-def update_center(center: Array, teacher_logits: Array, momentum: float | Array = 0.9) -> Array:
+def update_center(center: Array, teacher_logits: Array, momentum: float | Array = 0.9,
+                  weights: Array | None = None) -> Array:
   """``center <- m * center + (1 - m) * mean(raw teacher logits)`` over all views and the batch.
 
   Under ``jax.jit`` with a batch sharded by ``NamedSharding`` the mean over the batch axis of the
   global array IS the global-batch mean across devices and processes (DINO's ``all_reduce``); no
-  ``pmean`` is needed (only inside ``shard_map`` would one be). Returns ``center``'s shape.
+  ``pmean`` is needed (only inside ``shard_map`` would one be). ``weights`` (the logits' leading
+  shape, e.g. iBOT's masked-patch indicator) makes it a weighted mean; a batch of zero weight
+  leaves the center unchanged. Returns ``center``'s shape.
   """
   t = jax.lax.stop_gradient(_f32(teacher_logits))
-  batch_mean = jnp.mean(t.reshape(-1, t.shape[-1]), axis=0)
+  t = t.reshape(-1, t.shape[-1])
+  if weights is None:
+    batch_mean = jnp.mean(t, axis=0)
+  else:
+    w = _f32(weights).reshape(-1)
+    total = jnp.sum(w)
+    batch_mean = jnp.where(total > 0, (w @ t) / jnp.maximum(total, 1e-12), _f32(center).reshape(-1))
   return momentum * _f32(center) + (1.0 - momentum) * batch_mean.reshape(jnp.shape(center))
 
 
-def sinkhorn_knopp(teacher_logits: Array, teacher_temp: float | Array, n_iters: int = 3) -> Array:
-  """DINOv2 ``SinkhornKnoppTeacher``: ``[B, K]`` logits -> ``[B, K]`` assignments, rows sum to 1.
+def sinkhorn_knopp(teacher_logits: Array, teacher_temp: float | Array, n_iters: int = 3,
+                   valid: Array | None = None) -> Array:
+  """DINOv2 ``SinkhornKnoppTeacher``: ``[..., K]`` logits -> assignments, each row sums to 1.
 
   ``Q = exp(l / T)`` (as ``K x B``), ``Q /= sum(Q)``; ``n_iters`` x (each prototype row to ``1/K``,
   each sample column to ``1/B``); ``Q *= B``. ``B`` is the global batch (all leading axes of
   the global array, i.e. all devices). Computed in the log domain: every step is a division by a
   positive per-row/per-column/global factor, i.e. a logsumexp subtraction, so the result is the
   same as dinov2's but no ``exp`` can overflow or turn a whole row to 0/0 (as a mere global-max
-  shift does at ``T = 0.04`` with logits ~50).
+  shift does at ``T = 0.04`` with logits ~50). ``valid`` (the leading shape, bool) restricts the
+  samples to its True rows (iBOT's masked patches; ``B`` = their count); other rows return 0.
   """
   l = jax.lax.stop_gradient(_f32(teacher_logits))
   k = l.shape[-1]
   l = l.reshape(-1, k)
-  b = l.shape[0]
-  log_q = l / teacher_temp
+  if valid is None:
+    log_b = math.log(l.shape[0])
+    keep = lambda x: x
+  else:
+    v = jnp.asarray(valid, bool).reshape(-1, 1)
+    log_b = jnp.log(jnp.maximum(jnp.sum(v), 1).astype(jnp.float32))
+    keep = lambda x: jnp.where(v, x, -jnp.inf)
+  log_q = keep(l / teacher_temp)
   log_q = log_q - jax.nn.logsumexp(log_q)
   for _ in range(n_iters):
     log_q = log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True) - math.log(k)  # prototypes
-    log_q = log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - math.log(b)  # samples
-  q = jnp.exp(log_q + math.log(b))
+    log_q = keep(log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True) - log_b)  # samples
+  q = jnp.exp(log_q + log_b)
+  if valid is not None:
+    q = jnp.where(v, q, 0.0)
   return q.reshape(teacher_logits.shape)
 
 

@@ -162,6 +162,28 @@ def test_sinkhorn_safe_with_large_logits():
   np.testing.assert_allclose(shifted, out, atol=2e-3)
 
 
+def test_sinkhorn_valid_rows_equal_sinkhorn_of_those_rows():
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(3, 5, 16)).astype(np.float32)
+  valid = rng.uniform(size=(3, 5)) < 0.5
+  out = np.asarray(jax.jit(dl.sinkhorn_knopp)(logits, 0.04, valid=valid))
+  np.testing.assert_allclose(out[valid], np_sinkhorn(logits[valid], 0.04), rtol=1e-4, atol=1e-6)
+  assert np.all(out[~valid] == 0)
+  none = np.asarray(dl.sinkhorn_knopp(logits, 0.04, valid=np.zeros((3, 5), bool)))
+  assert np.all(none == 0)
+
+
+def test_weighted_center_is_mean_of_weighted_rows():
+  rng = np.random.default_rng(8)
+  center = rng.normal(size=(16,)).astype(np.float32)
+  teacher = rng.normal(size=(4, 6, 16)).astype(np.float32)
+  w = rng.uniform(size=(4, 6)) < 0.3
+  out = dl.update_center(center, teacher, 0.9, weights=w)
+  np.testing.assert_allclose(out, 0.9 * center + 0.1 * teacher[w].mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dl.update_center(center, teacher, 0.9, weights=np.zeros((4, 6))),
+                             center, rtol=1e-6)
+
+
 def test_ibot_matches_numpy():
   rng = np.random.default_rng(7)
   b, n, k = 4, 9, 16
