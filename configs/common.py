@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = fill
+  # Across slices (TPU multi-slice; processes elsewhere): mesh axis = in-slice size x dcn size.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.peak_tflops_per_device = 0.0  # 0 = look up the device table
 
   c.log_every = 50
@@ -53,6 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "val"
   c.data.eval_examples = 512
   c.data.eval_batch_size = 128
+  # Real data (medfm_jax/data/sources.py): source 'folder' | 'manifest' | 'tfds'.
+  c.data.path = ""              # folder root (ROOT/<class>/... or ROOT/<split>/<class>/...) or CSV/JSONL manifest
+  c.data.name = ""              # tfds: 'name' or 'name:version'
+  c.data.data_dir = ""          # tfds: data_dir (local path or bucket URL; '' = TFDS default)
+  c.data.image_key = "image"    # tfds feature names
+  c.data.label_key = "label"
+  c.data.caption_key = "caption"
+  c.data.splits = "train:0.9,val:0.05,test:0.05"   # patient-level split when the data has none
+  c.data.split_seed = 0
+  c.data.window = "auto"        # auto | minmax | full | lung | mediastinum | soft_tissue | bone | brain | 'center,width'
+  c.data.resize = "none"        # none | shortest_side | center_crop | pad (aspect-preserving, before crops)
+  c.data.load_size = 0          # target of data.resize (0 = image_size)
+  c.data.on_error = "raise"     # raise | skip (skipped files -> WORKDIR/skipped_files.txt, metric data/skipped)
 
   c.model = ml_collections.ConfigDict()
   c.objective = ml_collections.ConfigDict()

@@ -32,6 +32,31 @@ def _writable(path: str) -> bool:
   return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
+def _validate_real_data(d) -> None:
+  """data.source and the folder/manifest/tfds fields (files are opened later, by the source)."""
+  from medfm_jax.data import decode, pipeline, sources  # pylint: disable=g-import-not-at-top
+  _check(d.source in pipeline.SOURCES, f"data.source={d.source!r}: allowed {', '.join(pipeline.SOURCES)}")
+  _check(d.get("on_error", "raise") in sources.ON_ERROR,
+         f"data.on_error={d.get('on_error')!r}: allowed {', '.join(sources.ON_ERROR)}")
+  _check(d.get("resize", "none") in decode.RESIZE_POLICIES,
+         f"data.resize={d.get('resize')!r}: allowed {', '.join(decode.RESIZE_POLICIES)}")
+  _check(d.get("load_size", 0) >= 0, f"data.load_size={d.get('load_size')}: must be >= 0 (0 = image_size)")
+  for parse in (lambda: decode.parse_window(d.get("window", "auto")),
+                lambda: sources.parse_splits(d.get("splits", "train:1"))):
+    try:
+      parse()
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if d.source in ("folder", "manifest"):
+    path = d.get("path", "")
+    exists = os.path.isdir if d.source == "folder" else os.path.isfile
+    _check(bool(path) and ("://" in path or exists(path)),
+           f"data.path={path!r}: data.source={d.source!r} needs an existing "
+           f"{'directory' if d.source == 'folder' else 'CSV/JSONL manifest file'}")
+  if d.source == "tfds":
+    _check(bool(d.get("name")), "data.name='': data.source='tfds' needs a dataset name ('name[:version]')")
+
+
 def validate(config, workdir: str | None = None, num_devices: int | None = None) -> dict[str, int]:
   """Checks the config; returns the resolved mesh shape. Raises ConfigError on the first problem."""
   num_devices = num_devices or jax.device_count()
@@ -75,6 +100,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   lo, hi = c.data.crop_scale
   _check(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)}: need 0 < min <= max <= 1")
   _check(c.data.num_workers >= 0, f"data.num_workers={c.data.num_workers}: must be >= 0")
+  _validate_real_data(c.data)
 
   if c.objective.name == "mae":
     r = c.objective.mask_ratio
@@ -85,7 +111,9 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
            f"model.decoder_width={m.decoder_width}: must be divisible by 4 and by model.decoder_heads={m.decoder_heads}")
 
   try:
-    shape = mesh_lib.resolve_mesh_shape(c.mesh, num_devices)
+    granules = mesh_lib.dcn_granules(jax.devices()) if num_devices == jax.device_count() else (1, True)
+    ici, dcn = mesh_lib.resolve_hybrid_shape(c.mesh, num_devices, granules[0], not granules[1])
+    shape = {a: ici[a] * dcn[a] for a in mesh_lib.MESH_AXES}
   except ValueError as e:
     raise ConfigError(str(e).replace("mesh=", "mesh.{data,fsdp,tensor}=")) from None
   _check(size.num_heads % shape["tensor"] == 0 and size.mlp_dim % shape["tensor"] == 0,

@@ -15,6 +15,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run without a "
+    "detected cluster (fallback: MEDFM_COORDINATOR); TPU pods, SLURM, Open MPI and Kubernetes "
+    "indexed Jobs are detected automatically.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes "
+                                      "(with --coordinator_address; fallback MEDFM_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                                   "(with --coordinator_address; fallback MEDFM_PROCESS_ID).")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -31,7 +39,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize()
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    sys.stderr.write(f"medfm_jax: multi-process setup error: {e}\n")
+    sys.exit(2)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:   # one progress log per job; warnings still from everyone
     logging.set_verbosity(logging.WARNING)

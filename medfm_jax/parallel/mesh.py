@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -41,33 +42,87 @@ def use_mesh(mesh: jax.sharding.Mesh):
     yield
 
 
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+def resolve_mesh_shape(mesh_cfg, num_devices: int, field: str = "mesh",
+                       unit: str = "devices") -> dict[str, int]:
   """Fills the (at most one) ``-1`` axis so the product equals ``num_devices``."""
   shape = {a: int(mesh_cfg[a]) for a in MESH_AXES}
   fill = [a for a, n in shape.items() if n == -1]
   if len(fill) > 1 or any(n == 0 or n < -1 for n in shape.values()):
-    raise ValueError(f"mesh={shape}: each of mesh.data/fsdp/tensor must be a positive size, "
-                     "with at most one -1 (= fill the remaining devices)")
+    raise ValueError(f"{field}={shape}: each of {field}.data/fsdp/tensor must be a positive size, "
+                     f"with at most one -1 (= fill the remaining {unit})")
   known = math.prod(n for n in shape.values() if n != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"mesh={shape}: fixed axes ({known}) do not divide the {num_devices} devices")
+      raise ValueError(f"{field}={shape}: fixed axes ({known}) do not divide the {num_devices} {unit}")
     shape[fill[0]] = num_devices // known
   if math.prod(shape.values()) != num_devices:
-    raise ValueError(f"mesh={shape}: product {math.prod(shape.values())} != number of devices "
+    raise ValueError(f"{field}={shape}: product {math.prod(shape.values())} != number of {unit} "
                      f"{num_devices}; use -1 on one axis to fill")
   return shape
 
 
+def dcn_granules(devices: Sequence[Any]) -> tuple[int, bool]:
+  """(number of DCN-connected units, whether those units are processes rather than slices).
+
+  Several TPU slices (distinct ``slice_index``) are the units; otherwise (one slice, GPU nodes,
+  CPU processes) each process is one.
+  """
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if None not in slices and len(slices) > 1:
+    return len(slices), False
+  return len({d.process_index for d in devices}), True
+
+
+def _dcn_config(mesh_cfg) -> dict[str, int]:
+  dcn = mesh_cfg.get("dcn") if hasattr(mesh_cfg, "get") else None
+  return {a: int((dcn or {}).get(a, 1)) for a in MESH_AXES}
+
+
+def resolve_hybrid_shape(mesh_cfg, num_devices: int, num_granules: int = 1,
+                         granules_are_slices: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+  """(in-slice ICI shape, across-slice DCN shape); each mesh axis is the product of the two.
+
+  ``mesh.{data,fsdp,tensor}`` are sizes inside one slice (``num_devices / num_granules``
+  devices); ``mesh.dcn.{data,fsdp,tensor}`` are sizes across slices (or across processes where
+  there are no slices), with product ``num_granules``. With all DCN sizes 1 (the default) the
+  in-slice axes span every device, which several TPU slices do not allow.
+  """
+  dcn_cfg = _dcn_config(mesh_cfg)
+  if all(n == 1 for n in dcn_cfg.values()):
+    if granules_are_slices and num_granules > 1:
+      raise ValueError(f"mesh.dcn={dcn_cfg}: the devices span {num_granules} slices; set "
+                       f"mesh.dcn.{{data,fsdp,tensor}} with product {num_granules} "
+                       f"(e.g. mesh.dcn.data={num_granules})")
+    return resolve_mesh_shape(mesh_cfg, num_devices), dcn_cfg
+  dcn = resolve_mesh_shape(dcn_cfg, num_granules, field="mesh.dcn", unit="slices or processes")
+  if num_devices % num_granules:
+    raise ValueError(f"mesh.dcn={dcn}: {num_granules} slices/processes do not split the "
+                     f"{num_devices} devices evenly")
+  return resolve_mesh_shape(mesh_cfg, num_devices // num_granules, unit="devices per slice"), dcn
+
+
+def device_array(ici: dict[str, int], dcn: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
+  """Devices arranged as the (data, fsdp, tensor) mesh: ICI axes inside each slice, DCN axes
+  across slices (``mesh_utils.create_hybrid_device_mesh``), shape = ici * dcn per axis."""
+  if math.prod(dcn.values()) == 1:
+    return np.asarray(devices).reshape(tuple(ici[a] for a in MESH_AXES))
+  return mesh_utils.create_hybrid_device_mesh(
+      tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES), devices,
+      process_is_granule=dcn_granules(devices)[1], allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices of all processes (Auto axis types)."""
+  """A (data, fsdp, tensor) mesh over all devices of all processes (Auto axis types); hybrid
+  ICI x DCN when ``mesh.dcn`` spans several slices or processes."""
   devices = list(devices) if devices is not None else jax.devices()
-  shape = resolve_mesh_shape(mesh_cfg, len(devices))
-  dims = tuple(shape[a] for a in MESH_AXES)
+  ici, dcn = resolve_hybrid_shape(mesh_cfg, len(devices), *dcn_granules(devices))
+  axis_types = (AxisType.Auto,) * 3
+  if math.prod(dcn.values()) > 1:
+    return jax.sharding.Mesh(device_array(ici, dcn, devices), MESH_AXES, axis_types=axis_types)
+  dims = tuple(ici[a] for a in MESH_AXES)
   if devices == jax.devices():
-    return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(dims), MESH_AXES,
-                           axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types)
+  return jax.sharding.Mesh(device_array(ici, dcn, devices), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh,
@@ -131,10 +186,24 @@ def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def to_global_batch(local_batch: dict, mesh) -> dict:
-  """Host-local numpy batch (this process's rows) -> global jax arrays sharded over data x fsdp."""
+def drop_non_numeric(tree):
+  """The batch without leaves that cannot become device arrays (strings such as captions);
+  dicts, lists and tuples nest freely (multi-crop views, image-text pairs)."""
+  if isinstance(tree, dict):
+    kept = {k: drop_non_numeric(v) for k, v in tree.items()}
+    return {k: v for k, v in kept.items() if v is not None}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(drop_non_numeric(v) for v in tree)
+  x = np.asarray(tree)
+  return None if x.dtype.kind in "OSU" else x
+
+
+def to_global_batch(local_batch, mesh):
+  """Host-local numpy batch (this process's rows) -> global jax arrays sharded over data x fsdp.
+
+  Any pytree of arrays with a leading batch dim; string leaves (captions) are dropped.
+  """
   def put(x):
-    x = np.asarray(x)
     global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
-  return {k: put(v) for k, v in local_batch.items() if np.asarray(v).dtype != object}
+  return jax.tree.map(put, drop_non_numeric(local_batch))

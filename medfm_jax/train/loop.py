@@ -47,8 +47,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
           mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  objective = objectives_lib.build(config)
-  tx = optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
+  objective, tx = build_objective(config)
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count())
   local = next(data_iterator)
@@ -62,6 +61,12 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
       state = checkpointer.restore(latest, abstract, data_iterator)
       start, pending = int(jax.device_get(state.step)), None
   return Trainer(config, workdir, mesh, objective, tx, data_iterator, abstract, state, start, pending)
+
+
+def build_objective(config) -> tuple[objectives_lib.Objective, object]:
+  """The config's objective and the optax transformation that trains it."""
+  objective = objectives_lib.build(config)
+  return objective, optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
 
 
 def trainable_fn(objective):
@@ -123,9 +128,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_
 
 def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
   config, mesh, objective, tx = trainer.config, trainer.mesh, trainer.objective, trainer.tx
-  shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)
-  step_fn = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
-                    out_shardings=(shardings, None))
+  step_fn = state_lib.jit_train_step(objective, tx, config, trainer.abstract_state)
   eval_fn = jax.jit(state_lib.make_eval_step(objective))
   eval_batches = pipeline.make_eval_batches(
       config.data, config.data.eval_split, config.data.eval_batch_size,

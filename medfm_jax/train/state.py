@@ -98,6 +98,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, conf
   return train_step
 
 
+def jit_train_step(objective: Objective, tx: optax.GradientTransformation, config, abstract_state):
+  """The jitted train step: state donated and kept in the shardings of ``abstract_state``."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  return jax.jit(make_train_step(objective, tx, config), donate_argnums=0,
+                 out_shardings=(shardings, None))
+
+
 def make_eval_step(objective: Objective):
   """``eval(params, extra, batch) -> {name: (sum, count)}`` with a fixed rng."""
   def eval_step(params, extra, batch):

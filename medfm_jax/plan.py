@@ -1,0 +1,223 @@
+r"""Plans a big run without its hardware: AOT-compiles the train step on N fake CPU devices.
+
+  python -m medfm_jax.plan --config=configs/mae.py:vit_h14 --devices=256 --chip=v5p \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.dtype=bfloat16
+
+Nothing is materialised or executed: the train state comes from ``jax.eval_shape`` and the
+batch is a tree of ``jax.ShapeDtypeStruct`` with the run's shardings. Prints one Markdown table
+row per run (``--json=FILE`` appends the numbers as a JSON line):
+
+* per-device bytes of params, optimizer state, other state (EMA teacher, ...), the batch, and
+  the step's peak temporaries (``compiled.memory_analysis()``); whether the total fits the chip;
+* FLOPs per step (XLA cost analysis of the partitioned program, times the device count);
+* an estimated step time and MFU on ``--chip``: a roofline ``max(compute, HBM traffic,
+  collectives)`` with perfect overlap, from the chip's peak (``train/metrics.PEAK_TFLOPS``),
+  HBM bandwidth and interconnect bandwidth (:data:`CHIPS`). The memory and collective terms
+  come from the XLA:CPU program, whose fusion differs from TPU/GPU: treat them as estimates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_h14.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Number of fake CPU devices to plan for.")
+_CHIP = flags.DEFINE_string("chip", "v5p", "Chip for the time/MFU estimate and the fit check.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip for the fit check (0 = the chip's).")
+_JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
+
+GIB = 2 ** 30
+# Per chip: HBM GiB, HBM bandwidth GB/s, interconnect GB/s used for collectives (TPU: total ICI
+# per chip; GPU: the 400 Gb/s InfiniBand NIC per GPU, since a large mesh spans nodes).
+CHIPS = {
+    "v4": (32, 1200, 300), "v5e": (16, 819, 200), "v5p": (95, 2765, 600), "v6e": (32, 1640, 448),
+    "a100": (80, 2039, 50), "h100": (80, 3350, 50), "h200": (141, 4800, 50),
+}
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\((.*)$")
+
+
+def chip_spec(chip: str) -> dict[str, float]:
+  """Peak TFLOP/s (from the metrics table), HBM GiB and bandwidths of a chip name like 'v5p'."""
+  from medfm_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  key = chip.lower()
+  if key not in CHIPS:
+    raise ValueError(f"--chip={chip!r}: allowed {sorted(CHIPS)}")
+  peak = next(v for k, v in metrics.PEAK_TFLOPS.items() if k in (key, f"tpu {key}"))
+  hbm, hbm_bw, link_bw = CHIPS[key]
+  return {"peak_tflops": peak, "hbm_gib": hbm, "hbm_gbs": hbm_bw, "link_gbs": link_bw}
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string, e.g. ``bf16[8,128]{1,0}`` or a tuple of such shapes."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", shape):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+  if iota:
+    return int(iota.group(2))
+  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+  if explicit:
+    return len(explicit.group(1).split(","))
+  return num_devices
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> float:
+  """Bytes each device sends per step in the collectives of a partitioned HLO program, for
+  bandwidth-optimal (ring) algorithms over groups of n: all-gather out·(n-1)/n, reduce-scatter
+  out·(n-1), all-reduce 2·S·(n-1)/n, all-to-all S·(n-1)/n, collective-permute S."""
+  total = 0.0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    shape, op, attrs = m.groups()
+    size, n = _shape_bytes(shape), _group_size(attrs, num_devices)
+    if m.group(0).split("(")[0].endswith("-start") and shape.startswith("("):
+      size //= 2   # async start ops return (operand, result)
+    if n <= 1:
+      continue
+    factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n,
+              "all-to-all": (n - 1) / n, "collective-permute": 1.0}[op]
+    total += size * factor
+  return total
+
+
+def _per_device_bytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def abstract_batch(config, mesh):
+  """``ShapeDtypeStruct`` tree of one global train batch (shapes from one generated example)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  data = config.data.copy_and_resolve_references()
+  data.num_workers = 0
+  example = mesh_lib.drop_non_numeric(next(pipeline.make_train_iterator(data, 1, config.seed)))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (config.batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
+      sharding=mesh_lib.batch_sharding(mesh, np.ndim(x))), example)
+
+
+def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
+  """Compiles the config's train step for all (fake) devices; returns the memory/FLOP plan."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  spec = chip_spec(chip)
+  shape = config_lib.validate(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  objective, tx = loop.build_objective(config)
+  with mesh_lib.use_mesh(mesh):
+    batch = abstract_batch(config, mesh)
+    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    t0 = time.perf_counter()
+    compiled = state_lib.jit_train_step(objective, tx, config, abstract).lower(abstract, batch).compile()
+    compile_s = time.perf_counter() - t0
+  n = jax.device_count()
+  mem = compiled.memory_analysis()
+  params, opt = _per_device_bytes(abstract.params), _per_device_bytes(abstract.opt_state)
+  state_total = _per_device_bytes(abstract)
+  batch_bytes = _per_device_bytes(batch)
+  temp = int(mem.temp_size_in_bytes)
+  total = state_total + batch_bytes + temp
+  flops = metrics.compiled_flops(compiled)
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  hbm_traffic = float(cost.get("bytes accessed", float("nan")))
+  comm = collective_bytes(compiled.as_text(), n)
+  t_compute = flops / n / (spec["peak_tflops"] * 1e12)
+  t_memory = hbm_traffic / (spec["hbm_gbs"] * 1e9)
+  t_comm = comm / (spec["link_gbs"] * 1e9)
+  step = max(t_compute, t_memory, t_comm)
+  capacity = hbm_gib or spec["hbm_gib"]
+  return {
+      "model": config.model.get("variant"), "objective": config.objective.get("name"),
+      "batch_size": config.batch_size, "dtype": config.dtype, "devices": n, "mesh": shape,
+      "chip": chip, "params_gib": params / GIB, "opt_state_gib": opt / GIB,
+      "other_state_gib": (state_total - params - opt) / GIB, "batch_gib": batch_bytes / GIB,
+      "temp_gib": temp / GIB, "total_gib": total / GIB, "hbm_gib": capacity,
+      "fits": total / GIB <= capacity, "argument_gib": mem.argument_size_in_bytes / GIB,
+      "tflop_per_step": flops / 1e12, "collective_gib_per_device": comm / GIB,
+      "t_compute_s": t_compute, "t_memory_s": t_memory, "t_collective_s": t_comm,
+      "est_step_s": step, "est_mfu": t_compute / step if step else float("nan"),
+      "compile_s": compile_s,
+  }
+
+
+_COLUMNS = (("model", "model", "{}"), ("mesh", "mesh (data×fsdp×tensor)", "{}"),
+            ("batch_size", "batch", "{}"), ("params_gib", "params GiB", "{:.2f}"),
+            ("opt_state_gib", "opt state GiB", "{:.2f}"), ("other_state_gib", "other state GiB", "{:.2f}"),
+            ("temp_gib", "temps GiB", "{:.2f}"), ("total_gib", "total GiB", "{:.2f}"),
+            ("fits", "fits", "{}"), ("tflop_per_step", "TFLOP/step", "{:.1f}"),
+            ("est_step_s", "est. step s", "{:.3f}"), ("est_mfu", "est. MFU", "{:.0%}"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """Markdown table of plan results (one row each)."""
+  def cell(key, fmt, row):
+    value = row[key]
+    if key == "mesh":
+      value = "×".join(str(value[a]) for a in ("data", "fsdp", "tensor"))
+    if key == "fits":
+      value = f"{'yes' if value else 'no'} (≤ {row['hbm_gib']:g})"
+    return fmt.format(value)
+  lines = ["| " + " | ".join(h for _, h, _ in _COLUMNS) + " |",
+           "|" + "---|" * len(_COLUMNS)]
+  lines += ["| " + " | ".join(cell(k, f, r) for k, _, f in _COLUMNS) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DEVICES.value < 1:
+    raise app.UsageError(f"--devices={_DEVICES.value}: must be a positive integer")
+  try:
+    chip_spec(_CHIP.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", _DEVICES.value)   # before the backend starts
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    result = plan(_CONFIG.value, _CHIP.value, _HBM_GIB.value)
+  except config_lib.ConfigError as e:
+    sys.stderr.write(f"medfm_jax: config error: {e}\n")
+    sys.exit(2)
+  print(markdown_table([result]))
+  print(f"compile {result['compile_s']:.1f}s; per step: compute {result['t_compute_s']:.3f}s, "
+        f"HBM {result['t_memory_s']:.3f}s, collectives {result['t_collective_s']:.3f}s "
+        f"({result['collective_gib_per_device']:.2f} GiB/device)")
+  if _JSON.value:
+    with open(_JSON.value, "a", encoding="utf-8") as f:
+      f.write(json.dumps(result) + "\n")
+  logging.flush()
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
