@@ -1,0 +1,45 @@
+"""Last-layer cls attention maps: consistent with the block's own attention output, scan-safe."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from medfm_jax.evaluate import attention_maps
+from medfm_jax.models import vit
+
+
+def _model_and_params(**kw):
+  model = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2, **kw)
+  images = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 1))
+  return model, model.init(jax.random.PRNGKey(1), images)["params"], images
+
+
+def test_probs_reproduce_the_blocks_attention_output():
+  model, params, images = _model_and_params()
+  probs = attention_maps.cls_attention(model, params, images, patches_only=False)   # [b, h, T]
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+  x, attn, _ = attention_maps.last_block_input(model, params, images)
+  v = attention_maps.project(x, attn["value"])
+  mixed = jnp.einsum("bhs,bshk->bhk", probs, v, precision="highest")
+  ours = jnp.einsum("bhk,hkd->bd", mixed, attn["out"]["kernel"], precision="highest") + attn["out"]["bias"]
+  last = f"layer_{model.size.depth - 1}"
+  _, state = model.apply({"params": params}, images, mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: m.path == ("encoder", last, "attn"))
+  reference = state["intermediates"]["encoder"][last]["attn"]["__call__"][0][:, 0]
+  np.testing.assert_allclose(ours, reference, atol=1e-5)
+  maps = attention_maps.cls_attention(model, params, images)
+  assert maps.shape == (3, model.size.num_heads, 4, 4)
+  np.testing.assert_allclose(maps.reshape(3, model.size.num_heads, 16), probs[:, :, 3:], rtol=1e-6)
+
+
+def test_scanned_encoder_gives_same_maps_and_png(tmp_path):
+  model, params, images = _model_and_params()
+  scanned = model.clone(scan=True)
+  stacked = dict(params, encoder=vit.stack_layers(params["encoder"]))
+  np.testing.assert_allclose(attention_maps.cls_attention(scanned, stacked, images),
+                             attention_maps.cls_attention(model, params, images), atol=1e-6)
+  maps = np.asarray(attention_maps.cls_attention(model, params, images))
+  path = str(tmp_path / "attn.png")
+  attention_maps.write_attention_png(path, np.asarray(images), maps, (0.5,), (0.25,), scale=1)
+  png = np.asarray(Image.open(path))
+  assert png.shape == (3 * 16, (2 + model.size.num_heads) * 16) and png.std() > 0
