@@ -112,6 +112,9 @@ def _labels(record: dict) -> dict[str, np.ndarray]:
   return labels
 
 
+skip_log_path = sources.skip_log_path
+
+
 def pop_skipped(batch: dict) -> int:
   """Removes the skip counts from a train batch; returns their sum (0 if absent)."""
   counts = batch.pop(SKIPPED_KEY, None)

@@ -168,14 +168,15 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
     for label in sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))
                         and not d.startswith(".")):
       classes.add(label)
+      paths = []
       for dirpath, dirnames, filenames in os.walk(os.path.join(base, label)):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-          path = os.path.join(dirpath, name)
-          if name.startswith(".") or not _is_data_file(path):
-            ignored += 1
-            continue
-          entries.append(Entry(path, label=label, split=split))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        paths.extend(os.path.join(dirpath, name) for name in filenames)
+      for path in sorted(paths):
+        if os.path.basename(path).startswith(".") or not _is_data_file(path):
+          ignored += 1
+          continue
+        entries.append(Entry(path, label=label, split=split))
   if ignored:
     logging.warning("%s: ignored %d files that are not PNG/JPEG/TIFF/DICOM", root, ignored)
   if not entries:

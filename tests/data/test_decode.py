@@ -1,0 +1,140 @@
+"""Decoding real files (PNG, JPEG, 16-bit PNG/TIFF, DICOM) with known pixels; windowing vs pydicom."""
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom import uid as uids
+from pydicom.pixels import apply_modality_lut, apply_windowing
+
+from medfm_jax.data import decode, export, transforms
+
+RNG = np.random.default_rng(0)
+HU_STORED = RNG.integers(-1000, 2000, (32, 32)).astype(np.int16)
+
+
+def _decode_file(path, frame=0):
+  return decode.decode(decode.read_file(path), str(path), frame)
+
+
+def test_png_jpeg_and_16bit_png_tiff_roundtrip(tmp_path):
+  img8 = RNG.integers(0, 256, (20, 28, 1), dtype=np.uint8)
+  rgb = RNG.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+  img16 = RNG.integers(0, 65536, (20, 28), dtype=np.uint16)
+  for name, arr in (("a.png", img8), ("rgb.png", rgb), ("b16.png", img16), ("c16.tif", img16)):
+    got = _decode_file(export.write_image(str(tmp_path / name), arr)).pixels
+    assert got.dtype == arr.dtype
+    np.testing.assert_array_equal(got, arr.reshape(got.shape))
+  smooth = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))[..., None]
+  got = _decode_file(export.write_image(str(tmp_path / "j.jpg"), smooth, quality=95)).pixels
+  assert got.shape == (32, 32, 1) and np.abs(got.astype(int) - smooth).mean() < 2
+
+
+def test_16bit_window_modes():
+  x = np.array([[0, 1000, 3000, 65535]], np.uint16)[..., None]
+  d = decode.Decoded(x)
+  np.testing.assert_array_equal(decode.to_display(d, "full")[0, :, 0], [0, 4, 12, 255])
+  np.testing.assert_array_equal(decode.to_display(d, "auto")[0, :, 0],
+                                np.rint(x[0, :, 0] / 65535 * 255))   # min-max = full here
+  np.testing.assert_array_equal(decode.to_display(d, "1500,1001")[0, :, 0], [0, 0, 255, 255])
+  assert decode.to_display(d, "full", np.uint16).dtype == np.uint16
+  np.testing.assert_array_equal(decode.to_display(d, "full", np.uint16), x)   # identity
+  for bad in ("lungs", "10", (40, 0), "a,b"):
+    with pytest.raises(ValueError, match="data.window"):
+      decode.parse_window(bad)
+
+
+def test_dicom_hounsfield_units_match_pydicom(tmp_path):
+  path = export.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
+                            window=(40.0, 400.0))
+  d = _decode_file(path)
+  ds = pydicom.dcmread(path)
+  np.testing.assert_array_equal(d.pixels[..., 0], apply_modality_lut(ds.pixel_array, ds))
+  np.testing.assert_array_equal(d.pixels[..., 0], HU_STORED.astype(np.float32) * 2 - 1024)
+  assert d.window == (40.0, 400.0) and not d.invert
+
+
+@pytest.mark.parametrize("preset", ["lung", "mediastinum", "soft_tissue", "bone", "brain", "file"])
+def test_dicom_windows_match_pydicom_reference(tmp_path, preset):
+  center, width = (10.0, 600.0) if preset == "file" else decode.WINDOW_PRESETS[preset]
+  path = export.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
+                            window=(center, width))
+  ds = pydicom.dcmread(path)
+  ds.WindowCenter, ds.WindowWidth = center, width
+  ref = apply_windowing(apply_modality_lut(ds.pixel_array, ds).astype(np.float64), ds)
+  ref = (ref - ref.min()) / (ref.max() - ref.min()) * 255   # pydicom's output range -> [0, 255]
+  got = decode.to_display(_decode_file(path), "auto" if preset == "file" else preset)
+  assert got.dtype == np.uint8
+  np.testing.assert_allclose(got[..., 0], ref, atol=0.51)
+  assert 0 < (got == 0).mean() < 1 and 0 < (got == 255).mean() < 1   # both ends saturate
+
+
+def test_dicom_monochrome1_is_inverted_and_minmax_without_window(tmp_path):
+  stored = np.arange(256, dtype=np.uint16).reshape(16, 16) * 8
+  m2 = _decode_file(export.write_dicom(str(tmp_path / "m2.dcm"), stored))
+  m1 = _decode_file(export.write_dicom(str(tmp_path / "m1.dcm"), stored, photometric="MONOCHROME1"))
+  assert m1.invert and m2.window is None
+  a, b = decode.to_display(m2, "auto"), decode.to_display(m1, "auto")
+  assert a.min() == 0 and a.max() == 255
+  np.testing.assert_array_equal(b, 255 - a)
+
+
+def test_multiframe_dicom_frames_and_header(tmp_path):
+  frames = RNG.integers(0, 4096, (3, 16, 12)).astype(np.uint16)
+  path = export.write_dicom(str(tmp_path / "mf.dcm"), frames, patient_id="P7", modality="MR")
+  assert decode.dicom_info(path) == decode.DicomInfo(3, "P7", "MR")
+  for f in range(3):
+    np.testing.assert_array_equal(_decode_file(path, f).pixels[..., 0], frames[f])
+  with pytest.raises(decode.DataError, match="frame 3 out of range"):
+    _decode_file(path, 3)
+
+
+def _jpeg(img):
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [uids.RLELossless, uids.JPEG2000Lossless,
+                                    uids.DeflatedExplicitVRLittleEndian, uids.JPEGBaseline8Bit])
+def test_compressed_transfer_syntaxes_decode(tmp_path, syntax):
+  path = str(tmp_path / "c.dcm")
+  if syntax == uids.JPEGBaseline8Bit:
+    img = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))
+    export.write_dicom_encapsulated(path, [_jpeg(img)], syntax, 32, 32)
+    got = _decode_file(path).pixels[..., 0]
+    assert np.abs(got - img).mean() < 2
+    return
+  export.write_dicom(path, HU_STORED, transfer_syntax=syntax, intercept=-1024.0)
+  assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+  np.testing.assert_array_equal(_decode_file(path).pixels[..., 0], HU_STORED - 1024.0)
+
+
+def test_unsupported_transfer_syntax_is_one_clear_line(tmp_path):
+  path = export.write_dicom_encapsulated(str(tmp_path / "video.dcm"), [b"\0" * 64],
+                                         uids.MPEG4HP41, 16, 16)
+  with pytest.raises(decode.DataError) as e:
+    _decode_file(path)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(path) and "MPEG-4 AVC/H.264" in msg
+  support = {u: ok for u, _, ok in decode.dicom_syntax_support()}
+  assert support[uids.RLELossless] and support[uids.JPEG2000Lossless] and not support[uids.MPEG4HP41]
+
+
+def test_channels_and_resize_policies():
+  gray = RNG.integers(0, 256, (20, 40, 1), dtype=np.uint8)
+  rgb3 = decode.to_channels(gray, 3)
+  assert rgb3.shape == (20, 40, 3) and (rgb3 == gray).all()
+  np.testing.assert_array_equal(decode.to_channels(rgb3, 1), gray)     # luma of gray = gray
+  assert decode.resize_policy(gray, "shortest_side", 10).shape == (10, 20, 1)
+  np.testing.assert_array_equal(decode.resize_policy(gray, "center_crop", 20),
+                                gray[:, 10:30])
+  padded = decode.resize_policy(gray, "pad", 40)
+  assert padded.shape == (40, 40, 1)
+  np.testing.assert_array_equal(padded[10:30], gray)
+  assert not padded[:10].any() and not padded[30:].any()
+  np.testing.assert_array_equal(transforms.resize(gray, 20, 40), gray)
+  p = decode.Preprocess(channels=3, window="minmax", resize="pad", size=16)
+  out = p(decode.Decoded(np.linspace(-5, 5, 8 * 4, dtype=np.float32).reshape(8, 4, 1)))
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out.max() > 200
