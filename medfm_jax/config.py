@@ -110,6 +110,9 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
     _check(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 4 == 0,
            f"model.decoder_width={m.decoder_width}: must be divisible by 4 and by model.decoder_heads={m.decoder_heads}")
 
+  if c.objective.name == "supervised":
+    _validate_supervised(c)
+
   try:
     granules = mesh_lib.dcn_granules(jax.devices()) if num_devices == jax.device_count() else (1, True)
     ici, dcn = mesh_lib.resolve_hybrid_shape(c.mesh, num_devices, granules[0], not granules[1])
@@ -129,3 +132,54 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   if workdir is not None:
     _check(bool(workdir) and _writable(workdir), f"--workdir={workdir!r}: not a writable directory")
   return shape
+
+
+def _validate_supervised(c) -> None:
+  """Fine-tuning fields (``objectives/supervised.py``)."""
+  from medfm_jax.objectives import supervised  # pylint: disable=g-import-not-at-top
+  o, m = c.objective, c.model
+  try:
+    supervised.class_names(c.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(o.scheme in supervised.SCHEMES, f"objective.scheme={o.scheme!r}: allowed {supervised.SCHEMES}")
+  depth = vit.size_from_config(m).depth
+  _check(isinstance(o.last_n, int) and 0 <= o.last_n <= depth,
+         f"objective.last_n={o.last_n!r}: must be an integer in [0, depth={depth}]")
+  _check(0.0 <= o.layer_decay <= 1.0, f"objective.layer_decay={o.layer_decay}: allowed [0, 1] (0 = off)")
+  _check(o.pool in ("cls", "mean"), f"objective.pool={o.pool!r}: allowed 'cls', 'mean'")
+  _check(0.0 <= o.label_smoothing < 1.0, f"objective.label_smoothing={o.label_smoothing}: allowed [0, 1)")
+  _check(isinstance(o.lora_rank, int) and o.lora_rank > 0,
+         f"objective.lora_rank={o.lora_rank!r}: must be a positive integer")
+  _check(0.0 <= o.lora_dropout < 1.0, f"objective.lora_dropout={o.lora_dropout}: allowed [0, 1)")
+  _check(m.get("num_prompts", 0) >= 0 and m.get("adapter_dim", 0) >= 0,
+         f"model.num_prompts={m.get('num_prompts')}, model.adapter_dim={m.get('adapter_dim')}: must be >= 0")
+  _check(m.get("adapter_where", "both") in ("attn", "mlp", "both"),
+         f"model.adapter_where={m.get('adapter_where')!r}: allowed 'attn', 'mlp', 'both'")
+  _check(o.scheme != "prompt" or m.get("num_prompts", 0) > 0,
+         "objective.scheme='prompt' needs model.num_prompts > 0")
+  _check(o.scheme != "adapter" or m.get("adapter_dim", 0) > 0,
+         "objective.scheme='adapter' needs model.adapter_dim > 0")
+
+
+def validate_eval(config) -> None:
+  """Eval-protocol fields (``configs/eval/*.py``); call after :func:`validate`."""
+  from medfm_jax.evaluate import protocols  # pylint: disable=g-import-not-at-top
+  c = config
+  _check(c.protocol in protocols.PROTOCOLS, f"protocol={c.protocol!r}: allowed {protocols.PROTOCOLS}")
+  _check(c.features.pool in ("cls", "mean"), f"features.pool={c.features.pool!r}: allowed 'cls', 'mean'")
+  _check(c.features.batch_size > 0 and c.features.batch_size % jax.process_count() == 0,
+         f"features.batch_size={c.features.batch_size}: must be a positive multiple of the process count")
+  _check(c.features.train_examples > 0, f"features.train_examples={c.features.train_examples}: must be > 0")
+  _check(c.probe.optimizer in ("adam", "sgd"), f"probe.optimizer={c.probe.optimizer!r}: allowed 'adam', 'sgd'")
+  _check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
+         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
+  _check(c.knn.k > 0 and c.knn.temperature > 0,
+         f"knn.k={c.knn.k}, knn.temperature={c.knn.temperature}: must be > 0")
+  _check(c.fewshot.shots > 0 and c.fewshot.seeds > 0,
+         f"fewshot.shots={c.fewshot.shots}, fewshot.seeds={c.fewshot.seeds}: must be > 0")
+  _check(c.fewshot.classifier in ("ridge", "logistic"),
+         f"fewshot.classifier={c.fewshot.classifier!r}: allowed 'ridge', 'logistic'")
+  _check(c.encoder_weights in ("default", "teacher", "student", "encoder", "backbone"),
+         f"encoder_weights={c.encoder_weights!r}: allowed 'default', 'teacher', 'student' (DINO), "
+         "'encoder' (MAE), 'backbone' (fine-tuned classifier)")

@@ -93,3 +93,35 @@ def last_layer_mask(params: Any) -> Any:
   def is_last(path, _):
     return any(getattr(k, "key", None) == "last_layer" for k in path)
   return jax.tree_util.tree_map_with_path(is_last, params)
+
+
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens: jnp.ndarray, pool: str, num_prefix: int) -> jnp.ndarray:
+  """Encoder output ``[b, prefix + n, d]`` -> ``[b, d]``: the cls token, or the mean of the patch
+  tokens (prefix tokens — cls, registers, prompts — excluded)."""
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool == "mean":
+    return tokens[:, num_prefix:].mean(axis=1)
+  raise ValueError(f"pool={pool!r}: allowed {POOLS}")
+
+
+class ClassifierHead(nn.Module):
+  """Pooled features -> (``fc_norm`` LayerNorm for mean pooling, as MAE fine-tuning) -> linear
+  logits ``[b, num_classes]`` float32. Kernel ~ N(0, ``init_std``^2), bias 0."""
+  num_classes: int
+  pool: str = "cls"
+  init_std: float = 0.01
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, num_prefix: int = 1) -> jnp.ndarray:
+    x = pool_tokens(tokens, self.pool, num_prefix)
+    if self.pool == "mean":
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="fc_norm")(x)
+    logits = layers.DenseGeneral((self.num_classes,), ("embed", None), dtype=self.dtype,
+                                 kernel_init=nn.initializers.normal(self.init_std), name="linear")(x)
+    return logits.astype(jnp.float32)

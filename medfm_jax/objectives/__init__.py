@@ -6,6 +6,7 @@ from medfm_jax.objectives.base import Objective
 _REGISTRY = {
     "mae": "medfm_jax.objectives.mae:MaeObjective",
     "dino": "medfm_jax.objectives.dino:DinoObjective",
+    "supervised": "medfm_jax.objectives.supervised:SupervisedObjective",
 }
 
 

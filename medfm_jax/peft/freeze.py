@@ -18,7 +18,9 @@ import optax
 from medfm_jax.peft.lora import STACK_KEY, path_str
 
 _BLOCK = re.compile(r"^layer_(\d+)$")
-EMBED_KEYS = ("patch_embed", "cls_token", "pos_embed", "registers", "mask_token")
+EMBED_KEYS = ("patch_embed", "cls_token", "pos_embed", "registers", "mask_token", "prompts")
+# Parameter-efficient schemes: the path components whose leaves train (with the head).
+PEFT_KEYS = {"lora": ("lora",), "prompt": ("prompts",), "adapter": ("adapter_attn", "adapter_mlp")}
 NORM_KEYS = ("norm", "fc_norm")
 
 
@@ -48,6 +50,16 @@ def linear_probe(params, head_key: str = "head") -> Any:
   mask = _map(lambda parts, _: head_key in parts, params)
   if not any(jax.tree.leaves(mask)):
     raise ValueError(f"linear_probe: no parameter under {head_key!r}; nothing would train")
+  return mask
+
+
+def only_keys(params, keys: tuple[str, ...], head_key: str = "head") -> Any:
+  """Leaves with a path component in ``keys`` (LoRA adapters, prompts, adapters) and everything
+  under ``head_key`` train; the rest is frozen."""
+  mask = _map(lambda parts, _: head_key in parts or any(k in parts for k in keys), params)
+  if not any(jax.tree.leaves(_map(lambda parts, _: any(k in parts for k in keys), params))):
+    raise ValueError(f"no parameter under {keys}: the model has none of these (e.g. set "
+                     "model.num_prompts / model.adapter_dim, or add LoRA adapters)")
   return mask
 
 

@@ -67,17 +67,22 @@ def _check_matches(state_dir: str, abstract_state) -> None:
   """Raises CheckpointError naming missing/unexpected keys and shape mismatches, before reading."""
   with ocp.PyTreeCheckpointer() as ckptr:
     stored = _shapes_by_path(ckptr.metadata(state_dir).item_metadata.tree)
-  wanted = _shapes_by_path(abstract_state)
+  problems = mismatch_report(stored, _shapes_by_path(abstract_state))
+  if problems:
+    raise CheckpointError(f"checkpoint {os.path.dirname(state_dir)} does not fit this config's train "
+                          f"state (changed model/optimizer config? use a new --workdir): {problems}")
+
+
+def mismatch_report(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 5) -> str:
+  """'' if both ``path -> shape`` maps agree, else one line ``missing: ...; unexpected: ...;
+  shape mismatch (stored != config): ...`` (at most ``limit`` items each)."""
   missing = sorted(set(wanted) - set(stored))
   unexpected = sorted(set(stored) - set(wanted))
   mismatched = sorted(f"{k} {stored[k]} != {wanted[k]}" for k in set(wanted) & set(stored)
                       if stored[k] != wanted[k])
-  if missing or unexpected or mismatched:
-    parts = [f"{name}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-             for name, items in (("missing", missing), ("unexpected", unexpected),
-                                 ("shape mismatch (stored != config)", mismatched)) if items]
-    raise CheckpointError(f"checkpoint {os.path.dirname(state_dir)} does not fit this config's train "
-                          f"state (changed model/optimizer config? use a new --workdir): {'; '.join(parts)}")
+  return "; ".join(f"{name}: {', '.join(items[:limit])}{' ...' if len(items) > limit else ''}"
+                   for name, items in (("missing", missing), ("unexpected", unexpected),
+                                       ("shape mismatch (stored != config)", mismatched)) if items)
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -108,3 +113,54 @@ def restore_params(path: str, abstract_params: Any | None = None) -> Any:
       restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=target, restore_args=restore_args, partial_restore=True))
   return restored["params"]
+
+
+def read_meta(path: str) -> dict:
+  """The ``meta`` item (``{"step", "config"}``, config decoded from JSON) of the checkpoint that
+  :func:`resolve_checkpoint_dir` picks for ``path``."""
+  import json  # pylint: disable=g-import-not-at-top
+  meta_file = os.path.join(os.path.dirname(resolve_checkpoint_dir(path)), "meta", "metadata")
+  if not os.path.isfile(meta_file):
+    raise CheckpointError(f"init_from={path!r}: checkpoint has no meta item ({meta_file}); cannot "
+                          "tell which objective wrote it")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  config = meta.get("config")
+  meta["config"] = json.loads(config) if isinstance(config, str) else (config or {})
+  return meta
+
+
+def restore_subtree(path: str, keys: tuple[str, ...]) -> Any:
+  """Host numpy arrays of one subtree of a train-state checkpoint, e.g. ``("extra", "teacher",
+  "backbone")``; only that subtree is read."""
+  state_dir = resolve_checkpoint_dir(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(state_dir).item_metadata.tree
+    node = tree
+    for i, k in enumerate(keys):
+      if not isinstance(node, dict) or k not in node:
+        have = sorted(node) if isinstance(node, dict) else []
+        raise CheckpointError(f"init_from={path!r}: checkpoint has no {'/'.join(keys[:i + 1])!r} "
+                              f"(found {have} under {'/'.join(keys[:i]) or 'the root'!r})")
+      node = node[k]
+    item = node
+    for k in reversed(keys):
+      item = {k: item}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  for k in keys:
+    restored = restored[k]
+  return restored
+
+
+def export_params(workdir: str, step: int, params: Any, meta: dict) -> str:
+  """Writes ``{"params": params}`` as a plain checkpoint ``WORKDIR/checkpoints/<step>`` (no
+  optimizer state) that :func:`restore_params`, :func:`restore_subtree` and :func:`read_meta`
+  read; returns the workdir."""
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    checkpointer.save(step, {"params": params}, None, meta)
+  finally:
+    checkpointer.close()
+  return workdir

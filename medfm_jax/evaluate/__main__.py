@@ -1,0 +1,59 @@
+r"""Evaluation CLI over any checkpoint:
+
+  python -m medfm_jax.evaluate --config=configs/eval/PROTOCOL.py:VARIANT \
+      --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
+
+PROTOCOL: linear_probe | knn | fewshot | finetune | zero_shot (see configs/eval/). An empty
+init_from evaluates the randomly initialised encoder (baseline). Writes DIR/results.json and
+DIR/results.md (accuracy, balanced accuracy, macro AUROC, per-class table).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config, e.g. configs/eval/knn.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results (and fine-tuning runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(kind: str, error: Exception, code: int = 2):
+  sys.stderr.write(f"medfm_jax: {kind}: {error}\n")
+  sys.exit(code)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.evaluate import protocols, report, restore  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    restore.adopt_architecture(config)
+    config_lib.validate(config, workdir)
+    config_lib.validate_eval(config)
+    results = protocols.run(config, workdir)
+  except config_lib.ConfigError as e:
+    _fail("config error", e)
+  except checkpoint.CheckpointError as e:
+    _fail("checkpoint error", e)
+  except protocols.EvalError as e:
+    _fail("eval error", e)
+  if jax.process_index() == 0:
+    json_path, md_path = report.write(workdir, results)
+    m = results["metrics"]
+    logging.info("%s: accuracy %.4f  balanced accuracy %.4f  macro AUROC %.4f  -> %s, %s",
+                 config.protocol, m["accuracy"], m["balanced_accuracy"], m["macro_auroc"],
+                 json_path, md_path)
+    print(report.markdown(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

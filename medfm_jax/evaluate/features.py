@@ -1,0 +1,67 @@
+"""Frozen features of a (restored or random) encoder, computed sharded over the mesh.
+
+:func:`build_classifier` creates the supervised classifier of the eval config (encoder restored
+from ``config.init_from`` when set) directly in its parameter shardings; :func:`extract` runs the
+encoder over the first ``n`` examples of a split in global batches split over data x fsdp and
+returns pooled features (cls token or mean of patch tokens) and labels as host numpy arrays,
+identical on every process.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
+
+from medfm_jax import objectives as objectives_lib
+from medfm_jax.data import pipeline
+from medfm_jax.models import heads
+from medfm_jax.parallel import mesh as mesh_lib
+
+
+def build_classifier(config, mesh):
+  """(supervised objective, its unboxed params placed in their logical shardings)."""
+  objective = objectives_lib.build(config)
+  d = config.data
+  batch = {"image": jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)}
+  rng = jax.random.PRNGKey(config.seed)
+  with mesh_lib.use_mesh(mesh):
+    def boxed_and_plain(r):
+      boxed = objective.init(r, batch)[0]
+      return boxed, nn.unbox(boxed)
+    boxed, plain = jax.eval_shape(boxed_and_plain, rng)
+    shardings = mesh_lib.shardings_by_param_path(plain, boxed, mesh)
+    params = jax.jit(lambda r: nn.unbox(objective.init(r, batch)[0]), out_shardings=shardings)(rng)
+  return objective, params
+
+
+def apply_over_split(config, mesh, fn, params, split: str, num_examples: int):
+  """-> (``fn(params, images)`` rows ``[n, ...]`` as float32 numpy, {label name: int ``[n]``}) over
+  the first ``num_examples`` records of ``split`` (unaugmented), in global batches of
+  ``features.batch_size`` split over data x fsdp; results replicated to every process."""
+  run = jax.jit(fn, out_shardings=PartitionSpec())
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  outs, labels = [], {}
+  with mesh_lib.use_mesh(mesh):
+    for local in pipeline.make_eval_batches(config.data, split, config.features.batch_size,
+                                            num_examples, jax.process_index(), jax.process_count()):
+      images = mesh_lib.to_global_batch({"image": local["image"]}, mesh)["image"]
+      keep = gather(local["mask"])
+      outs.append(np.asarray(run(params, images), np.float32)[keep])
+      for k in ("finding", "modality"):
+        labels.setdefault(k, []).append(gather(local[k])[keep])
+  return np.concatenate(outs), {k: np.concatenate(v) for k, v in labels.items()}
+
+
+def extract(config, mesh, objective, params, split: str, num_examples: int):
+  """Pooled encoder features ``[n, width]`` (``features.pool``: cls | mean) and labels."""
+  backbone = objective.model.backbone
+  pool = config.features.pool
+
+  def fn(p, images):
+    tokens = backbone.apply({"params": objective.effective_params(p)["backbone"]}, images)
+    return heads.pool_tokens(tokens, pool, backbone.num_prefix_tokens)
+
+  return apply_over_split(config, mesh, fn, params, split, num_examples)

@@ -1,0 +1,53 @@
+"""Evaluation results as ``results.json`` plus a Markdown table ``results.md`` in the workdir."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+SUMMARY = ("accuracy", "balanced_accuracy", "macro_auroc")
+
+
+def _fmt(x) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+
+def markdown(results: dict) -> str:
+  """Summary (metric per row; few-shot: mean ± std over seeds) and per-class table."""
+  lines = [f"# {results['protocol']} on {results['label']} ({results['split']}, "
+           f"{results['metrics']['num_examples']} examples)", "",
+           f"init_from: `{results['init_from'] or 'random init'}`", "", "| metric | value |", "|---|---|"]
+  for k in SUMMARY:
+    value = _fmt(results["metrics"][k])
+    if "std" in results:
+      value += f" ± {_fmt(results['std'][k])} ({len(results['seeds'])} seeds)"
+    lines.append(f"| {k} | {value} |")
+  lines += ["", "| class | support | recall | precision | AUROC |", "|---|---|---|---|---|"]
+  for r in results["metrics"]["per_class"]:
+    lines.append(f"| {r['class']} | {r['support']} | {_fmt(r['recall'])} | {_fmt(r['precision'])} | "
+                 f"{_fmt(r['auroc'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    return None if np.isnan(x) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write(workdir: str, results: dict) -> tuple[str, str]:
+  """Writes ``results.json`` (NaN -> null) and ``results.md``; returns their paths."""
+  os.makedirs(workdir, exist_ok=True)
+  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
+  with open(json_path, "w") as f:
+    json.dump(_jsonable(results), f, indent=1)
+  with open(md_path, "w") as f:
+    f.write(markdown(results))
+  return json_path, md_path

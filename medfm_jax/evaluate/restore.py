@@ -1,0 +1,147 @@
+"""Restore the image encoder of any pretraining checkpoint into a classifier or feature extractor.
+
+A registry keyed by the objective that wrote the checkpoint (its ``meta`` config) says where the
+image encoder lives in the saved train state: MAE ``params/encoder``; DINO ``extra/teacher/backbone``
+(default) or ``params/backbone`` (student); a fine-tuned classifier ``params/backbone``. Objectives
+with an image tower of their own (CLIP/SigLIP image tower, FLAVA image encoder) add one line with
+:func:`register_encoder` when they land; they do not exist in this codebase yet.
+
+Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
+position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
+the model), scanned/unrolled block stacks are converted, new parameter-efficient parameters
+(prompts, adapters) keep their fresh init; anything else that does not fit raises one
+:class:`CheckpointError` line listing missing/unexpected keys and shape mismatches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from medfm_jax.models import layers, vit
+from medfm_jax.peft.lora import path_str
+from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train.checkpoint import CheckpointError
+
+# objective name -> (tower name -> path of the image encoder in the saved train state), default tower
+_ENCODERS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {}
+
+# Encoder architecture fields copied from the checkpoint's config (model.*) into the eval config.
+ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
+               "layer_scale_init", "num_registers", "activation", "swiglu")
+# Parameters that only pretraining uses (iBOT mask token): dropped without complaint.
+PRETRAIN_ONLY = ("mask_token",)
+# Parameters a fine-tuning model adds on top of a pretrained encoder: fresh init is expected.
+NEW_PEFT_KEYS = ("prompts", "adapter_attn", "adapter_mlp")
+
+
+def register_encoder(objective: str, towers: dict[str, tuple[str, ...]], default: str) -> None:
+  """Declares where ``objective``'s checkpoints keep their image encoder(s)."""
+  if default not in towers:
+    raise ValueError(f"register_encoder({objective!r}): default {default!r} not in {sorted(towers)}")
+  _ENCODERS[objective] = (dict(towers), default)
+
+
+register_encoder("mae", {"encoder": ("params", "encoder")}, "encoder")
+register_encoder("dino", {"teacher": ("extra", "teacher", "backbone"),
+                          "student": ("params", "backbone")}, "teacher")
+register_encoder("supervised", {"backbone": ("params", "backbone")}, "backbone")
+
+
+def registered() -> list[str]:
+  return sorted(_ENCODERS)
+
+
+def checkpoint_objective(init_from: str) -> tuple[str, dict]:
+  """(objective name, saved config dict) of the checkpoint ``init_from`` points to."""
+  config = ckpt_lib.read_meta(init_from)["config"]
+  name = config.get("objective", {}).get("name")
+  if not name:
+    raise CheckpointError(f"init_from={init_from!r}: the checkpoint's config names no objective")
+  return name, config
+
+
+def encoder_path(objective: str, weights: str, init_from: str) -> tuple[str, ...]:
+  """Path of the image encoder in the saved state for ``weights`` ('default' or a tower name)."""
+  if objective not in _ENCODERS:
+    raise CheckpointError(f"init_from={init_from!r}: checkpoint of objective {objective!r} has no "
+                          f"registered image encoder; registered: {registered()} "
+                          "(evaluate.restore.register_encoder)")
+  towers, default = _ENCODERS[objective]
+  name = default if weights in ("", "default") else weights
+  if name not in towers:
+    raise CheckpointError(f"encoder_weights={weights!r}: objective {objective!r} checkpoints have "
+                          f"{sorted(towers)} (or 'default' = {default!r})")
+  return towers[name]
+
+
+def adopt_architecture(config) -> dict:
+  """Copies the encoder architecture (``ARCH_FIELDS``) of ``config.init_from``'s checkpoint into
+  ``config.model`` (fields the eval config has); returns the checkpoint's config. No-op without
+  ``init_from``."""
+  if not config.get("init_from"):
+    return {}
+  _, saved = checkpoint_objective(config.init_from)
+  for k in ARCH_FIELDS:
+    if k in saved.get("model", {}) and k in config.model:
+      value = saved["model"][k]
+      config.model[k] = tuple(value) if isinstance(value, list) else value
+  return saved
+
+
+def load_encoder(init_from: str, weights: str = "default") -> tuple[Any, dict]:
+  """(host numpy encoder params, the checkpoint's config)."""
+  objective, saved = checkpoint_objective(init_from)
+  path = encoder_path(objective, weights, init_from)
+  params = ckpt_lib.restore_subtree(init_from, path)
+  logging.info("restored %s image encoder %s from %s", objective, "/".join(path), init_from)
+  return params, saved
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _is_stacked(flat: dict) -> bool:
+  return any("/layers/block/" in "/" + k for k in flat)
+
+
+def _grid(n: int, path: str) -> tuple[int, int]:
+  g = math.isqrt(n)
+  if g * g != n:
+    raise CheckpointError(f"{path}: {n} position embeddings do not form a square grid")
+  return g, g
+
+
+def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
+  """``{path: array}`` for every leaf of the fresh encoder ``abstract`` (shapes) that comes from
+  the checkpoint's encoder ``restored``; leaves not returned keep their fresh init (only new PEFT
+  parameters). Raises one CheckpointError line when the two do not fit."""
+  want = _flat(abstract)
+  if _is_stacked(want) != _is_stacked(_flat(restored)):
+    restored = vit.stack_layers(restored) if _is_stacked(want) else vit.unstack_layers(restored)
+  have = {k: np.asarray(v) for k, v in _flat(restored).items()
+          if k.rsplit("/", 1)[-1] not in PRETRAIN_ONLY}
+  is_new = lambda k: any(part in NEW_PEFT_KEYS for part in k.split("/"))
+  out = {}
+  for k, leaf in want.items():
+    if k not in have:
+      continue
+    x = have[k]
+    if k.rsplit("/", 1)[-1] == "pos_embed" and x.shape != tuple(leaf.shape) and x.ndim == 3 \
+        and x.shape[-1] == leaf.shape[-1]:
+      old, new = _grid(x.shape[1], k), _grid(leaf.shape[1], k)
+      x = np.asarray(layers.interpolate_pos_embed(jnp.asarray(x), old, new, num_prefix=0))
+      logging.info("interpolated %s from a %dx%d to a %dx%d grid", k, *old, *new)
+    out[k] = x
+  problems = ckpt_lib.mismatch_report({k: x.shape for k, x in out.items()} |
+                                      {k: x.shape for k, x in have.items() if k not in want},
+                                      {k: tuple(x.shape) for k, x in want.items() if not is_new(k)})
+  if problems:
+    raise CheckpointError(f"init_from={init_from!r}: the checkpoint's image encoder does not fit "
+                          f"the model (check model.* and data.image_size): {problems}")
+  return out

@@ -1,0 +1,170 @@
+"""Supervised fine-tuning of a (pretrained) ViT classifier in the shared trainer.
+
+Classifier = ViT encoder (``params/backbone``) + :class:`heads.ClassifierHead` (``params/head``),
+cross-entropy on ``batch[data.label]``, held-out loss and accuracy. ``objective.scheme`` picks what
+trains (the rest gets no update, no weight decay, no optimizer state and no gradient):
+
+  full          everything (optionally with MAE layer-wise lr decay, ``objective.layer_decay``)
+  last_n        the last ``objective.last_n`` blocks, the final norm and the head
+  linear_probe  the head
+  lora          LoRA adapters (``params/lora``, applied with ``peft.lora.apply`` inside the step)
+                and the head; :meth:`export` folds them into plain weights
+  prompt        learned prompt tokens (``model.num_prompts``) and the head
+  adapter       bottleneck adapters (``model.adapter_dim``) and the head
+
+With ``config.init_from`` (a workdir or checkpoint of any registered pretraining objective) the
+encoder starts from the checkpoint's image encoder (see ``evaluate.restore``); empty = random init.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from medfm_jax.data import phantoms
+from medfm_jax.models import heads, vit
+from medfm_jax.objectives import base
+from medfm_jax.peft import freeze, lora
+from medfm_jax.peft.lora import path_str
+
+SCHEMES = ("full", "last_n", "linear_probe", "lora", "prompt", "adapter")
+LABELS = {"phantoms": {"finding": phantoms.FINDINGS, "modality": phantoms.MODALITIES}}
+
+
+def class_names(data_cfg) -> tuple[str, ...]:
+  """Class names of ``data.label`` for ``data.source``."""
+  label = data_cfg.get("label", "finding")
+  table = LABELS.get(data_cfg.source, {})
+  if label not in table:
+    raise ValueError(f"data.label={label!r}: allowed for data.source={data_cfg.source!r}: {sorted(table)}")
+  return tuple(table[label])
+
+
+class Classifier(nn.Module):
+  """``images [b, H, W, C]`` -> logits ``[b, num_classes]`` float32."""
+  backbone: vit.VisionTransformer
+  head: heads.ClassifierHead
+
+  def __call__(self, images, deterministic: bool = True):
+    return self.head(self.backbone(images, deterministic=deterministic), self.backbone.num_prefix_tokens)
+
+
+def scheme_mask(scheme: str, params, last_n: int = 1):
+  """Trainable mask (tree of bools) of ``scheme`` over a classifier param tree."""
+  if scheme == "full":
+    return freeze.full(params)
+  if scheme == "last_n":
+    return freeze.last_n_blocks(params, last_n)
+  if scheme == "linear_probe":
+    return freeze.linear_probe(params)
+  if scheme in freeze.PEFT_KEYS:
+    return freeze.only_keys(params, freeze.PEFT_KEYS[scheme])
+  raise ValueError(f"objective.scheme={scheme!r}: allowed {SCHEMES}")
+
+
+def _overwrite(boxed, values: dict):
+  """Replaces the leaves of a boxed param tree whose path is in ``values`` (keeps the boxes)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+
+  def one(path, x):
+    v = values.get(path_str(path))
+    if v is None:
+      return x
+    return x.replace_boxed(jnp.asarray(v, jnp.float32)) if is_box(x) else jnp.asarray(v, jnp.float32)
+  return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)
+
+
+class SupervisedObjective(base.Objective):
+  """``config.objective``: scheme, last_n, layer_decay, pool, head_init_std, label_smoothing,
+  lora_rank, lora_alpha, lora_rslora, lora_dropout, lora_targets; ``config.data.label``;
+  ``config.init_from``, ``config.encoder_weights``."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    o = config.objective
+    if o.scheme not in SCHEMES:
+      raise ValueError(f"objective.scheme={o.scheme!r}: allowed {SCHEMES}")
+    self.scheme = o.scheme
+    self.label = config.data.get("label", "finding")
+    self.num_classes = len(class_names(config.data))
+    backbone = vit.vit_from_config(config)
+    self.model = Classifier(backbone, heads.ClassifierHead(
+        self.num_classes, o.pool, o.head_init_std, backbone.layer_norm_eps, backbone.dtype))
+    self.lora_spec = lora.LoraSpec(o.lora_rank, float(o.lora_alpha), bool(o.lora_rslora),
+                                   tuple(o.lora_targets)) if o.scheme == "lora" else None
+    self._pretrained = None
+    if config.get("init_from"):
+      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
+      restored, _ = restore.load_encoder(config.init_from, config.get("encoder_weights", "default"))
+      self._pretrained = restore.fit_encoder(self._abstract_backbone(), restored, config.init_from)
+
+  def _abstract_backbone(self):
+    d = self.config.data
+    images = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
+    return nn.unbox(jax.eval_shape(lambda x: self.model.backbone.init(jax.random.PRNGKey(0), x),
+                                   images)["params"])
+
+  def init(self, rng, batch):
+    model_rng, lora_rng = jax.random.split(rng)
+    params = dict(self.model.init(model_rng, batch["image"][:1])["params"])
+    if self._pretrained is not None:
+      params["backbone"] = _overwrite(params["backbone"], self._pretrained)
+    if self.lora_spec is not None:
+      s = self.lora_spec
+      params["lora"], _ = lora.init(nn.unbox(params["backbone"]), s.targets, s.rank, s.alpha,
+                                    lora_rng, s.rslora)
+    return params, {}
+
+  def trainable(self, params):
+    return scheme_mask(self.scheme, params, self.config.objective.last_n)
+
+  def optimizer_kwargs(self):
+    decay = self.config.objective.layer_decay
+    if not decay:
+      return {}
+    depth = vit.size_from_config(self.config.model).depth
+    return {"lr_multipliers": lambda p: freeze.layerwise_lr_decay(p, decay, depth)}
+
+  def effective_params(self, params, rng=None, train: bool = False):
+    """Classifier params the model consumes: frozen leaves behind ``stop_gradient`` (no backward
+    pass through them), LoRA adapters applied to the backbone."""
+    mask = self.trainable(params)
+    params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), mask, params)
+    backbone = params["backbone"]
+    if self.lora_spec is not None:
+      rate = float(self.config.objective.lora_dropout) if train else 0.0
+      backbone = lora.apply(backbone, params["lora"], self.lora_spec, dropout_rate=rate, rng=rng)
+    return {"backbone": backbone, "head": params["head"]}
+
+  def logits(self, params, images):
+    """Deterministic logits ``[b, num_classes]``."""
+    return self.model.apply({"params": self.effective_params(params)}, images)
+
+  def export(self, params):
+    """Plain classifier params (LoRA merged in float32; no adapter tree) for a standalone checkpoint."""
+    if self.lora_spec is None:
+      return {"backbone": params["backbone"], "head": params["head"]}
+    return {"backbone": lora.export_merged(params["backbone"], params["lora"], self.lora_spec),
+            "head": params["head"]}
+
+  def _ce(self, logits, labels, smoothing: float = 0.0):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, self.num_classes), smoothing) if smoothing \
+        else jax.nn.one_hot(labels, self.num_classes)
+    return optax.softmax_cross_entropy(logits, targets)
+
+  def loss(self, params, extra, batch, rng, step):
+    del step
+    drop_rng, lora_rng = jax.random.split(rng)
+    logits = self.model.apply({"params": self.effective_params(params, lora_rng, train=True)},
+                              batch["image"], deterministic=False, rngs={"dropout": drop_rng})
+    labels = batch[self.label]
+    loss = self._ce(logits, labels, self.config.objective.label_smoothing).mean()
+    return loss, ({"accuracy": (logits.argmax(-1) == labels).mean()}, extra)
+
+  def eval_metrics(self, params, extra, batch, rng):
+    del extra, rng
+    logits = self.logits(params, batch["image"])
+    labels = batch[self.label]
+    return {"loss": base.masked_sum(self._ce(logits, labels), batch["mask"]),
+            "accuracy": base.masked_sum((logits.argmax(-1) == labels).astype(jnp.float32), batch["mask"])}
