@@ -208,14 +208,15 @@ def norm_entries(hf: str, ours: tuple[str, ...]) -> list[Entry]:
   return [entry(f"{hf}.weight", (*ours, "scale")), entry(f"{hf}.bias", (*ours, "bias"))]
 
 
-def attention_entries(hf: str, ours: tuple[str, ...], heads: int) -> list[Entry]:
+def attention_entries(hf: str, ours: tuple[str, ...], heads: int, qkv_bias: bool = True) -> list[Entry]:
   """HF ``{hf}.{q,k,v,o}_proj`` Linear layers <-> our per-head ``Attention`` at ``ours``."""
   m = []
   for hf_name, our_name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-    m += [entry(f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"),
-                lambda w: qkv_kernel(w, heads), lambda k: qkv_kernel_to_torch(k, heads)),
-          entry(f"{hf}.{hf_name}.bias", (*ours, our_name, "bias"),
-                lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1))]
+    m.append(entry(f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"),
+                   lambda w: qkv_kernel(w, heads), lambda k: qkv_kernel_to_torch(k, heads)))
+    if qkv_bias:
+      m.append(entry(f"{hf}.{hf_name}.bias", (*ours, our_name, "bias"),
+                     lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1)))
   return m + [entry(f"{hf}.o_proj.weight", (*ours, "out", "kernel"),
                     lambda w: out_kernel(w, heads), lambda k: out_kernel_to_torch(k, heads)),
               entry(f"{hf}.o_proj.bias", (*ours, "out", "bias"))]
