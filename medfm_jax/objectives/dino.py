@@ -1,13 +1,20 @@
-"""DINO self-distillation (Caron et al., 2021): student ViT + head vs an EMA teacher.
+"""DINO (Caron et al., 2021) and DINOv2 (Oquab et al., 2023) self-distillation.
 
-State outside the optimizer (``extra``): ``teacher`` (EMA of the student params, sharded like
-them) and ``center`` (``[K]``). Batches are multi-crop: ``global [b, n_g, G, G, C]`` and
-``local [b, n_l, L, L, C]`` (``data.multicrop``). Not yet here (see the DINO issue): DINOv2's
-iBOT/KoLeo/Sinkhorn wiring, kNN evaluation and attention maps.
+Student ViT + DINO head vs an EMA teacher. State outside the optimizer (``extra``): ``teacher``
+(EMA of the student params, sharded like them), ``center`` (``[K]``) and, with iBOT centering,
+``ibot_center`` (``[K_ibot]``). Batches are multi-crop: ``global [b, n_g, G, G, C]``, ``local
+[b, n_l, L, L, C]`` and, with iBOT, ``global_masks [b, n_g, N]`` (``data.patch_masks``).
+
+DINOv2 options (``config.objective``): ``ibot_loss_weight`` (masked-patch loss of the student's
+masked global crops against the teacher's patch tokens; shared or separate head, own center),
+``koleo_loss_weight`` (KoLeo on the student's backbone cls tokens of each global crop, summed over
+crops; computed over the GLOBAL batch so results do not depend on the mesh, where dinov2 uses each
+GPU's batch), ``centering`` = 'center' (DINO) | 'sinkhorn_knopp' (DINOv2).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -17,69 +24,140 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from medfm_jax.data import phantoms, pipeline
-from medfm_jax.evaluate import knn
-from medfm_jax.models import heads, vit
+from medfm_jax.evaluate import attention_maps, knn
+from medfm_jax.models import heads, layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
 
+CENTERINGS = ("center", "sinkhorn_knopp")
+
 
 class DinoModel(nn.Module):
-  """Backbone cls token -> DINO head logits ``[b, K]``."""
+  """Backbone -> ``{'cls': backbone cls token, 'logits': head(cls)}``; with ``patch_ids [b, M]``
+  also ``'patch_logits' [b, M, K']``: the iBOT head (or the shared DINO head) on those patches."""
   backbone: vit.VisionTransformer
   head: heads.DinoHead
+  ibot_head: heads.DinoHead | None = None
 
-  def __call__(self, images, deterministic: bool = True):
-    return self.head(self.backbone(images, deterministic=deterministic)[:, 0])
+  def __call__(self, images, deterministic: bool = True, patch_mask=None, patch_ids=None):
+    tokens = self.backbone(images, deterministic=deterministic, patch_mask=patch_mask)
+    out = {"cls": tokens[:, 0], "logits": self.head(tokens[:, 0])}
+    if patch_ids is not None:
+      patches = layers.gather_tokens(tokens[:, 1 + self.backbone.num_registers:], patch_ids)
+      out["patch_logits"] = (self.ibot_head or self.head)(patches)
+    return out
 
 
 def _views(x):
-  """``[b, n, H, W, C] -> [n*b, H, W, C]`` (view-major, so logits reshape to ``[n, b, K]``)."""
+  """``[b, n, ...] -> [n*b, ...]`` (view-major, so outputs reshape to ``[n, b, ...]``)."""
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _head(o, prefix: str = "") -> heads.DinoHead:
+  return heads.DinoHead(o[prefix + "out_dim"], o[prefix + "head_hidden_dim"],
+                        o[prefix + "head_bottleneck_dim"], norm_last_layer=o.norm_last_layer)
 
 
 class DinoObjective(base.Objective):
   """``config.objective``: out_dim, head_hidden_dim, head_bottleneck_dim, norm_last_layer,
   student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, center_momentum,
-  momentum_teacher (-> 1 on a cosine), freeze_last_layer_steps."""
+  momentum_teacher (-> 1 on a cosine), freeze_last_layer_steps, centering, dino_loss_weight,
+  koleo_loss_weight, ibot_loss_weight, ibot_separate_head (+ ibot_out_dim,
+  ibot_head_hidden_dim, ibot_head_bottleneck_dim)."""
 
   def __init__(self, config):
     super().__init__(config)
     o = config.objective
-    self.model = DinoModel(vit.vit_from_config(config), heads.DinoHead(
-        o.out_dim, o.head_hidden_dim, o.head_bottleneck_dim, norm_last_layer=o.norm_last_layer))
+    self.centering = o.get("centering", "center")
+    if self.centering not in CENTERINGS:
+      raise ValueError(f"objective.centering={self.centering!r}: allowed {CENTERINGS}")
+    self.ibot = o.get("ibot_loss_weight", 0.0) > 0
+    self.mask_spec = pipeline.patch_mask_spec(config.data)
+    if self.ibot and self.mask_spec is None:
+      raise ValueError("objective.ibot_loss_weight > 0 needs data.patch_masks (iBOT block masks)")
+    if self.ibot and not config.model.get("mask_token", False):
+      raise ValueError("objective.ibot_loss_weight > 0 needs model.mask_token=True")
+    separate = self.ibot and o.get("ibot_separate_head", False)
+    self.model = DinoModel(vit.vit_from_config(config), _head(o),
+                           _head(o, "ibot_") if separate else None)
+    # Patch slots per global view: masks never exceed int(N * max ratio) patches.
+    self.slots = max(1, int(self.mask_spec.num_patches * self.mask_spec.ratio[1])) if self.ibot else 0
     # cls features, replicated so every process can read them; built once, reused every eval.
     self._cls_features = jax.jit(lambda p, x: self.model.backbone.apply({"params": p}, x)[:, 0],
                                  out_shardings=PartitionSpec())
+    self._attention = jax.jit(  # (maps, images), replicated: process 0 writes them
+        lambda p, x: (attention_maps.cls_attention(self.model.backbone, p, x[:4]), x[:4]),
+        out_shardings=PartitionSpec())
+
+  @property
+  def ibot_out_dim(self) -> int:
+    return (self.model.ibot_head or self.model.head).out_dim
 
   def init(self, rng, batch):
-    params = self.model.init(rng, batch["global"][:, 0])["params"]
+    images = batch["global"][:, 0]
+    ids = jnp.zeros((images.shape[0], max(self.slots, 1)), jnp.int32) if self.ibot else None
+    params = self.model.init(rng, images, patch_ids=ids)["params"]
     teacher = jax.tree.map(jnp.copy, nn.unbox(params))
-    return params, {"teacher": teacher, "center": jnp.zeros((self.config.objective.out_dim,), jnp.float32)}
+    extra = {"teacher": teacher, "center": jnp.zeros((self.config.objective.out_dim,), jnp.float32)}
+    if self.ibot:
+      extra["ibot_center"] = jnp.zeros((self.ibot_out_dim,), jnp.float32)
+    return params, extra
 
   def optimizer_kwargs(self):
     return {"frozen_for_steps": (heads.last_layer_mask, self.config.objective.freeze_last_layer_steps)}
 
+  def _teacher_probs(self, logits, center, temp, valid=None):
+    """Centred + sharpened (or Sinkhorn-Knopp) teacher targets, gradient stopped."""
+    if self.centering == "sinkhorn_knopp":
+      return dino_losses.sinkhorn_knopp(logits, temp, valid=valid)
+    return jax.nn.softmax(jax.lax.stop_gradient(logits - center) / temp, axis=-1)
+
   def loss(self, params, extra, batch, rng, step):
     o = self.config.objective
     n_g, b = batch["global"].shape[1], batch["global"].shape[0]
-    # The teacher runs deterministically: no drop-path (that is for the student only).
-    teacher_logits = self.model.apply({"params": extra["teacher"]}, _views(batch["global"]))
-    teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(n_g, b, -1)
-    student = lambda x, r: self.model.apply({"params": params}, _views(x), deterministic=False,
-                                            rngs={"dropout": r})
+    images = _views(batch["global"])
+    masks = ids = valid = None
+    if self.ibot:
+      masks = _views(batch["global_masks"])                                  # [n_g*b, N]
+      ids = jnp.argsort(~masks, axis=1, stable=True)[:, :self.slots].astype(jnp.int32)
+      valid = jnp.take_along_axis(masks, ids, axis=1)                         # [n_g*b, M]
+    # The teacher sees unmasked crops and runs deterministically (drop-path is student-only).
+    teacher = jax.lax.stop_gradient(self.model.apply({"params": extra["teacher"]}, images, patch_ids=ids))
     rng_g, rng_l = jax.random.split(rng)
-    logits = [student(batch["global"], rng_g)]
+    student = self.model.apply({"params": params}, images, deterministic=False, patch_mask=masks,
+                               patch_ids=ids, rngs={"dropout": rng_g})
+    logits = [student["logits"]]
     if batch.get("local") is not None and batch["local"].shape[1]:
-      logits.append(student(batch["local"], rng_l))
+      logits.append(self.model.apply({"params": params}, _views(batch["local"]), deterministic=False,
+                                     rngs={"dropout": rng_l})["logits"])
     student_logits = jnp.concatenate(logits).reshape(-1, b, o.out_dim)
-    teacher_temp = dino_losses.teacher_temp_schedule(step, o.warmup_teacher_temp_steps,
-                                                     o.warmup_teacher_temp, o.teacher_temp)
-    loss, metrics = dino_losses.dino_loss(student_logits, teacher_logits, extra["center"],
-                                          o.student_temp, teacher_temp, n_g)
-    center = dino_losses.update_center(extra["center"], teacher_logits, o.center_momentum)
-    metrics.update(teacher_temp=teacher_temp, center_norm=jnp.linalg.norm(center))
-    return loss, (metrics, dict(extra, center=center))
+    teacher_logits = teacher["logits"].reshape(n_g, b, -1)
+    temp = dino_losses.teacher_temp_schedule(step, o.warmup_teacher_temp_steps,
+                                             o.warmup_teacher_temp, o.teacher_temp)
+    probs = self._teacher_probs(teacher_logits, extra["center"], temp)
+    dino = dino_losses.dino_cross_entropy(student_logits, probs, o.student_temp, n_g)
+    metrics = dino_losses.teacher_metrics(probs)
+    metrics.update(dino_loss=dino, teacher_temp=temp,
+                   loss_over_ln_k=jax.lax.stop_gradient(dino) / math.log(o.out_dim))
+    loss = o.get("dino_loss_weight", 1.0) * dino
+    new_extra = dict(extra)
+    if self.centering == "center":
+      new_extra["center"] = dino_losses.update_center(extra["center"], teacher_logits, o.center_momentum)
+    metrics["center_norm"] = jnp.linalg.norm(new_extra["center"])
+    if o.get("koleo_loss_weight", 0.0) > 0:
+      koleo = sum(dino_losses.koleo_loss(c) for c in student["cls"].reshape(n_g, b, -1))
+      metrics["koleo_loss"] = koleo
+      loss = loss + o.koleo_loss_weight * koleo
+    if self.ibot:
+      patch_probs = self._teacher_probs(teacher["patch_logits"], extra["ibot_center"], temp, valid)
+      ibot = dino_losses.ibot_patch_loss(student["patch_logits"], patch_probs, valid, o.student_temp)
+      metrics.update(ibot_loss=ibot, masked_fraction=jnp.mean(masks.astype(jnp.float32)))
+      loss = loss + o.ibot_loss_weight * ibot
+      if self.centering == "center":
+        new_extra["ibot_center"] = dino_losses.update_center(
+            extra["ibot_center"], teacher["patch_logits"], o.center_momentum, weights=valid)
+    return loss, (metrics, new_extra)
 
   def evaluate(self, params, extra, mesh, step):
     """kNN (k=20, T=0.07) top-1 accuracy of teacher cls features on phantom labels: a bank of
@@ -108,9 +186,19 @@ class DinoObjective(base.Objective):
             for name, num_classes in (("finding", len(phantoms.FINDINGS)),
                                       ("modality", len(phantoms.MODALITIES)))}
 
+  def eval_artifacts(self, params, extra, batch, rng, workdir, step):
+    """PNG of the teacher's last-layer cls attention per head on the first eval images."""
+    del params, rng
+    maps, images = self._attention(extra["teacher"]["backbone"], batch["image"])
+    if jax.process_index() == 0:
+      attention_maps.write_attention_png(
+          os.path.join(workdir, "attention", f"step_{step:07d}.png"), np.asarray(images),
+          np.asarray(maps), self.config.data.mean, self.config.data.std)
+
   def warnings(self, scalars):
-    if dino_losses.collapse_warning(scalars["loss"], self.config.objective.out_dim):
-      return [f"DINO loss {scalars['loss']:.3f} sits at ln K = {math.log(self.config.objective.out_dim):.3f}: "
+    loss = scalars.get("dino_loss", scalars["loss"])
+    if dino_losses.collapse_warning(loss, self.config.objective.out_dim):
+      return [f"DINO loss {loss:.3f} sits at ln K = {math.log(self.config.objective.out_dim):.3f}: "
               f"the teacher output may have collapsed (teacher entropy "
               f"{scalars.get('teacher_entropy', float('nan')):.3f}); check teacher temperature and centering"]
     return []
