@@ -49,7 +49,8 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective, tx = build_objective(config)
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
-                                               jax.process_index(), jax.process_count())
+                                               jax.process_index(), jax.process_count(),
+                                               skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
   local = next(data_iterator)
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
@@ -132,15 +133,20 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
   eval_fn = jax.jit(state_lib.make_eval_step(objective))
   eval_batches = pipeline.make_eval_batches(
       config.data, config.data.eval_split, config.data.eval_batch_size,
-      config.data.eval_examples, jax.process_index(), jax.process_count())
+      config.data.eval_examples, jax.process_index(), jax.process_count(),
+      skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
   total, step = config.total_steps, trainer.start_step
   if step >= total:
     logging.info("run already complete at step %d (total_steps=%d)", step, total)
     return trainer.state
 
   with mesh_lib.use_mesh(mesh):
-    next_batch = lambda: mesh_lib.to_global_batch(
-        trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator), mesh)
+    skipped = [0]   # bad records skipped by the input (data.on_error='skip') since the last log
+
+    def next_batch():
+      local = trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator)
+      skipped[0] += pipeline.pop_skipped(local)
+      return mesh_lib.to_global_batch(local, mesh)
     batch = next_batch()
     trainer.pending_batch = None
     t0 = time.perf_counter()
@@ -174,6 +180,8 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
         scalars.update(timing, images_per_s=config.batch_size / dt,
                        images_per_s_per_device=config.batch_size / dt / n_dev,
                        tflops_per_device=tflops, mfu=tflops / peak)
+        if config.data.get("on_error", "raise") == "skip":
+          scalars["data/skipped"], skipped[0] = skipped[0], 0
         writer.write(step, scalars)
         for message in objective.warnings(scalars):
           logging.warning("step %d: %s", step, message)
