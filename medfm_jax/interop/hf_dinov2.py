@@ -43,7 +43,7 @@ import numpy as np
 from medfm_jax.interop import torch_io
 from medfm_jax.models import vit
 
-__all__ = ["config_from_hf", "vit_kwargs", "build_vit", "normalize_hf_names", "convert_dinov2",
+__all__ = ["config_from_hf", "vit_kwargs", "config_overrides", "build_vit", "normalize_hf_names", "convert_dinov2",
            "export_dinov2", "load_hf_dinov2", "hf_resize_pos_grid", "swiglu_hidden"]
 
 _WHAT = "HF Dinov2"
@@ -125,6 +125,20 @@ def vit_kwargs(hf_config, image_size: int | None = None) -> dict[str, Any]:
               layer_scale_init=cfg["layerscale_value"] or 1.0, num_registers=cfg["num_registers"],
               activation=_ACTIVATIONS[cfg["hidden_act"]], swiglu=cfg["swiglu"], qkv_bias=cfg["qkv_bias"],
               mask_token=cfg["mask_token"], final_norm=True)
+
+
+_CONFIG_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
+                  "layer_scale_init", "num_registers", "activation", "swiglu", "mask_token")
+
+
+def config_overrides(hf_config, image_size: int | None = None) -> dict[str, Any]:
+  """``{"model.variant": ..., "data.image_size": ...}``: the config fields that make
+  ``vit.vit_from_config`` build the same encoder as :func:`build_vit` (e.g. to start a DINO run from
+  HF weights). Raises for ``qkv_bias=False``, which our configs cannot express."""
+  kw = vit_kwargs(hf_config, image_size)
+  if not kw["qkv_bias"]:
+    raise ValueError(f"{_WHAT} qkv_bias=False: our configs always build q/k/v biases; use build_vit")
+  return {f"model.{k}": kw[k] for k in _CONFIG_FIELDS} | {"data.image_size": kw["image_size"]}
 
 
 def build_vit(hf_config, scan: bool = False, image_size: int | None = None, **overrides) -> vit.VisionTransformer:

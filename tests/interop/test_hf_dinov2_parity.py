@@ -14,13 +14,13 @@ from medfm_jax.models import layers  # noqa: E402
 ATOL = 1e-5
 CASES = {
     # Dinov2Model: SwiGLU (hidden ((int(48*4*2/3)+7)//8)*8 = 128), 1 channel, no q/k/v bias, eps 1e-5,
-    # 16 patches of 7; other resolution upsamples the 4x4 position grid to 6x6.
-    "plain_swiglu": dict(registers=False, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+    # 16 patches of 7; other resolution upsamples the 4x4 position grid to 6x6. Scanned encoder.
+    "plain_swiglu": dict(registers=False, scan=True, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
                          image_size=28, patch_size=7, num_channels=1, use_swiglu_ffn=True, qkv_bias=False,
                          layer_norm_eps=1e-5, other_size=42),
     # Dinov2WithRegistersModel: 4 registers, GELU MLP, 3 channels, 49 patches of 4; other resolution
-    # downsamples the 7x7 grid to 5x5.
-    "registers_gelu": dict(registers=True, num_register_tokens=4, hidden_size=32, num_hidden_layers=2,
+    # downsamples the 7x7 grid to 5x5. Unrolled encoder.
+    "registers_gelu": dict(registers=True, scan=False, num_register_tokens=4, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, image_size=28, patch_size=4, num_channels=3, other_size=20),
 }
 
@@ -28,7 +28,8 @@ CASES = {
 def _hf_model(name, seed=0):
   """Random HF model: every tensor randomised, LayerScale around 0.5 (non-trivial), norms near 1."""
   kw = dict(CASES[name])
-  registers, _ = kw.pop("registers"), kw.pop("other_size")
+  registers = kw.pop("registers")
+  del kw["other_size"], kw["scan"]
   config_cls, model_cls = ((transformers.Dinov2WithRegistersConfig, transformers.Dinov2WithRegistersModel)
                            if registers else (transformers.Dinov2Config, transformers.Dinov2Model))
   torch.manual_seed(seed)
@@ -78,9 +79,11 @@ def _apply(model, params, images, patch_mask=None):
     return jax.jit(model.apply)({"params": params}, images, patch_mask=patch_mask)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_forward_parity(case, scan):
+def test_forward_parity(case):
+  """last_hidden_state and pooler_output (each case with its own encoder layout, unrolled or scanned)."""
+  scan = CASES[case["name"]]["scan"]
   model, params = hf_dinov2.load_hf_dinov2(case["model"], scan=scan)
+  assert "layers" in params["encoder"] if scan else "layer_1" in params["encoder"]
   assert model.num_registers == CASES[case["name"]].get("num_register_tokens", 0)
   # One forward: the images unmasked, then with HF's bool_masked_pos as our patch_mask (both put the
   # mask token in place of patch embeddings before position embeddings).
@@ -216,3 +219,22 @@ def test_swiglu_hidden_matches_hf(width):
   layer = transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN(config)
   assert hf_dinov2.swiglu_hidden(width, config.mlp_ratio) == layer.gate_proj.out_features
   assert hf_dinov2.vit_kwargs(config)["mlp_dim"] == layer.gate_proj.out_features
+
+
+def test_config_overrides_build_the_same_encoder():
+  from configs import dino  # pylint: disable=import-outside-toplevel
+  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  config = transformers.Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                                  image_size=28, patch_size=7, num_register_tokens=2,
+                                                  use_swiglu_ffn=True)
+  c = dino.get_config("tiny")
+  for key, value in hf_dinov2.config_overrides(config).items():
+    section, field = key.split(".")
+    c[section][field] = value
+  ours = vit.vit_from_config(c)
+  ref = hf_dinov2.build_vit(config, attention_impl=ours.attention_impl)
+  for field in ("size", "image_size", "pos_embed", "layer_norm_eps", "layer_scale_init", "num_registers",
+                "activation", "swiglu", "mask_token", "qkv_bias", "final_norm"):
+    assert getattr(ours, field) == getattr(ref, field), field
+  with pytest.raises(ValueError, match="qkv_bias=False"):
+    hf_dinov2.config_overrides({**config.to_dict(), "qkv_bias": False})
