@@ -2,11 +2,13 @@ r"""Throughput benchmark of the jitted train step (not a test).
 
   python -m medfm_jax.bench --config=configs/mae.py:tiny
   python -m medfm_jax.bench --config=configs/mae.py:vit_b16,batch_size=8 --torch
-  python -m medfm_jax.bench --config=configs/mae.py:tiny --data_only
+  python -m medfm_jax.bench --config=configs/mae.py:tiny --data_only [--data_sources=phantoms,folder,dicom,tfds --data_workers=0,2]
 
 Prints compile time, median step time, images/s (total and per device), TFLOP/s per device and
 MFU for the config's model and global batch on random inputs (data loading excluded; see
-``--data_only`` for the input pipeline). ``--torch`` times the same MAE model and batch in
+``--data_only`` for the input pipeline: phantom generation, the config's train iterator, and a
+table of train-iterator images/s per source (phantoms, PNG folder, DICOM folder, TFDS
+array_record built from the PNGs; files written to a temp dir) and worker count). ``--torch`` times the same MAE model and batch in
 PyTorch eager (Hugging Face ``ViTMAEForPreTraining``) in the same process for comparison.
 """
 from __future__ import annotations
@@ -26,6 +28,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch eager MAE (HF transformers).")
 _DATA_ONLY = flags.DEFINE_bool("data_only", False, "Benchmark only the input pipeline.")
 _JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
+_DATA_SOURCES = flags.DEFINE_list("data_sources", ["phantoms", "folder", "dicom", "tfds"],
+                                  "--data_only: sources to time (phantoms, folder = PNG folder, "
+                                  "dicom = DICOM folder, tfds = array_record built from the PNGs).")
+_DATA_WORKERS = flags.DEFINE_list("data_workers", ["0", "2"], "--data_only: worker counts to time.")
+_DATA_EXAMPLES = flags.DEFINE_integer("data_examples", 512, "--data_only: files written per source.")
 
 
 def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
@@ -81,6 +88,47 @@ def benchmark_data(config, num_batches: int = 30) -> dict[str, float]:
               config.data, config.batch_size, num_batches=num_batches)}
 
 
+def write_bench_data(root: str, num_examples: int, image_size: int) -> dict[str, dict]:
+  """Writes a PNG folder, a DICOM folder and a TFDS dataset (from the PNGs) of phantoms under
+  ``root``; returns the data.* overrides that read each (all examples in the train split)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from medfm_jax.data import build, export  # pylint: disable=g-import-not-at-top
+  png, dcm = os.path.join(root, "png"), os.path.join(root, "dicom")
+  export.export_phantoms(png, num_examples, image_size, "png")
+  export.export_phantoms(dcm, num_examples, image_size, "dicom")
+  build.build("folder", os.path.join(root, "tfds"), "bench", path=png, splits="train:1")
+  return {"phantoms": {"source": "phantoms"},
+          "folder": {"source": "folder", "path": png, "splits": "train:1"},
+          "dicom": {"source": "folder", "path": dcm, "splits": "train:1"},
+          "tfds": {"source": "tfds", "name": "bench:1.0.0", "data_dir": os.path.join(root, "tfds")}}
+
+
+def benchmark_data_sources(config, sources, workers, num_examples: int = 512,
+                           num_batches: int = 30) -> list[dict]:
+  """Train-iterator images/s of the config's pipeline for each source x worker count."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rows = []
+  with tempfile.TemporaryDirectory() as root:
+    overrides = write_bench_data(root, num_examples, config.data.image_size)
+    for name in sources:
+      if name not in overrides:
+        raise app.UsageError(f"--data_sources: unknown {name!r}; allowed {', '.join(overrides)}")
+      for w in workers:
+        data_cfg = config.data.copy_and_resolve_references()
+        data_cfg.update(overrides[name], num_workers=int(w))
+        rows.append({"source": name, "workers": int(w), "images_per_s": pipeline.benchmark_train_iterator(
+            data_cfg, config.batch_size, num_batches=num_batches)})
+  return rows
+
+
+def data_table(rows: list[dict]) -> str:
+  """Markdown table: source x workers -> images/s."""
+  lines = ["| source | workers | images/s |", "|---|---|---|"]
+  lines += [f"| {r['source']} | {r['workers']} | {r['images_per_s']:,.0f} |" for r in rows]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -89,6 +137,10 @@ def main(argv):
           "batch_size": config.batch_size, "dtype": config.dtype, "backend": jax.default_backend()}
   if _DATA_ONLY.value:
     result = dict(desc, **benchmark_data(config))
+    rows = benchmark_data_sources(config, _DATA_SOURCES.value, _DATA_WORKERS.value,
+                                  _DATA_EXAMPLES.value)
+    result["sources"] = rows
+    print(data_table(rows))
   else:
     result = dict(desc, **benchmark_train_step(config, _STEPS.value, _WARMUP.value))
     if _TORCH.value:
@@ -101,6 +153,8 @@ def main(argv):
       result.update({f"torch_{k}": v for k, v in torch_result.items()})
       result["jax_over_torch_time"] = result["step_time_median_s"] / torch_result["step_time_median_s"]
   for k, v in result.items():
+    if k == "sources":   # printed as the table above
+      continue
     print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
   if _JSON.value:
     with open(_JSON.value, "a", encoding="utf-8") as f:

@@ -215,6 +215,33 @@ def _read_dataset(data: bytes, path: str, stop_before_pixels: bool = False):
     raise DataError(path, f"cannot parse DICOM ({type(e).__name__}: {e})") from None
 
 
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99")
+
+
+def _native_frame(ds, frame: int, frames: int) -> np.ndarray | None:
+  """One grayscale frame of uncompressed little-endian pixel data, read straight from the
+  buffer (as pydicom's ``pixel_array``: bits above HighBit masked or sign-extended); None for
+  anything else (pydicom decodes those)."""
+  meta = getattr(ds, "file_meta", None)
+  bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0))
+  if (meta is None or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE
+      or int(ds.get("SamplesPerPixel", 1)) != 1 or bits not in (8, 16) or not 0 < stored <= bits
+      or int(ds.get("HighBit", stored - 1)) != stored - 1):
+    return None
+  signed = int(ds.get("PixelRepresentation", 0)) == 1
+  rows, cols = int(ds.Rows), int(ds.Columns)
+  dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+  size = rows * cols
+  buf = ds.PixelData
+  if len(buf) < frames * size * dtype.itemsize:
+    raise ValueError(f"pixel data has {len(buf)} bytes, expected {frames * size * dtype.itemsize}")
+  arr = np.frombuffer(buf, dtype, size, frame * size * dtype.itemsize).reshape(rows, cols)
+  if stored < bits:
+    shift = bits - stored
+    arr = (arr << shift) >> shift if signed else arr & ((1 << stored) - 1)
+  return arr
+
+
 def _decode_dicom(data: bytes, path: str, frame: int) -> Decoded:
   from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top
   ds = _read_dataset(data, path)
@@ -227,7 +254,9 @@ def _decode_dicom(data: bytes, path: str, frame: int) -> Decoded:
   if not 0 <= frame < frames:
     raise DataError(path, f"frame {frame} out of range [0, {frames})")
   try:
-    arr = pixel_array(ds, index=frame if frames > 1 else None)
+    arr = _native_frame(ds, frame, frames)
+    if arr is None:
+      arr = pixel_array(ds, index=frame if frames > 1 else None)
   except Exception as e:
     raise DataError(path, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})") from None
   if arr.ndim == 2:

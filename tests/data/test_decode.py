@@ -138,3 +138,18 @@ def test_channels_and_resize_policies():
   p = decode.Preprocess(channels=3, window="minmax", resize="pad", size=16)
   out = p(decode.Decoded(np.linspace(-5, 5, 8 * 4, dtype=np.float32).reshape(8, 4, 1)))
   assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and out.max() > 200
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_native_fast_path_masks_bits_above_high_bit_like_pydicom(tmp_path, signed):
+  vals = RNG.integers(-2048 if signed else 0, 2048 if signed else 4096, (2, 8, 8))
+  raw = (vals & 0xFFF) | (RNG.integers(0, 16, vals.shape) << 12)      # garbage in bits 12-15
+  raw = raw.astype(np.uint16).view(np.int16 if signed else np.uint16)
+  ds = export.dicom_dataset(raw)
+  ds.BitsStored, ds.HighBit = 12, 11
+  path = str(tmp_path / "b12.dcm")
+  ds.save_as(path, enforce_file_format=True)
+  for f in range(2):
+    got = _decode_file(path, f).pixels[..., 0]
+    np.testing.assert_array_equal(got, pydicom.pixels.pixel_array(path, index=f))
+    np.testing.assert_array_equal(got, vals[f])
