@@ -19,9 +19,15 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10",
         "tensorboardX>=2.6,<3",
+        "array-record>=0.5",          # TFDS data_source / the build CLI, without TensorFlow
+        "etils[epath]>=1.5",          # bucket URLs for data files
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # DICOM: pydicom + pixel-data plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
+        "dicom": ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1",
+                  "pylibjpeg-openjpeg>=2.3", "pylibjpeg-rle>=2.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=3,<4", "pylibjpeg>=2.0",
+                 "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3", "pylibjpeg-rle>=2.0"],
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },
