@@ -1,15 +1,23 @@
-r"""DINO self-distillation (Caron et al., 2021) of a ViT on medical images.
+r"""DINO (Caron et al., 2021) and DINOv2 (Oquab et al., 2023) self-distillation of a ViT.
 
-Tiny CPU run on the embedded phantoms:
+Tiny CPU runs on the embedded phantoms (DINO; DINOv2 = + iBOT, KoLeo, Sinkhorn-Knopp, LayerScale):
 
   python -m medfm_jax.main --config=configs/dino.py:tiny --workdir=runs/dino_tiny
+  python -m medfm_jax.main --config=configs/dino.py:tiny_v2 --workdir=runs/dinov2_tiny
 
 Paper recipe (ViT-S/16, B/16) on a pod or GPU box:
 
   python -m medfm_jax.main --config=configs/dino.py:vit_b16 --workdir=gs://BUCKET/dino_b16 \
       --config.mesh.fsdp=8 --config.dtype=bfloat16
 
-Variants: tiny | vit_s16 | vit_b16; append ``,key=value`` pairs to override fields.
+DINOv2 recipe (ViT-L/14, ViT-g/14; add ``--config.model.num_registers=4`` for registers):
+
+  python -m medfm_jax.main --config=configs/dino.py:vit_g14 --workdir=gs://BUCKET/dinov2_g14 \
+      --config.mesh.fsdp=-1 --config.dtype=bfloat16 --config.model.remat=dots --config.model.scan=True
+
+Variants: tiny | tiny_v2 | vit_s16 | vit_b16 (DINO) | vit_l14 | vit_g14 (DINOv2); append
+``,key=value`` pairs to override fields. Not reproduced from DINOv2: the final high-resolution
+(518 px) adaptation phase and per-module gradient clipping (here one global norm).
 """
 import os
 import sys
@@ -20,6 +28,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402  (config files are loaded by path)
 
 _IMAGENET_STEPS_PER_EPOCH = 1_281_167 // 1024
+
+
+_DINOV2_STEPS_PER_EPOCH = 1250                    # dinov2's OFFICIAL_EPOCH_LENGTH
+
+
+def _dinov2(c, patch_size: int, out_dim: int, hidden: int, bottleneck: int) -> None:
+  """DINOv2 recipe (ssl_default_config + vitl14/vitg14): iBOT with a separate head, KoLeo 0.1,
+  Sinkhorn-Knopp, LayerScale 1e-5, mask token, teacher temp 0.04 -> 0.07 over 30 epochs, lr 4e-3 x
+  sqrt(B/1024), wd 0.04 -> 0.2, layer-wise lr decay 0.9, patch-embed lr x 0.2, 8 local crops."""
+  e = _DINOV2_STEPS_PER_EPOCH
+  o = c.objective
+  o.out_dim, o.head_hidden_dim, o.head_bottleneck_dim = out_dim, hidden, bottleneck
+  o.ibot_out_dim, o.ibot_head_hidden_dim, o.ibot_head_bottleneck_dim = out_dim, hidden, bottleneck
+  o.ibot_separate_head, o.ibot_loss_weight, o.koleo_loss_weight = True, 1.0, 0.1
+  o.centering, o.head_norm_eps, o.norm_last_layer = "sinkhorn_knopp", 1e-6, False
+  o.warmup_teacher_temp, o.teacher_temp, o.warmup_teacher_temp_steps = 0.04, 0.07, 30 * e
+  o.momentum_teacher, o.freeze_last_layer_steps = 0.994, e
+  o.layerwise_decay, o.patch_embed_lr_mult = 0.9, 0.2
+  c.model.layer_scale_init, c.model.mask_token, c.model.drop_path = 1e-5, True, 0.4
+  c.lr, c.lr_scaling, c.min_lr = 4e-3, "sqrt", 1e-6
+  c.weight_decay, c.weight_decay_end = 0.04, 0.2
+  c.grad_clip, c.grad_clip_mode = 3.0, "global"
+  c.total_steps, c.warmup_steps = 500 * e, 80 * e
+  c.data.multicrop.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), num_local=8,
+                          local_size=98)
+  c.data.patch_masks = ml_collections.ConfigDict(dict(patch_size=patch_size, probability=0.5,
+                                                      ratio=(0.1, 0.5)))
 
 
 def get_config(arg: str | None = None):
@@ -38,6 +73,18 @@ def get_config(arg: str | None = None):
   c.objective.momentum_teacher = 0.996
   c.objective.freeze_last_layer_steps = 1 * _IMAGENET_STEPS_PER_EPOCH
   c.objective.knn_train_examples = 2000           # kNN bank (phantom train split) at eval time
+  # DINOv2 options (off for DINO): see medfm_jax/objectives/dino.py.
+  c.objective.centering = "center"                # 'center' | 'sinkhorn_knopp'
+  c.objective.head_norm_eps = 1e-12               # DINOv2: 1e-6
+  c.objective.dino_loss_weight = 1.0
+  c.objective.koleo_loss_weight = 0.0             # DINOv2: 0.1
+  c.objective.ibot_loss_weight = 0.0              # DINOv2: 1.0 (needs data.patch_masks, model.mask_token)
+  c.objective.ibot_separate_head = False
+  c.objective.ibot_out_dim = 65536
+  c.objective.ibot_head_hidden_dim = 2048
+  c.objective.ibot_head_bottleneck_dim = 256
+  c.objective.layerwise_decay = 1.0               # DINOv2: 0.9
+  c.objective.patch_embed_lr_mult = 1.0           # DINOv2: 0.2
 
   c.model.variant = "S/16"
   c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0
@@ -45,6 +92,9 @@ def get_config(arg: str | None = None):
   c.model.layer_norm_eps = 1e-6
   c.model.drop_path = 0.1                         # student only
   c.model.layer_scale_init = 0.0
+  c.model.num_registers = 0
+  c.model.swiglu = False
+  c.model.mask_token = False                      # learned [MASK] embedding (iBOT)
   c.model.remat = "none"
   c.model.scan = False
   c.model.attention_impl = "auto"
@@ -61,9 +111,12 @@ def get_config(arg: str | None = None):
   c.data.multicrop = ml_collections.ConfigDict(dict(
       num_global=2, global_size=224, global_scale=(0.4, 1.0), num_local=10, local_size=96,
       local_scale=(0.05, 0.4), ratio=(3.0 / 4.0, 4.0 / 3.0)))
+  c.data.patch_masks = None                       # iBOT: dict(patch_size, probability, ratio)
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
 
-  if variant == "tiny":
+  if variant in ("tiny", "tiny_v2"):
+    if variant == "tiny_v2":
+      _dinov2(c, patch_size=4, out_dim=512, hidden=256, bottleneck=64)
     c.model.variant = "Mu/4"
     c.objective.out_dim, c.objective.head_hidden_dim, c.objective.head_bottleneck_dim = 512, 256, 64
     c.objective.warmup_teacher_temp_steps, c.objective.freeze_last_layer_steps = 50, 20
@@ -74,12 +127,26 @@ def get_config(arg: str | None = None):
     c.batch_size, c.lr = 32, 5e-4 * 8
     c.total_steps, c.warmup_steps = 200, 20
     c.log_every, c.eval_every, c.checkpoint_every = 20, 200, 200
+    if variant == "tiny_v2":
+      c.objective.ibot_out_dim = 512
+      c.objective.ibot_head_hidden_dim, c.objective.ibot_head_bottleneck_dim = 256, 64
+      c.objective.teacher_temp = 0.04             # 200 steps: no room for the 0.04 -> 0.07 warmup
+      c.objective.momentum_teacher = 0.996
+      c.model.drop_path = 0.1
+      c.lr = 4e-3                                 # x sqrt(32/1024)
   elif variant == "vit_s16":
     c.model.variant = "S/16"
   elif variant == "vit_b16":
     c.model.variant = "B/16"
     c.lr = 7.5e-4 * 256 / 1024                    # paper: 7.5e-4 at batch 1024
+  elif variant in ("vit_l14", "vit_g14"):
+    _dinov2(c, patch_size=14, out_dim=131072, hidden=2048, bottleneck=384)
+    if variant == "vit_l14":
+      c.model.variant = "L/14"
+    else:                                         # dinov2 'vit_giant2': 1536 wide, 40 deep, 24 heads
+      c.model.variant, c.model.swiglu, c.model.mlp_dim = "g/14", True, 4096
   else:
-    raise ValueError(f"configs/dino.py: unknown variant {variant!r}; allowed: tiny, vit_s16, vit_b16")
+    raise ValueError(f"configs/dino.py: unknown variant {variant!r}; allowed: tiny, tiny_v2, "
+                     "vit_s16, vit_b16, vit_l14, vit_g14")
   common.apply_overrides(c, overrides)
   return c

@@ -113,6 +113,9 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   if c.objective.name == "supervised":
     _validate_supervised(c)
 
+  if c.objective.name == "dino":
+    _validate_dino(c, size.patch_size)
+
   try:
     granules = mesh_lib.dcn_granules(jax.devices()) if num_devices == jax.device_count() else (1, True)
     ici, dcn = mesh_lib.resolve_hybrid_shape(c.mesh, num_devices, granules[0], not granules[1])
@@ -132,6 +135,35 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   if workdir is not None:
     _check(bool(workdir) and _writable(workdir), f"--workdir={workdir!r}: not a writable directory")
   return shape
+
+
+def _validate_dino(c, patch_size: int) -> None:
+  """DINO / DINOv2 fields (``objectives/dino.py``) and the multi-crop/iBOT-mask data they need."""
+  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from medfm_jax.objectives import dino  # pylint: disable=g-import-not-at-top
+  o = c.objective
+  _check(o.get("centering", "center") in dino.CENTERINGS,
+         f"objective.centering={o.get('centering')!r}: allowed {', '.join(dino.CENTERINGS)}")
+  for field in ("dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight"):
+    _check(o.get(field, 0.0) >= 0, f"objective.{field}={o.get(field)}: must be >= 0")
+  _check(0.0 < o.get("layerwise_decay", 1.0) <= 1.0,
+         f"objective.layerwise_decay={o.get('layerwise_decay')}: allowed (0, 1] (1 = off)")
+  try:
+    spec = pipeline.multicrop_spec(c.data)
+    masks = pipeline.patch_mask_spec(c.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(spec is not None, "data.multicrop: the DINO objective needs multi-crop views")
+  for name in ("global_size", "local_size"):
+    _check(getattr(spec, name) % patch_size == 0,
+           f"data.multicrop.{name}={getattr(spec, name)}: must be a multiple of the patch size {patch_size}")
+  if o.get("ibot_loss_weight", 0.0) > 0:
+    _check(masks is not None, "objective.ibot_loss_weight > 0 needs data.patch_masks "
+           "(dict(patch_size, probability, ratio)) for the iBOT block masks")
+    _check(c.data.patch_masks.patch_size == patch_size,
+           f"data.patch_masks.patch_size={c.data.patch_masks.patch_size}: must equal the model's "
+           f"patch size {patch_size}")
+    _check(c.model.get("mask_token", False), "objective.ibot_loss_weight > 0 needs model.mask_token=True")
 
 
 def _validate_supervised(c) -> None:

@@ -21,10 +21,11 @@ def tiny_mae_config(**overrides):
   return _override(c, overrides)
 
 
-def tiny_dino_config(**overrides):
-  """The tiny DINO config shrunk further: 16 px global / 8 px local crops, 64 prototypes."""
+def tiny_dino_config(variant="tiny", **overrides):
+  """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 16/8 px crops, 64 prototypes."""
   from configs import dino  # pylint: disable=g-import-not-at-top
-  c = dino.get_config("tiny")
+  c = dino.get_config(variant)
+  c.objective.ibot_out_dim, c.objective.ibot_head_hidden_dim, c.objective.ibot_head_bottleneck_dim = 48, 32, 16
   c.data.image_size = 16
   c.data.multicrop.update(global_size=16, local_size=8, num_local=2)
   c.objective.out_dim, c.objective.head_hidden_dim, c.objective.head_bottleneck_dim = 64, 32, 16
@@ -33,6 +34,21 @@ def tiny_dino_config(**overrides):
   c.log_every, c.eval_every, c.checkpoint_every = 1, 100, 4
   c.data.eval_examples, c.data.eval_batch_size = 8, 8
   c.objective.knn_train_examples = 16
+  return _override(c, overrides)
+
+
+def tiny_eval_config(protocol, variant="tiny", **overrides):
+  """``configs/eval/PROTOCOL.py:VARIANT`` shrunk: 16x16 phantoms, 256 feature-bank / 64 test
+  images, 4 fine-tuning steps of batch 16."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module(f"configs.eval.{protocol}").get_config(variant)
+  c.data.image_size = 16
+  c.data.eval_examples, c.data.eval_batch_size = 64, 32
+  c.features.train_examples, c.features.batch_size = 256, 64
+  c.probe.epochs, c.probe.batch_size = 30, 64
+  c.fewshot.seeds = 2
+  c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
   return _override(c, overrides)
 
 
@@ -52,14 +68,14 @@ def single_device_mesh(config):
   return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def run_cli(args, env_extra=None, timeout=600):
-  """Runs ``python -m medfm_jax.main`` on ONE CPU device in a fresh process."""
+def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main"):
+  """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device in a fresh process."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "device_count" not in f)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "medfm_jax.main", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 

@@ -43,6 +43,21 @@ def test_each_bad_field_is_named(overrides, num_devices, field):
   assert field in message and "\n" not in message
 
 
+@pytest.mark.parametrize("overrides, field", [
+    ({"objective.centering": "mean"}, "objective.centering"),
+    ({"data.patch_masks": None}, "data.patch_masks"),
+    ({"data.patch_masks.patch_size": 8}, "data.patch_masks"),
+    ({"model.mask_token": False}, "model.mask_token"),
+    ({"objective.koleo_loss_weight": -1.0}, "objective.koleo_loss_weight"),
+    ({"data.multicrop.local_size": 10}, "data.multicrop.local_size"),
+    ({"objective.layerwise_decay": 0.0}, "objective.layerwise_decay"),
+])
+def test_each_bad_dino_field_is_named(overrides, field):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(helpers.tiny_dino_config("tiny_v2", **overrides), None, 1)
+  assert field in str(e.value) and "\n" not in str(e.value)
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")

@@ -27,6 +27,7 @@ from medfm_jax.data import phantoms, pipeline
 from medfm_jax.evaluate import attention_maps, knn
 from medfm_jax.models import heads, layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.peft import freeze
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
 
@@ -56,7 +57,17 @@ def _views(x):
 
 def _head(o, prefix: str = "") -> heads.DinoHead:
   return heads.DinoHead(o[prefix + "out_dim"], o[prefix + "head_hidden_dim"],
-                        o[prefix + "head_bottleneck_dim"], norm_last_layer=o.norm_last_layer)
+                        o[prefix + "head_bottleneck_dim"], norm_last_layer=o.norm_last_layer,
+                        norm_eps=o.get("head_norm_eps", 1e-12))
+
+
+def lr_multipliers(params, layerwise_decay: float, patch_embed_mult: float, depth: int):
+  """DINOv2 per-parameter lr factors: ``layerwise_decay ** (depth + 1 - layer_id)`` (heads get 1),
+  times ``patch_embed_mult`` under ``patch_embed``."""
+  scales = freeze.layerwise_lr_decay(params, layerwise_decay, depth)
+  is_patch = jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, "key", None) == "patch_embed" for k in path), params)
+  return jax.tree.map(lambda m, p: m * patch_embed_mult if p else m, scales, is_patch)
 
 
 class DinoObjective(base.Objective):
@@ -64,7 +75,7 @@ class DinoObjective(base.Objective):
   student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, center_momentum,
   momentum_teacher (-> 1 on a cosine), freeze_last_layer_steps, centering, dino_loss_weight,
   koleo_loss_weight, ibot_loss_weight, ibot_separate_head (+ ibot_out_dim,
-  ibot_head_hidden_dim, ibot_head_bottleneck_dim)."""
+  ibot_head_hidden_dim, ibot_head_bottleneck_dim), layerwise_decay, patch_embed_lr_mult."""
 
   def __init__(self, config):
     super().__init__(config)
@@ -105,7 +116,13 @@ class DinoObjective(base.Objective):
     return params, extra
 
   def optimizer_kwargs(self):
-    return {"frozen_for_steps": (heads.last_layer_mask, self.config.objective.freeze_last_layer_steps)}
+    o = self.config.objective
+    kwargs = {"frozen_for_steps": (heads.last_layer_mask, o.freeze_last_layer_steps)}
+    decay, patch_mult = o.get("layerwise_decay", 1.0), o.get("patch_embed_lr_mult", 1.0)
+    if decay != 1.0 or patch_mult != 1.0:
+      kwargs["lr_multipliers"] = lambda params: lr_multipliers(params, decay, patch_mult,
+                                                               self.model.backbone.size.depth)
+    return kwargs
 
   def _teacher_probs(self, logits, center, temp, valid=None):
     """Centred + sharpened (or Sinkhorn-Knopp) teacher targets, gradient stopped."""
