@@ -1,6 +1,10 @@
 """medfm_jax: JAX/Flax foundation-model pretraining for medical imaging."""
 from setuptools import find_packages, setup
 
+# DICOM: pydicom + pixel-data plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
+DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
+         "pylibjpeg-rle>=2.0"]
+
 setup(
     name="medfm_jax",
     version="0.1.0",
@@ -23,11 +27,8 @@ setup(
         "etils[epath]>=1.5",          # bucket URLs for data files
     ],
     extras_require={
-        # DICOM: pydicom + pixel-data plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
-        "dicom": ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1",
-                  "pylibjpeg-openjpeg>=2.3", "pylibjpeg-rle>=2.0"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=3,<4", "pylibjpeg>=2.0",
-                 "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3", "pylibjpeg-rle>=2.0"],
+        "dicom": DICOM,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM],
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },
