@@ -1,0 +1,54 @@
+"""Frozen-feature classifiers: linear probe, ridge, k-shot sampling."""
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from medfm_jax.evaluate import probe
+
+
+def _blobs(n, d=8, classes=3, seed=0, scale=100.0, offset=5.0):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, classes, n)
+  centers = np.random.default_rng(99).normal(size=(classes, d)) * 3
+  x = centers[y] + rng.normal(size=(n, d))
+  return (x * scale + offset).astype(np.float32), y   # badly scaled: BatchNorm must fix it
+
+
+def test_linear_probe_separates_blobs():
+  x, y = _blobs(600)
+  tx, ty = _blobs(300, seed=1)
+  cfg = ConfigDict(dict(epochs=20, batch_size=64, lr=1e-2, optimizer="adam", weight_decay=0.0, seed=0))
+  assert np.mean(probe.linear_probe(x, y, tx, 3, cfg).argmax(-1) == ty) > 0.95
+  cfg.optimizer = "sgd"
+  cfg.lr = 0.1
+  assert np.mean(probe.linear_probe(x, y, tx, 3, cfg).argmax(-1) == ty) > 0.95
+
+
+def test_batchnorm_without_affine_standardises():
+  x, _ = _blobs(500)
+  z = probe.normalize(x, probe.batchnorm_stats(x))
+  np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+  np.testing.assert_allclose(z.var(0), 1, atol=1e-3)
+
+
+def test_ridge_matches_closed_form_and_separates():
+  x, y = _blobs(60, seed=2)
+  tx, ty = _blobs(200, seed=3)
+  scores = probe.ridge_scores(x, y, tx, 3, lam=0.5)
+  stats = probe.batchnorm_stats(x)
+  xs, ts = probe.normalize(x, stats).astype(np.float64), probe.normalize(tx, stats).astype(np.float64)
+  xa = np.concatenate([xs, np.ones((60, 1))], 1)   # intercept column, unpenalised
+  reg = 0.5 * np.eye(9)
+  reg[-1, -1] = 0
+  w = np.linalg.solve(xa.T @ xa + reg, xa.T @ np.eye(3)[y])
+  np.testing.assert_allclose(scores, np.concatenate([ts, np.ones((200, 1))], 1) @ w, atol=1e-6)
+  assert np.mean(scores.argmax(-1) == ty) > 0.95
+
+
+def test_sample_shots():
+  y = np.repeat(np.arange(3), 20)
+  idx = probe.sample_shots(y, 5, 3, seed=0)
+  assert len(set(idx)) == 15 and np.all(np.bincount(y[idx]) == 5)
+  assert not np.array_equal(idx, probe.sample_shots(y, 5, 3, seed=1))
+  with pytest.raises(ValueError, match="fewer than fewshot.shots=30"):
+    probe.sample_shots(y, 30, 3, seed=0)

@@ -1,0 +1,97 @@
+"""Restoring pretraining checkpoints into a classifier: registry, DINO teacher/student, position
+embedding interpolation, scanned stacks, and one-line errors."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfm_jax.evaluate import restore
+from medfm_jax.models import layers, vit
+from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train.checkpoint import CheckpointError
+
+
+def _init(**kw):
+  model = vit.VisionTransformer(**dict(dict(variant="Mu/4", image_size=16, depth=1), **kw))
+  return lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)))["params"])
+
+
+def _encoder_params(**kw):
+  return jax.tree.map(np.asarray, jax.jit(_init(**kw))())
+
+
+def _abstract(**kw):
+  return jax.eval_shape(_init(**kw))
+
+
+def _write(workdir, state, meta):
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=1, async_save=False)
+  checkpointer.save(1, state, None, meta)
+  checkpointer.close()
+  return str(workdir)
+
+
+def test_dino_teacher_or_student(tmp_path):
+  student = _encoder_params()
+  teacher = jax.tree.map(lambda x: x + 1.0, student)
+  path = _write(tmp_path, {"params": {"backbone": student, "head": {"w": np.zeros(3, np.float32)}},
+                           "extra": {"teacher": {"backbone": teacher}, "center": np.zeros(3, np.float32)}},
+                {"step": 1, "config": json.dumps({"objective": {"name": "dino"}, "model": {"variant": "Mu/4"}})})
+  got_teacher, saved = restore.load_encoder(path)                 # default: teacher
+  jax.tree.map(np.testing.assert_array_equal, got_teacher, teacher)
+  jax.tree.map(np.testing.assert_array_equal, restore.load_encoder(path, "student")[0], student)
+  assert saved["model"]["variant"] == "Mu/4"
+  with pytest.raises(CheckpointError, match=r"encoder_weights='encoder': objective 'dino' checkpoints have \['student', 'teacher'\]"):
+    restore.load_encoder(path, "encoder")
+
+
+def test_unregistered_objective_names_the_registry(tmp_path):
+  path = _write(tmp_path, {"params": {"image": _encoder_params()}},
+                {"step": 1, "config": json.dumps({"objective": {"name": "clip"}})})
+  with pytest.raises(CheckpointError, match="objective 'clip' has no registered image encoder"):
+    restore.load_encoder(path)
+  restore.register_encoder("clip_test", {"image": ("params", "image")}, "image")   # the extension point
+  assert "clip_test" in restore.registered()
+
+
+def test_fit_interpolates_learned_pos_embed():
+  old = _encoder_params(pos_embed="learned")                      # 4x4 grid at 16 px
+  new = _abstract(pos_embed="learned", image_size=32)             # 8x8 grid
+  fitted = restore.fit_encoder(new, old, "ckpt")
+  expected = layers.interpolate_pos_embed(jnp.asarray(old["pos_embed"]), (4, 4), (8, 8), num_prefix=0)
+  assert fitted["pos_embed"].shape == (1, 64, 96)
+  np.testing.assert_allclose(fitted["pos_embed"], expected, atol=1e-6)
+  np.testing.assert_array_equal(fitted["patch_embed/proj/kernel"], old["patch_embed"]["proj"]["kernel"])
+
+
+def test_fit_keeps_new_peft_params_fresh_and_converts_scan():
+  old = _encoder_params(depth=2)
+  fitted = restore.fit_encoder(_abstract(depth=2, num_prompts=3, adapter_dim=4), old, "ckpt")
+  assert not any(k.startswith("prompts") or "adapter_" in k for k in fitted)
+  assert "encoder/layer_1/attn/query/kernel" in fitted
+  stacked = restore.fit_encoder(_abstract(depth=2, scan=True), old, "ckpt")
+  np.testing.assert_array_equal(stacked["encoder/layers/block/attn/query/kernel"][1],
+                                old["encoder"]["layer_1"]["attn"]["query"]["kernel"])
+
+
+def test_fit_errors_list_missing_unexpected_and_mismatched():
+  old = _encoder_params(depth=2)
+  with pytest.raises(CheckpointError) as e:
+    restore.fit_encoder(_abstract(depth=1, num_registers=2, mlp_dim=128), old, "/ckpt")
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("init_from='/ckpt': the checkpoint's image encoder does not fit")
+  assert "missing: registers" in msg
+  assert "unexpected: encoder/layer_1/" in msg
+  assert "shape mismatch (stored != config): encoder/layer_0/mlp/fc1/bias (384,) != (128,)" in msg
+
+
+def test_missing_subtree_and_bad_path(tmp_path):
+  path = _write(tmp_path / "a", {"params": {"encoder": _encoder_params()}},
+                {"step": 1, "config": json.dumps({"objective": {"name": "dino"}})})
+  with pytest.raises(CheckpointError, match=r"checkpoint has no 'extra' \(found \['params'\] under 'the root'\)"):
+    restore.load_encoder(path)
+  with pytest.raises(CheckpointError, match="no checkpoint found"):
+    restore.load_encoder(str(tmp_path / "nowhere"))
