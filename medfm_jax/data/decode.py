@@ -45,6 +45,9 @@ class DataError(ValueError):
     self.path, self.reason = str(path), " ".join(str(reason).split())
     super().__init__(f"{self.path}: {self.reason}")
 
+  def __reduce__(self):   # picklable, so grain worker processes re-raise it intact
+    return type(self), (self.path, self.reason)
+
 
 @dataclasses.dataclass
 class Decoded:

@@ -213,3 +213,16 @@ def test_skip_counts_reach_the_train_batches(bad_folder):
   assert all(set(b) == {"image", "modality", "finding"} for b in batches)
   with pytest.raises(ValueError, match="data.on_error"):
     pipeline.make_source(_cfg(source="manifest", path=manifest, on_error="ignore"), "train")
+
+
+def test_bad_file_error_crosses_worker_processes_intact(bad_folder):
+  folder, _, paths = bad_folder
+  manifest = _manifest(folder, [folder / "ok.png", paths["zero_byte"]], "workers")
+  it = pipeline.make_train_iterator(_cfg(source="manifest", path=manifest, splits="train:1",
+                                         num_workers=1), 2, seed=0)
+  try:
+    with pytest.raises(pipeline.DataError) as e:
+      next(it)
+  finally:
+    it.close()
+  assert str(e.value) == f"{paths['zero_byte']}: empty file (0 bytes)"
