@@ -163,3 +163,17 @@ def test_train_run_with_skipped_files_logs_metric_and_file(tmp_path):
   assert len(skipped) == 2 and all(s >= 1 for s in skipped)   # 11 files, batch 16: drawn every batch
   lines = open(workdir / "skipped_files.txt").read().splitlines()
   assert lines and all(l == f"{data / 'train' / 'c' / 'bad.png'}\tempty file (0 bytes)" for l in lines)
+
+
+def test_build_phantoms_roundtrip(tmp_path):
+  from medfm_jax.data import build, phantoms  # pylint: disable=g-import-not-at-top
+  result = build.build("phantoms", str(tmp_path), "ph", num_examples="train:6,val:3", image_size=16)
+  assert result["splits"] == {"train": 6, "val": 3} and len(result["stats"]["mean"]) == 1
+  src = pipeline.make_source(_cfg(str(tmp_path), name="ph"), "val")
+  ref = phantoms.PhantomSource("val", image_size=16, channels=1, num_examples=3)
+  assert src.class_names == phantoms.FINDINGS and src.modality_names == phantoms.MODALITIES
+  for i in range(3):
+    got, want = src[i], ref[i]
+    np.testing.assert_array_equal(got["image"], want["image"])
+    assert (got["finding"], got["modality"], got["caption"]) == (want["finding"], want["modality"],
+                                                                 want["caption"])
