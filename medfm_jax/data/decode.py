@@ -105,7 +105,7 @@ def decode(data: bytes, path: str = "<bytes>", frame: int = 0,
     return _decode_dicom(data, path, frame)
   if frame:
     raise DataError(path, f"frame {frame} requested from a single-frame {fmt.upper()} file")
-  return Decoded(_decode_pillow(data, path))
+  return Decoded(_decode_pillow(data, path, fmt))
 
 
 def _open(path: str):
@@ -131,9 +131,9 @@ _PIL_NATIVE = {"L": np.uint8, "RGB": np.uint8, "I;16": np.uint16, "I;16B": np.ui
                "I;16L": np.uint16, "F": np.float32}
 
 
-def _decode_pillow(data: bytes, path: str) -> np.ndarray:
+def _decode_pillow(data: bytes, path: str, fmt: str) -> np.ndarray:
   try:
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
       img.load()
       mode = img.mode
       if mode in ("1", "P", "LA", "PA"):
