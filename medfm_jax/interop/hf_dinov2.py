@@ -1,13 +1,16 @@
 """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` <-> our ``VisionTransformer``.
 
-Usage (offline; a Hub snapshot directory holding ``config.json`` and ``model.safetensors``, e.g.
-``facebook/dinov2-small`` or ``facebook/dinov2-with-registers-base`` downloaded beforehand)::
+Usage (offline; a Hub snapshot directory holding ``config.json`` and ``model.safetensors`` or
+``pytorch_model.bin``, e.g. ``facebook/dinov2-small`` or ``facebook/dinov2-with-registers-base``
+downloaded beforehand; their ``config.json`` says ``image_size=518``)::
 
     from medfm_jax.interop import hf_dinov2
-    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-small")            # native 224 px
+    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-small", image_size=224)
     tokens = model.apply({"params": params}, images)   # images [b, 224, 224, 3] (NHWC, HF-normalised)
-    cls = tokens[:, 0]                                  # = HF pooler_output; last_hidden_state = tokens
-    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-small", image_size=518, scan=True)
+    cls = tokens[:, 0]              # = HF pooler_output; tokens = HF last_hidden_state
+    # Big models: scanned encoder, bfloat16 compute; fields for our configs (e.g. a DINO run):
+    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-giant", scan=True, dtype=jnp.bfloat16)
+    overrides = hf_dinov2.config_overrides("/ckpts/dinov2-giant")   # {"model.width": 1536, ...}
 
 Equivalences (exact, float32 parity <= 1e-5 in tests/interop/test_hf_dinov2_parity.py):
 
@@ -26,7 +29,9 @@ Equivalences (exact, float32 parity <= 1e-5 in tests/interop/test_hf_dinov2_pari
   bicubic, a=-0.75, no antialias; ``Dinov2WithRegistersModel``: antialiased, PIL-style a=-0.5).
   ``image_size=`` resamples it once at import with HF's exact rule (:func:`hf_resize_pos_grid`),
   so our model at that size matches HF run at that size. Our own run-time resampling
-  (``jax.image.resize`` bicubic, a=-0.5) differs slightly from ``Dinov2Model``'s; see the test.
+  (``jax.image.resize`` bicubic, a=-0.5, antialiased) equals ``Dinov2WithRegistersModel``'s but
+  not ``Dinov2Model``'s (random ViT-S/14 built at 224, run at 448: max |diff| 1.6e-2 in
+  last_hidden_state vs 3e-6 when imported at 448), so import at the resolution you run.
 """
 from __future__ import annotations
 
