@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 from typing import Mapping, Sequence
@@ -377,6 +378,18 @@ def preprocess_from_config(data_cfg) -> decode.Preprocess:
                            resize=data_cfg.get("resize", "none"), size=size)
 
 
+@functools.lru_cache(maxsize=8)
+def _listing(kind: str, path: str, on_error: str) -> tuple[tuple[Entry, ...], tuple[str, ...]]:
+  """(entries, class names) of a folder or manifest, listed once per process (the train and
+  eval sources of every split share it; DICOM headers are read here)."""
+  if kind == "folder":
+    entries, classes = list_folder(path, on_error)
+  else:
+    entries = read_manifest(path, on_error)
+    classes = class_names_of([e.label for e in entries if e.label])
+  return tuple(entries), tuple(classes)
+
+
 def make_file_source(data_cfg, split: str, num_examples: int | None = None,
                      skip_log: str | None = None) -> RobustSource:
   """``data.source`` in folder | manifest | tfds -> the source of ``split``."""
@@ -388,11 +401,7 @@ def make_file_source(data_cfg, split: str, num_examples: int | None = None,
                         data_cfg.get("caption_key", "caption"), on_error, skip_log)
   else:
     path = data_cfg.path
-    if kind == "folder":
-      entries, classes = list_folder(path, on_error)
-    else:
-      entries = read_manifest(path, on_error)
-      classes = class_names_of([e.label for e in entries if e.label])
+    entries, classes = _listing(kind, path, on_error)
     modalities = class_names_of([e.modality for e in entries if e.modality])
     fractions = parse_splits(data_cfg.get("splits", "train:0.9,val:0.05,test:0.05"))
     entries = select_split(entries, split, fractions, data_cfg.get("split_seed", 0),
