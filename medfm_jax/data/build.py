@@ -2,7 +2,7 @@ r"""Builds a TFDS-compatible array_record dataset from a folder, a manifest or t
 
   python -m medfm_jax.data.build --source=folder --path=/data/cxr_png --out=/data/tfds \
       --name=cxr --splits=train:0.9,val:0.05,test:0.05
-  python -m medfm_jax.data.build --source=manifest --path=/data/reports.csv --out=gs://B/tfds --name=rep
+  python -m medfm_jax.data.build --source=manifest --path=/data/reports.csv --out=/data/tfds --name=rep
   python -m medfm_jax.data.build --source=phantoms --num_examples=train:2000,val:200 \
       --image_size=64 --out=/data/tfds --name=phantoms64
 
@@ -16,7 +16,9 @@ source (``--window``, ``--channels``, ``--resize``/``--size``); ``--window=full 
 keeps 16-bit pixels unchanged. Without explicit splits (manifest ``split`` column, or
 ``ROOT/<split>/`` folders) examples are split by patient: no patient in two splits. The train
 split's per-channel mean/std (of pixel / max value) are written to ``medfm_stats.json`` and
-printed as config overrides.
+printed as config overrides. The output is written locally (records are streamed, one shard in
+memory at a time); copy ``OUT/NAME`` to a bucket to stream it on a pod
+(``data.data_dir=gs://...``).
 """
 from __future__ import annotations
 
@@ -82,30 +84,34 @@ class _Stats:
 
 def write_split(out_dir: str, name: str, split: str, examples: Iterator[Example], feats,
                 shard_size: int, stats: _Stats | None = None, max_value: float = 255.0):
-  """Writes one split as array_record shards; returns its ``tfds.core.SplitInfo``."""
+  """Streams one split into array_record shards of ``shard_size`` records (renamed to
+  ``NAME-SPLIT.array_record-0000i-of-0000n`` when done); returns its ``tfds.core.SplitInfo``."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  shards: list[list[bytes]] = [[]]
+  tmp = lambda i: os.path.join(out_dir, f".{name}-{split}.{i:05d}.tmp")
+  lengths, num_bytes, writer = [], 0, None
   for ex in examples:
-    if len(shards[-1]) == shard_size:
-      shards.append([])
+    if writer is None or lengths[-1] == shard_size:
+      if writer is not None:
+        writer.close()
+      writer = ArrayRecordWriter(tmp(len(lengths)), "group_size:1")
+      lengths.append(0)
     if stats is not None:
       stats.add(ex.image, max_value)
-    shards[-1].append(feats.serialize_example(feats.encode_example({
+    record = feats.serialize_example(feats.encode_example({
         "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
-        "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path})))
-  if not shards[-1]:
+        "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path}))
+    writer.write(record)
+    lengths[-1] += 1
+    num_bytes += len(record)
+  if writer is None:
     raise ValueError(f"split {split!r} has no examples")
-  num_bytes = 0
-  for i, records in enumerate(shards):
-    path = os.path.join(out_dir, f"{name}-{split}.array_record-{i:05d}-of-{len(shards):05d}")
-    writer = ArrayRecordWriter(path, "group_size:1")
-    for r in records:
-      writer.write(r)
-      num_bytes += len(r)
-    writer.close()
-  return tfds.core.SplitInfo(name=split, shard_lengths=[len(s) for s in shards],
-                             num_bytes=num_bytes, filename_template=None)
+  writer.close()
+  for i in range(len(lengths)):
+    os.replace(tmp(i), os.path.join(
+        out_dir, f"{name}-{split}.array_record-{i:05d}-of-{len(lengths):05d}"))
+  return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
+                             filename_template=None)
 
 
 def _file_examples(source: sources.FileSource, on_error: str,
@@ -134,6 +140,13 @@ def _phantom_examples(split: str, n: int, image_size: int, channels: int) -> Ite
                   f"phantom-{split}-{i}", f"phantoms/{split}/{i}")
 
 
+def _count_lines(path: str) -> int:
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
 def build(source: str, out: str, name: str, *, path: str = "", version: str = "1.0.0",
           splits: str = "train:0.9,val:0.05,test:0.05", split_seed: int = 0,
           channels: int = 1, window: str = "auto", resize: str = "none", size: int = 0,
@@ -144,7 +157,12 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
     raise ValueError(f"--source={source!r}: allowed {', '.join(SOURCES)}")
   if on_error not in sources.ON_ERROR:
     raise ValueError(f"--on_error={on_error!r}: allowed {', '.join(sources.ON_ERROR)}")
+  if source == "phantoms" and bit_depth != 8:
+    raise ValueError("--bit_depth=16 needs real 16-bit data; phantoms are 8-bit")
   out_dir = os.path.join(out, name, version)
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise ValueError(f"--out: {out_dir} exists and is not empty; remove it or pass another "
+                     "--version")
   os.makedirs(out_dir, exist_ok=True)
   skip_log = os.path.join(out_dir, "skipped_files.txt")
   max_value = 255.0 if bit_depth == 8 else 65535.0
@@ -153,8 +171,6 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
     counts = {k: int(v) for k, v in sources.parse_splits_counts(num_examples).items()}
     class_names, modality_names = phantoms.FINDINGS, phantoms.MODALITIES
     split_examples = {s: _phantom_examples(s, n, image_size, channels) for s, n in counts.items()}
-    if bit_depth != 8:
-      raise ValueError("--bit_depth=16 needs real 16-bit data; phantoms are 8-bit")
   else:
     preprocess = decode.Preprocess(channels=channels, window=window, resize=resize,
                                    size=size, bit_depth=bit_depth)
@@ -184,7 +200,7 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
       description=f"Built by medfm_jax.data.build from {source} {path}".strip())
   result = {"dir": out_dir, "splits": {i.name: i.num_examples for i in infos},
             "stats": stats.result() if stats.n else None,
-            "skipped": sum(1 for _ in open(skip_log)) if os.path.exists(skip_log) else 0}
+            "skipped": _count_lines(skip_log)}
   with open(os.path.join(out_dir, "medfm_stats.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
   return result

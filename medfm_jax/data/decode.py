@@ -143,7 +143,7 @@ def _decode_pillow(data: bytes, path: str, fmt: str) -> np.ndarray:
       elif mode == "I":      # 32-bit integer (some 16-bit PNG/TIFF readers): keep the values
         arr = np.asarray(img)
         if arr.min() < 0 or arr.max() > 65535:
-          raise DataError(path, f"32-bit integer image with values outside [0, 65535]")
+          raise DataError(path, "32-bit integer image with values outside [0, 65535]")
         return arr.astype(np.uint16)[..., None]
       if img.mode not in _PIL_NATIVE:
         raise DataError(path, f"unsupported image mode {img.mode!r}")

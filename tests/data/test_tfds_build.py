@@ -177,3 +177,15 @@ def test_build_phantoms_roundtrip(tmp_path):
     np.testing.assert_array_equal(got["image"], want["image"])
     assert (got["finding"], got["modality"], got["caption"]) == (want["finding"], want["modality"],
                                                                  want["caption"])
+
+
+def test_build_shards_and_refuses_to_overwrite(tmp_path):
+  from medfm_jax.data import build  # pylint: disable=g-import-not-at-top
+  build.build("phantoms", str(tmp_path), "sh", num_examples="train:5", image_size=8, shard_size=2)
+  files = sorted(f for f in os.listdir(tmp_path / "sh" / "1.0.0") if ".array_record" in f)
+  assert files == [f"sh-train.array_record-0000{i}-of-00003" for i in range(3)]
+  src = pipeline.make_source(_cfg(str(tmp_path), name="sh", image_size=8), "train")
+  assert [src[i]["caption"] for i in range(5)] == [
+      build.phantoms.PhantomSource("train", 8, 1, num_examples=5)[i]["caption"] for i in range(5)]
+  with pytest.raises(ValueError, match="exists and is not empty"):
+    build.build("phantoms", str(tmp_path), "sh", num_examples="train:5", image_size=8)
