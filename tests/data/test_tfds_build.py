@@ -107,15 +107,22 @@ def test_tfds_sharding_disjoint_covering_and_process_rows(built):
       _cfg(out), 4, seed=0, process_index=p, process_count=c, source=src), global_batch=4)
 
 
-@pytest.mark.parametrize("source", ["tfds", "folder"])
+@pytest.mark.parametrize("source", ["tfds", "png_folder", "dicom_manifest"])
 def test_resume_exact(built, tmp_path, source):
   out = built[0]
   if source == "tfds":
     cfg = _cfg(out)
-  else:
+  elif source == "png_folder":
     for i in range(10):
       export.write_image(str(tmp_path / "c" / f"{i}.png"), RNG.integers(0, 256, (20, 18), dtype=np.uint8))
     cfg = _cfg(out, source="folder", path=str(tmp_path), splits="train:1")
+  else:
+    export.export_phantoms(str(tmp_path / "d"), 10, 16, "dicom")
+    rows = [f"{os.path.relpath(os.path.join(d, f), tmp_path)},{os.path.basename(d)}\n"
+            for d, _, fs in os.walk(tmp_path / "d") for f in fs]
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(rows))
+    cfg = _cfg(out, source="manifest", path=str(tmp_path / "m.csv"), splits="train:1",
+               window="soft_tissue")
   helpers.assert_restore_reproduces(lambda: pipeline.make_train_iterator(cfg, 4, seed=0),
                                     skip=3, check=2)
 
