@@ -226,3 +226,20 @@ def test_bad_file_error_crosses_worker_processes_intact(bad_folder):
   finally:
     it.close()
   assert str(e.value) == f"{paths['zero_byte']}: empty file (0 bytes)"
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("source", "dicomweb", "data.source='dicomweb': allowed phantoms, folder, manifest, tfds"),
+    ("path", "/nonexistent", "data.path='/nonexistent': data.source='folder' needs an existing directory"),
+    ("window", "lungs", "data.window='lungs'"),
+    ("on_error", "ignore", "data.on_error='ignore': allowed raise, skip"),
+    ("resize", "stretch", "data.resize='stretch'"),
+    ("splits", "train:0.5", "data.splits='train:0.5'")])
+def test_config_validation_of_real_data_fields(tmp_path, field, value, match):
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_mae_config(**{"data.source": "folder", "data.path": str(tmp_path)})
+  config_lib.validate(config, num_devices=1)
+  config.data[field] = value
+  with pytest.raises(config_lib.ConfigError, match=match.replace("(", r"\(")) as e:
+    config_lib.validate(config, num_devices=1)
+  assert "\n" not in str(e.value)
