@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, phantoms, sources, transforms
+from medfm_jax.data import masking, phantoms, sources, tokenizers, transforms
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
@@ -115,6 +115,18 @@ def _labels(record: dict) -> dict[str, np.ndarray]:
 skip_log_path = sources.skip_log_path
 
 
+def _caption_tokens(text, record: dict) -> dict[str, np.ndarray]:
+  """``{'tokens': int32 [L]}`` of the record's caption when ``text`` (a CaptionTokenizer) is set."""
+  if text is None:
+    return {}
+  caption = record.get("caption")
+  if caption is None:
+    raise DataError(record.get("path", f"record {record.get('index', '?')}"),
+                    "data.tokenizer is set but the record has no 'caption' (phantoms, manifests "
+                    "with a caption column and tfds datasets with data.caption_key carry one)")
+  return {"tokens": text(str(caption))}
+
+
 def pop_skipped(batch: dict) -> int:
   """Removes the skip counts from a train batch; returns their sum (0 if absent)."""
   counts = batch.pop(SKIPPED_KEY, None)
@@ -132,6 +144,7 @@ class _TrainTransform(grain.transforms.Map):
   flip: bool
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  text: Any = None          # tokenizers.CaptionTokenizer: adds 'tokens' (image-text objectives)
 
   def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     record, rng = _record_and_rng(self.source, self.seed, element)
@@ -139,7 +152,8 @@ class _TrainTransform(grain.transforms.Map):
                                            self.crop_scale, self.crop_ratio)
     if self.flip:
       image = transforms.random_flip(image, rng)
-    return {"image": transforms.normalize(image, self.mean, self.std), **_labels(record)}
+    return {"image": transforms.normalize(image, self.mean, self.std), **_labels(record),
+            **_caption_tokens(self.text, record)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +236,8 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
     transform = _TrainTransform(
         source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
         crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
-        flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+        flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+        text=tokenizers.from_config(data_cfg))
   else:
     transform = _MultiCropTransform(
         source=source, seed=_seed32(seed), spec=spec, flip=bool(data_cfg.flip),
@@ -251,16 +266,20 @@ class _EvalTransform(grain.transforms.Map):
   channels: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  text: Any = None          # tokenizers.CaptionTokenizer: adds 'tokens' (padding rows: all pad)
 
   def map(self, position: int) -> dict[str, np.ndarray]:
     if position >= self.num_examples:  # padding row
+      pad = {} if self.text is None else {
+          "tokens": np.full((self.text.context_length,), self.text.pad_id, np.int32)}
       return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
-              "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False)}
+              "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False), **pad}
     record = self.source[int(position)]
     image = transforms.center_resize(record["image"], self.image_size)
     return {"image": transforms.normalize(image, self.mean, self.std),
             "modality": np.int32(record["modality"]),
-            "finding": np.int32(record["finding"]), "mask": np.bool_(True)}
+            "finding": np.int32(record["finding"]), "mask": np.bool_(True),
+            **_caption_tokens(self.text, record)}
 
 
 class EvalBatches:
@@ -295,7 +314,8 @@ def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
   num_batches = math.ceil(num_examples / batch_size)
   transform = _EvalTransform(
       source=source, num_examples=int(num_examples), image_size=int(data_cfg.image_size),
-      channels=int(data_cfg.channels), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+      channels=int(data_cfg.channels), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+      text=tokenizers.from_config(data_cfg))
   ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
   return EvalBatches(ds, _read_options(data_cfg))

@@ -192,6 +192,7 @@ class Block(nn.Module):
   attention_impl: str | None = None
   adapter_dim: int = 0                 # 0: no adapters
   adapter_where: str = "both"
+  causal: bool = False                 # causal self-attention (text towers)
 
   def _adapt(self, y, place: str):
     if not self.adapter_dim or self.adapter_where not in (place, "both"):
@@ -199,13 +200,15 @@ class Block(nn.Module):
     return Adapter(self.adapter_dim, self.dtype, name=f"adapter_{place}")(y)
 
   @nn.compact
-  def __call__(self, x, drop_rate=0.0, deterministic: bool = True):
+  def __call__(self, x, drop_rate=0.0, deterministic: bool = True, mask=None):
+    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend)."""
     if self.adapter_where not in ADAPTER_PLACES:
       raise ValueError(f"model.adapter_where={self.adapter_where!r}: allowed {ADAPTER_PLACES}")
     x = constrain(x, ("batch", "seq", "act_embed"))
     ln = lambda name: LayerNorm(self.layer_norm_eps, self.dtype, name=name)
     scale = lambda y, name: LayerScale(self.layer_scale_init, name=name)(y) if self.layer_scale_init else y
-    y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(ln("norm1")(x))
+    y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(
+        ln("norm1")(x), mask=mask, is_causal=self.causal)
     x = x + DropPath()(scale(self._adapt(y, "attn"), "ls1"), drop_rate, deterministic)
     y = Mlp(self.mlp_dim, self.activation, self.swiglu, self.dtype, name="mlp")(ln("norm2")(x))
     x = x + DropPath()(scale(self._adapt(y, "mlp"), "ls2"), drop_rate, deterministic)

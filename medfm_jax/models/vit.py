@@ -87,14 +87,16 @@ class Encoder(nn.Module):
   qkv_bias: bool = True
   adapter_dim: int = 0                # bottleneck adapters in every block (0 = none)
   adapter_where: str = "both"         # 'attn' | 'mlp' | 'both'
+  causal: bool = False                # causal self-attention (text towers)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, mask=None):
+    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend)."""
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
                         attention_impl=self.attention_impl, adapter_dim=self.adapter_dim,
-                        adapter_where=self.adapter_where)
+                        adapter_where=self.adapter_where, causal=self.causal)
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else np.zeros(1)
     block_cls = layers.Block
     if self.remat != "none":
@@ -103,18 +105,18 @@ class Encoder(nn.Module):
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[self.remat], static_argnums=(3,))
     if not self.scan:
       for i in range(self.depth):
-        x = block_cls(**block_kwargs, name=f"layer_{i}")(x, float(rates[i]), deterministic)
+        x = block_cls(**block_kwargs, name=f"layer_{i}")(x, float(rates[i]), deterministic, mask)
       return x
 
     class ScanBody(nn.Module):
       @nn.compact
-      def __call__(self, carry, rate, deterministic):
-        return block_cls(**block_kwargs, name="block")(carry, rate, deterministic), None
+      def __call__(self, carry, rate, deterministic, mask):
+        return block_cls(**block_kwargs, name="block")(carry, rate, deterministic, mask), None
 
     scanned = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast), length=self.depth,
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic)
+    x, _ = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic, mask)
     return x
 
 
@@ -192,11 +194,15 @@ class VisionTransformer(nn.Module):
   num_prompts: int = 0
   adapter_dim: int = 0
   adapter_where: str = "both"
+  # CLIP / SigLIP options (defaults add nothing): a LayerNorm on the embedded tokens before the
+  # blocks (CLIP's ln_pre); no cls token (SigLIP pools with an attention head instead).
+  ln_pre: bool = False
+  class_token: bool = True
 
   @property
   def num_prefix_tokens(self) -> int:
     """Tokens before the patch tokens in the output: cls, registers, prompts."""
-    return 1 + self.num_registers + self.num_prompts
+    return int(self.class_token) + self.num_registers + self.num_prompts
 
   @property
   def size(self) -> ViTSize:
@@ -223,13 +229,15 @@ class VisionTransformer(nn.Module):
     x = x + self._position_embedding(grid, size.width).astype(self.dtype)
     if keep_ids is not None:
       x = layers.gather_tokens(x, keep_ids)
-    prefix = [self._token("cls_token", size.width, b)]
+    prefix = [self._token("cls_token", size.width, b)] if self.class_token else []
     if self.num_registers:
       prefix.append(self._token("registers", size.width, b, self.num_registers))
     if self.num_prompts:
       prefix.append(self._token("prompts", size.width, b, self.num_prompts))
     x = jnp.concatenate([t.astype(self.dtype) for t in prefix] + [x], axis=1)
     x = constrain(x, ("batch", "seq", "act_embed"))
+    if self.ln_pre:
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="ln_pre")(x)
     x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
                 self.scan, self.attention_impl, self.qkv_bias, self.adapter_dim, self.adapter_where,
@@ -293,4 +301,5 @@ def vit_from_config(config) -> VisionTransformer:
       dtype=COMPUTE_DTYPES[config.dtype], remat=m.get("remat", "none"), scan=m.get("scan", False),
       attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]),
       num_prompts=m.get("num_prompts", 0), adapter_dim=m.get("adapter_dim", 0),
-      adapter_where=m.get("adapter_where", "both"))
+      adapter_where=m.get("adapter_where", "both"), ln_pre=m.get("ln_pre", False),
+      class_token=m.get("class_token", True))

@@ -1,0 +1,83 @@
+"""Text transformer: causal masking, padding mask, pooling rules, scan == unrolled."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfm_jax.data import tokenizers
+from medfm_jax.models import text, vit
+
+BYTES = tokenizers.ByteTokenizer()
+
+
+def _model(**kw):
+  args = dict(width=32, depth=2, num_heads=2, mlp_dim=64, context_length=24, vocab_size=259,
+              eot_id=BYTES.eot_id, pad_id=BYTES.pad_id)
+  return text.TextTransformer(**(args | kw))
+
+
+def _tokens(*texts):
+  return jnp.asarray(tokenizers.tokenize(BYTES, list(texts), 24))
+
+
+@pytest.fixture(scope="module")
+def causal():
+  model = _model(causal=True, pooling="eot")
+  return model, model.init(jax.random.PRNGKey(0), _tokens("a"))["params"]
+
+
+def test_causal_outputs_ignore_later_tokens(causal):
+  model, params = causal
+  a, b = _tokens("a small lesion", "a small cyst!!")   # equal up to position 9 (bos + 8 bytes)
+  _, xa = model.apply({"params": params}, a[None], return_tokens=True)
+  _, xb = model.apply({"params": params}, b[None], return_tokens=True)
+  np.testing.assert_allclose(xa[0, :9], xb[0, :9], atol=1e-6)
+  assert np.abs(xa[0, 9:] - xb[0, 9:]).max() > 1e-3
+  bidir = _model(causal=False, pooling="cls")
+  p = bidir.init(jax.random.PRNGKey(0), a[None])["params"]
+  _, ya = bidir.apply({"params": p}, a[None], return_tokens=True)
+  _, yb = bidir.apply({"params": p}, b[None], return_tokens=True)
+  assert np.abs(ya[0, :9] - yb[0, :9]).max() > 1e-4
+
+
+def test_padding_keys_masked_for_bidirectional():
+  model = _model(causal=False, pooling="mean")
+  tok = _tokens("ct with a lesion")
+  params = model.init(jax.random.PRNGKey(1), tok)["params"]
+  garbage = np.asarray(tok).copy()
+  n = int((garbage != BYTES.pad_id).sum())
+  shorter = jnp.asarray(garbage[:, :n + 3])      # same text, less padding
+  full = model.apply({"params": params}, tok)
+  np.testing.assert_allclose(model.apply({"params": params}, shorter), full, atol=1e-5)
+  unmasked = _model(causal=False, pooling="mean", mask_padding=False)
+  assert np.abs(unmasked.apply({"params": params}, shorter) - unmasked.apply({"params": params}, tok)).max() > 1e-4
+
+
+def test_pooling_positions(causal):
+  model, params = causal
+  tok = _tokens("abc", "a longer caption")
+  pooled, x = model.apply({"params": params}, tok, return_tokens=True)
+  eot = [int(np.flatnonzero(np.asarray(t) == BYTES.eot_id)[0]) for t in tok]
+  np.testing.assert_allclose(pooled, np.stack([x[i, e] for i, e in enumerate(eot)]), atol=1e-6)
+  # The byte tokenizer's EOT is its largest id: CLIP's argmax rule picks the same position.
+  argmax = _model(causal=True, pooling="argmax")
+  np.testing.assert_allclose(argmax.apply({"params": params}, tok), pooled, atol=1e-6)
+  for pooling, want in (("cls", x[:, 0]), ("last", x[:, -1])):
+    np.testing.assert_allclose(_model(pooling=pooling).apply({"params": params}, tok), want, atol=1e-6)
+
+
+def test_scan_matches_unrolled(causal):
+  model, params = causal
+  tok = _tokens("mri with calcifications", "x")
+  scanned = _model(causal=True, pooling="eot", scan=True, remat="full")
+  stacked = vit.stack_layers(nn.unbox(params))
+  np.testing.assert_allclose(scanned.apply({"params": stacked}, tok), model.apply({"params": params}, tok),
+                             atol=1e-5)
+
+
+def test_variants():
+  assert text.VARIANTS["clip_b16"][:6] == (512, 12, 8, 2048, 77, 49408)
+  assert text.VARIANTS["biomedclip"][:6] == (768, 12, 12, 3072, 256, 30522)
+  with pytest.raises(ValueError, match="model.text.pooling"):
+    _model(pooling="max").init(jax.random.PRNGKey(0), _tokens("a"))
