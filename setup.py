@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 # DICOM: pydicom + pixel-data plugins (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE).
 DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
-         "pylibjpeg-rle>=2.0"]
+         "pylibjpeg-rle>=2.0", "pyjpegls>=1.3"]
 
 setup(
     name="medfm_jax",
