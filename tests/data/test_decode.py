@@ -96,7 +96,7 @@ def _jpeg(img):
   return buf.getvalue()
 
 
-@pytest.mark.parametrize("syntax", [uids.RLELossless, uids.JPEG2000Lossless,
+@pytest.mark.parametrize("syntax", [uids.RLELossless, uids.JPEG2000Lossless, uids.JPEGLSLossless,
                                     uids.DeflatedExplicitVRLittleEndian, uids.JPEGBaseline8Bit])
 def test_compressed_transfer_syntaxes_decode(tmp_path, syntax):
   path = str(tmp_path / "c.dcm")
