@@ -1,0 +1,108 @@
+"""Supervised objective: per-scheme gradients (frozen leaves get exactly zero, through
+stop_gradient), LoRA/adapters start equal to the base classifier, export merges LoRA."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfm_jax import objectives
+from medfm_jax.peft.lora import path_str
+from tests import helpers
+
+
+def _objective(scheme, **kw):
+  c = helpers.tiny_eval_config("finetune", scheme, **dict({"model.depth": 2}, **kw))
+  return objectives.build(c)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared(scheme):
+  """(objective, params, jitted logits) per scheme, shared across tests (one compile each)."""
+  obj = _objective(scheme)
+  return obj, _init(obj), jax.jit(obj.logits)
+
+
+def _batch():
+  images = jax.random.normal(jax.random.PRNGKey(3), (8, 16, 16, 1))
+  return {"image": images, "finding": jnp.arange(8) % 6, "modality": jnp.arange(8) % 4,
+          "mask": jnp.ones(8, bool)}
+
+
+def _init(obj):
+  return jax.jit(lambda r, b: nn.unbox(obj.init(r, b)[0]))(jax.random.PRNGKey(0), _batch())
+
+
+@pytest.mark.parametrize("scheme,new_keys", [("lora", {"lora"}), ("adapter", {"adapter_attn", "adapter_mlp"}),
+                                             ("prompt", {"prompts"})])
+def test_only_scheme_params_and_head_get_gradients(scheme, new_keys):
+  obj, params, _ = _shared(scheme)
+  loss_fn = lambda p: obj.loss(p, {}, _batch(), jax.random.PRNGKey(1), 0)[0]
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  mask = obj.trainable(params)
+  for (path, g), t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(mask)):
+    name = path_str(path)
+    assert t == (name.startswith("head/") or bool(new_keys & set(name.split("/")))), name
+    if not t:
+      assert not np.any(np.asarray(g)), name
+  head = np.asarray(grads["head"]["linear"]["kernel"])
+  assert np.abs(head).max() > 0
+
+
+@pytest.mark.parametrize("scheme", ["lora", "adapter"])
+def test_peft_classifier_starts_as_base_classifier(scheme):
+  _, p_base, base_logits = _shared("full")
+  _, p_peft, logits = _shared(scheme)
+  # Same seed, same base init: copy base leaves over to be independent of init order.
+  copied = jax.tree_util.tree_map_with_path(
+      lambda p, v: _get(p_base, path_str(p)) if _has(p_base, path_str(p)) else v, p_peft)
+  images = _batch()["image"]
+  np.testing.assert_array_equal(logits(copied, images), base_logits(p_base, images))
+
+
+def _has(tree, path):
+  try:
+    _get(tree, path)
+    return True
+  except (KeyError, TypeError):
+    return False
+
+
+def _get(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def test_lora_export_matches_adapted_forward():
+  obj, params, logits = _shared("lora")
+  # Non-zero B so that the adapters change the function.
+  params["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(7), x.shape),
+                                params["lora"])
+  images = _batch()["image"]
+  adapted = logits(params, images)
+  plain_logits = _shared("full")[2]
+  exported = obj.export(params)
+  assert set(exported) == {"backbone", "head"}
+  np.testing.assert_allclose(plain_logits(exported, images), adapted, atol=1e-5)
+  assert not np.allclose(plain_logits({"backbone": params["backbone"], "head": params["head"]}, images),
+                         adapted, atol=1e-4)
+
+
+def test_eval_metrics_count_valid_rows():
+  obj, params, logits = _shared("full")
+  batch = dict(_batch(), mask=jnp.arange(8) < 5)
+  out = jax.jit(obj.eval_metrics)(params, {}, batch, jax.random.PRNGKey(0))
+  assert float(out["accuracy"][1]) == 5.0 and float(out["loss"][1]) == 5.0
+  pred = np.asarray(logits(params, batch["image"])).argmax(-1)[:5]
+  acc = float(np.mean(pred == np.arange(5) % 6))
+  assert float(out["accuracy"][0]) / 5 == pytest.approx(acc)
+
+
+def test_unknown_scheme_and_label():
+  with pytest.raises(ValueError, match="objective.scheme='bogus'"):
+    _objective("full", **{"objective.scheme": "bogus"})
+  with pytest.raises(ValueError, match="data.label='age'"):
+    _objective("full", **{"data.label": "age"})
