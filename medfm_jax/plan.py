@@ -9,11 +9,13 @@ row per run (``--json=FILE`` appends the numbers as a JSON line):
 
 * per-device bytes of params, optimizer state, other state (EMA teacher, ...), the batch, and
   the step's peak temporaries (``compiled.memory_analysis()``); whether the total fits the chip;
-* FLOPs per step (XLA cost analysis of the partitioned program, times the device count);
+* FLOPs per step (XLA cost analysis of the whole step before partitioning, with any
+  ``model.scan`` loop unrolled since the analysis counts a loop body once);
 * an estimated step time and MFU on ``--chip``: a roofline ``max(compute, HBM traffic,
   collectives)`` with perfect overlap, from the chip's peak (``train/metrics.PEAK_TFLOPS``),
-  HBM bandwidth and interconnect bandwidth (:data:`CHIPS`). The memory and collective terms
-  come from the XLA:CPU program, whose fusion differs from TPU/GPU: treat them as estimates.
+  HBM bandwidth and interconnect bandwidth (:data:`CHIPS`). HBM traffic ("bytes accessed") and
+  collective bytes (parsed from the partitioned HLO, loop bodies times their trip counts) come
+  from the XLA:CPU program, whose fusion differs from TPU/GPU: treat them as estimates.
 """
 from __future__ import annotations
 
@@ -76,24 +78,56 @@ def _group_size(attrs: str, num_devices: int) -> int:
   return num_devices
 
 
-def collective_bytes(hlo_text: str, num_devices: int) -> float:
-  """Bytes each device sends per step in the collectives of a partitioned HLO program, for
-  bandwidth-optimal (ring) algorithms over groups of n: all-gather out·(n-1)/n, reduce-scatter
-  out·(n-1), all-reduce 2·S·(n-1)/n, all-to-all S·(n-1)/n, collective-permute S."""
-  total = 0.0
+def computation_multipliers(hlo_text: str) -> dict[str, int]:
+  """How many times each computation of an HLO module runs per call of its entry: while bodies
+  count ``known_trip_count`` times (XLA's cost analysis counts a loop body once)."""
+  comps: list[tuple[str, list[str]]] = []
+  entry = None
   for line in hlo_text.splitlines():
+    head = re.match(r"(ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comps.append((head.group(2), []))
+      entry = head.group(2) if head.group(1) else entry
+    elif comps:
+      comps[-1][1].append(line)
+  mult = {name: 0 for name, _ in comps}
+  if entry is None:
+    return mult
+  mult[entry] = 1
+  for name, lines in reversed(comps):          # callers are printed after their callees
+    for line in lines:
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      for key, callee in re.findall(r"\b(body|condition|to_apply|calls|branch_computations)="
+                                    r"\{?%?([\w.-]+)", line):
+        factor = int(trips.group(1)) if key == "body" and trips else 1
+        mult[callee] = mult.get(callee, 0) + mult[name] * factor
+  return mult
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> float:
+  """Bytes each device sends per step in the collectives of a partitioned HLO program (loop
+  bodies times their trip counts), for bandwidth-optimal (ring) algorithms over groups of n:
+  all-gather out·(n-1)/n, reduce-scatter out·(n-1), all-reduce 2·S·(n-1)/n, all-to-all
+  S·(n-1)/n, collective-permute S."""
+  mult = computation_multipliers(hlo_text)
+  total, current = 0.0, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(2)
+      continue
     m = _COLLECTIVE.search(line)
     if not m:
       continue
     shape, op, attrs = m.groups()
     size, n = _shape_bytes(shape), _group_size(attrs, num_devices)
-    if m.group(0).split("(")[0].endswith("-start") and shape.startswith("("):
+    if "-start(" in m.group(0) and shape.startswith("("):
       size //= 2   # async start ops return (operand, result)
     if n <= 1:
       continue
     factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n,
               "all-to-all": (n - 1) / n, "collective-permute": 1.0}[op]
-    total += size * factor
+    total += size * factor * mult.get(current, 1)
   return total
 
 
@@ -117,12 +151,17 @@ def abstract_batch(config, mesh):
       sharding=mesh_lib.batch_sharding(mesh, np.ndim(x))), example)
 
 
+def _cost(stage) -> dict:
+  cost = stage.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
 def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   """Compiles the config's train step for all (fake) devices; returns the memory/FLOP plan."""
   import jax  # pylint: disable=g-import-not-at-top
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
   from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   spec = chip_spec(chip)
@@ -132,9 +171,16 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   with mesh_lib.use_mesh(mesh):
     batch = abstract_batch(config, mesh)
     abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    lowered = state_lib.jit_train_step(objective, tx, config, abstract).lower(abstract, batch)
     t0 = time.perf_counter()
-    compiled = state_lib.jit_train_step(objective, tx, config, abstract).lower(abstract, batch).compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    if config.model.get("scan", False):    # FLOPs of the same model unrolled (see _model_flops)
+      unrolled = config.copy_and_resolve_references()
+      unrolled.model.scan = False
+      obj_u, tx_u = loop.build_objective(unrolled)
+      abstract_u, _ = state_lib.state_shardings(obj_u, tx_u, config.seed, batch, mesh)
+      lowered = state_lib.jit_train_step(obj_u, tx_u, unrolled, abstract_u).lower(abstract_u, batch)
   n = jax.device_count()
   mem = compiled.memory_analysis()
   params, opt = _per_device_bytes(abstract.params), _per_device_bytes(abstract.opt_state)
@@ -142,10 +188,12 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   batch_bytes = _per_device_bytes(batch)
   temp = int(mem.temp_size_in_bytes)
   total = state_total + batch_bytes + temp
-  flops = metrics.compiled_flops(compiled)
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  hbm_traffic = float(cost.get("bytes accessed", float("nan")))
+  # XLA's cost analysis counts a loop body once: FLOPs come from the unrolled program (before
+  # partitioning: whole-step FLOPs) and the compiled program's HBM bytes are scaled alike.
+  flops = float(_cost(lowered).get("flops", float("nan")))
+  compiled_cost = _cost(compiled)
+  loop_factor = flops / (float(compiled_cost.get("flops", float("nan"))) * n)
+  hbm_traffic = float(compiled_cost.get("bytes accessed", float("nan"))) * max(loop_factor, 1.0)
   comm = collective_bytes(compiled.as_text(), n)
   t_compute = flops / n / (spec["peak_tflops"] * 1e12)
   t_memory = hbm_traffic / (spec["hbm_gbs"] * 1e9)
@@ -162,7 +210,7 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
       "tflop_per_step": flops / 1e12, "collective_gib_per_device": comm / GIB,
       "t_compute_s": t_compute, "t_memory_s": t_memory, "t_collective_s": t_comm,
       "est_step_s": step, "est_mfu": t_compute / step if step else float("nan"),
-      "compile_s": compile_s,
+      "loop_factor": loop_factor, "compile_s": compile_s,
   }
 
 
