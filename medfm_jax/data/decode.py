@@ -19,6 +19,7 @@ file and the syntax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 from typing import Sequence
@@ -192,21 +193,20 @@ def dicom_window(ds, frame: int = 0) -> tuple[float, float] | None:
   return None
 
 
-def _syntax_error(path: str, ds) -> DataError | None:
-  """A DataError if the file's transfer syntax has no usable pydicom decoder."""
+@functools.lru_cache(maxsize=64)
+def _syntax_problem(uid: str) -> str | None:
+  """Why pixel data in transfer syntax ``uid`` cannot be decoded here, or None."""
   from pydicom.pixels import get_decoder  # pylint: disable=g-import-not-at-top
-  meta = getattr(ds, "file_meta", None)
-  uid = meta.get("TransferSyntaxUID") if meta is not None else None
-  if uid is None:
-    return None
+  from pydicom.uid import UID  # pylint: disable=g-import-not-at-top
+  uid = UID(uid)
   try:
     decoder = get_decoder(uid)
   except NotImplementedError:
-    return DataError(path, f"transfer syntax {uid.name} ({uid}) is not supported by pydicom; "
-                     "convert the file (e.g. gdcmconv --raw)")
+    return (f"transfer syntax {uid.name} ({uid}) is not supported by pydicom; "
+            "convert the file (e.g. gdcmconv --raw)")
   if not decoder.is_available:
-    return DataError(path, f"transfer syntax {uid.name} ({uid}) needs a pixel-data plugin; "
-                     "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    return (f"transfer syntax {uid.name} ({uid}) needs a pixel-data plugin; "
+            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
   return None
 
 
@@ -225,10 +225,8 @@ def _native_frame(ds, frame: int, frames: int) -> np.ndarray | None:
   """One grayscale frame of uncompressed little-endian pixel data, read straight from the
   buffer (as pydicom's ``pixel_array``: bits above HighBit masked or sign-extended); None for
   anything else (pydicom decodes those)."""
-  meta = getattr(ds, "file_meta", None)
   bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0))
-  if (meta is None or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE
-      or int(ds.get("SamplesPerPixel", 1)) != 1 or bits not in (8, 16) or not 0 < stored <= bits
+  if (int(ds.get("SamplesPerPixel", 1)) != 1 or bits not in (8, 16) or not 0 < stored <= bits
       or int(ds.get("HighBit", stored - 1)) != stored - 1):
     return None
   signed = int(ds.get("PixelRepresentation", 0)) == 1
@@ -250,14 +248,16 @@ def _decode_dicom(data: bytes, path: str, frame: int) -> Decoded:
   ds = _read_dataset(data, path)
   if "PixelData" not in ds:
     raise DataError(path, "DICOM file has no pixel data")
-  error = _syntax_error(path, ds)
-  if error is not None:
-    raise error
+  meta = getattr(ds, "file_meta", None)
+  uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+  problem = _syntax_problem(uid) if uid and uid not in _NATIVE_LE else None
+  if problem:
+    raise DataError(path, problem)
   frames = int(ds.get("NumberOfFrames", 1) or 1)
   if not 0 <= frame < frames:
     raise DataError(path, f"frame {frame} out of range [0, {frames})")
   try:
-    arr = _native_frame(ds, frame, frames)
+    arr = _native_frame(ds, frame, frames) if uid in _NATIVE_LE else None
     if arr is None:
       arr = pixel_array(ds, index=frame if frames > 1 else None)
   except Exception as e:
