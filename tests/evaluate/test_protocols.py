@@ -106,3 +106,16 @@ def test_cli_knn_writes_results(mae_ckpt, tmp_path):
                         module="medfm_jax.evaluate", timeout=300)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == "medfm_jax: config error: knn.k=0, knn.temperature=0.07: must be > 0"
+
+
+def test_embedding_export(mae_ckpt, tmp_path):
+  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from medfm_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
+  c = _config("linear_probe", init_from=mae_ckpt)
+  path = embed.export(c, str(tmp_path), "test", 40)
+  out = np.load(path)
+  assert out["features"].shape == (40, 96) and out["features"].dtype == np.float32
+  np.testing.assert_array_equal(out["ids"], np.arange(40))
+  source = pipeline.make_source(c.data, "test")
+  np.testing.assert_array_equal(out["finding"], [source[i]["finding"] for i in range(40)])
+  np.testing.assert_array_equal(out["modality"], [source[i]["modality"] for i in range(40)])
