@@ -196,3 +196,15 @@ def test_build_shards_and_refuses_to_overwrite(tmp_path):
       build.phantoms.PhantomSource("train", 8, 1, num_examples=5)[i]["caption"] for i in range(5)]
   with pytest.raises(ValueError, match="exists and is not empty"):
     build.build("phantoms", str(tmp_path), "sh", num_examples="train:5", image_size=8)
+
+
+def test_bench_data_table_covers_every_source():
+  from medfm_jax import bench  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_mae_config(**{"batch_size": 8})
+  rows = bench.benchmark_data_sources(config, ["phantoms", "folder", "dicom", "tfds"], ["0"],
+                                      num_examples=16, num_batches=2)
+  assert [(r["source"], r["workers"]) for r in rows] == [
+      ("phantoms", 0), ("folder", 0), ("dicom", 0), ("tfds", 0)]
+  assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
+  table = bench.data_table(rows).splitlines()
+  assert len(table) == 6 and table[2].startswith("| phantoms | 0 | ")
