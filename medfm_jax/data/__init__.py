@@ -1,8 +1,12 @@
-"""Input data: embedded phantoms, numpy transforms and the grain pipeline."""
+"""Input data: embedded phantoms, real-image sources (folder, manifest, DICOM, TFDS), numpy
+transforms and the grain pipeline."""
+from medfm_jax.data.decode import WINDOW_PRESETS, DataError
 from medfm_jax.data.phantoms import FINDINGS, MODALITIES, PhantomSource
 from medfm_jax.data.pipeline import (make_eval_batches, make_source, make_train_iterator,
                                      multicrop_spec)
+from medfm_jax.data.sources import FileSource, TfdsSource
 from medfm_jax.data.transforms import MultiCropSpec
 
-__all__ = ["FINDINGS", "MODALITIES", "MultiCropSpec", "PhantomSource", "make_eval_batches",
-           "make_source", "make_train_iterator", "multicrop_spec"]
+__all__ = ["DataError", "FINDINGS", "FileSource", "MODALITIES", "MultiCropSpec", "PhantomSource",
+           "TfdsSource", "WINDOW_PRESETS", "make_eval_batches", "make_source",
+           "make_train_iterator", "multicrop_spec"]
