@@ -4,7 +4,7 @@ Every source returns records shaped like :class:`~medfm_jax.data.phantoms.Phanto
 pipeline, objectives and evaluators work unchanged::
 
   image     uint8 [H, W, channels]   (after data.window / data.channels / data.resize)
-  label     int32   class index into ``source.class_names`` (sorted names; 0 when unlabelled)
+  label     int32   class index into ``source.class_names`` (sorted names); -1 = no label
   finding   int32   = label (the key the pipeline batches)
   modality  int32   index into ``source.modality_names`` (0 = unknown)
   caption, patient_id, path   str;   frame int32;   index int64
@@ -301,7 +301,7 @@ class FileSource(RobustSource):
       image = self.preprocess(decoded)
     except ValueError as err:
       raise DataError(e.path, str(err)) from None
-    label = self._labels.get(e.label, 0)
+    label = self._labels.get(e.label, -1)
     return {"image": image, "label": np.int32(label), "finding": np.int32(label),
             "modality": np.int32(self._modalities.get(e.modality, 0)), "caption": e.caption,
             "patient_id": e.patient_id, "path": e.path, "frame": np.int32(e.frame),
@@ -360,7 +360,7 @@ class TfdsSource(RobustSource):
       image = self.preprocess(decoded)
     except ValueError as e:
       raise e if isinstance(e, DataError) else DataError(where, str(e)) from None
-    label = int(raw.get(label_key, 0))
+    label = int(raw.get(label_key, -1))
     modality = raw.get("modality", 0)
     return {"image": image, "label": np.int32(label), "finding": np.int32(label),
             "modality": np.int32(modality if isinstance(modality, (int, np.integer)) else 0),

@@ -123,6 +123,10 @@ def test_manifest_patient_split_and_captions(tmp_path, fmt):
   i = int(r["image"][0, 0, 0])
   assert r["caption"] == f"report {i}" and r["patient_id"] == f"pat{i // 3}"
   assert splits["val"].class_names[int(r["label"])] == rows[i]["label"]
+  (tmp_path / "partial.csv").write_text("path,label\nimg/0.png,x\nimg/1.png,\n")
+  partial = pipeline.make_source(_cfg(source="manifest", path=str(tmp_path / "partial.csv"),
+                                      splits="train:1"), "train")
+  assert partial.class_names == ("x",) and [int(partial[i]["label"]) for i in range(2)] == [0, -1]
   (tmp_path / "bad.csv").write_text("path,labels\nimg/0.png,x\n")
   with pytest.raises(ValueError, match=r"unknown column.*labels"):
     sources.read_manifest(str(tmp_path / "bad.csv"))
