@@ -1,6 +1,10 @@
 """DINO objective wired into the shared trainer: EMA teacher, centering, frozen last layer."""
+import os
+
+import flax
 import jax
 import numpy as np
+import pytest
 
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
@@ -40,22 +44,56 @@ def test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen():
   assert float(np.linalg.norm(s1.extra["center"])) > 0
 
 
-def test_teacher_sharded_like_student_and_tiny_run_checkpoints(tmp_path):
-  config = _config(**{"mesh": {"data": 1, "fsdp": 8, "tensor": 1}})
-  mesh = mesh_lib.make_mesh(config.mesh)
-  state = loop.train(config, str(tmp_path), mesh)
-  student = state.params["backbone"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
-  teacher = state.extra["teacher"]["backbone"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
-  assert student.sharding.spec[0] == "fsdp" and teacher.sharding.spec == student.sharding.spec
-  losses = [m["loss"] for m in helpers.read_metrics(str(tmp_path)) if "loss" in m]
-  assert len(losses) == 4 and all(np.isfinite(losses))
-  assert any(m.get("teacher_entropy", 0) > 0 for m in helpers.read_metrics(str(tmp_path)))
-  knn_acc = [m["eval/knn_modality_acc"] for m in helpers.read_metrics(str(tmp_path)) if "eval/knn_modality_acc" in m]
-  assert len(knn_acc) == 2 and all(0.0 <= a <= 1.0 for a in knn_acc)     # at step 0 and at the end
-
-
 def test_collapse_warning_names_ln_k():
   objective = objectives.build(_config())
   assert objective.warnings({"loss": 2.0, "teacher_entropy": 1.0}) == []
   (message,) = objective.warnings({"loss": float(np.log(64)), "teacher_entropy": 0.01})
   assert "ln K = 4.159" in message and "collapsed" in message
+
+
+@pytest.fixture(scope="module")
+def dinov2_runs(tmp_path_factory):
+  """2 steps of DINOv2 (iBOT separate head + KoLeo + Sinkhorn-Knopp) on fsdp=8 and on 1 device."""
+  config = helpers.tiny_dino_config("tiny_v2", total_steps=2, checkpoint_every=2)
+  assert config.objective.centering == "sinkhorn_knopp" and config.objective.ibot_separate_head
+  runs = {}
+  for name, shape in (("eight", {"data": 1, "fsdp": 8, "tensor": 1}), ("one", {"data": 1, "fsdp": 1, "tensor": 1})):
+    workdir = str(tmp_path_factory.mktemp(name))
+    mesh = mesh_lib.make_mesh(shape, jax.devices()[:1] if name == "one" else None)
+    runs[name] = (workdir, loop.train(config, workdir, mesh))
+  return runs
+
+
+def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(dinov2_runs):
+  workdir, state = dinov2_runs["eight"]
+  assert "ibot_head" in state.params and "mask_token" in state.params["backbone"]
+  kernel = lambda p: p["backbone"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+  assert kernel(state.params).sharding.spec[0] == "fsdp"
+  assert kernel(state.extra["teacher"]).sharding.spec == kernel(state.params).sharding.spec
+  metrics = helpers.read_metrics(workdir)
+  train = [m for m in metrics if "loss" in m]
+  assert len(train) == 2 and all(m["ibot_loss"] > 0 and m["masked_fraction"] > 0 for m in train)
+  assert all(np.isfinite(m["koleo_loss"]) and m["teacher_entropy"] > 0 for m in train)
+  knn_acc = [m["eval/knn_modality_acc"] for m in metrics if "eval/knn_modality_acc" in m]
+  assert len(knn_acc) == 2 and all(0.0 <= a <= 1.0 for a in knn_acc)     # at step 0 and at the end
+  assert sorted(os.listdir(os.path.join(workdir, "attention"))) == ["step_0000000.png", "step_0000002.png"]
+
+
+def test_dinov2_trains_identically_on_one_and_eight_devices(dinov2_runs):
+  (w8, eight), (w1, one) = dinov2_runs["eight"], dinov2_runs["one"]
+  m8, m1 = ([m for m in helpers.read_metrics(w) if "loss" in m] for w in (w8, w1))
+  for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+    np.testing.assert_allclose([m[key] for m in m8], [m[key] for m in m1], rtol=2e-5, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+
+
+def test_dinov2_lr_multipliers_layerwise_and_patch_embed():
+  objective = objectives.build(helpers.tiny_dino_config("tiny_v2"))
+  params = jax.eval_shape(objective.init, jax.random.PRNGKey(0),
+                          {"global": jax.ShapeDtypeStruct((2, 2, 16, 16, 1), np.float32)})[0]
+  mult = objective.optimizer_kwargs()["lr_multipliers"](flax.linen.unbox(params))
+  depth = objective.model.backbone.size.depth
+  assert mult["head"]["mlp_0"]["kernel"] == 1.0
+  np.testing.assert_allclose(mult["backbone"]["encoder"][f"layer_{depth - 1}"]["attn"]["query"]["kernel"], 0.9)
+  np.testing.assert_allclose(mult["backbone"]["patch_embed"]["proj"]["kernel"], 0.2 * 0.9 ** (depth + 1))
