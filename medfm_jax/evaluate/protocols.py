@@ -29,13 +29,21 @@ class EvalError(ValueError):
   """The requested evaluation cannot run on this checkpoint/config."""
 
 
+def _labelled(x, labels, label: str):
+  """Drops unlabelled rows (label -1)."""
+  keep = labels[label] >= 0
+  if not keep.all():
+    logging.info("dropping %d unlabelled rows of %d", int((~keep).sum()), len(keep))
+  return x[keep], {k: v[keep] for k, v in labels.items()}
+
+
 def _frozen_features(config, mesh):
   objective, params = features.build_classifier(config, mesh)
   train = features.extract(config, mesh, objective, params, config.data.train_split,
                            config.features.train_examples)
   test = features.extract(config, mesh, objective, params, config.data.eval_split,
                           config.data.eval_examples)
-  return train, test
+  return _labelled(*train, config.data.label), _labelled(*test, config.data.label)
 
 
 def _linear_probe(config, mesh, names):
@@ -83,8 +91,9 @@ def _finetune(config, mesh, names, workdir):
   train_dir = os.path.join(workdir, "finetune")
   state = loop.train(config, train_dir, mesh)
   objective = objectives_lib.build(config)
-  scores, labels = features.apply_over_split(config, mesh, objective.logits, state.params,
-                                             config.data.eval_split, config.data.eval_examples)
+  scores, labels = _labelled(*features.apply_over_split(
+      config, mesh, objective.logits, state.params, config.data.eval_split,
+      config.data.eval_examples), config.data.label)
   step = int(jax.device_get(state.step))
   export_dir = ckpt_lib.export_params(
       os.path.join(workdir, "export"), step, objective.export(jax.device_get(state.params)),

@@ -33,9 +33,17 @@ LABELS = {"phantoms": {"finding": phantoms.FINDINGS, "modality": phantoms.MODALI
 
 
 def class_names(data_cfg) -> tuple[str, ...]:
-  """Class names of ``data.label`` for ``data.source``."""
+  """Class names of ``data.label`` for ``data.source``: the phantom findings/modalities, or the
+  names a file/TFDS source reads (``class_names`` for 'finding', ``modality_names`` for 'modality')."""
   label = data_cfg.get("label", "finding")
-  table = LABELS.get(data_cfg.source, {})
+  if data_cfg.source in LABELS:
+    table = LABELS[data_cfg.source]
+  else:
+    from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    source = pipeline.make_source(data_cfg, data_cfg.train_split)
+    table = {k: tuple(getattr(source, attr, ()) or ()) for k, attr in
+             (("finding", "class_names"), ("modality", "modality_names"))}
+    table = {k: v for k, v in table.items() if v}
   if label not in table:
     raise ValueError(f"data.label={label!r}: allowed for data.source={data_cfg.source!r}: {sorted(table)}")
   return tuple(table[label])
@@ -159,12 +167,16 @@ class SupervisedObjective(base.Objective):
     logits = self.model.apply({"params": self.effective_params(params, lora_rng, train=True)},
                               batch["image"], deterministic=False, rngs={"dropout": drop_rng})
     labels = batch[self.label]
-    loss = self._ce(logits, labels, self.config.objective.label_smoothing).mean()
-    return loss, ({"accuracy": (logits.argmax(-1) == labels).mean()}, extra)
+    valid = (labels >= 0).astype(jnp.float32)          # -1 = unlabelled: no loss, not counted
+    n = jnp.maximum(valid.sum(), 1.0)
+    loss = (self._ce(logits, labels, self.config.objective.label_smoothing) * valid).sum() / n
+    accuracy = ((logits.argmax(-1) == labels) * valid).sum() / n
+    return loss, ({"accuracy": accuracy}, extra)
 
   def eval_metrics(self, params, extra, batch, rng):
     del extra, rng
     logits = self.logits(params, batch["image"])
     labels = batch[self.label]
-    return {"loss": base.masked_sum(self._ce(logits, labels), batch["mask"]),
-            "accuracy": base.masked_sum((logits.argmax(-1) == labels).astype(jnp.float32), batch["mask"])}
+    mask = batch["mask"] & (labels >= 0)
+    return {"loss": base.masked_sum(self._ce(logits, labels), mask),
+            "accuracy": base.masked_sum((logits.argmax(-1) == labels).astype(jnp.float32), mask)}

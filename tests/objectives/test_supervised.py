@@ -93,12 +93,17 @@ def test_lora_export_matches_adapted_forward():
 
 def test_eval_metrics_count_valid_rows():
   obj, params, logits = _shared("full")
-  batch = dict(_batch(), mask=jnp.arange(8) < 5)
+  labels = jnp.arange(8) % 6
+  batch = dict(_batch(), mask=jnp.arange(8) < 5, finding=labels.at[0].set(-1))  # row 0 unlabelled
   out = jax.jit(obj.eval_metrics)(params, {}, batch, jax.random.PRNGKey(0))
-  assert float(out["accuracy"][1]) == 5.0 and float(out["loss"][1]) == 5.0
-  pred = np.asarray(logits(params, batch["image"])).argmax(-1)[:5]
-  acc = float(np.mean(pred == np.arange(5) % 6))
-  assert float(out["accuracy"][0]) / 5 == pytest.approx(acc)
+  assert float(out["accuracy"][1]) == 4.0 and float(out["loss"][1]) == 4.0
+  pred = np.asarray(logits(params, batch["image"])).argmax(-1)[1:5]
+  acc = float(np.mean(pred == np.arange(1, 5) % 6))
+  assert float(out["accuracy"][0]) / 4 == pytest.approx(acc)
+  loss, (metrics, _) = obj.loss(params, {}, batch, jax.random.PRNGKey(0), 0)
+  full_rows = dict(batch, image=batch["image"][1:], finding=batch["finding"][1:])
+  assert float(loss) == pytest.approx(float(obj.loss(params, {}, full_rows, jax.random.PRNGKey(0), 0)[0]),
+                                      rel=1e-5)
 
 
 def test_unknown_scheme_and_label():
