@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
          "pylibjpeg-rle>=2.0", "pyjpegls>=1.3"]
 
+# Caption tokenizers: HF tokenizer.json files and sentencepiece models (the byte tokenizer needs none).
+TEXT = ["tokenizers>=0.20", "sentencepiece>=0.2"]
+
 setup(
     name="medfm_jax",
     version="0.1.0",
@@ -28,7 +31,8 @@ setup(
     ],
     extras_require={
         "dicom": DICOM,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM],
+        "text": TEXT,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT],
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },

@@ -116,6 +116,9 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   if c.objective.name == "dino":
     _validate_dino(c, size.patch_size)
 
+  if c.objective.name == "clip":
+    _validate_clip(c)
+
   try:
     granules = mesh_lib.dcn_granules(jax.devices()) if num_devices == jax.device_count() else (1, True)
     ici, dcn = mesh_lib.resolve_hybrid_shape(c.mesh, num_devices, granules[0], not granules[1])
@@ -164,6 +167,39 @@ def _validate_dino(c, patch_size: int) -> None:
            f"data.patch_masks.patch_size={c.data.patch_masks.patch_size}: must equal the model's "
            f"patch size {patch_size}")
     _check(c.model.get("mask_token", False), "objective.ibot_loss_weight > 0 needs model.mask_token=True")
+
+
+def _validate_clip(c) -> None:
+  """CLIP / SigLIP / LiT fields (``objectives/clip.py``), the text tower and the tokenizer."""
+  from medfm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from medfm_jax.models import clip as clip_model, text  # pylint: disable=g-import-not-at-top
+  from medfm_jax.objectives import clip_losses  # pylint: disable=g-import-not-at-top
+  o, m, d = c.objective, c.model, c.data
+  _check(o.loss in clip_losses.LOSSES, f"objective.loss={o.loss!r}: allowed {clip_losses.LOSSES}")
+  _check(0 < o.max_logit_scale, f"objective.max_logit_scale={o.max_logit_scale}: must be > 0")
+  _check(m.image_pool in clip_model.IMAGE_POOLS, f"model.image_pool={m.image_pool!r}: allowed {clip_model.IMAGE_POOLS}")
+  _check(m.image_pool == "map" or m.get("class_token", True),
+         "model.class_token=False needs model.image_pool='map' (no cls token to pool)")
+  _check(isinstance(m.embed_dim, int) and m.embed_dim > 0, f"model.embed_dim={m.embed_dim!r}: must be a positive integer")
+  _check(m.image_proj or m.embed_dim == vit.size_from_config(m).width,
+         f"model.embed_dim={m.embed_dim}: with model.image_proj=False it must equal the image width "
+         f"{vit.size_from_config(m).width}")
+  try:
+    t = text.text_size(m.text)
+    spec = tokenizers.from_config(d)
+    tok = spec.tokenizer() if spec is not None else None
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(spec is not None, f"data.tokenizer={d.get('tokenizer')!r}: the CLIP objective needs one of {tokenizers.KINDS}")
+  _check(t.pooling in text.POOLINGS, f"model.text.pooling={t.pooling!r}: allowed {text.POOLINGS}")
+  _check(t.width % t.num_heads == 0, f"model.text.num_heads={t.num_heads}: must divide model.text.width={t.width}")
+  _check(m.get("remat", "none") in ("none", "full", "dots"), f"model.remat={m.get('remat')!r}: allowed 'none', 'full', 'dots'")
+  _check(0 < d.context_length <= t.context_length,
+         f"data.context_length={d.context_length}: must be in [1, model.text.context_length={t.context_length}]")
+  _check(tok.vocab_size <= t.vocab_size,
+         f"model.text.vocab_size={t.vocab_size}: smaller than the {d.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+  _check(t.pooling != "eot" or tok.eot_id is not None,
+         f"model.text.pooling='eot': the {d.tokenizer!r} tokenizer has no end-of-text token")
 
 
 def _validate_supervised(c) -> None:

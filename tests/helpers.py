@@ -125,3 +125,17 @@ def assert_restore_reproduces(make_iterator, skip: int, check: int):
   fresh = make_iterator()
   fresh.set_state(state)
   assert_batches_equal(take(fresh, check), expected)
+
+
+def tiny_clip_config(variant="tiny", **overrides):
+  """``configs/clip.py:tiny`` shrunk: 16x16 phantoms, 2-block ViT-Mu/4 and 1-block 32-wide text
+  tower, embeddings of 32, batch 16."""
+  from configs import clip  # pylint: disable=g-import-not-at-top
+  c = clip.get_config(variant)
+  c.data.image_size = 16
+  c.model.depth, c.model.embed_dim = 2, 32
+  c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 4
+  c.data.eval_examples, c.data.eval_batch_size = 32, 16
+  return _override(c, overrides)

@@ -20,9 +20,8 @@ from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop
 
 PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot")
-# Objectives whose checkpoints carry a text tower (zero-shot). None exist in this codebase yet:
-# CLIP/SigLIP and FLAVA add their names here when they land.
-TEXT_TOWER_OBJECTIVES: tuple[str, ...] = ()
+# Objectives whose checkpoints carry a text tower (zero-shot); FLAVA adds its name when it lands.
+TEXT_TOWER_OBJECTIVES: tuple[str, ...] = ("clip",)
 
 
 class EvalError(ValueError):
@@ -121,7 +120,7 @@ def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
   if protocol not in PROTOCOLS:
     raise EvalError(f"protocol={protocol!r}: allowed {PROTOCOLS}")
   if protocol == "zero_shot":
-    _zero_shot(config)
+    return _zero_shot(config, mesh)
   names = supervised.class_names(config.data)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   logging.info("eval %s of %s on %s (%s)", protocol, config.init_from or "random init",

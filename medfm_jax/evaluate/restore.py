@@ -50,6 +50,7 @@ register_encoder("mae", {"encoder": ("params", "encoder")}, "encoder")
 register_encoder("dino", {"teacher": ("extra", "teacher", "backbone"),
                           "student": ("params", "backbone")}, "teacher")
 register_encoder("supervised", {"backbone": ("params", "backbone")}, "backbone")
+register_encoder("clip", {"image": ("params", "image")}, "image")   # CLIP/SigLIP image tower
 
 
 def registered() -> list[str]:

@@ -7,6 +7,7 @@ _REGISTRY = {
     "mae": "medfm_jax.objectives.mae:MaeObjective",
     "dino": "medfm_jax.objectives.dino:DinoObjective",
     "supervised": "medfm_jax.objectives.supervised:SupervisedObjective",
+    "clip": "medfm_jax.objectives.clip:ClipObjective",     # CLIP, SigLIP, LiT (objective.loss)
 }
 
 

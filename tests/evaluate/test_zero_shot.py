@@ -1,0 +1,81 @@
+"""Zero-shot classifier and retrieval evaluators: maths vs references, eval hook, protocol on a CLIP checkpoint."""
+import numpy as np
+import pytest
+
+from medfm_jax.data import phantoms
+from medfm_jax.evaluate import protocols, retrieval, zero_shot
+from tests import helpers
+
+
+def _fake_embed(texts):
+  """Deterministic pseudo-embeddings per string (unnormalised)."""
+  return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) * 3 for t in texts])
+
+
+def test_class_embeddings_average_normalised_prompts():
+  prompts = {"a": ["x {}", "y"], "b": ["z"]}
+  emb = zero_shot.class_embeddings(prompts, _fake_embed)
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  e = unit(_fake_embed(["x {}", "y", "z"]))
+  np.testing.assert_allclose(emb, unit(np.stack([e[:2].mean(0), e[2]])), atol=1e-12)
+  images = np.stack([emb[1] * 5 + 0.01, emb[0] * 0.5])
+  np.testing.assert_allclose(zero_shot.scores(images, emb)[0, 1], 100 * np.dot(unit(images[0]), emb[1]))
+  m = zero_shot.zero_shot_metrics(images, np.array([1, 0]), prompts, _fake_embed)
+  assert m["accuracy"] == 1.0 and m["macro_auroc"] == 1.0
+
+
+def test_phantom_prompts_follow_captions():
+  prompts = zero_shot.phantom_prompts("finding")
+  assert list(prompts) == list(phantoms.FINDINGS)
+  assert "Chest X-ray with a ring-enhancing lesion." in prompts["ring_enhancing"]
+  assert list(zero_shot.phantom_prompts("modality")) == list(phantoms.MODALITIES)
+  assert zero_shot.class_prompts("folder", "finding", ["pleural_effusion"])["pleural_effusion"][0] == \
+      "a medical image showing pleural effusion."
+
+
+def test_recall_at_k_matches_brute_force():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(50, 6)), rng.normal(size=(50, 6))
+  txt[:10] = img[:10] * 2                 # ten exact pairs: rank 0
+  got = retrieval.recall_at_k(img, txt)
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  sims = unit(img) @ unit(txt).T
+  for direction, s in (("i2t", sims), ("t2i", sims.T)):
+    ranks = [int(np.where(np.argsort(-row, kind="stable") == i)[0][0]) for i, row in enumerate(s)]
+    for k in (1, 5, 10):
+      assert got[f"{direction}_r@{k}"] == pytest.approx(np.mean(np.array(ranks) < k))
+  assert got["i2t_r@1"] >= 0.2
+  with pytest.raises(ValueError, match="pair up"):
+    retrieval.recall_at_k(img, txt[:5])
+
+
+@pytest.fixture(scope="module")
+def clip_ckpt(tmp_path_factory):
+  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("clip_tiny"))
+  config = helpers.tiny_clip_config(total_steps=2, checkpoint_every=2)
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  return workdir
+
+
+def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
+  evals = [m for m in helpers.read_metrics(clip_ckpt) if "eval/i2t_r@5" in m]
+  assert [m["step"] for m in evals] == [0, 2]
+  for m in evals:
+    for k in ("zero_shot_finding_accuracy", "zero_shot_modality_macro_auroc", "t2i_r@10"):
+      assert 0.0 <= m[f"eval/{k}"] <= 1.0
+    assert m["eval/i2t_r@1"] <= m["eval/i2t_r@5"] <= m["eval/i2t_r@10"]
+
+
+def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.evaluate import report, restore  # pylint: disable=g-import-not-at-top
+  c = helpers.tiny_eval_config("zero_shot", init_from=clip_ckpt, **{"data.label": "modality",
+                                                                    "data.eval_examples": 40})
+  restore.adopt_architecture(c)
+  config_lib.validate(c)
+  results = protocols.run(c, str(tmp_path))
+  m = results["metrics"]
+  assert m["num_examples"] == 40 and [r["class"] for r in m["per_class"]] == list(phantoms.MODALITIES)
+  assert set(results["retrieval"]) == {f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  report.write(str(tmp_path), results)
