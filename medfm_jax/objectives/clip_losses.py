@@ -91,3 +91,17 @@ def contrastive_loss(img_emb, txt_emb, logit_scale, logit_bias=None, kind: str =
     return jax.lax.psum(_block_sums(i, t, s, c, kind, axes), axes)
 
   return blockwise(img, txt, scale, bias) / global_batch
+
+
+def memory_analysis(kind: str, global_batch: int, embed_dim: int, mesh) -> dict[str, int]:
+  """Per-device bytes (XLA ``compiled.memory_analysis()``) of the loss and its gradient with
+  respect to both embeddings, for float32 ``[global_batch, embed_dim]`` inputs split over the
+  mesh's batch axes. Nothing is allocated (abstract inputs)."""
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  emb = jax.ShapeDtypeStruct((global_batch, embed_dim), jnp.float32,
+                             sharding=mesh_lib.batch_sharding(mesh, 2))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  fn = jax.value_and_grad(lambda i, t, s, b: contrastive_loss(i, t, s, b, kind), argnums=(0, 1, 2, 3))
+  with mesh_lib.use_mesh(mesh):
+    stats = jax.jit(fn).lower(emb, emb, scalar, scalar).compile().memory_analysis()
+  return {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp")}

@@ -70,3 +70,13 @@ def test_no_device_materialises_the_global_logit_matrix(kind):
 def test_unknown_loss():
   with pytest.raises(ValueError, match="objective.loss"):
     clip_losses.contrastive_loss(jnp.ones((2, 2)), jnp.ones((2, 2)), 1.0, kind="triplet")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_per_device_memory_shrinks_with_the_mesh(kind):
+  one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  eight = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  m1 = clip_losses.memory_analysis(kind, 512, 32, one)
+  m8 = clip_losses.memory_analysis(kind, 512, 32, eight)
+  assert m8["temp"] < m1["temp"] / 4            # blocks of [B/8, B], not [B, B]
+  assert m8["argument"] < m1["argument"] / 7      # each device holds only its rows
