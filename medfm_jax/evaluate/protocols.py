@@ -94,9 +94,9 @@ def _finetune(config, mesh, names, workdir):
       config, mesh, objective.logits, state.params, config.data.eval_split,
       config.data.eval_examples), config.data.label)
   step = int(jax.device_get(state.step))
-  export_dir = ckpt_lib.export_params(
-      os.path.join(workdir, "export"), step, objective.export(jax.device_get(state.params)),
-      {"step": step, "config": config.to_json_best_effort()})
+  # Sharded arrays: every process writes its own shards.
+  export_dir = ckpt_lib.export_params(os.path.join(workdir, "export"), step, objective.export(state.params),
+                                      {"step": step, "config": config.to_json_best_effort()})
   trainable = objective.trainable(state.params)
   n_train = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(state.params),
                                                       jax.tree.leaves(trainable)) if t)
@@ -105,10 +105,13 @@ def _finetune(config, mesh, names, workdir):
            "export": export_dir})
 
 
-def _zero_shot(config):
+def _zero_shot(config, mesh=None):
   if not config.init_from:
     raise EvalError("zero_shot: set --config.init_from to an image-text (CLIP/SigLIP/FLAVA) checkpoint")
   objective, _ = restore.checkpoint_objective(config.init_from)
+  if objective == "clip":
+    from medfm_jax.objectives import clip  # pylint: disable=g-import-not-at-top
+    return clip.zero_shot_from_checkpoint(config, mesh or mesh_lib.make_mesh(config.mesh))
   raise EvalError(f"zero_shot: checkpoint {config.init_from!r} was trained with objective "
                   f"{objective!r}, which has no text tower; zero-shot needs an image-text checkpoint "
                   f"(objectives with a text tower here: {list(TEXT_TOWER_OBJECTIVES) or 'none yet'})")

@@ -102,10 +102,15 @@ def test_cli_knn_writes_results(mae_ckpt, tmp_path):
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["protocol"] == "knn" and results["k"] == 5 and results["metrics"]["num_examples"] == 64
   assert os.path.isfile(os.path.join(workdir, "results.md"))
-  bad = helpers.run_cli(["--config=configs/eval/knn.py:tiny,knn.k=0", f"--workdir={workdir}"],
-                        module="medfm_jax.evaluate", timeout=300)
-  assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines()[-1] == "medfm_jax: config error: knn.k=0, knn.temperature=0.07: must be > 0"
+
+
+def test_eval_config_errors_name_the_field():
+  c = helpers.tiny_eval_config("knn", **{"knn.k": 0})
+  with pytest.raises(config_lib.ConfigError, match=r"^knn.k=0, knn.temperature=0.07: must be > 0$"):
+    config_lib.validate_eval(c)
+  c = helpers.tiny_eval_config("finetune", "full", **{"objective.scheme": "prompt"})
+  with pytest.raises(config_lib.ConfigError, match="objective.scheme='prompt' needs model.num_prompts > 0"):
+    config_lib.validate(c)
 
 
 def test_embedding_export(mae_ckpt, tmp_path):
