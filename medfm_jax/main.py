@@ -33,6 +33,14 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
 
 
+def _save_config(config, workdir: str) -> None:
+  """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.report``)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -55,6 +63,8 @@ def main(argv):
     sys.exit(2)
   from medfm_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config)
+  if jax.process_index() == 0:
+    _save_config(config, workdir)
   try:
     loop.train(config, workdir)
   except checkpoint.CheckpointError as e:

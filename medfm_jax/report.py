@@ -1,0 +1,128 @@
+r"""Sweep / run comparison report: a Markdown table and PNG plots.
+
+  python -m medfm_jax.report runs/mae_mask [more sweep folders or workdirs...] \
+      [--metric=eval/loss --metric=knn_tiny/accuracy] [--out=DIR]
+
+Writes DIR/report.md (one row per point: its swept fields, seeds, status and each metric's final
+value, mean ± sample std over the seeds of points that differ only by ``seed``), DIR/loss_curves.png
+(training loss of every run overlaid) and DIR/vs_FIELD.png per swept field (final metrics against
+the field, error bars = std over seeds). DIR defaults to the only path given, else to the paths'
+common parent. Metrics: ``loss`` and other metrics.jsonl keys (``eval/...``), an eval workdir's
+``accuracy`` / ``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's
+``eval/NAME`` folder (sweep --then_eval); default: all of them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+_METRIC = flags.DEFINE_multi_string("metric", [], "Metric to tabulate and plot (repeatable); default all.")
+_OUT = flags.DEFINE_string("out", "", "Folder for report.md and PNGs (default: the only path / common parent).")
+
+
+def _fmt(values: list[float]) -> str:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v = [x for x in values if np.isfinite(x)]
+  if not v:
+    return "n/a"
+  if len(v) == 1:
+    return f"{v[0]:.4f}"
+  return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v = [x for x in values if np.isfinite(x)]
+  if not v:
+    return float("nan"), 0.0
+  return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def build(paths: list[str], metrics: list[str], out: str) -> str:
+  """Writes the report and plots into ``out``; returns the path of report.md."""
+  from medfm_jax.sweeps import collect, grid, plots, runner  # pylint: disable=g-import-not-at-top
+  runs = collect.load_runs(paths)
+  if not runs:
+    raise collect.ReportError(f"{paths}: no runs found")
+  available = collect.default_metrics(runs)
+  metrics = metrics or available
+  unknown = [m for m in metrics if m not in available]
+  if unknown:
+    raise collect.ReportError(f"--metric {unknown}: no run has it; available: {available}")
+  groups: dict[tuple, list] = {}
+  for r in runs:
+    groups.setdefault(r.group, []).append(r)
+  fields = list(dict.fromkeys(k for r in runs for k in r.overrides if k != runner.SEED))
+  short = grid.short_keys(fields)
+  os.makedirs(out, exist_ok=True)
+  title = ", ".join(os.path.basename(os.path.normpath(p)) for p in paths)
+
+  lines = [f"# Report: {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
+           "Values: final value of each metric; `mean ± std` (sample std) over seeds where a point ran "
+           "with several.", ""]
+  head = ["point", *[short[f] for f in fields], "seeds", "status", *metrics]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for group, rs in groups.items():
+    g = dict(group)
+    status = ",".join(sorted({r.status for r in rs if r.status})) or "-"
+    row = [collect.group_label(group), *[grid.format_value(g[f]) if f in g else "" for f in fields],
+           str(len(rs)), status, *[_fmt([r.metrics.get(m, float("nan")) for r in rs]) for m in metrics]]
+    lines.append("| " + " | ".join(row) + " |")
+  if any(len(rs) > 1 for rs in groups.values()):
+    lines += ["", "## Every run", "", "| run | status | " + " | ".join(metrics) + " |",
+              "|" + "---|" * (len(metrics) + 2)]
+    for r in runs:
+      lines.append(f"| {r.name} | {r.status or '-'} | " +
+                   " | ".join(_fmt([r.metrics.get(m, float('nan'))]) for m in metrics) + " |")
+  failed = [r for r in runs if r.status == "failed"]
+  if failed:
+    lines += ["", f"Failed points: {', '.join(r.name for r in failed)} (see sweep.json / POINT/logs)."]
+
+  figures = []
+  curves = {collect.group_label(g): [r.curve for r in rs] for g, rs in groups.items()}
+  if plots.loss_curves(curves, os.path.join(out, "loss_curves.png"), f"Training loss: {title}"):
+    figures.append(("Training loss curves", "loss_curves.png"))
+  for key in fields:
+    if len({repr(dict(g).get(key)) for g in groups}) < 2:
+      continue
+    series: dict = {}
+    for group, rs in groups.items():
+      g = dict(group)
+      if key not in g:
+        continue
+      others = {k: v for k, v in g.items() if k != key}
+      label = collect.group_label(tuple(others.items())) if others else ""
+      for m in metrics:
+        mean, std = _stats([r.metrics.get(m, float("nan")) for r in rs])
+        series.setdefault(label, {}).setdefault(m, []).append((g[key], mean, std))
+    name = f"vs_{grid.safe_name(short[key])}.png"
+    if plots.metric_vs_field(key, series, metrics, os.path.join(out, name), f"{title}: final metrics vs {short[key]}"):
+      figures.append((f"Final metrics vs {key}", name))
+  if figures:
+    lines += ["", "## Plots", ""] + [f"![{cap}]({name})" for cap, name in figures]
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError("give one or more sweep folders or workdirs")
+  from medfm_jax.sweeps import collect  # pylint: disable=g-import-not-at-top
+  out = _OUT.value or (paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths]))
+  try:
+    path = build(paths, _METRIC.value, out)
+  except collect.ReportError as e:
+    sys.stderr.write(f"medfm_jax.report: {e}\n")
+    sys.exit(2)
+  with open(path) as f:
+    print(f.read())
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

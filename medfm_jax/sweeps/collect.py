@@ -1,0 +1,144 @@
+"""Reads runs for the report: sweep folders (``sweep.json``) or plain workdirs.
+
+A run's numbers come from ``metrics.jsonl`` (its own, or ``finetune/metrics.jsonl`` of a
+fine-tuning eval workdir; rows re-written after a resume replace the earlier ones of the same
+step), ``results.json`` (eval workdir: ``accuracy``...) and ``eval/NAME/results.json``
+(``NAME/accuracy``...). Its swept fields come from the manifest, or for plain workdirs from the
+fields in which their ``config.json`` files differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from medfm_jax.evaluate import report as eval_report
+from medfm_jax.sweeps import grid, runner
+
+SKIP = ("compile_time_s", "step_time_s", "eta_s", "images_per_s", "images_per_s_per_device",
+        "tflops_per_device", "mfu", "lr", "grad_norm", "data/skipped", "wd", "elapsed_s")
+
+
+class ReportError(ValueError):
+  """A path that is neither a sweep folder nor a run workdir, or a requested metric nobody has."""
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  workdir: str
+  overrides: dict                  # swept fields (with 'seed' when swept)
+  status: str                      # done | failed | running | pending | '' (plain workdir)
+  curve: list = dataclasses.field(default_factory=list)     # [(step, train loss)]
+  metrics: dict = dataclasses.field(default_factory=dict)   # metric -> final value
+
+  @property
+  def group(self) -> tuple:
+    return tuple((k, v) for k, v in self.overrides.items() if k != runner.SEED)
+
+
+def read_jsonl(path: str) -> dict[str, dict[int, float]]:
+  """``metrics.jsonl`` -> key -> {step: value} (numbers only; a later row of a step wins)."""
+  series = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue   # a line cut short by a kill
+      step = row.get("step")
+      if not isinstance(step, int):
+        continue
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          series.setdefault(k, {})[step] = float(v)
+  return series
+
+
+def _results(path: str, prefix: str, out: dict) -> None:
+  with open(path) as f:
+    r = json.load(f)
+  for k in eval_report.SUMMARY:
+    v = r.get("metrics", {}).get(k)
+    out[prefix + k] = math.nan if v is None else float(v)
+
+
+def load_numbers(run: Run) -> None:
+  """Fills ``run.curve`` and ``run.metrics`` from the files in its workdir."""
+  for path in (os.path.join(run.workdir, "metrics.jsonl"),
+               os.path.join(run.workdir, "finetune", "metrics.jsonl")):
+    if os.path.exists(path):
+      series = read_jsonl(path)
+      run.curve = sorted(series.get("loss", {}).items())
+      for k, by_step in series.items():
+        if k not in SKIP:
+          run.metrics[k] = by_step[max(by_step)]
+      break
+  if os.path.exists(os.path.join(run.workdir, "results.json")):
+    _results(os.path.join(run.workdir, "results.json"), "", run.metrics)
+  eval_dir = os.path.join(run.workdir, "eval")
+  if os.path.isdir(eval_dir):
+    for name in sorted(os.listdir(eval_dir)):
+      path = os.path.join(eval_dir, name, "results.json")
+      if os.path.exists(path):
+        _results(path, name + "/", run.metrics)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _config(workdir: str) -> dict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return _flatten(json.load(f))
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+  """Every run under ``paths`` (sweep folders expand to their points), numbers loaded."""
+  runs, loose = [], []
+  for path in paths:
+    manifest = os.path.join(path, runner.MANIFEST)
+    if os.path.exists(manifest):
+      with open(manifest) as f:
+        m = json.load(f)
+      for p in m["points"]:
+        runs.append(Run(p["name"], os.path.join(path, p["name"]), dict(p["overrides"]), p["status"]))
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("metrics.jsonl", "results.json", "config.json")):
+      loose.append(path)
+    else:
+      raise ReportError(f"{path!r}: not a sweep folder (no {runner.MANIFEST}) nor a run workdir "
+                        "(no metrics.jsonl, results.json or config.json)")
+  if loose:
+    configs = [_config(w) for w in loose]
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1] if len(loose) > 1 else []
+    for w, c in zip(loose, configs):
+      runs.append(Run(os.path.basename(os.path.normpath(w)) or w, w, {k: c.get(k) for k in varying}, ""))
+  for run in runs:
+    load_numbers(run)
+  return runs
+
+
+def default_metrics(runs: list[Run]) -> list[str]:
+  """``loss``, then the trainer's ``eval/*`` metrics, then each evaluation's summary metrics."""
+  seen = list(dict.fromkeys(k for r in runs for k in r.metrics))
+  first = [k for k in seen if k == "loss"]
+  evals = [k for k in seen if k.startswith("eval/")]
+  return first + evals + [k for k in seen if k not in first and k not in evals]
+
+
+def group_label(group: tuple) -> str:
+  return grid.point_name(dict(group), [k for k, _ in group]) if group else "default"

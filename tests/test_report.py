@@ -1,0 +1,118 @@
+"""python -m medfm_jax.report on synthetic sweep folders and workdirs (no training: fast)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfm_jax import report
+from medfm_jax.sweeps import collect
+from tests import helpers
+
+
+def _run(workdir, losses, final_eval, acc=None, crash_rows=()):
+  """A fake training workdir: loss per step (+ re-written rows after a resume) and an eval row."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    rows = list(enumerate(losses, 1))
+    for step, loss in rows[:4] + list(crash_rows) + rows[4:]:   # a killed run's rows, then the resume's
+      f.write(json.dumps({"step": step, "loss": loss, "lr": 1e-3}) + "\n")
+    f.write(json.dumps({"step": len(losses), "eval/loss": final_eval}) + "\n")
+  if acc is not None:
+    edir = os.path.join(workdir, "eval", "knn_tiny")
+    os.makedirs(edir)
+    with open(os.path.join(edir, "results.json"), "w") as f:
+      json.dump({"metrics": {"accuracy": acc, "balanced_accuracy": acc / 2, "macro_auroc": None}}, f)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+  """A 2 (mask_ratio) x 2 (decoder_depth) x 2 seeds sweep folder written by hand."""
+  root = str(tmp_path_factory.mktemp("sweep"))
+  points = []
+  rng = np.random.default_rng(0)
+  for seed in (0, 1):
+    for ratio in (0.6, 0.9):
+      for depth in (1, 2):
+        name = f"mask_ratio={ratio},decoder_depth={depth},seed={seed}"
+        losses = list(np.linspace(1.0, 0.3 + ratio / 10, 12) + rng.normal(0, 0.01, 12))
+        _run(os.path.join(root, name), losses, final_eval=ratio + depth / 10 + seed / 100,
+             acc=0.5 + ratio / 4 + depth / 20 + seed / 50,
+             crash_rows=[(5, 99.0), (6, 99.0)] if seed == 0 else [])
+        points.append({"name": name, "status": "done", "overrides": {
+            "objective.mask_ratio": ratio, "model.decoder_depth": depth, "seed": seed}})
+  with open(os.path.join(root, "sweep.json"), "w") as f:
+    json.dump({"points": points}, f)
+  return root
+
+
+def _table_rows(md):
+  rows = [line for line in md.splitlines() if line.startswith("| ")]
+  return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+
+
+def assert_png(path, min_size=(400, 250)):
+  """Opens ``path``: large enough, not blank (pixel variation, many distinct colours)."""
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], im.size
+    px = np.asarray(im.convert("RGB"))
+  assert px.std() > 5.0
+  assert len(np.unique(px.reshape(-1, 3), axis=0)) > 20
+
+
+def test_report_rows_mean_std_and_plots(sweep_dir):
+  path = report.build([sweep_dir], ["eval/loss", "knn_tiny/accuracy", "loss"], sweep_dir)
+  md = open(path).read()
+  rows = _table_rows(md)
+  header, body = rows[0], rows[1:5]
+  assert header == ["point", "mask_ratio", "decoder_depth", "seeds", "status", "eval/loss",
+                    "knn_tiny/accuracy", "loss"]
+  assert [r[0] for r in body] == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.6,decoder_depth=2",
+                                  "mask_ratio=0.9,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
+  for r in body:
+    ratio, depth = float(r[1]), int(r[2])
+    evals = [ratio + depth / 10 + s / 100 for s in (0, 1)]
+    assert r[3] == "2" and r[4] == "done"
+    assert r[5] == f"{np.mean(evals):.4f} ± {np.std(evals, ddof=1):.4f}"
+    accs = [0.5 + ratio / 4 + depth / 20 + s / 50 for s in (0, 1)]
+    assert r[6] == f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}"
+  assert "## Every run" in md and len(rows) == 1 + 4 + 1 + 8
+  assert_png(os.path.join(sweep_dir, "loss_curves.png"))
+  for field in ("mask_ratio", "decoder_depth"):
+    assert f"![Final metrics vs" in md and f"vs_{field}.png" in md
+    assert_png(os.path.join(sweep_dir, f"vs_{field}.png"))
+
+
+def test_resumed_rows_replace_earlier_ones(sweep_dir):
+  run = collect.Run("x", os.path.join(sweep_dir, "mask_ratio=0.6,decoder_depth=1,seed=0"), {}, "")
+  collect.load_numbers(run)
+  assert [s for s, _ in run.curve] == list(range(1, 13))
+  assert max(v for _, v in run.curve) < 2.0            # the 99.0 rows were overwritten by the resume
+  assert run.metrics["knn_tiny/macro_auroc"] != run.metrics["knn_tiny/macro_auroc"]   # null -> NaN
+
+
+def test_plain_workdirs_diff_their_configs(tmp_path):
+  """Workdirs without a sweep: swept fields = the config.json fields that differ."""
+  dirs = []
+  for lr in (1e-3, 3e-4):
+    d = str(tmp_path / f"run_{lr}")
+    _run(d, [1.0, 0.5], final_eval=lr * 100)
+    with open(os.path.join(d, "config.json"), "w") as f:
+      json.dump({"lr": lr, "seed": 0, "model": {"variant": "Mu/4"}}, f)
+    dirs.append(d)
+  out = str(tmp_path / "cmp")
+  r = helpers.run_cli([*dirs, f"--out={out}", "--metric=eval/loss"], module="medfm_jax.report", timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = _table_rows(open(os.path.join(out, "report.md")).read())
+  assert rows[0] == ["point", "lr", "seeds", "status", "eval/loss"]
+  assert sorted(r[4] for r in rows[1:]) == ["0.0300", "0.1000"]
+  assert_png(os.path.join(out, "vs_lr.png"))
+
+
+def test_unknown_metric_and_path_are_one_line_errors(sweep_dir, tmp_path):
+  with pytest.raises(collect.ReportError, match="no run has it; available"):
+    report.build([sweep_dir], ["eval/nope"], str(tmp_path))
+  with pytest.raises(collect.ReportError, match="not a sweep folder"):
+    report.build([str(tmp_path)], [], str(tmp_path))
