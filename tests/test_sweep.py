@@ -1,0 +1,137 @@
+"""Sweep grids, sweep files and the resumable runner (2 x 2 tiny MAE sweep end to end)."""
+import io
+import json
+import os
+import shlex
+
+import pytest
+
+from medfm_jax import report
+from medfm_jax.sweeps import grid, runner, spec
+from tests import helpers
+from tests.test_report import _table_rows, assert_png
+
+# configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, batch 16, 4 steps, checkpoint every 2 (sync).
+TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
+        "warmup_steps=1,log_every=1,eval_every=1000,checkpoint_every=2,async_checkpointing=False,"
+        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4")
+KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
+       "features.train_examples=64,features.batch_size=64,knn.k=5")
+
+
+def test_product_and_zip():
+  assert grid.product({"a": [1, 2]}, b=["x", "y"]) == [
+      {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+  assert grid.zip_({"lr": [1e-3, 3e-4], "warmup_steps": [10, 50]}) == [
+      {"lr": 1e-3, "warmup_steps": 10}, {"lr": 3e-4, "warmup_steps": 50}]
+  nested = grid.product(grid.zip_(a=[1, 2], b=[3, 4]), seed=[0, 1])
+  assert nested == [{"a": 1, "b": 3, "seed": 0}, {"a": 1, "b": 3, "seed": 1},
+                    {"a": 2, "b": 4, "seed": 0}, {"a": 2, "b": 4, "seed": 1}]
+  with pytest.raises(grid.SweepError, match="different lengths"):
+    grid.zip_(a=[1, 2], b=[3])
+  with pytest.raises(grid.SweepError, match=r"\['a'\] are set by two factors"):
+    grid.product({"a": [1]}, a=[2])
+  with pytest.raises(grid.SweepError, match="non-empty list"):
+    grid.product(a=3)
+
+
+def test_point_names_short_stable_and_safe():
+  keys = ["objective.mask_ratio", "model.depth", "model.text.depth", "data.crop_scale"]
+  p = {"objective.mask_ratio": 0.6, "model.depth": 2, "model.text.depth": 1, "data.crop_scale": (0.2, 1.0)}
+  assert grid.point_name(p, keys) == "mask_ratio=0.6,model.depth=2,text.depth=1,crop_scale=0.2-1"
+  assert grid.point_name({"model.variant": "B/16", "lr": 1e-5}) == "variant=B_16,lr=1e-05"
+  long = grid.point_name({f"field{i}": i for i in range(40)})
+  assert len(long) == grid.MAX_NAME and long == grid.point_name({f"field{i}": i for i in range(40)})
+  assert long != grid.point_name({f"field{i}": i + 1 for i in range(40)})
+
+
+def test_sweep_files_load_and_check_fields():
+  for arg, n, kind in [("mae_mask_ratio.py:tiny", 4, "train"), ("dino_local_crops.py:tiny", 3, "train"),
+                       ("clip_vs_siglip.py:tiny", 2, "train"), ("lora_rank.py:tiny", 4, "eval"),
+                       ("mae_mask_ratio.py:vit_b16", 20, "train")]:
+    s = spec.load("configs/sweeps/" + arg)
+    assert (len(s.points), s.kind) == (n, kind), arg
+  assert spec.load("configs/sweeps/clip_vs_siglip.py").points[1]["objective.loss"] == "siglip"
+  with pytest.raises(grid.SweepError, match="unknown field 'nope'"):
+    spec.load("configs/sweeps/mae_mask_ratio.py:tiny,nope=1")
+  with pytest.raises(grid.SweepError, match="unknown variant 'big'"):
+    spec.load("configs/sweeps/mae_mask_ratio.py:big")
+  with pytest.raises(grid.SweepError, match="does not exist"):
+    spec.load("configs/sweeps/missing.py")
+
+
+def test_dry_run_prints_exact_commands(tmp_path):
+  sweep = spec.load(TINY)
+  out = io.StringIO()
+  runner.dry_run(sweep, str(tmp_path / "s"), [KNN], seeds=[0, 1], out=out)
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 4 * 2 * 2     # points x seeds x (train + eval)
+  first = str(tmp_path / "s" / "mask_ratio=0.6,decoder_depth=1,seed=0")
+  assert sweep.base == ("configs/mae.py:tiny,total_steps=4,warmup_steps=1,log_every=1,eval_every=1000,"
+                        "checkpoint_every=2,data.image_size=16,batch_size=16,async_checkpointing=False,"
+                        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,"
+                        "model.decoder_heads=4")
+  assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
+                                 f"--workdir={first}", "--config.objective.mask_ratio=0.6",
+                                 "--config.model.decoder_depth=1", "--config.seed=0"])
+  assert f"--config.init_from={first}" in lines[1] and "medfm_jax.evaluate" in lines[1]
+  assert f"--workdir={first}/eval/knn_tiny" in lines[1]
+  assert [l.split("seed=")[1][0] for l in lines[::2]] == ["0"] * 4 + ["1"] * 4   # seed-major
+  assert not os.path.exists(tmp_path / "s")    # a dry run writes nothing
+  with pytest.raises(grid.SweepError, match="--init_from is for sweeps over an eval config"):
+    runner.plan(sweep, "x", init_from="runs/m")
+
+
+def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
+  """2 x 2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run
+  resumes them and evaluates; a third run skips everything; the report has the 4 rows."""
+  wd = str(tmp_path / "sweep")
+  args = [f"--config={TINY}", f"--workdir={wd}"]
+  r = helpers.run_cli(args, env_extra={"MEDFM_CRASH_AT_STEP": "3"}, module="medfm_jax.sweep")
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert r.stderr.count("FAILED (exit -9)") == 4 and "4 point(s) failed" in r.stderr
+  m = json.load(open(os.path.join(wd, "sweep.json")))
+  assert [p["status"] for p in m["points"]] == ["failed"] * 4
+  assert all(p["exit_code"] == -9 and p["error_tail"] and p["failed_stage"] == "train" for p in m["points"])
+  names = [p["name"] for p in m["points"]]
+  assert names == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.6,decoder_depth=2",
+                   "mask_ratio=0.9,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
+
+  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweep")
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = json.load(open(os.path.join(wd, "sweep.json")))
+  assert [p["status"] for p in m["points"]] == ["done"] * 4
+  for name, p in zip(names, m["points"]):
+    pdir = os.path.join(wd, name)
+    steps = [row["step"] for row in helpers.read_metrics(pdir) if "loss" in row]
+    assert steps == [1, 2, 3, 3, 4], steps       # killed after step 3, resumed from checkpoint 2
+    cfg = json.load(open(os.path.join(pdir, "config.json")))
+    assert cfg["objective"]["mask_ratio"] == p["overrides"]["objective.mask_ratio"]
+    assert cfg["model"]["decoder_depth"] == p["overrides"]["model.decoder_depth"]
+    assert os.path.exists(os.path.join(pdir, "DONE"))
+    assert os.path.exists(os.path.join(pdir, "eval", "knn_tiny", "results.json"))
+    assert os.path.exists(os.path.join(pdir, "eval", "knn_tiny", "DONE"))
+
+  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweep")
+  assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stdout + r.stderr[-2000:]
+  os.remove(os.path.join(wd, names[2], "eval", "knn_tiny", "DONE"))   # as if killed during the eval
+  out = io.StringIO()
+  runner.dry_run(spec.load(TINY), wd, [KNN], out=out)
+  pending = [l for l in out.getvalue().splitlines() if not l.startswith("# done: ")]
+  assert len(pending) == 1 and f"--workdir={wd}/{names[2]}/eval/knn_tiny" in pending[0]
+
+  path = report.build([wd], [], wd)
+  rows = _table_rows(open(path).read())
+  assert rows[0][:5] == ["point", "mask_ratio", "decoder_depth", "seeds", "status"]
+  assert {"loss", "eval/loss", "knn_tiny/accuracy", "knn_tiny/macro_auroc"} <= set(rows[0])
+  assert [r[0] for r in rows[1:]] == names
+  assert all("n/a" not in r[rows[0].index("knn_tiny/accuracy")] for r in rows[1:])
+  for png in ("loss_curves.png", "vs_mask_ratio.png", "vs_decoder_depth.png"):
+    assert_png(os.path.join(wd, png))
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+  r = helpers.run_cli(["--config=configs/sweeps/mae_mask_ratio.py:tiny,model.nope=1",
+                       f"--workdir={tmp_path}", "--dry_run"], module="medfm_jax.sweep", timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].endswith("config argument 'model.nope': unknown field 'nope'")
