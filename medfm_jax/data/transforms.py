@@ -14,6 +14,7 @@ not it fires, so changing a probability leaves the other draws unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from typing import Any, Mapping, Sequence
@@ -23,7 +24,24 @@ import numpy as np
 
 def _resize_matrix(in_size: int, out_size: int, start: float = 0.0,
                    length: float | None = None) -> np.ndarray:
-  """[out_size, in_size] weights resampling source window [start, start+length)."""
+  """[out_size, in_size] weights resampling source window [start, start+length) (read-only).
+
+  Small matrices (<= 16K entries, e.g. 32-128 px) are cached: crop boxes are integers, so a
+  few hundred windows cover a dataset, and building them costs as much as the resampling.
+  """
+  if in_size * out_size <= 16384:
+    return _cached_resize_matrix(in_size, out_size, start, length)
+  return _build_resize_matrix(in_size, out_size, start, length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_resize_matrix(in_size: int, out_size: int, start: float,
+                          length: float | None) -> np.ndarray:
+  return _build_resize_matrix(in_size, out_size, start, length)
+
+
+def _build_resize_matrix(in_size: int, out_size: int, start: float,
+                         length: float | None) -> np.ndarray:
   length = float(in_size if length is None else length)
   step = length / out_size
   support = max(step, 1.0)  # widen the triangle filter when downscaling
@@ -39,7 +57,9 @@ def _resize_matrix(in_size: int, out_size: int, start: float = 0.0,
   if empty.any():
     w[empty, np.clip(np.rint(centres[empty]).astype(int), 0, in_size - 1)] = 1.0
     total = w.sum(axis=1, keepdims=True)
-  return (w / total).astype(np.float32)
+  w = (w / total).astype(np.float32)
+  w.setflags(write=False)
+  return w
 
 
 def _apply(image: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
