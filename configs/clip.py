@@ -3,7 +3,7 @@ r"""CLIP / SigLIP / BiomedCLIP-like image-text pretraining (and LiT) on image-ca
 Tiny CPU run on the embedded phantoms and their captions (byte-level tokenizer, no files):
 
   python -m medfm_jax.main --config=configs/clip.py:tiny --workdir=runs/clip_tiny
-  python -m medfm_jax.main --config=configs/clip.py:tiny,objective.loss=siglip --workdir=runs/siglip_tiny
+  python -m medfm_jax.main --config=configs/clip.py:tiny_siglip --workdir=runs/siglip_tiny
 
 Recipes on a pod (image-caption manifest or TFDS data; only config values change):
 
@@ -14,7 +14,7 @@ Recipes on a pod (image-caption manifest or TFDS data; only config values change
 
 LiT: ``--config.objective.lit_init_from=runs/mae_b16`` (image tower restored and locked).
 
-Variants: tiny | vit_b16 (OpenAI CLIP B/16) | siglip_b16 (SigLIP B/16) | biomedclip_b16
+Variants: tiny | tiny_siglip (the tiny run with the sigmoid loss) | vit_b16 (OpenAI CLIP B/16) | siglip_b16 (SigLIP B/16) | biomedclip_b16
 (ViT-B/16 + BERT-base-like text tower, context 256). The byte tokenizer is the default everywhere;
 the real recipes name their tokenizer file via data.tokenizer / data.tokenizer_path.
 """
@@ -92,20 +92,22 @@ def get_config(arg: str | None = None):
   c.data.eval_examples, c.data.eval_batch_size = 2000, 256
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
 
-  if variant == "tiny":
-    c.model.variant = "Mu/4"
+  if variant in ("tiny", "tiny_siglip"):
+    c.model.variant = "Mu/8"
     c.model.embed_dim = 64
     c.model.text = _text("tiny")
     c.model.text.context_length = c.data.context_length = 80   # longest phantom caption: 77 bytes + 2
-    c.data.image_size, c.data.channels, c.data.num_workers = 32, 1, 0
+    c.data.image_size, c.data.channels, c.data.num_workers = 64, 1, 0
     c.data.mean, c.data.std = (0.5,), (0.25,)
-    c.data.crop_scale = (0.6, 1.0)
+    c.data.crop_scale = (0.8, 1.0)
     c.data.eval_examples, c.data.eval_batch_size = 512, 128
     c.batch_size, c.lr, c.weight_decay = 128, 1e-3, 0.1
     c.optim.b2, c.optim.eps = 0.98, 1e-6
-    c.total_steps, c.warmup_steps = 500, 50
+    c.total_steps, c.warmup_steps = 600, 50
     c.grad_clip = 1.0
-    c.log_every, c.eval_every, c.checkpoint_every = 50, 250, 250
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
+    if variant == "tiny_siglip":
+      c.objective.loss, c.objective.init_logit_scale = "siglip", math.log(10.0)
   elif variant == "vit_b16":
     pass
   elif variant == "siglip_b16":
@@ -138,7 +140,7 @@ def get_config(arg: str | None = None):
     c.batch_size = 4096
     c.lr = 5e-4
   else:
-    raise ValueError(f"configs/clip.py: unknown variant {variant!r}; allowed: tiny, vit_b16, "
-                     "siglip_b16, biomedclip_b16")
+    raise ValueError(f"configs/clip.py: unknown variant {variant!r}; allowed: tiny, tiny_siglip, "
+                     "vit_b16, siglip_b16, biomedclip_b16")
   common.apply_overrides(c, overrides)
   return c

@@ -200,6 +200,19 @@ def _validate_clip(c) -> None:
          f"model.text.vocab_size={t.vocab_size}: smaller than the {d.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
   _check(t.pooling != "eot" or tok.eot_id is not None,
          f"model.text.pooling='eot': the {d.tokenizer!r} tokenizer has no end-of-text token")
+  for label in o.get("zero_shot_labels", ()):
+    _check(label in ("finding", "modality"),
+           f"objective.zero_shot_labels={tuple(o.zero_shot_labels)}: allowed labels 'finding', 'modality'")
+    if d.source != "phantoms":   # class names come from the source (as for fine-tuning)
+      from medfm_jax.objectives import supervised  # pylint: disable=g-import-not-at-top
+      import ml_collections  # pylint: disable=g-import-not-at-top
+      data_cfg = ml_collections.ConfigDict(d.to_dict())
+      data_cfg.label = label
+      try:
+        supervised.class_names(data_cfg)
+      except ValueError as e:
+        raise ConfigError(f"objective.zero_shot_labels: {e} (set objective.zero_shot_labels=() "
+                          "for caption-only data)") from None
 
 
 def _validate_supervised(c) -> None:

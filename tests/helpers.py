@@ -133,6 +133,7 @@ def tiny_clip_config(variant="tiny", **overrides):
   from configs import clip  # pylint: disable=g-import-not-at-top
   c = clip.get_config(variant)
   c.data.image_size = 16
+  c.model.variant = "Mu/4"
   c.model.depth, c.model.embed_dim = 2, 32
   c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
   c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
