@@ -79,3 +79,16 @@ def test_pipeline_tokens_from_captions():
   assert [tokenizers.ByteTokenizer().decode(t) for t in ev["tokens"][:5]] == \
       [pipeline.make_source(c.data, "val")[i]["caption"] for i in range(5)]
   assert (ev["tokens"][5:] == 0).all() and not ev["mask"][5:].any()
+
+
+def test_records_without_captions_fail_clearly():
+  class _NoCaptions:
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, i):
+      return {"image": np.zeros((16, 16, 1), np.uint8), "modality": 0, "finding": 0, "index": i}
+
+  c = helpers.tiny_clip_config()
+  with pytest.raises(Exception, match="data.tokenizer is set but the record has no 'caption'"):
+    next(pipeline.make_train_iterator(c.data, 2, seed=0, source=_NoCaptions()))
