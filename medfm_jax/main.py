@@ -61,6 +61,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
+  from medfm_jax.data import decode  # pylint: disable=g-import-not-at-top
   from medfm_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config)
   if jax.process_index() == 0:
@@ -73,6 +74,9 @@ def main(argv):
   except loop.NonFiniteError as e:
     sys.stderr.write(f"medfm_jax: {e}\n")
     sys.exit(3)
+  except decode.DataError as e:
+    sys.stderr.write(f"medfm_jax: data error: {e} (data.on_error='skip' skips and logs such files)\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -247,3 +247,15 @@ def test_config_validation_of_real_data_fields(tmp_path, field, value, match):
   with pytest.raises(config_lib.ConfigError, match=match.replace("(", r"\(")) as e:
     config_lib.validate(config, num_devices=1)
   assert "\n" not in str(e.value)
+
+
+def test_cli_bad_file_exits_with_one_line(bad_folder, tmp_path):
+  folder, _, paths = bad_folder
+  manifest = _manifest(folder, [folder / "ok.png", paths["zero_byte"]] * 2, "cli")
+  result = helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={tmp_path / 'run'}",
+                            "--config.data.source=manifest", f"--config.data.path={manifest}",
+                            "--config.data.splits=train:1", "--config.batch_size=4",
+                            "--config.data.image_size=16"])
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"medfm_jax: data error: {paths['zero_byte']}: empty file") and "Traceback" not in result.stderr
