@@ -17,6 +17,7 @@ TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,
         "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4")
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
+EVAL = runner.eval_name(KNN)
 
 
 def test_product_and_zip():
@@ -75,7 +76,8 @@ def test_dry_run_prints_exact_commands(tmp_path):
                                  f"--workdir={first}", "--config.objective.mask_ratio=0.6",
                                  "--config.model.decoder_depth=1", "--config.seed=0"])
   assert f"--config.init_from={first}" in lines[1] and "medfm_jax.evaluate" in lines[1]
-  assert f"--workdir={first}/eval/knn_tiny" in lines[1]
+  assert runner.eval_name(KNN).startswith("knn_tiny+") and runner.eval_name("configs/eval/knn.py:tiny") == "knn_tiny"
+  assert f"--workdir={first}/eval/{runner.eval_name(KNN)}" in lines[1]
   assert [l.split("seed=")[1][0] for l in lines[::2]] == ["0"] * 4 + ["1"] * 4   # seed-major
   assert not os.path.exists(tmp_path / "s")    # a dry run writes nothing
   with pytest.raises(grid.SweepError, match="--init_from is for sweeps over an eval config"):
@@ -103,29 +105,31 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
   assert [p["status"] for p in m["points"]] == ["done"] * 4
   for name, p in zip(names, m["points"]):
     pdir = os.path.join(wd, name)
-    steps = [row["step"] for row in helpers.read_metrics(pdir) if "loss" in row]
-    assert steps == [1, 2, 3, 3, 4], steps       # killed after step 3, resumed from checkpoint 2
+    rows = helpers.read_metrics(pdir)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    # Two starts: at step 0, then (killed during step 3) resumed from the step-2 checkpoint.
+    assert [row["step"] for row in rows if "compile_time_s" in row] == [0, 2]
     cfg = json.load(open(os.path.join(pdir, "config.json")))
     assert cfg["objective"]["mask_ratio"] == p["overrides"]["objective.mask_ratio"]
     assert cfg["model"]["decoder_depth"] == p["overrides"]["model.decoder_depth"]
     assert os.path.exists(os.path.join(pdir, "DONE"))
-    assert os.path.exists(os.path.join(pdir, "eval", "knn_tiny", "results.json"))
-    assert os.path.exists(os.path.join(pdir, "eval", "knn_tiny", "DONE"))
+    assert os.path.exists(os.path.join(pdir, "eval", EVAL, "results.json"))
+    assert os.path.exists(os.path.join(pdir, "eval", EVAL, "DONE"))
 
   r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweep")
   assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stdout + r.stderr[-2000:]
-  os.remove(os.path.join(wd, names[2], "eval", "knn_tiny", "DONE"))   # as if killed during the eval
+  os.remove(os.path.join(wd, names[2], "eval", EVAL, "DONE"))   # as if killed during the eval
   out = io.StringIO()
   runner.dry_run(spec.load(TINY), wd, [KNN], out=out)
   pending = [l for l in out.getvalue().splitlines() if not l.startswith("# done: ")]
-  assert len(pending) == 1 and f"--workdir={wd}/{names[2]}/eval/knn_tiny" in pending[0]
+  assert len(pending) == 1 and f"--workdir={wd}/{names[2]}/eval/{EVAL}" in pending[0]
 
   path = report.build([wd], [], wd)
   rows = _table_rows(open(path).read())
   assert rows[0][:5] == ["point", "mask_ratio", "decoder_depth", "seeds", "status"]
-  assert {"loss", "eval/loss", "knn_tiny/accuracy", "knn_tiny/macro_auroc"} <= set(rows[0])
+  assert {"loss", "eval/loss", f"{EVAL}/accuracy", f"{EVAL}/macro_auroc"} <= set(rows[0])
   assert [r[0] for r in rows[1:]] == names
-  assert all("n/a" not in r[rows[0].index("knn_tiny/accuracy")] for r in rows[1:])
+  assert all("n/a" not in r[rows[0].index(f"{EVAL}/accuracy")] for r in rows[1:])
   for png in ("loss_curves.png", "vs_mask_ratio.png", "vs_decoder_depth.png"):
     assert_png(os.path.join(wd, png))
 

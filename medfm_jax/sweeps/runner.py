@@ -16,6 +16,7 @@ workdir, so the trainer resumes from its latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -73,10 +74,14 @@ def override_flags(overrides: dict) -> list[str]:
 
 
 def eval_name(eval_arg: str) -> str:
-  """``configs/eval/knn.py:tiny,k=5`` -> ``knn_tiny,k=5`` (the folder under POINT/eval/)."""
+  """The folder under POINT/eval/: ``configs/eval/knn.py:tiny`` -> ``knn_tiny``; with overrides
+  (``knn.py:tiny,knn.k=5``) a hash of them is appended: ``knn_tiny+1a2b3c4d``."""
   path, _, arg = eval_arg.partition(":")
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return grid.safe_name(f"{stem}_{arg}" if arg else stem)
+  variant, _, overrides = arg.partition(",")
+  stem = os.path.splitext(os.path.basename(path))[0] + (f"_{variant}" if variant else "")
+  if overrides:
+    stem += "+" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+  return grid.safe_name(stem)
 
 
 def with_seeds(points: list[dict], seeds: list[int]) -> list[dict]:
