@@ -1,4 +1,6 @@
 """Text transformer: causal masking, padding mask, pooling rules, scan == unrolled."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,8 @@ def test_scan_matches_unrolled(causal):
 
 
 def test_variants():
-  assert text.VARIANTS["clip_b16"][:6] == (512, 12, 8, 2048, 77, 49408)
-  assert text.VARIANTS["biomedclip"][:6] == (768, 12, 12, 3072, 256, 30522)
+  sizes = lambda v: dataclasses.astuple(text.VARIANTS[v])[:6]
+  assert sizes("clip_b16") == (512, 12, 8, 2048, 77, 49408) and text.VARIANTS["clip_b16"].causal
+  assert sizes("biomedclip") == (768, 12, 12, 3072, 256, 30522) and not text.VARIANTS["biomedclip"].causal
   with pytest.raises(ValueError, match="model.text.pooling"):
     _model(pooling="max").init(jax.random.PRNGKey(0), _tokens("a"))
