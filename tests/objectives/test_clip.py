@@ -29,7 +29,7 @@ def _train_steps(config, mesh, n=2):
 def test_train_steps_equal_on_1_and_8_devices():
   """The whole CLIP step (towers, global-batch loss, AdamW) on 1 device vs a 2x4 data x fsdp mesh
   (SigLIP's loss and gradients are compared on both meshes in test_clip_losses)."""
-  config = helpers.tiny_clip_config(warmup_steps=0)
+  config = helpers.tiny_clip_config(warmup_steps=0, **{"model.depth": 1})
   one, p1 = _train_steps(config, helpers.single_device_mesh(config))
   eight, p8 = _train_steps(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
   np.testing.assert_allclose(one, eight, atol=1e-5)
