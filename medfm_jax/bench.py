@@ -22,18 +22,6 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch eager MAE (HF transformers).")
-_DATA_ONLY = flags.DEFINE_bool("data_only", False, "Benchmark only the input pipeline.")
-_JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
-_DATA_SOURCES = flags.DEFINE_list("data_sources", ["phantoms", "folder", "dicom", "tfds"],
-                                  "--data_only: sources to time (phantoms, folder = PNG folder, "
-                                  "dicom = DICOM folder, tfds = array_record built from the PNGs).")
-_DATA_WORKERS = flags.DEFINE_list("data_workers", ["0", "2"], "--data_only: worker counts to time.")
-_DATA_EXAMPLES = flags.DEFINE_integer("data_examples", 512, "--data_only: files written per source.")
-
 
 def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   """Compiles and times the train step of ``config`` on synthetic batches (all local devices)."""
@@ -164,5 +152,18 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module as a library
+  # (tests, other CLIs) never clashes with another CLI's flags of the same name.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.")
+  _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+  _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch eager MAE (HF transformers).")
+  _DATA_ONLY = flags.DEFINE_bool("data_only", False, "Benchmark only the input pipeline.")
+  _JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
+  _DATA_SOURCES = flags.DEFINE_list("data_sources", ["phantoms", "folder", "dicom", "tfds"],
+                                    "--data_only: sources to time (phantoms, folder = PNG folder, "
+                                    "dicom = DICOM folder, tfds = array_record built from the PNGs).")
+  _DATA_WORKERS = flags.DEFINE_list("data_workers", ["0", "2"], "--data_only: worker counts to time.")
+  _DATA_EXAMPLES = flags.DEFINE_integer("data_examples", 512, "--data_only: files written per source.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -31,11 +31,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_h14.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of fake CPU devices to plan for.")
-_CHIP = flags.DEFINE_string("chip", "v5p", "Chip for the time/MFU estimate and the fit check.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip for the fit check (0 = the chip's).")
-_JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
 
 GIB = 2 ** 30
 # Per chip: HBM GiB, HBM bandwidth GB/s, interconnect GB/s used for collectives (TPU: total ICI
@@ -268,6 +263,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module as a library
+  # (tests, other CLIs) never clashes with another CLI's flags of the same name.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_h14.")
+  _DEVICES = flags.DEFINE_integer("devices", 8, "Number of fake CPU devices to plan for.")
+  _CHIP = flags.DEFINE_string("chip", "v5p", "Chip for the time/MFU estimate and the fit check.")
+  _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip for the fit check (0 = the chip's).")
+  _JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -18,9 +18,6 @@ import sys
 
 from absl import app, flags
 
-_METRIC = flags.DEFINE_multi_string("metric", [], "Metric to tabulate and plot (repeatable); default all.")
-_OUT = flags.DEFINE_string("out", "", "Folder for report.md and PNGs (default: the only path / common parent).")
-
 
 def _fmt(values: list[float]) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -125,4 +122,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module as a library
+  # (tests, other CLIs) never clashes with another CLI's flags of the same name.
+  _METRIC = flags.DEFINE_multi_string("metric", [], "Metric to tabulate and plot (repeatable); default all.")
+  _OUT = flags.DEFINE_string("out", "", "Folder for report.md and PNGs (default: the only path / common parent).")
   app.run(main)

@@ -206,27 +206,6 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
   return result
 
 
-_SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "What to read.")
-_PATH = flags.DEFINE_string("path", "", "Folder root (folder) or CSV/JSONL file (manifest).")
-_OUT = flags.DEFINE_string("out", None, "TFDS data_dir to write into (local or bucket URL).")
-_NAME = flags.DEFINE_string("name", None, "Dataset name.")
-_VERSION = flags.DEFINE_string("version", "1.0.0", "Dataset version.")
-_SPLITS = flags.DEFINE_string("splits", "train:0.9,val:0.05,test:0.05",
-                              "Patient-level split fractions (when the data has no splits).")
-_SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the patient-level split.")
-_CHANNELS = flags.DEFINE_integer("channels", 1, "Stored channels: 1 or 3.")
-_WINDOW = flags.DEFINE_string("window", "auto", "Intensity window: auto | minmax | full | "
-                              f"{' | '.join(decode.WINDOW_PRESETS)} | center,width.")
-_RESIZE = flags.DEFINE_enum("resize", "none", list(decode.RESIZE_POLICIES), "Resize policy.")
-_SIZE = flags.DEFINE_integer("size", 0, "Target size of --resize.")
-_BIT_DEPTH = flags.DEFINE_enum("bit_depth", "8", ["8", "16"], "Stored PNG bit depth.")
-_ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(sources.ON_ERROR), "Bad files.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Records per array_record file.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Phantom resolution.")
-_NUM_EXAMPLES = flags.DEFINE_string("num_examples", "train:1000,val:100,test:100",
-                                    "Phantom examples per split.")
-
-
 def main(argv):
   del argv
   try:
@@ -248,5 +227,26 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module as a library
+  # (tests, other CLIs) never clashes with another CLI's flags of the same name.
+  _SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "What to read.")
+  _PATH = flags.DEFINE_string("path", "", "Folder root (folder) or CSV/JSONL file (manifest).")
+  _OUT = flags.DEFINE_string("out", None, "TFDS data_dir to write into (local or bucket URL).")
+  _NAME = flags.DEFINE_string("name", None, "Dataset name.")
+  _VERSION = flags.DEFINE_string("version", "1.0.0", "Dataset version.")
+  _SPLITS = flags.DEFINE_string("splits", "train:0.9,val:0.05,test:0.05",
+                                "Patient-level split fractions (when the data has no splits).")
+  _SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the patient-level split.")
+  _CHANNELS = flags.DEFINE_integer("channels", 1, "Stored channels: 1 or 3.")
+  _WINDOW = flags.DEFINE_string("window", "auto", "Intensity window: auto | minmax | full | "
+                                f"{' | '.join(decode.WINDOW_PRESETS)} | center,width.")
+  _RESIZE = flags.DEFINE_enum("resize", "none", list(decode.RESIZE_POLICIES), "Resize policy.")
+  _SIZE = flags.DEFINE_integer("size", 0, "Target size of --resize.")
+  _BIT_DEPTH = flags.DEFINE_enum("bit_depth", "8", ["8", "16"], "Stored PNG bit depth.")
+  _ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(sources.ON_ERROR), "Bad files.")
+  _SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Records per array_record file.")
+  _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Phantom resolution.")
+  _NUM_EXAMPLES = flags.DEFINE_string("num_examples", "train:1000,val:100,test:100",
+                                      "Phantom examples per split.")
   flags.mark_flags_as_required(["source", "out", "name"])
   app.run(main)
