@@ -1,9 +1,11 @@
-r"""Zero-shot classification with an image-text checkpoint (CLIP/SigLIP/FLAVA). No such objective exists in this codebase yet: the protocol stops with an error naming the checkpoint's objective.
+r"""Zero-shot classification (+ retrieval) with an image-text checkpoint (CLIP/SigLIP): class
+names x prompt templates give the classifier. Checkpoints of objectives without a text tower stop
+with an error naming the objective.
 
   python -m medfm_jax.evaluate --config=configs/eval/zero_shot.py:tiny \
-      --config.init_from=runs/mae_tiny --workdir=runs/eval/zero_shot_mae_tiny
+      --config.init_from=runs/clip_tiny --workdir=runs/eval/zero_shot_clip_tiny
 
-Variants: tiny | vit_b16; append ``,key=value`` pairs to override fields. Empty init_from = random init.
+Variants: tiny | vit_b16; append ``,key=value`` pairs to override fields.
 """
 import os
 import sys
