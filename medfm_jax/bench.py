@@ -13,7 +13,6 @@ PyTorch eager (Hugging Face ``ViTMAEForPreTraining``) in the same process for co
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -145,9 +144,8 @@ def main(argv):
     if k == "sources":   # printed as the table above
       continue
     print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-  if _JSON.value:
-    with open(_JSON.value, "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+  from medfm_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  metrics_lib.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

@@ -21,7 +21,6 @@ row per run (``--json=FILE`` appends the numbers as a JSON line):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -256,9 +255,8 @@ def main(argv):
   print(f"compile {result['compile_s']:.1f}s; per step: compute {result['t_compute_s']:.3f}s, "
         f"HBM traffic of the XLA:CPU program {result['t_memory_s']:.3f}s (not in the estimate), collectives {result['t_collective_s']:.3f}s "
         f"({result['collective_gib_per_device']:.2f} GiB/device)")
-  if _JSON.value:
-    with open(_JSON.value, "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+  from medfm_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  metrics_lib.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

@@ -81,7 +81,7 @@ def test_report_rows_mean_std_and_plots(sweep_dir):
   assert "## Every run" in md and len(rows) == 1 + 4 + 1 + 8
   assert_png(os.path.join(sweep_dir, "loss_curves.png"))
   for field in ("mask_ratio", "decoder_depth"):
-    assert f"![Final metrics vs" in md and f"vs_{field}.png" in md
+    assert "![Final metrics vs" in md and f"vs_{field}.png" in md
     assert_png(os.path.join(sweep_dir, f"vs_{field}.png"))
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medfm_jax.models import layers, text, vit
+from medfm_jax.models import layers, vit
 from medfm_jax.models.layers import DenseGeneral, LayerNorm, Mlp, constrain
 
 IMAGE_POOLS = ("cls", "map")

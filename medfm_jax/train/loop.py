@@ -10,7 +10,6 @@ import os
 import signal
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging

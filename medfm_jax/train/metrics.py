@@ -47,6 +47,13 @@ def compiled_flops(compiled) -> float:
   return flops * jax.device_count()
 
 
+def append_jsonl(path: str | None, record: dict) -> None:
+  """Appends ``record`` as one JSON line to ``path`` (no-op when ``path`` is empty/None)."""
+  if path:
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+
+
 class MetricWriter:
   """Writes scalars to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
 

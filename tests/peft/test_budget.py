@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from medfm_jax.peft import budget
 from medfm_jax.train import optim
