@@ -11,12 +11,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from medfm_jax import objectives as objectives_lib
-from medfm_jax.data import pipeline
+from medfm_jax.evaluate import over_split
 from medfm_jax.models import heads
 from medfm_jax.parallel import mesh as mesh_lib
 
@@ -42,17 +40,8 @@ def apply_over_split(config, mesh, fn, params, split: str, num_examples: int):
   the first ``num_examples`` records of ``split`` (unaugmented), in global batches of
   ``features.batch_size`` split over data x fsdp; results replicated to every process."""
   run = jax.jit(fn, out_shardings=PartitionSpec())
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  outs, labels = [], {}
-  with mesh_lib.use_mesh(mesh):
-    for local in pipeline.make_eval_batches(config.data, split, config.features.batch_size,
-                                            num_examples, jax.process_index(), jax.process_count()):
-      images = mesh_lib.to_global_batch({"image": local["image"]}, mesh)["image"]
-      keep = gather(local["mask"])
-      outs.append(np.asarray(run(params, images), np.float32)[keep])
-      for k in ("finding", "modality"):
-        labels.setdefault(k, []).append(gather(local[k])[keep])
-  return np.concatenate(outs), {k: np.concatenate(v) for k, v in labels.items()}
+  return over_split.map_over_split(config.data, mesh, lambda batch: run(params, batch["image"]),
+                                   split, num_examples, config.features.batch_size)
 
 
 def extract(config, mesh, objective, params, split: str, num_examples: int):

@@ -23,11 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from medfm_jax.data import pipeline, tokenizers
-from medfm_jax.evaluate import retrieval, zero_shot
+from medfm_jax.data import tokenizers
+from medfm_jax.evaluate import over_split, retrieval, zero_shot
 from medfm_jax.models import clip as clip_model
 from medfm_jax.models import text, vit
 from medfm_jax.objectives import base, clip_losses
@@ -135,19 +134,10 @@ class ClipObjective(base.Objective):
     """(image embeddings ``[n, e]``, text embeddings ``[n, e]``, {label: ``[n]``}) of the first
     ``num_examples`` records of ``split`` (captions as the texts); identical on every process."""
     d = self.config.data
-    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    imgs, txts, labels = [], [], {"finding": [], "modality": []}
-    with mesh_lib.use_mesh(mesh):
-      for local in pipeline.make_eval_batches(d, split, d.eval_batch_size, num_examples,
-                                              jax.process_index(), jax.process_count()):
-        batch = mesh_lib.to_global_batch({"image": local["image"], "tokens": local["tokens"]}, mesh)
-        keep = gather(local["mask"])
-        img, txt = self._embed_pairs(params, batch["image"], batch["tokens"])
-        imgs.append(np.asarray(img)[keep])
-        txts.append(np.asarray(txt)[keep])
-        for k in labels:
-          labels[k].append(gather(local[k])[keep])
-    return np.concatenate(imgs), np.concatenate(txts), {k: np.concatenate(v) for k, v in labels.items()}
+    (imgs, txts), labels = over_split.map_over_split(
+        d, mesh, lambda batch: self._embed_pairs(params, batch["image"], batch["tokens"]), split,
+        num_examples, d.eval_batch_size, keys=("image", "tokens"))
+    return imgs, txts, labels
 
   def evaluate(self, params, extra, mesh, step):
     del extra, step

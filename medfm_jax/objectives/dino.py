@@ -20,13 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from medfm_jax.data import phantoms, pipeline
-from medfm_jax.evaluate import attention_maps, knn
+from medfm_jax.evaluate import attention_maps, knn, over_split
 from medfm_jax.models import heads, layers, vit
-from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.peft import freeze
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
@@ -182,18 +180,10 @@ class DinoObjective(base.Objective):
     del params, step
     c = self.config
 
-    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # global rows
-
-    def embed(split, n):
-      feats, labels = [], {"modality": [], "finding": []}
-      for local in pipeline.make_eval_batches(c.data, split, c.data.eval_batch_size, n,
-                                              jax.process_index(), jax.process_count()):
-        images = mesh_lib.to_global_batch({"image": local["image"]}, mesh)["image"]
-        keep = gather(local["mask"])
-        feats.append(np.asarray(self._cls_features(extra["teacher"]["backbone"], images))[keep])
-        for k in labels:
-          labels[k].append(gather(local[k])[keep])
-      return np.concatenate(feats), {k: np.concatenate(v) for k, v in labels.items()}
+    teacher = extra["teacher"]["backbone"]
+    embed = lambda split, n: over_split.map_over_split(
+        c.data, mesh, lambda batch: self._cls_features(teacher, batch["image"]), split, n,
+        c.data.eval_batch_size)
 
     train_x, train_y = embed(c.data.train_split, c.objective.knn_train_examples)
     val_x, val_y = embed(c.data.eval_split, c.data.eval_examples)
