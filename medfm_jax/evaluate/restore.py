@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +147,25 @@ def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"init_from={init_from!r}: the checkpoint's image encoder does not fit "
                           f"the model (check model.* and data.image_size): {problems}")
   return out
+
+
+def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default") -> dict[str, np.ndarray]:
+  """The encoder restored from ``init_from`` (:func:`load_encoder`) fitted to ``module``'s params
+  at ``data_cfg``'s image shape (:func:`fit_encoder`): path -> array, for :func:`overwrite_params`."""
+  images = jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
+                                jnp.float32)
+  abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
+  restored, _ = load_encoder(init_from, weights)
+  return fit_encoder(abstract, restored, init_from)
+
+
+def overwrite_params(boxed, values: dict):
+  """Replaces the leaves of a boxed param tree whose path is in ``values`` (keeps the boxes)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+
+  def one(path, x):
+    v = values.get(path_str(path))
+    if v is None:
+      return x
+    return x.replace_boxed(jnp.asarray(v, jnp.float32)) if is_box(x) else jnp.asarray(v, jnp.float32)
+  return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)

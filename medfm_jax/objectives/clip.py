@@ -19,9 +19,7 @@ Eval hook (:meth:`ClipObjective.evaluate`): zero-shot classification of ``object
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
@@ -46,11 +44,6 @@ def build_model(config, tokenizer) -> clip_model.ImageTextModel:
       init_logit_bias=None if bias is None else float(bias))
 
 
-def _overwrite(boxed, values: dict):
-  from medfm_jax.objectives import supervised  # pylint: disable=g-import-not-at-top
-  return supervised._overwrite(boxed, values)   # pylint: disable=protected-access
-
-
 class ClipObjective(base.Objective):
   """``config.objective``: loss ('clip' | 'siglip'), init_logit_scale, init_logit_bias,
   max_logit_scale, lit_init_from, lit_encoder_weights, zero_shot_labels;
@@ -72,22 +65,17 @@ class ClipObjective(base.Objective):
     self._pretrained = None
     if self.lit:
       from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      restored, _ = restore.load_encoder(o.lit_init_from, o.get("lit_encoder_weights", "default"))
-      self._pretrained = restore.fit_encoder(self._abstract_image_tower(), restored, o.lit_init_from)
+      self._pretrained = restore.pretrained_encoder(self.model.image, config.data, o.lit_init_from,
+                                                    o.get("lit_encoder_weights", "default"))
     replicated = PartitionSpec()
     self._embed_pairs = jax.jit(self._embed_pairs_fn, out_shardings=replicated)
     self._embed_tokens = jax.jit(self._embed_tokens_fn, out_shardings=replicated)
 
-  def _abstract_image_tower(self):
-    d = self.config.data
-    images = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
-    return nn.unbox(jax.eval_shape(lambda x: self.model.image.init(jax.random.PRNGKey(0), x),
-                                   images)["params"])
-
   def init(self, rng, batch):
     params = dict(self.model.init(rng, batch["image"], batch["tokens"])["params"])
     if self._pretrained is not None:
-      params["image"] = _overwrite(params["image"], self._pretrained)
+      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
+      params["image"] = restore.overwrite_params(params["image"], self._pretrained)
     return params, {}
 
   def trainable(self, params):

@@ -26,7 +26,6 @@ from medfm_jax.data import phantoms
 from medfm_jax.models import heads, vit
 from medfm_jax.objectives import base
 from medfm_jax.peft import freeze, lora
-from medfm_jax.peft.lora import path_str
 
 SCHEMES = ("full", "last_n", "linear_probe", "lora", "prompt", "adapter")
 LABELS = {"phantoms": {"finding": phantoms.FINDINGS, "modality": phantoms.MODALITIES}}
@@ -71,18 +70,6 @@ def scheme_mask(scheme: str, params, last_n: int = 1):
   raise ValueError(f"objective.scheme={scheme!r}: allowed {SCHEMES}")
 
 
-def _overwrite(boxed, values: dict):
-  """Replaces the leaves of a boxed param tree whose path is in ``values`` (keeps the boxes)."""
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-
-  def one(path, x):
-    v = values.get(path_str(path))
-    if v is None:
-      return x
-    return x.replace_boxed(jnp.asarray(v, jnp.float32)) if is_box(x) else jnp.asarray(v, jnp.float32)
-  return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)
-
-
 class SupervisedObjective(base.Objective):
   """``config.objective``: scheme, last_n, layer_decay, pool, head_init_std, label_smoothing,
   lora_rank, lora_alpha, lora_rslora, lora_dropout, lora_targets; ``config.data.label``;
@@ -104,20 +91,15 @@ class SupervisedObjective(base.Objective):
     self._pretrained = None
     if config.get("init_from"):
       from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      restored, _ = restore.load_encoder(config.init_from, config.get("encoder_weights", "default"))
-      self._pretrained = restore.fit_encoder(self._abstract_backbone(), restored, config.init_from)
-
-  def _abstract_backbone(self):
-    d = self.config.data
-    images = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
-    return nn.unbox(jax.eval_shape(lambda x: self.model.backbone.init(jax.random.PRNGKey(0), x),
-                                   images)["params"])
+      self._pretrained = restore.pretrained_encoder(self.model.backbone, config.data, config.init_from,
+                                                    config.get("encoder_weights", "default"))
 
   def init(self, rng, batch):
     model_rng, lora_rng = jax.random.split(rng)
     params = dict(self.model.init(model_rng, batch["image"][:1])["params"])
     if self._pretrained is not None:
-      params["backbone"] = _overwrite(params["backbone"], self._pretrained)
+      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
+      params["backbone"] = restore.overwrite_params(params["backbone"], self._pretrained)
     if self.lora_spec is not None:
       s = self.lora_spec
       params["lora"], _ = lora.init(nn.unbox(params["backbone"]), s.targets, s.rank, s.alpha,
