@@ -130,3 +130,33 @@ def test_rows_without_negative_return_themselves_and_feed_a_finite_itm_loss():
 
   value, grad = jax.value_and_grad(loss)(jnp.ones((3, 2)))
   assert value == 0.0 and np.all(np.isfinite(grad)) and not np.any(grad)
+
+
+def _masked_contrastive(kind, mesh, img, txt, valid, s=2.0, b=-1.0):
+  from medfm_jax.objectives import clip_losses  # pylint: disable=g-import-not-at-top
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  fn = lambda i, t: clip_losses.contrastive_loss(i, t, s, b, kind, valid=valid)
+  with mesh_lib.use_mesh(mesh):
+    sh = mesh_lib.batch_sharding(mesh, 2)
+    v, g = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(jax.device_put(img, sh), jax.device_put(txt, sh))
+  return float(v), [np.asarray(x) for x in g]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone(kind):
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from tests.objectives.test_clip_losses import _reference  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  img, txt = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+  valid = rng.uniform(size=16) < 0.5
+  one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  eight = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  v1, g1 = _masked_contrastive(kind, one, img, txt, valid)
+  v8, g8 = _masked_contrastive(kind, eight, img, txt, valid)
+  np.testing.assert_allclose(v1, _reference(img[valid], txt[valid], 2.0, -1.0, kind), rtol=1e-5)
+  assert abs(v1 - v8) <= 1e-5
+  for a, c in zip(g1, g8):
+    np.testing.assert_allclose(a, c, atol=1e-6)
+    assert not np.any(a[~valid]) and np.all(np.any(a[valid], axis=1))   # unpaired rows: no gradient
+  v0, g0 = _masked_contrastive(kind, eight, img, txt, np.zeros(16, bool))
+  assert v0 == 0.0 and all(np.all(np.isfinite(g)) and not np.any(g) for g in g0)
