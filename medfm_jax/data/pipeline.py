@@ -9,6 +9,8 @@ Train stream (identical on every process, then sharded)::
     -> source[index], random resized crop, flip, normalise
        (RNG seeded by (seed, global position): independent of workers/threads)
        [or, with ``data.multicrop`` set, DINO global + local views]
+       [+ MLM inputs (``data.mlm``), a MIM block mask (``data.patch_masks``) and
+        paired/image-only/text-only kinds (``data.mix``): FLAVA]
     .batch(global_batch // process_count)
 
 Global batch ``s`` is global positions ``[s*B, (s+1)*B)``; process ``p`` holds
@@ -28,7 +30,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, phantoms, sources, tokenizers, transforms
+from medfm_jax.data import masking, mixing, phantoms, sources, text_masking, tokenizers, transforms
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
@@ -99,10 +101,14 @@ def shard_stream(num_examples: int, seed: int, process_index: int = 0,
   return local.map(_ProcessPosition(stream, block, process_index, process_count))
 
 
+def _position_rng(seed: int, position: int) -> np.random.Generator:
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, position])))
+
+
 def _record_and_rng(source, seed: int, element: tuple[int, int]) -> tuple[dict, np.random.Generator]:
   """The record at ``index`` and an augmentation rng seeded by (seed, global position)."""
   position, index = element
-  return source[index], np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, position])))
+  return source[index], _position_rng(seed, position)
 
 
 def _labels(record: dict) -> dict[str, np.ndarray]:
@@ -127,6 +133,54 @@ def _caption_tokens(text, record: dict) -> dict[str, np.ndarray]:
   return {"tokens": text(str(caption))}
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskedInputs:
+  """Picklable FLAVA extras of an example (each None = off): ``mlm`` adds ``mlm_tokens`` and
+  ``mlm_labels`` int32 [L]; ``patch_masks`` adds one block mask ``patch_mask`` bool [N]; ``mix``
+  adds ``has_image`` / ``has_text`` and blanks the modality an example's kind lacks."""
+  pad_id: int = 0
+  mlm: text_masking.MLMSpec | None = None
+  patch_masks: masking.PatchMaskSpec | None = None
+  mix: mixing.MixSpec | None = None
+
+  def __call__(self, example: dict, rng: np.random.Generator, position: int | None) -> dict:
+    """``position`` None: an eval padding row (every modality blanked)."""
+    if self.mlm is not None:
+      example["mlm_tokens"], example["mlm_labels"] = text_masking.mask_tokens(
+          example["tokens"], rng, self.mlm)
+    if self.patch_masks is not None:
+      example["patch_mask"] = masking.view_masks(rng, self.patch_masks, 1)[0]
+    if position is None:
+      return mixing.blank_missing(example, False, False, self.pad_id, self.mix is not None)
+    if self.mix is not None:
+      return mixing.blank_missing(example, *mixing.KIND_FLAGS[self.mix.kind(position)], self.pad_id)
+    return example
+
+
+def masked_inputs(data_cfg, global_batch: int | None = None) -> MaskedInputs | None:
+  """The configured :class:`MaskedInputs` (None when ``data.mlm``, ``data.mix`` and single-view
+  ``data.patch_masks`` are all off). ``global_batch`` None (eval): every example is paired."""
+  get = data_cfg.get if hasattr(data_cfg, "get") else (lambda key, default=None: default)
+  mlm_cfg, mix_cfg = get("mlm"), get("mix")
+  masks_cfg = get("patch_masks") if multicrop_spec(data_cfg) is None else None
+  if not (mlm_cfg or mix_cfg or masks_cfg):
+    return None
+  text = tokenizers.from_config(data_cfg)
+  if text is None and (mlm_cfg or mix_cfg):
+    raise ValueError(f"data.{'mlm' if mlm_cfg else 'mix'} needs a data.tokenizer "
+                     f"(allowed {tokenizers.KINDS})")
+  mix = None
+  if mix_cfg:
+    mix = (mixing.MixSpec.from_config(mix_cfg, global_batch) if global_batch
+           else mixing.MixSpec((mixing.PAIRED,)))
+  return MaskedInputs(
+      pad_id=0 if text is None else int(text.pad_id),
+      mlm=text_masking.MLMSpec.from_config(mlm_cfg, text.tokenizer()) if mlm_cfg else None,
+      patch_masks=(masking.PatchMaskSpec.from_config(masks_cfg, int(data_cfg.image_size))
+                   if masks_cfg else None),
+      mix=mix)
+
+
 def pop_skipped(batch: dict) -> int:
   """Removes the skip counts from a train batch; returns their sum (0 if absent)."""
   counts = batch.pop(SKIPPED_KEY, None)
@@ -145,6 +199,7 @@ class _TrainTransform(grain.transforms.Map):
   mean: tuple[float, ...]
   std: tuple[float, ...]
   text: Any = None          # tokenizers.CaptionTokenizer: adds 'tokens' (image-text objectives)
+  masked: MaskedInputs | None = None    # FLAVA: MLM, MIM mask, mixed kinds
 
   def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     record, rng = _record_and_rng(self.source, self.seed, element)
@@ -152,8 +207,9 @@ class _TrainTransform(grain.transforms.Map):
                                            self.crop_scale, self.crop_ratio)
     if self.flip:
       image = transforms.random_flip(image, rng)
-    return {"image": transforms.normalize(image, self.mean, self.std), **_labels(record),
-            **_caption_tokens(self.text, record)}
+    out = {"image": transforms.normalize(image, self.mean, self.std), **_labels(record),
+           **_caption_tokens(self.text, record)}
+    return out if self.masked is None else self.masked(out, rng, element[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +293,7 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
         source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
         crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
         flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-        text=tokenizers.from_config(data_cfg))
+        text=tokenizers.from_config(data_cfg), masked=masked_inputs(data_cfg, global_batch_size))
   else:
     transform = _MultiCropTransform(
         source=source, seed=_seed32(seed), spec=spec, flip=bool(data_cfg.flip),
@@ -267,19 +323,22 @@ class _EvalTransform(grain.transforms.Map):
   mean: tuple[float, ...]
   std: tuple[float, ...]
   text: Any = None          # tokenizers.CaptionTokenizer: adds 'tokens' (padding rows: all pad)
+  masked: MaskedInputs | None = None    # FLAVA extras, seeded by (0, position); all paired
 
   def map(self, position: int) -> dict[str, np.ndarray]:
     if position >= self.num_examples:  # padding row
       pad = {} if self.text is None else {
           "tokens": np.full((self.text.context_length,), self.text.pad_id, np.int32)}
-      return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
-              "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False), **pad}
+      out = {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
+             "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False), **pad}
+      return out if self.masked is None else self.masked(out, _position_rng(0, position), None)
     record = self.source[int(position)]
     image = transforms.center_resize(record["image"], self.image_size)
-    return {"image": transforms.normalize(image, self.mean, self.std),
-            "modality": np.int32(record["modality"]),
-            "finding": np.int32(record["finding"]), "mask": np.bool_(True),
-            **_caption_tokens(self.text, record)}
+    out = {"image": transforms.normalize(image, self.mean, self.std),
+           "modality": np.int32(record["modality"]),
+           "finding": np.int32(record["finding"]), "mask": np.bool_(True),
+           **_caption_tokens(self.text, record)}
+    return out if self.masked is None else self.masked(out, _position_rng(0, position), position)
 
 
 class EvalBatches:
@@ -315,7 +374,7 @@ def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
   transform = _EvalTransform(
       source=source, num_examples=int(num_examples), image_size=int(data_cfg.image_size),
       channels=int(data_cfg.channels), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-      text=tokenizers.from_config(data_cfg))
+      text=tokenizers.from_config(data_cfg), masked=masked_inputs(data_cfg))
   ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
   return EvalBatches(ds, _read_options(data_cfg))

@@ -2,7 +2,9 @@
 (``tokenizers`` package) and sentencepiece models (``sentencepiece`` package), supplied by path.
 
 Every tokenizer exposes ``encode(text) -> list[int]`` (no special tokens), ``bos_id`` / ``eot_id``
-(None when the tokenizer has none), ``pad_id`` and ``vocab_size``. :func:`tokenize` turns texts into
+(None when the tokenizer has none), ``pad_id`` and ``vocab_size``; for masked language modelling
+also ``mask_id`` (None when the tokenizer has no mask token) and ``special_ids`` (ids that are
+never masked nor drawn as random replacements). :func:`tokenize` turns texts into
 ``int32 [n, context_length]``: ``[bos] + body + [eot]`` padded with ``pad_id``; a text that is too
 long loses the end of its body, never the EOT token.
 
@@ -21,9 +23,12 @@ KINDS = ("bytes", "hf", "sentencepiece")
 
 
 class ByteTokenizer:
-  """UTF-8 bytes: pad 0, byte ``v`` -> ``v + 1``, bos 257, eot 258 (largest id, so CLIP's argmax
-  pooling finds it); vocabulary 259."""
+  """UTF-8 bytes: pad 0, byte ``v`` -> ``v + 1``, bos 257, eot 258 (largest id of a tokenized
+  text, so CLIP's argmax pooling finds it); vocabulary 259. MLM adds mask 259: a model that reads
+  masked texts needs a text vocabulary of 260 (``mlm_vocab_size``)."""
   pad_id, bos_id, eot_id, vocab_size = 0, 257, 258, 259
+  mask_id = 259
+  special_ids = (0, 257, 258, 259)
 
   def encode(self, text: str) -> list[int]:
     return [b + 1 for b in text.encode("utf-8")]
@@ -36,6 +41,18 @@ class ByteTokenizer:
 _SPECIAL_SETS = (("<|startoftext|>", "<|endoftext|>", None),      # CLIP BPE (pads with eot)
                  ("[CLS]", "[SEP]", "[PAD]"),                       # BERT / PubMedBERT WordPiece
                  ("<s>", "</s>", "<pad>"))                          # RoBERTa-style BPE
+
+
+_MASK_TOKENS = ("[MASK]", "<mask>")
+
+
+def _known(*ids) -> set[int]:
+  return {i for i in ids if i is not None}
+
+
+def mlm_vocab_size(tokenizer) -> int:
+  """Vocabulary a model needs to read masked texts of ``tokenizer`` (its mask id included)."""
+  return max(tokenizer.vocab_size, (tokenizer.mask_id or 0) + 1)
 
 
 class HFTokenizer:
@@ -59,6 +76,10 @@ class HFTokenizer:
         self.bos_id, self.eot_id = vocab.get(bos), vocab[eot]
         self.pad_id = vocab[pad] if pad in vocab else (self.eot_id if pad is None else 0)
         break
+    self.mask_id = next((vocab[m] for m in _MASK_TOKENS if m in vocab), None)
+    added = self._tok.get_added_tokens_decoder()
+    self.special_ids = tuple(sorted({i for i, t in added.items() if t.special}
+                                    | _known(self.pad_id, self.bos_id, self.eot_id, self.mask_id)))
 
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -79,6 +100,11 @@ class SentencePieceTokenizer:
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     self.eot_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+    ids = [self._sp.piece_to_id(m) for m in _MASK_TOKENS]
+    self.mask_id = next((i for i in ids if not self._sp.is_unknown(i)), None)
+    self.special_ids = tuple(sorted(
+        {i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        | _known(self.pad_id, self.bos_id, self.eot_id, self.mask_id)))
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text))
@@ -136,6 +162,10 @@ class CaptionTokenizer:
   @property
   def pad_id(self) -> int:
     return self.tokenizer().pad_id
+
+  @property
+  def mask_id(self) -> int | None:
+    return self.tokenizer().mask_id
 
   @property
   def eot_id(self) -> int:
