@@ -140,3 +140,19 @@ def tiny_clip_config(variant="tiny", **overrides):
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 4
   c.data.eval_examples, c.data.eval_batch_size = 32, 16
   return _override(c, overrides)
+
+
+def tiny_flava_model(scan=False, **overrides):
+  """A tiny :class:`medfm_jax.models.flava.Flava`: 16x16x3 images (ViT patch 4, width 32, 1 block,
+  LN eps 1e-12), 1-block 32-wide bidirectional text tower (context 12, vocab 50, pad 0), 1-block
+  fusion encoder, 24-d embeddings, image vocab 48 (= 4*4*3 pixels) and text vocab 50."""
+  from medfm_jax.models import flava, text, vit  # pylint: disable=g-import-not-at-top
+  image = vit.VisionTransformer(variant="Mu/4", width=32, depth=1, num_heads=2, mlp_dim=64,
+                                image_size=16, pos_embed="learned", mask_token=True,
+                                layer_norm_eps=1e-12, scan=scan)
+  tower = text.TextTransformer(width=32, depth=1, num_heads=2, mlp_dim=64, context_length=12,
+                               vocab_size=50, causal=False, pooling="cls", eot_id=-1, pad_id=0,
+                               activation="gelu", layer_norm_eps=1e-12, embed_norm=True, scan=scan)
+  kwargs = dict(mm_width=32, mm_depth=1, mm_heads=2, mm_mlp_dim=64, embed_dim=24, image_vocab=48,
+                text_vocab=50)
+  return flava.Flava(image, tower, **(kwargs | overrides))

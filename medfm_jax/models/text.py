@@ -51,6 +51,9 @@ VARIANTS = {
     "tiny": TextSize(64, 2, 4, 256, 64, 259, True, "eot", "gelu", 1e-5),
     "clip_b16": TextSize(512, 12, 8, 2048, 77, 49408, True, "argmax", "quick_gelu", 1e-5),
     "biomedclip": TextSize(768, 12, 12, 3072, 256, 30522, False, "cls", "gelu", 1e-12),
+    # FLAVA's text encoder (HF facebook/flava-full: BERT vocab, 512 positions; pre-LN blocks with
+    # a LayerNorm on the embeddings: build it with embed_norm=True / model.text.embed_norm).
+    "flava": TextSize(768, 12, 12, 3072, 512, 30522, False, "cls", "gelu", 1e-12),
 }
 
 
@@ -94,9 +97,13 @@ class TextTransformer(nn.Module):
   remat: str = "none"
   scan: bool = False
   attention_impl: str | None = None
+  embed_norm: bool = False             # LayerNorm after token + position embedding (BERT / FLAVA)
 
   @nn.compact
-  def __call__(self, tokens, deterministic: bool = True, return_tokens: bool = False):
+  def __call__(self, tokens, deterministic: bool = True, return_tokens: bool = False,
+               return_pre_norm: bool = False):
+    """``return_pre_norm``: ``(pooled, tokens, pre_norm_tokens)`` with the last block's output
+    before the final LN (FLAVA feeds those to its fusion encoder)."""
     if self.pooling not in POOLINGS:
       raise ValueError(f"model.text.pooling={self.pooling!r}: allowed {POOLINGS}")
     b, length = tokens.shape
@@ -108,13 +115,18 @@ class TextTransformer(nn.Module):
                                  (self.context_length, self.width), (None, "embed"))
     x = jnp.take(embed, tokens, axis=0) + pos[None, :length]
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
+    if self.embed_norm:
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="embed_norm")(x)
     mask = (tokens != self.pad_id)[:, None, None, :] if self.mask_padding else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.layer_norm_eps,
                 activation=self.activation, dtype=self.dtype, remat=self.remat, scan=self.scan,
                 attention_impl=self.attention_impl, causal=self.causal,
                 name="encoder")(x, deterministic, mask)
+    pre_norm = x
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     pooled = pool_tokens(x, tokens, self.pooling, self.eot_id, self.pad_id)
+    if return_pre_norm:
+      return pooled, x, pre_norm
     return (pooled, x) if return_tokens else pooled
 
 
@@ -143,4 +155,5 @@ def text_from_config(config, eot_id: int, pad_id: int) -> TextTransformer:
       pooling=s.pooling, eot_id=eot_id, pad_id=pad_id, mask_padding=t.get("mask_padding", True),
       activation=s.activation, layer_norm_eps=s.layer_norm_eps, dtype=dtype,
       remat=config.model.get("remat", "none"), scan=config.model.get("scan", False),
-      attention_impl=vit.resolve_attention_impl(config.model.get("attention_impl", "auto"), dtype))
+      attention_impl=vit.resolve_attention_impl(config.model.get("attention_impl", "auto"), dtype),
+      embed_norm=t.get("embed_norm", False))

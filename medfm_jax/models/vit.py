@@ -211,7 +211,10 @@ class VisionTransformer(nn.Module):
     return dataclasses.replace(parse_variant(self.variant), **overrides)
 
   @nn.compact
-  def __call__(self, images, keep_ids=None, deterministic: bool = True, patch_mask=None):
+  def __call__(self, images, keep_ids=None, deterministic: bool = True, patch_mask=None,
+               return_pre_norm: bool = False):
+    """``return_pre_norm``: also return the last block's output before the final LN (FLAVA feeds
+    those states to its fusion encoder): ``(tokens, pre_norm_tokens)``."""
     size = self.size
     p = size.patch_size
     b, h, w, _ = images.shape
@@ -242,9 +245,10 @@ class VisionTransformer(nn.Module):
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
                 self.scan, self.attention_impl, self.qkv_bias, self.adapter_dim, self.adapter_where,
                 name="encoder")(x, deterministic)
+    pre_norm = x
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
-    return x
+    return (x, pre_norm) if return_pre_norm else x
 
   def _token(self, name, width, batch, n=1):
     init = nn.initializers.normal(0.02)

@@ -1,0 +1,125 @@
+"""FLAVA model: shapes, logical names on every param, padding invariance of the fused states, the
+image tower as a plain restorable ViT, and building from a config."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from medfm_jax.models import flava, vit
+from tests import helpers
+
+TOP_LEVEL = {"image", "text", "multimodal", "image_to_mm", "text_to_mm", "image_projection",
+             "text_projection", "mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head",
+             "logit_scale"}
+
+
+def _inputs(seed=0, b=2):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(b, 16, 16, 3)).astype(np.float32)
+  tokens = np.zeros((b, 8), np.int32)
+  tokens[:, :5] = rng.integers(1, 50, (b, 5))
+  tokens[1, 3:] = 0                          # a shorter text
+  return jnp.asarray(images), jnp.asarray(tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = helpers.tiny_flava_model()
+  images, tokens = _inputs()
+  variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+  # non-trivial cls / mask tokens (initialised to zeros)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.1) * rng.normal(size=x.shape).astype(np.float32),
+                        nn.unbox(variables["params"]))
+  return model, variables, params
+
+
+def test_shapes_and_logical_names(tiny):
+  model, variables, params = tiny
+  assert set(variables["params"]) == TOP_LEVEL
+  assert isinstance(model.image, vit.VisionTransformer)
+  for path, leaf in traverse_util.flatten_dict(variables["params"]).items():
+    assert isinstance(leaf, nn.Partitioned), path
+    assert len(leaf.names) == leaf.value.ndim, path
+  images, tokens = _inputs()
+  mask = jnp.zeros((2, 16), bool).at[:, ::3].set(True)
+  out = model.apply({"params": params}, images, tokens, patch_mask=mask)
+  shapes = {k: v.shape for k, v in out.items()}
+  assert shapes == dict(image_hidden=(2, 17, 32), text_hidden=(2, 8, 32), mm_hidden=(2, 1 + 17 + 8, 32),
+                        image_embedding=(2, 24), text_embedding=(2, 24), mim_logits=(2, 17, 48),
+                        mlm_logits=(2, 8, 50), mmm_image_logits=(2, 16, 48), mmm_text_logits=(2, 8, 50),
+                        itm_logits=(2, 2), logit_scale=())
+  assert out["image_embedding"].dtype == jnp.float32 and out["itm_logits"].dtype == jnp.float32
+  # the patch mask swaps in the mask token: masked rows change, the methods compose like __call__
+  hidden = model.apply({"params": params}, images, mask, method="encode_image")
+  np.testing.assert_allclose(hidden, out["image_hidden"], atol=1e-6)
+  unmasked = model.apply({"params": params}, images, method="encode_image")
+  assert np.abs(unmasked - hidden).max() > 1e-3
+  np.testing.assert_allclose(float(nn.unbox(variables["params"]["logit_scale"])), np.log(1 / 0.07), rtol=1e-6)
+  assert float(out["logit_scale"]) == float(params["logit_scale"])
+
+
+def _fuse_all(module, images, tokens):
+  img = module.encode_image(images, return_pre_norm=True)[1]
+  txt = module.encode_text(tokens, return_pre_norm=True)[1]
+  mm = module.fuse(img, txt, tokens)
+  return mm, module.itm_logits(mm)
+
+
+def test_padding_does_not_change_fused_states(tiny):
+  model, _, params = tiny
+  images, tokens = _inputs()
+  longer = jnp.pad(tokens, ((0, 0), (0, 4)))              # 4 more padding positions
+  mm, itm = model.apply({"params": params}, images, tokens, method=_fuse_all)
+  mm_long, itm_long = model.apply({"params": params}, images, longer, method=_fuse_all)
+  n = 1 + 17 + 3                                           # mm cls, image, the shorter text's tokens
+  np.testing.assert_allclose(mm_long[:, :n], mm[:, :n], atol=2e-5)
+  np.testing.assert_allclose(itm_long, itm, atol=2e-5)
+  # ... while the padding *is* attended to without the mask
+  loose = model.clone(text=model.text.clone(mask_padding=False))
+  mm_loose, _ = loose.apply({"params": params}, images, longer, method=_fuse_all)
+  assert np.abs(mm_loose[:, :n] - mm[:, :n]).max() > 1e-3
+
+
+def test_image_tower_is_a_plain_vit(tiny):
+  model, _, params = tiny
+  images, _ = _inputs()
+  direct = model.image.apply({"params": params["image"]}, images)
+  np.testing.assert_allclose(direct, model.apply({"params": params}, images, method="encode_image"), atol=1e-6)
+
+
+def _config(**objective):
+  c = ml_collections.ConfigDict(dict(dtype="float32", data=dict(image_size=16, channels=1),
+                                     model=flava.model_fields("tiny"), objective=dict(objective)))
+  c.model.update(variant="Mu/4", width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64, context_length=12)
+  c.model.multimodal.update(width=32, mlp_dim=64, num_heads=2)
+  return c
+
+
+class _Tok:
+  eot_id, pad_id = 258, 0
+
+
+def test_build_flava_from_config():
+  model = flava.build_flava(_config(mim_target="pixels"), _Tok())
+  assert model.image.mask_token and model.image_vocab == 4 * 4 * 1 and model.text_vocab == 259
+  assert model.text.embed_norm and not model.text.causal and model.mm_depth == 1
+  assert flava.build_flava(_config(mim_target="codebook", codebook_size=77), _Tok()).image_vocab == 77
+  c = _config(mim_target="pixels")
+  c.model.image_vocab = 9
+  assert flava.build_flava(c, _Tok()).image_vocab == 9
+  with pytest.raises(ValueError, match="objective.mim_target='dvae'"):
+    flava.build_flava(_config(mim_target="dvae"), _Tok())
+  with pytest.raises(ValueError, match="objective.codebook_size"):
+    flava.build_flava(_config(mim_target="codebook"), _Tok())
+  c = _config()
+  c.model.multimodal.depth = 0
+  with pytest.raises(ValueError, match="model.multimodal.depth"):
+    flava.build_flava(c, _Tok())
+  full = flava.model_fields("full")
+  assert (full["width"], full["depth"], full["text"]["depth"], full["multimodal"]["depth"],
+          full["text"]["vocab_size"], full["embed_dim"]) == (768, 12, 12, 6, 30522, 768)
