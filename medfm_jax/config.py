@@ -101,6 +101,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)}: need 0 < min <= max <= 1")
   _check(c.data.num_workers >= 0, f"data.num_workers={c.data.num_workers}: must be >= 0")
   _validate_real_data(c.data)
+  _validate_masked_inputs(c, size.patch_size)
 
   if c.objective.name == "mae":
     r = c.objective.mask_ratio
@@ -138,6 +139,27 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   if workdir is not None:
     _check(bool(workdir) and _writable(workdir), f"--workdir={workdir!r}: not a writable directory")
   return shape
+
+
+def _validate_masked_inputs(c, patch_size: int) -> None:
+  """``data.mlm``, ``data.mix`` and single-view ``data.patch_masks`` (``pipeline.masked_inputs``)."""
+  from medfm_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+  d = c.data
+  try:
+    extras = pipeline.masked_inputs(d, c.batch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if extras is None:
+    return
+  if extras.patch_masks is not None:
+    _check(d.patch_masks.patch_size == patch_size,
+           f"data.patch_masks.patch_size={d.patch_masks.patch_size}: must equal the model's patch "
+           f"size {patch_size}")
+  if extras.mlm is not None and c.model.get("text") is not None:
+    needed = tokenizers.mlm_vocab_size(tokenizers.from_config(d).tokenizer())
+    _check(c.model.text.vocab_size >= needed,
+           f"model.text.vocab_size={c.model.text.vocab_size}: data.mlm needs {needed} (the "
+           f"{d.tokenizer!r} vocabulary and its mask id {extras.mlm.mask_id})")
 
 
 def _validate_dino(c, patch_size: int) -> None:

@@ -161,23 +161,23 @@ def masked_inputs(data_cfg, global_batch: int | None = None) -> MaskedInputs | N
   """The configured :class:`MaskedInputs` (None when ``data.mlm``, ``data.mix`` and single-view
   ``data.patch_masks`` are all off). ``global_batch`` None (eval): every example is paired."""
   get = data_cfg.get if hasattr(data_cfg, "get") else (lambda key, default=None: default)
-  mlm_cfg, mix_cfg = get("mlm"), get("mix")
-  masks_cfg = get("patch_masks") if multicrop_spec(data_cfg) is None else None
-  if not (mlm_cfg or mix_cfg or masks_cfg):
+  on = lambda key: get(key) is not None and get(key) is not False     # {} = on, with defaults
+  use_masks = on("patch_masks") and multicrop_spec(data_cfg) is None
+  if not (on("mlm") or on("mix") or use_masks):
     return None
   text = tokenizers.from_config(data_cfg)
-  if text is None and (mlm_cfg or mix_cfg):
-    raise ValueError(f"data.{'mlm' if mlm_cfg else 'mix'} needs a data.tokenizer "
+  if text is None and (on("mlm") or on("mix")):
+    raise ValueError(f"data.{'mlm' if on('mlm') else 'mix'} needs a data.tokenizer "
                      f"(allowed {tokenizers.KINDS})")
   mix = None
-  if mix_cfg:
-    mix = (mixing.MixSpec.from_config(mix_cfg, global_batch) if global_batch
+  if on("mix"):
+    mix = (mixing.MixSpec.from_config(get("mix"), global_batch) if global_batch
            else mixing.MixSpec((mixing.PAIRED,)))
   return MaskedInputs(
       pad_id=0 if text is None else int(text.pad_id),
-      mlm=text_masking.MLMSpec.from_config(mlm_cfg, text.tokenizer()) if mlm_cfg else None,
-      patch_masks=(masking.PatchMaskSpec.from_config(masks_cfg, int(data_cfg.image_size))
-                   if masks_cfg else None),
+      mlm=text_masking.MLMSpec.from_config(get("mlm"), text.tokenizer()) if on("mlm") else None,
+      patch_masks=(masking.PatchMaskSpec.from_config(get("patch_masks"), int(data_cfg.image_size))
+                   if use_masks else None),
       mix=mix)
 
 

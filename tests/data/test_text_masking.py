@@ -111,3 +111,23 @@ def test_pipeline_masks_resume_and_eval_is_deterministic():
   last = evals[0][-1]                                             # rows 4..7 are padding
   assert not last["patch_mask"][4:].any() and np.all(last["mlm_labels"][4:] == -1)
   assert last["patch_mask"][:4].any(axis=1).all() and (last["mlm_labels"][:4] >= 0).any(axis=1).all()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.mlm": {"probability": -0.1}}, "data.mlm.probability"),
+    ({"data.mlm": {"probability": 0.15}}, "model.text.vocab_size=259: data.mlm needs 260"),
+    ({"data.mlm": {}, "model.text.vocab_size": 260, "data.tokenizer": ""}, "data.mlm needs a data.tokenizer"),
+    ({"data.patch_masks": {"patch_size": 8, "probability": 1.0, "ratio": (0.2, 0.4)}},
+     "data.patch_masks.patch_size=8: must equal the model's patch size 4"),
+    ({"data.mix": {"paired": 0.5}}, "data.mix=.*sum to 1"),
+    ({"data.mlm": {"probability": 0.15}, "model.text.vocab_size": 260,
+      "data.mix": {"paired": 0.5, "text": 0.5},
+      "data.patch_masks": {"patch_size": 4, "probability": 1.0, "ratio": (0.2, 0.4)}}, None)])
+def test_config_validation_of_the_masked_inputs(overrides, match):
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = helpers.tiny_clip_config(**overrides)
+  if match is None:
+    config_lib.validate(c, num_devices=1)
+  else:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate(c, num_devices=1)
