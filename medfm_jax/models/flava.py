@@ -219,10 +219,10 @@ class FlavaSize:
 
 
 VARIANTS = {
-    # CPU tests / demos (byte tokenizer vocabulary).
+    # CPU tests / demos (byte tokenizer: 259 ids + its [MASK] id 259 -> 260).
     "tiny": FlavaSize("Mu/8", (64, 2, 4, 256),
-                      dataclasses.replace(text_lib.VARIANTS["tiny"], causal=False, pooling="cls",
-                                          layer_norm_eps=1e-12),
+                      dataclasses.replace(text_lib.VARIANTS["tiny"], vocab_size=260, causal=False,
+                                          pooling="cls", layer_norm_eps=1e-12),
                       (64, 1, 4, 256), 64, 512),
     # FLAVA paper / HF facebook/flava-full: ViT-B/16, 12-layer 768 text (BERT vocab), 6-layer 768
     # multimodal, 768-d embeddings, DALL-E codebook of 8192.
@@ -278,6 +278,10 @@ def build_flava(config, tokenizer) -> Flava:
     raise ValueError(f"model.embed_dim={m.get('embed_dim')}: must be a positive integer")
   image = vit.vit_from_config(config).clone(mask_token=True)
   text = text_lib.text_from_config(config, tokenizer.eot_id, tokenizer.pad_id)
+  mask_id = getattr(tokenizer, "mask_id", None)
+  if mask_id is not None and text.vocab_size <= mask_id:
+    raise ValueError(f"model.text.vocab_size={text.vocab_size}: the tokenizer's [MASK] id is {mask_id}, "
+                     f"so MLM needs a text vocabulary of at least {mask_id + 1}")
   objective = config.get("objective") or {}
   return Flava(image, text, mm_width=int(mm.width), mm_depth=int(mm.depth), mm_heads=int(mm.num_heads),
                mm_mlp_dim=int(mm.mlp_dim), embed_dim=int(m.embed_dim),

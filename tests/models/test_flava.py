@@ -101,12 +101,12 @@ def _config(**objective):
 
 
 class _Tok:
-  eot_id, pad_id = 258, 0
+  eot_id, pad_id, mask_id = 258, 0, 259
 
 
 def test_build_flava_from_config():
   model = flava.build_flava(_config(mim_target="pixels"), _Tok())
-  assert model.image.mask_token and model.image_vocab == 4 * 4 * 1 and model.text_vocab == 259
+  assert model.image.mask_token and model.image_vocab == 4 * 4 * 1 and model.text_vocab == 260
   assert model.text.embed_norm and not model.text.causal and model.mm_depth == 1
   assert flava.build_flava(_config(mim_target="codebook", codebook_size=77), _Tok()).image_vocab == 77
   c = _config(mim_target="pixels")
@@ -116,6 +116,10 @@ def test_build_flava_from_config():
     flava.build_flava(_config(mim_target="dvae"), _Tok())
   with pytest.raises(ValueError, match="objective.codebook_size"):
     flava.build_flava(_config(mim_target="codebook"), _Tok())
+  c = _config()
+  c.model.text.vocab_size = 259
+  with pytest.raises(ValueError, match="model.text.vocab_size=259.*at least 260"):
+    flava.build_flava(c, _Tok())
   c = _config()
   c.model.multimodal.depth = 0
   with pytest.raises(ValueError, match="model.multimodal.depth"):
