@@ -239,7 +239,8 @@ def model_fields(variant: str) -> dict[str, Any]:
   s = VARIANTS[variant]
   w, d, h, m = s.image
   mw, md, mh, mm = s.multimodal
-  text = dict(variant="tiny", **dataclasses.asdict(s.text), mask_padding=True, embed_norm=True)
+  text = dict(variant="flava" if variant == "full" else "tiny", **dataclasses.asdict(s.text),
+              mask_padding=True, embed_norm=True)
   return dict(variant=s.image_variant, width=w, depth=d, num_heads=h, mlp_dim=m, pos_embed="learned",
               layer_norm_eps=1e-12, activation="gelu", mask_token=True, text=text,
               multimodal=dict(width=mw, depth=md, num_heads=mh, mlp_dim=mm, layer_norm_eps=1e-12,
