@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from medfm_jax.models import vit
-from medfm_jax.objectives.flava_losses import normalize_patches
+from medfm_jax.models.mae import normalize_patches
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -82,13 +82,19 @@ class MaskedAutoencoder(nn.Module):
     return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}
 
 
+def normalize_patches(patches, eps: float = 1e-6):
+  """MAE ``norm_pix_loss`` target: each patch ``[..., P]`` minus its mean over its unbiased std."""
+  patches = jnp.asarray(patches, jnp.float32)
+  mean = patches.mean(-1, keepdims=True)
+  var = patches.var(-1, keepdims=True, ddof=1)
+  return (patches - mean) / jnp.sqrt(var + eps)
+
+
 def patch_losses(images, pred, patch_size: int, norm_pix_loss: bool = True):
   """Per-patch MSE ``[b, L]`` against (optionally per-patch normalised, unbiased var) pixels."""
   target = vit.patchify(images.astype(jnp.float32), patch_size)
   if norm_pix_loss:
-    mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True, ddof=1)
-    target = (target - mean) / jnp.sqrt(var + 1e-6)
+    target = normalize_patches(target)
   return jnp.square(pred - target).mean(-1)
 
 

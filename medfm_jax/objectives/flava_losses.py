@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medfm_jax.models.mae import normalize_patches
+
 Array = jnp.ndarray
 
 
@@ -60,14 +62,6 @@ def mim_codebook_loss(logits: Array, ids: Array, mask: Array) -> Array:
   """Discrete MIM: ``logits [b, N, K]`` against codebook ``ids [b, N]`` on masked patches
   ``mask [b, N]``."""
   return masked_mean_cross_entropy(logits, ids, mask)
-
-
-def normalize_patches(patches: Array, eps: float = 1e-6) -> Array:
-  """MAE ``norm_pix_loss`` target: each patch ``[..., P]`` minus its mean over its unbiased std."""
-  patches = jnp.asarray(patches, jnp.float32)
-  mean = patches.mean(-1, keepdims=True)
-  var = patches.var(-1, keepdims=True, ddof=1)
-  return (patches - mean) / jnp.sqrt(var + eps)
 
 
 def mim_pixel_loss(pred: Array, target_patches: Array, mask: Array, norm_pix: bool = True) -> Array:
