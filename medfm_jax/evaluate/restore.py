@@ -2,9 +2,9 @@
 
 A registry keyed by the objective that wrote the checkpoint (its ``meta`` config) says where the
 image encoder lives in the saved train state: MAE ``params/encoder``; DINO ``extra/teacher/backbone``
-(default) or ``params/backbone`` (student); a fine-tuned classifier ``params/backbone``. Objectives
-with an image tower of their own (CLIP/SigLIP image tower, FLAVA image encoder) add one line with
-:func:`register_encoder` when they land; they do not exist in this codebase yet.
+(default) or ``params/backbone`` (student); a fine-tuned classifier ``params/backbone``; the
+CLIP/SigLIP image tower and the FLAVA image encoder ``params/image``. A new objective adds one line
+with :func:`register_encoder`.
 
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
 position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
@@ -52,6 +52,7 @@ register_encoder("dino", {"teacher": ("extra", "teacher", "backbone"),
                           "student": ("params", "backbone")}, "teacher")
 register_encoder("supervised", {"backbone": ("params", "backbone")}, "backbone")
 register_encoder("clip", {"image": ("params", "image")}, "image")   # CLIP/SigLIP image tower
+register_encoder("flava", {"image": ("params", "image")}, "image")  # FLAVA image encoder
 
 
 def registered() -> list[str]:

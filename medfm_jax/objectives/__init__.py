@@ -8,6 +8,7 @@ _REGISTRY = {
     "dino": "medfm_jax.objectives.dino:DinoObjective",
     "supervised": "medfm_jax.objectives.supervised:SupervisedObjective",
     "clip": "medfm_jax.objectives.clip:ClipObjective",     # CLIP, SigLIP, LiT (objective.loss)
+    "flava": "medfm_jax.objectives.flava:FlavaObjective",
 }
 
 

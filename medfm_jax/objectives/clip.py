@@ -44,7 +44,50 @@ def build_model(config, tokenizer) -> clip_model.ImageTextModel:
       init_logit_bias=None if bias is None else float(bias))
 
 
-class ClipObjective(base.Objective):
+class ImageTextObjective(base.Objective):
+  """Shared by the objectives with an image and a text embedding (CLIP/SigLIP, FLAVA): zero-shot
+  and retrieval evaluation. Subclasses set ``self.text_spec`` (the CaptionTokenizer) and define
+  ``_embed_pairs_fn(params, images, tokens) -> (image emb, text emb)`` and
+  ``_embed_tokens_fn(params, tokens) -> text emb``, then call :meth:`_jit_embedders`."""
+
+  def _jit_embedders(self):
+    replicated = PartitionSpec()
+    self._embed_pairs = jax.jit(self._embed_pairs_fn, out_shardings=replicated)
+    self._embed_tokens = jax.jit(self._embed_tokens_fn, out_shardings=replicated)
+
+  def _embed_pairs_fn(self, params, images, tokens):
+    raise NotImplementedError
+
+  def _embed_tokens_fn(self, params, tokens):
+    raise NotImplementedError
+
+  def embed_texts(self, params, texts: list[str], mesh) -> np.ndarray:
+    """Text embeddings ``[n, e]`` (unnormalised) of host strings, computed over the mesh."""
+    tokens = tokenizers.tokenize(self.text_spec.tokenizer(), texts, self.text_spec.context_length)
+    rows = -(-len(tokens) // jax.device_count()) * jax.device_count()   # pad to split evenly
+    padded = np.full((rows, tokens.shape[1]), self.text_spec.pad_id, np.int32)
+    padded[:len(tokens)] = tokens
+    with mesh_lib.use_mesh(mesh):
+      sharded = jax.device_put(padded, mesh_lib.batch_sharding(mesh, 2))
+      return np.asarray(self._embed_tokens(params, sharded))[:len(tokens)]
+
+  def embed_split(self, params, mesh, split: str, num_examples: int):
+    """(image embeddings ``[n, e]``, text embeddings ``[n, e]``, {label: ``[n]``}) of the first
+    ``num_examples`` records of ``split`` (captions as the texts); identical on every process."""
+    d = self.config.data
+    (imgs, txts), labels = over_split.map_over_split(
+        d, mesh, lambda batch: self._embed_pairs(params, batch["image"], batch["tokens"]), split,
+        num_examples, d.eval_batch_size, keys=("image", "tokens"))
+    return imgs, txts, labels
+
+  def evaluate(self, params, extra, mesh, step):
+    del extra, step
+    c = self.config
+    return evaluate_image_text(self, params, mesh, c.data.eval_split, c.data.eval_examples,
+                               tuple(c.objective.get("zero_shot_labels", ("finding", "modality"))))
+
+
+class ClipObjective(ImageTextObjective):
   """``config.objective``: loss ('clip' | 'siglip'), init_logit_scale, init_logit_bias,
   max_logit_scale, lit_init_from, lit_encoder_weights, zero_shot_labels;
   ``config.model``: the ViT fields + embed_dim, image_pool, image_proj, text_proj_bias, text.*;
@@ -67,9 +110,7 @@ class ClipObjective(base.Objective):
       from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
       self._pretrained = restore.pretrained_encoder(self.model.image, config.data, o.lit_init_from,
                                                     o.get("lit_encoder_weights", "default"))
-    replicated = PartitionSpec()
-    self._embed_pairs = jax.jit(self._embed_pairs_fn, out_shardings=replicated)
-    self._embed_tokens = jax.jit(self._embed_tokens_fn, out_shardings=replicated)
+    self._jit_embedders()
 
   def init(self, rng, batch):
     params = dict(self.model.init(rng, batch["image"], batch["tokens"])["params"])
@@ -108,33 +149,7 @@ class ClipObjective(base.Objective):
   def _embed_tokens_fn(self, params, tokens):
     return self.model.apply({"params": params}, tokens, method=clip_model.ImageTextModel.encode_text)
 
-  def embed_texts(self, params, texts: list[str], mesh) -> np.ndarray:
-    """Text embeddings ``[n, e]`` (unnormalised) of host strings, computed over the mesh."""
-    tokens = tokenizers.tokenize(self.text_spec.tokenizer(), texts, self.text_spec.context_length)
-    rows = -(-len(tokens) // jax.device_count()) * jax.device_count()   # pad to split evenly
-    padded = np.full((rows, tokens.shape[1]), self.text_spec.pad_id, np.int32)
-    padded[:len(tokens)] = tokens
-    with mesh_lib.use_mesh(mesh):
-      sharded = jax.device_put(padded, mesh_lib.batch_sharding(mesh, 2))
-      return np.asarray(self._embed_tokens(params, sharded))[:len(tokens)]
-
-  def embed_split(self, params, mesh, split: str, num_examples: int):
-    """(image embeddings ``[n, e]``, text embeddings ``[n, e]``, {label: ``[n]``}) of the first
-    ``num_examples`` records of ``split`` (captions as the texts); identical on every process."""
-    d = self.config.data
-    (imgs, txts), labels = over_split.map_over_split(
-        d, mesh, lambda batch: self._embed_pairs(params, batch["image"], batch["tokens"]), split,
-        num_examples, d.eval_batch_size, keys=("image", "tokens"))
-    return imgs, txts, labels
-
-  def evaluate(self, params, extra, mesh, step):
-    del extra, step
-    c = self.config
-    return evaluate_image_text(self, params, mesh, c.data.eval_split, c.data.eval_examples,
-                               tuple(c.objective.get("zero_shot_labels", ("finding", "modality"))))
-
-
-def evaluate_image_text(objective: ClipObjective, params, mesh, split: str, num_examples: int,
+def evaluate_image_text(objective: ImageTextObjective, params, mesh, split: str, num_examples: int,
                         labels=("finding", "modality"), detailed: bool = False) -> dict:
   """Zero-shot (``zero_shot_{label}_{accuracy,balanced_accuracy,macro_auroc}`` per label; phantom
   prompts, or class-name templates elsewhere) and retrieval (``i2t_r@k``, ``t2i_r@k``) scalars.
@@ -161,20 +176,25 @@ def evaluate_image_text(objective: ClipObjective, params, mesh, split: str, num_
   return out
 
 
+IMAGE_TEXT_OBJECTIVES = ("clip", "flava")   # objectives whose checkpoints zero-shot classify
+
+
 def load_checkpoint(init_from: str, mesh, data_overrides: dict | None = None):
   """(objective built from the checkpoint's own config, its params replicated on ``mesh``) of a
-  CLIP/SigLIP checkpoint; ``data_overrides`` replace ``data.*`` fields (eval split, sizes)."""
+  CLIP/SigLIP or FLAVA checkpoint; ``data_overrides`` replace ``data.*`` fields (eval split, sizes)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
   from medfm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax import objectives  # pylint: disable=g-import-not-at-top
   name, saved = restore.checkpoint_objective(init_from)
-  if name != "clip":
+  if name not in IMAGE_TEXT_OBJECTIVES:
     raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: checkpoint of objective {name!r}, "
-                                   "not an image-text (clip) checkpoint")
+                                   f"not an image-text checkpoint ({', '.join(IMAGE_TEXT_OBJECTIVES)})")
   config = ml_collections.ConfigDict(saved)
   config.data.update(data_overrides or {})
-  config.objective.lit_init_from = ""        # the saved params already hold the image tower
-  objective = ClipObjective(config)
+  if "lit_init_from" in config.objective:
+    config.objective.lit_init_from = ""      # the saved params already hold the image tower
+  objective = objectives.build(config)
   params = ckpt_lib.restore_subtree(init_from, ("params",))
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, PartitionSpec()))
   return objective, params

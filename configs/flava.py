@@ -1,0 +1,98 @@
+r"""FLAVA (Singh et al., 2022): unimodal + multimodal pretraining (contrastive, MIM, MLM, MMM, ITM).
+
+Tiny CPU run on the embedded phantoms (paired, image-only and text-only examples mixed in every
+batch; byte tokenizer; normalised-pixel MIM target):
+
+  python -m medfm_jax.main --config=configs/flava.py:tiny --workdir=runs/flava_tiny
+
+Discrete MIM targets from a VQ codebook you supply (or fit one on your data first):
+
+  python -m medfm_jax.models.codebook --config=configs/flava.py:tiny --out=runs/codebook.npz --size=512
+  python -m medfm_jax.main --config=configs/flava.py:tiny,objective.mim_target=codebook,\
+objective.codebook_path=runs/codebook.npz --workdir=runs/flava_tiny_vq
+
+Paper sizes on a pod (ViT-B/16 image, 12-layer 768 text, 6-layer 768 multimodal; BERT WordPiece
+tokenizer file; only config values change):
+
+  python -m medfm_jax.main --config=configs/flava.py:full --workdir=gs://BUCKET/flava \
+      --config.data.source=manifest --config.data.path=gs://BUCKET/pairs.csv \
+      --config.data.tokenizer_path=bert/tokenizer.json --config.mesh.fsdp=8 --config.dtype=bfloat16
+
+Variants: tiny | full. Loss weights: ``objective.weights.<term>`` (contrastive, mim, mlm, itm,
+mmm_image, mmm_text; 0 turns a term off). Batch composition: ``data.mix`` (ratios of paired,
+image-only and text-only examples; exact per global batch).
+"""
+import math
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  (config files are loaded by path)
+
+from medfm_jax.models import flava as flava_lib  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+  variant, overrides = common.parse_arg(arg, default_variant="tiny")
+  if variant not in flava_lib.VARIANTS:
+    raise ValueError(f"configs/flava.py: unknown variant {variant!r}; allowed: "
+                     f"{', '.join(flava_lib.VARIANTS)}")
+  c = common.base_config()
+  c.objective.name = "flava"
+  c.objective.weights = ml_collections.ConfigDict(dict(
+      contrastive=1.0, mim=1.0, mlm=1.0, itm=1.0, mmm_image=1.0, mmm_text=1.0))
+  c.objective.mim_target = "pixels"          # 'pixels' (MAE norm-pix) | 'codebook' (VQ ids)
+  c.objective.norm_pix = True
+  c.objective.codebook_path = ""             # .npz of models/codebook.py (mim_target='codebook')
+  c.objective.codebook_size = 0              # set from the codebook file
+  c.objective.itm_negative_fraction = 0.5
+  c.objective.init_logit_scale = math.log(1 / 0.07)
+  c.objective.max_logit_scale = math.log(100.0)
+  c.objective.zero_shot_labels = ("finding", "modality")
+
+  c.model = ml_collections.ConfigDict(flava_lib.model_fields(variant))
+  c.model.drop_path = 0.0
+  c.model.remat = "none"
+  c.model.scan = False
+  c.model.attention_impl = "auto"
+
+  c.data.tokenizer = "hf"                    # BERT WordPiece tokenizer.json (data.tokenizer_path)
+  c.data.tokenizer_path = ""
+  c.data.context_length = c.model.text.context_length
+  patch = int(c.model.variant.split("/")[1])
+  c.data.mlm = ml_collections.ConfigDict(dict(probability=0.15, mask_frac=0.8, random_frac=0.1))
+  c.data.patch_masks = ml_collections.ConfigDict(dict(patch_size=patch, probability=1.0,
+                                                      ratio=(0.4, 0.4)))
+  c.data.mix = ml_collections.ConfigDict(dict(paired=0.5, image=0.25, text=0.25))
+  c.data.mean, c.data.std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+  c.data.crop_scale = (0.9, 1.0)
+  c.data.flip = False                        # captions name locations (left/right)
+
+  # torchmultimodal's FLAVA recipe: AdamW (0.9, 0.999), eps 1e-8, wd 0.01, lr 2e-4, 2000 warmup
+  # steps, cosine over 450k steps.
+  c.batch_size = 8192
+  c.lr, c.lr_scaling = 2e-4, "none"
+  c.weight_decay = 0.01
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.warmup_steps, c.total_steps = 2000, 450_000
+  c.grad_clip = 1.0
+  c.data.image_size, c.data.channels = 224, 3
+  c.data.num_workers = 16
+  c.data.eval_examples, c.data.eval_batch_size = 2000, 256
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
+
+  if variant == "tiny":
+    c.data.tokenizer = "bytes"
+    c.model.text.context_length = c.data.context_length = 80   # longest phantom caption + 2
+    c.data.image_size, c.data.channels, c.data.num_workers = 64, 1, 0
+    c.data.mean, c.data.std = (0.5,), (0.25,)
+    c.data.crop_scale = (0.8, 1.0)
+    c.data.eval_examples, c.data.eval_batch_size = 512, 128
+    c.batch_size, c.lr, c.weight_decay = 128, 1e-3, 0.1
+    c.optim.b2, c.optim.eps = 0.98, 1e-6
+    c.total_steps, c.warmup_steps = 600, 50
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
+  common.apply_overrides(c, overrides)
+  return c
