@@ -66,6 +66,34 @@ class DenseGeneral(nn.Module):
     return y
 
 
+class Conv(nn.Module):
+  """2-D convolution over NHWC inputs with a logically named HWIO kernel ``[kh, kw, in, out]``.
+
+  ``padding`` is symmetric per spatial side (PyTorch ``Conv2d(padding=...)`` semantics).
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  kernel_axes: tuple[str | None, ...] = (None, None, None, "embed")
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = param_with_axes(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                             self.kernel_axes)
+    pad = ((self.padding, self.padding),) * 2
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
+                                     (self.strides, self.strides), pad,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + param_with_axes(self, "bias", zeros, (self.features,), self.kernel_axes[-1:]).astype(self.dtype)
+    return y
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32 with named scale/bias; returns the compute dtype."""
   eps: float = 1e-6

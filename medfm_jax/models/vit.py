@@ -160,6 +160,48 @@ class PatchEmbed(nn.Module):
                                name="proj")(x)
 
 
+class ConvStem(nn.Module):
+  """Convolutional stem (ViT-C, Xiao et al. 2021, "Early convolutions help transformers see better").
+
+  ``log2(patch_size)`` 3x3 stride-2 convolutions (``conv_i``; channels ``width / 2^(n-1-i)``, so the
+  last has ``width``), each followed by a LayerNorm over channels (``norm_i``; the paper's BatchNorm
+  needs batch statistics the functional model does not keep) and exact GELU, then a 1x1 projection
+  to ``width`` (``proj``). Same output as :class:`PatchEmbed`: ``[b, (H/p)*(W/p), width]``, one token
+  per ``p x p`` patch in row-major order, but each token sees a receptive field beyond its patch
+  (``2p - 1`` px), which gives the transformer the locality prior small lesions need.
+  """
+  patch_size: int
+  width: int
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    n = conv_stem_depth(self.patch_size, self.width)
+    x = constrain(images, ("batch", None, None, None))
+    for i in range(n):
+      x = layers.Conv(self.width >> (n - 1 - i), 3, strides=2, padding=1, dtype=self.dtype,
+                      name=f"conv_{i}")(x)
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name=f"norm_{i}")(x)
+      x = layers.exact_gelu(x)
+      x = constrain(x, ("batch", None, None, "act_embed"))
+    b, gh, gw, c = x.shape
+    x = constrain(x.reshape(b, gh * gw, c), ("batch", "seq", "act_embed"))
+    return layers.DenseGeneral((self.width,), ("patch", "embed"), dtype=self.dtype, name="proj")(x)
+
+
+PATCH_EMBEDS = ("patch", "conv")
+
+
+def conv_stem_depth(patch_size: int, width: int) -> int:
+  """Number of stride-2 convolutions of the conv stem; one-line error when it cannot be built."""
+  n = int(patch_size).bit_length() - 1
+  if patch_size < 2 or patch_size != 1 << n or width % (1 << (n - 1)):
+    raise ValueError(f"model.patch_embed='conv': needs a power-of-two patch size >= 2 and a width "
+                     f"divisible by patch_size/2, got patch {patch_size}, width {width}")
+  return n
+
+
 class VisionTransformer(nn.Module):
   """ViT encoder. ``__call__(images, keep_ids=None)`` -> ``[b, prefix + n_kept, width]`` after the final LN.
 
@@ -198,6 +240,9 @@ class VisionTransformer(nn.Module):
   # blocks (CLIP's ln_pre); no cls token (SigLIP pools with an attention head instead).
   ln_pre: bool = False
   class_token: bool = True
+  # Patch embedding: 'patch' (one linear map per non-overlapping patch, the standard ViT) |
+  # 'conv' (:class:`ConvStem`, the ViT-C convolutional stem; same tokens, overlapping receptive fields).
+  patch_embed: str = "patch"
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -221,7 +266,7 @@ class VisionTransformer(nn.Module):
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
     grid = (h // p, w // p)
-    x = PatchEmbed(p, size.width, self.dtype, name="patch_embed")(images.astype(self.dtype))
+    x = self._embed_patches(images.astype(self.dtype), p, size.width)
     if self.mask_token:
       token = layers.param_with_axes(self, "mask_token", nn.initializers.zeros, (1, 1, size.width),
                                      (None, None, "embed"))
@@ -249,6 +294,14 @@ class VisionTransformer(nn.Module):
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     return (x, pre_norm) if return_pre_norm else x
+
+  def _embed_patches(self, images, patch, width):
+    """``[b, H, W, c] -> [b, (H/p)*(W/p), width]`` by the configured patch embedding."""
+    if self.patch_embed == "patch":
+      return PatchEmbed(patch, width, self.dtype, name="patch_embed")(images)
+    if self.patch_embed == "conv":
+      return ConvStem(patch, width, self.layer_norm_eps, self.dtype, name="patch_embed")(images)
+    raise ValueError(f"model.patch_embed={self.patch_embed!r}: allowed {PATCH_EMBEDS}")
 
   def _token(self, name, width, batch, n=1):
     init = nn.initializers.normal(0.02)
@@ -306,4 +359,4 @@ def vit_from_config(config) -> VisionTransformer:
       attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]),
       num_prompts=m.get("num_prompts", 0), adapter_dim=m.get("adapter_dim", 0),
       adapter_where=m.get("adapter_where", "both"), ln_pre=m.get("ln_pre", False),
-      class_token=m.get("class_token", True))
+      class_token=m.get("class_token", True), patch_embed=m.get("patch_embed", "patch"))

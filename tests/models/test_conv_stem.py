@@ -1,0 +1,128 @@
+"""ViT-C convolutional stem (``model.patch_embed='conv'``): torch reference parity, logical names,
+scan, sharding, mask token, keep_ids and errors."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfm_jax.models import layers, vit
+from medfm_jax.parallel import mesh as mesh_lib
+
+
+def _model(**kw):
+  return vit.VisionTransformer("Mu/4", image_size=16, patch_embed="conv", **kw)
+
+
+@pytest.fixture(scope="module")
+def conv_vit():
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+  model = _model(mask_token=True)
+  return model, nn.unbox(model.init(jax.random.key(0), x))["params"], x
+
+
+def _torch_stem(params, width, eps):
+  """The stem written with torch modules from our params (Conv2d weight = HWIO -> OIHW)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class ChannelLN(torch.nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.ln = torch.nn.LayerNorm(c, eps=eps)
+
+    def forward(self, x):
+      return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+  t = lambda a: torch.tensor(np.asarray(a))
+  mods, n = [], sum(k.startswith("conv_") for k in params)
+  for i in range(n):
+    k = params[f"conv_{i}"]["kernel"]
+    conv = torch.nn.Conv2d(k.shape[2], k.shape[3], 3, 2, 1)
+    conv.weight.data, conv.bias.data = t(k).permute(3, 2, 0, 1).contiguous(), t(params[f"conv_{i}"]["bias"])
+    ln = ChannelLN(k.shape[3])
+    ln.ln.weight.data, ln.ln.bias.data = t(params[f"norm_{i}"]["scale"]), t(params[f"norm_{i}"]["bias"])
+    mods += [conv, ln, torch.nn.GELU()]
+  proj = torch.nn.Conv2d(width, width, 1)
+  proj.weight.data = t(params["proj"]["kernel"]).T[:, :, None, None].contiguous()
+  proj.bias.data = t(params["proj"]["bias"])
+  return torch.nn.Sequential(*mods, proj)
+
+
+def test_conv_stem_matches_torch_reference():
+  torch = pytest.importorskip("torch")
+  stem = vit.ConvStem(patch_size=8, width=32, layer_norm_eps=1e-6)
+  x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
+  params = nn.unbox(stem.init(jax.random.key(3), x))["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape), params)
+  assert [params[f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 16, 32]
+  y = stem.apply({"params": params}, x)                                     # [2, 3*2, 32]
+  with torch.no_grad():
+    ref = _torch_stem(params, 32, 1e-6)(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2))
+  ref = ref.flatten(2).transpose(1, 2).numpy()                              # row-major tokens
+  assert y.shape == ref.shape == (2, 6, 32)
+  np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_conv_layer_matches_lax_reference_with_padding_and_stride():
+  conv = layers.Conv(5, 3, strides=2, padding=1)
+  x = jax.random.normal(jax.random.key(0), (1, 7, 6, 2))
+  p = nn.unbox(conv.init(jax.random.key(1), x))["params"]
+  y = conv.apply({"params": p}, x)
+  # Direct sum over the 3x3 window of the zero-padded input at output (1, 2): input rows 1..3, cols 3..5.
+  xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.einsum("hwi,hwio->o", xp[0, 2:5, 4:7], np.asarray(p["kernel"])) + np.asarray(p["bias"])
+  assert y.shape == (1, 4, 3, 5)
+  np.testing.assert_allclose(y[0, 1, 2], want, atol=1e-5)
+
+
+def test_conv_vit_logical_names_and_scan(conv_vit):
+  model, params, x = conv_vit
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  leaves = jax.tree.leaves(boxed["patch_embed"], is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  assert leaves and all(isinstance(a, nn.Partitioned) for a in leaves)
+  assert boxed["patch_embed"]["conv_0"]["kernel"].names == (None, None, None, "embed")
+  assert set(params["patch_embed"]) == {"conv_0", "norm_0", "conv_1", "norm_1", "proj"}
+  y = model.apply({"params": params}, x)
+  assert y.shape == (4, 1 + 16, 96)
+  scanned = model.clone(scan=True)
+  np.testing.assert_allclose(scanned.apply({"params": vit.stack_layers(params)}, x), y, atol=1e-5)
+
+
+def test_conv_vit_sharded_forward_matches_single_device(conv_vit):
+  model, params, x = conv_vit
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  specs = mesh_lib.param_specs(boxed, mesh)
+  assert specs["patch_embed"]["conv_1"]["kernel"] == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+  sharded = jax.tree.map(lambda p, s: jax.device_put(p, jax.sharding.NamedSharding(mesh, s)), params, specs)
+  with mesh_lib.use_mesh(mesh):
+    xs = jax.device_put(x, mesh_lib.batch_sharding(mesh, 4))
+    y = jax.jit(lambda p, a: model.apply({"params": p}, a))(sharded, xs)
+  np.testing.assert_allclose(y, model.apply({"params": params}, x), atol=1e-5)
+
+
+def test_conv_vit_mask_token_and_keep_ids(conv_vit):
+  model, params, x = conv_vit
+  apply = lambda img, **kw: model.apply({"params": params}, img, **kw)
+  # Every token masked: nothing depends on the pixels any more.
+  all_masked = np.ones((4, 16), bool)
+  np.testing.assert_allclose(apply(x, patch_mask=all_masked), apply(2 * x + 1, patch_mask=all_masked),
+                             atol=1e-5)
+  assert not np.allclose(apply(x), apply(2 * x + 1), atol=1e-3)
+  # keep_ids selects stem tokens: keeping all in order is the full forward, a subset has its length.
+  ids = np.tile(np.arange(16), (4, 1))
+  np.testing.assert_allclose(apply(x, keep_ids=ids), apply(x), atol=1e-5)
+  assert apply(x, keep_ids=ids[:, ::4]).shape == (4, 1 + 4, 96)
+
+
+@pytest.mark.parametrize("patch,width,match", [(6, 96, "power-of-two"), (1, 96, "power-of-two"),
+                                               (16, 100, "divisible")])
+def test_conv_stem_rejects_unbuildable_sizes(patch, width, match):
+  with pytest.raises(ValueError, match=match):
+    vit.conv_stem_depth(patch, width)
+
+
+def test_unknown_patch_embed_is_rejected():
+  with pytest.raises(ValueError, match="model.patch_embed='pixels'"):
+    vit.VisionTransformer("Mu/4", image_size=16, patch_embed="pixels").init(
+        jax.random.key(0), jnp.ones((1, 16, 16, 1)))
