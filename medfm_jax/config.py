@@ -87,6 +87,15 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(m.get("remat", "none") in ("none", "full", "dots"), f"model.remat={m.get('remat')!r}: allowed 'none', 'full', 'dots'")
   _check(m.get("pos_embed", "sincos2d") in ("sincos2d", "learned"),
          f"model.pos_embed={m.get('pos_embed')!r}: allowed 'sincos2d', 'learned'")
+  _check(m.get("patch_embed", "patch") in vit.PATCH_EMBEDS,
+         f"model.patch_embed={m.get('patch_embed')!r}: allowed {vit.PATCH_EMBEDS}")
+  if m.get("patch_embed", "patch") == "conv":
+    try:
+      vit.conv_stem_depth(size.patch_size, size.width)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    _check(c.objective.name != "mae", "model.patch_embed='conv' is not allowed with objective.name='mae': "
+           "the stem's overlapping receptive fields would show masked patches' pixels to the encoder")
   _check(m.get("attention_impl", "auto") in ("auto", "xla", "cudnn"),
          f"model.attention_impl={m.get('attention_impl')!r}: allowed 'auto', 'xla', 'cudnn'")
   _check(0.0 <= m.get("drop_path", 0.0) < 1.0, f"model.drop_path={m.get('drop_path')}: allowed [0, 1)")

@@ -126,3 +126,26 @@ def test_unknown_patch_embed_is_rejected():
   with pytest.raises(ValueError, match="model.patch_embed='pixels'"):
     vit.VisionTransformer("Mu/4", image_size=16, patch_embed="pixels").init(
         jax.random.key(0), jnp.ones((1, 16, 16, 1)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.patch_embed": "pixels"}, "model.patch_embed='pixels'"),
+    ({"model.patch_embed": "conv", "model.variant": "Mu/3", "data.image_size": 18}, "power-of-two"),
+])
+def test_config_rejects_bad_patch_embed(overrides, message):
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  c = helpers.tiny_eval_config("finetune", **{"model.patch_embed": "patch"})
+  config_lib.validate(c, None, 1)
+  helpers._override(c, overrides)  # pylint: disable=protected-access
+  with pytest.raises(config_lib.ConfigError, match="model.patch_embed") as e:
+    config_lib.validate(c, None, 1)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_rejects_conv_stem_for_mae_only():
+  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  config_lib.validate(helpers.tiny_eval_config("finetune", **{"model.patch_embed": "conv"}), None, 1)
+  with pytest.raises(config_lib.ConfigError, match="model.patch_embed='conv'.*objective.name='mae'"):
+    config_lib.validate(helpers.tiny_mae_config(**{"model.patch_embed": "conv"}), None, 1)
