@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
   c.objective.norm_pix = True
   c.objective.codebook_path = ""             # .npz of models/codebook.py (mim_target='codebook')
   c.objective.codebook_size = 0              # set from the codebook file
+  c.objective.itm_negatives = "hard"        # 'hard' (sampled from contrastive similarities) | 'random'
   c.objective.itm_negative_fraction = 0.5
   c.objective.init_logit_scale = math.log(1 / 0.07)
   c.objective.max_logit_scale = math.log(100.0)

@@ -142,6 +142,38 @@ def tiny_clip_config(variant="tiny", **overrides):
   return _override(c, overrides)
 
 
+def tiny_flava_config(**overrides):
+  """``configs/flava.py:tiny`` shrunk like :func:`tiny_clip_config`: 16x16 phantoms, 1-block
+  ViT-Mu/4 (width 32), 1-block 32-wide text and fusion encoders, embeddings of 32, batch 16 (8
+  paired, 4 image-only, 4 text-only), MIM block masks on the 4x4 patch grid."""
+  from configs import flava  # pylint: disable=g-import-not-at-top
+  c = flava.get_config("tiny")
+  c.data.image_size = 16
+  c.model.update(variant="Mu/4", width=32, depth=1, num_heads=2, mlp_dim=64, embed_dim=32)
+  c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.model.multimodal.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  c.data.patch_masks.patch_size = 4
+  c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 4
+  c.data.eval_examples, c.data.eval_batch_size = 32, 16
+  return _override(c, overrides)
+
+
+def train_steps(config, mesh, n=2):
+  """(losses, final host params) of ``n`` steps of the shared jitted train step on the first batch."""
+  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from medfm_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+  trainer = loop.setup(config, "/unused", mesh=mesh)
+  step = state_lib.jit_train_step(trainer.objective, trainer.tx, config, trainer.abstract_state)
+  losses, state = [], trainer.state
+  with mesh_lib.use_mesh(mesh):
+    batch = mesh_lib.to_global_batch(trainer.pending_batch, mesh)
+    for _ in range(n):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params)
+
+
 def tiny_flava_model(scan=False, **overrides):
   """A tiny :class:`medfm_jax.models.flava.Flava`: 16x16x3 images (ViT patch 4, width 32, 1 block,
   LN eps 1e-12), 1-block 32-wide bidirectional text tower (context 12, vocab 50, pad 0), 1-block

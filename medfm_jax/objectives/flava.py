@@ -26,11 +26,13 @@ MIM / MMM-image targets (``objective.mim_target``): ``'pixels'``: MAE's per-patc
 such tokenizer), cross-entropy. Every term averages over its own selection and is exactly 0, with a
 finite zero gradient, when a batch has none (no masked token, no negative, no unimodal row).
 
-ITM hard negatives (ALBEF / FLAVA): a fraction ``objective.itm_negative_fraction`` of the paired
+ITM negatives (``objective.itm_negatives``: ``'hard'``, ALBEF-style, the default; ``'random'``:
+uniform over the other paired rows, an ablation): a fraction ``objective.itm_negative_fraction`` of the paired
 rows is made negative; half of them (by a per-row coin) keep their image and take a text drawn with
 probability ``softmax(similarity)`` over the other paired rows' texts, the other half keep their text
 and take a drawn image. Similarities come from the clean contrastive embeddings (no gradient) over the
-global batch; the chosen partners' masked states are gathered from the global batch, so the draw and
+global batch, excluding rows with an identical caption (a true match, frequent in templated
+captions); the chosen partners' masked states are gathered from the global batch, so the draw and
 the result do not depend on the mesh. A row with no other paired row stays positive.
 
 Compute: all four tower passes (clean and masked image and text) and the fusion encoder run on every
@@ -38,7 +40,8 @@ row (static shapes under ``jit``); the rows a loss does not use are masked out o
 
 Eval: zero-shot classification and retrieval through the contrastive heads (shared with CLIP), and
 per batch ``itm_accuracy`` (each pair against its own caption and against the next row's caption, if
-different), ``mlm_loss``, ``mim_loss`` and ``mmm_*`` losses on fixed eval masks.
+different), ``itm_ranking_accuracy`` (how often the own caption scores a higher match margin than
+the next row's: threshold-free, chance 0.5), ``mlm_loss``, ``mim_loss`` and ``mmm_*`` losses on fixed eval masks.
 """
 from __future__ import annotations
 
@@ -54,11 +57,12 @@ from medfm_jax.objectives import flava_losses as losses
 from medfm_jax.objectives.clip import ImageTextObjective
 
 TERMS = ("contrastive", "mim", "mlm", "itm", "mmm_image", "mmm_text")
+ITM_NEGATIVES = ("hard", "random")
 
 
 class FlavaObjective(ImageTextObjective):
   """``config.objective``: weights.{contrastive,mim,mlm,itm,mmm_image,mmm_text}, mim_target
-  ('pixels' | 'codebook'), norm_pix, codebook_path, itm_negative_fraction, init_logit_scale,
+  ('pixels' | 'codebook'), norm_pix, codebook_path, itm_negatives, itm_negative_fraction, init_logit_scale,
   max_logit_scale, zero_shot_labels; ``config.model``: see :func:`models.flava.build_flava`."""
 
   def __init__(self, config):
@@ -94,6 +98,9 @@ class FlavaObjective(ImageTextObjective):
     self.negative_fraction = float(o.get("itm_negative_fraction", 0.5))
     if not 0.0 <= self.negative_fraction <= 1.0:
       raise ValueError(f"objective.itm_negative_fraction={self.negative_fraction}: must be in [0, 1]")
+    self.itm_negatives = o.get("itm_negatives", "hard")
+    if self.itm_negatives not in ITM_NEGATIVES:
+      raise ValueError(f"objective.itm_negatives={self.itm_negatives!r}: allowed {ITM_NEGATIVES}")
     self.max_logit_scale = float(o.get("max_logit_scale", clip_losses.MAX_LOGIT_SCALE))
     self.model = flava_model.build_flava(config, self.text_spec)
     self._jit_embedders()
@@ -115,15 +122,20 @@ class FlavaObjective(ImageTextObjective):
       return losses.mim_codebook_loss(logits, targets, mask)
     return losses.mim_pixel_loss(logits, targets, mask, self.norm_pix)
 
-  def _itm_partners(self, image_emb, text_emb, scale, paired, rng):
-    """Per row: (image row, text row, ITM label): hard negatives for a fraction of the paired rows."""
+  def _itm_partners(self, image_emb, text_emb, scale, paired, tokens, rng):
+    """Per row: (image row, text row, ITM label): hard negatives for a fraction of the paired rows
+    (never a row whose caption is identical to the row's own: that pair would match)."""
     b = paired.shape[0]
     rows = jnp.arange(b, dtype=jnp.int32)
     pick_rng, side_rng, i2t_rng, t2i_rng = jax.random.split(rng, 4)
-    sim = scale * jnp.matmul(clip_losses.l2_normalize(image_emb), clip_losses.l2_normalize(text_emb).T,
-                             precision=jax.lax.Precision.HIGHEST)                       # [B, B]
-    neg_text, has_text_neg = losses.sample_hard_negatives(sim, paired, rows, i2t_rng)
-    neg_image, has_image_neg = losses.sample_hard_negatives(sim.T, paired, rows, t2i_rng)
+    if self.itm_negatives == "hard":
+      sim = scale * jnp.matmul(clip_losses.l2_normalize(image_emb),
+                               clip_losses.l2_normalize(text_emb).T, precision=jax.lax.Precision.HIGHEST)
+    else:                                                   # uniform over the other paired rows
+      sim = jnp.zeros((b, b), jnp.float32)
+    same = losses.same_sequences(tokens)
+    neg_text, has_text_neg = losses.sample_hard_negatives(sim, paired, rows, i2t_rng, same)
+    neg_image, has_image_neg = losses.sample_hard_negatives(sim.T, paired, rows, t2i_rng, same)
     negative = paired & (jax.random.uniform(pick_rng, (b,)) < self.negative_fraction)
     swap_text = jax.random.bernoulli(side_rng, 0.5, (b,))
     negative = negative & jnp.where(swap_text, has_text_neg, has_image_neg)
@@ -148,7 +160,8 @@ class FlavaObjective(ImageTextObjective):
       masked_text, masked_text_pre = module.encode_text(batch["mlm_tokens"], deterministic,
                                                         return_pre_norm=True)
       scale = clip_losses.clamp_logit_scale(module.scale(), self.max_logit_scale)
-      image_rows, text_rows, itm_labels = self._itm_partners(image_emb, text_emb, scale, paired, itm_rng)
+      image_rows, text_rows, itm_labels = self._itm_partners(image_emb, text_emb, scale, paired,
+                                                                 batch["tokens"], itm_rng)
       fused = module.fuse(jnp.take(masked_image_pre, image_rows, axis=0),
                           jnp.take(masked_text_pre, text_rows, axis=0),
                           jnp.take(batch["mlm_tokens"], text_rows, axis=0), deterministic)
@@ -192,7 +205,7 @@ class FlavaObjective(ImageTextObjective):
     return total, (metrics, extra)
 
   def eval_metrics(self, params, extra, batch, rng):
-    """Per-row ITM accuracy against the own and the next row's caption, and the masked-modelling
+    """Per-row ITM accuracy and ranking against the own and the next row's caption, and the masked-modelling
     losses of the eval batch's fixed masks (every real row is used as image, text and pair)."""
     del extra, rng
     m, real = self.model, batch["mask"].astype(bool)
@@ -217,9 +230,12 @@ class FlavaObjective(ImageTextObjective):
     per_row_mim = jax.vmap(lambda l, t, k: self._image_term(l[None], t[None], k[None]))(
         mim, targets, patch_mask.astype(bool))
     per_row_mlm = jax.vmap(lambda l, y: losses.mlm_loss(l[None], y[None]))(mlm, labels)
+    margin = lambda logits: logits[:, 1] - logits[:, 0]
+    ranked = (margin(pos) > margin(neg)).astype(jnp.float32)
     return {
         "itm_accuracy": (jnp.sum(jnp.where(real, hit_pos, 0.0)) + jnp.sum(jnp.where(distinct, hit_neg, 0.0)),
                          jnp.sum(real, dtype=jnp.float32) + jnp.sum(distinct, dtype=jnp.float32)),
+        "itm_ranking_accuracy": base.masked_sum(ranked, distinct),
         "mim_loss": base.masked_sum(per_row_mim, real & jnp.any(patch_mask, -1)),
         "mlm_loss": base.masked_sum(per_row_mlm, real & jnp.any(labels >= 0, -1)),
     }

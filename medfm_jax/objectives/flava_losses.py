@@ -74,24 +74,37 @@ def mim_pixel_loss(pred: Array, target_patches: Array, mask: Array, norm_pix: bo
 
 
 def sample_hard_negatives(sim: Array, valid_cols: Array, self_cols: Array,
-                          rng: jax.Array) -> tuple[Array, Array]:
+                          rng: jax.Array, excluded: Array | None = None) -> tuple[Array, Array]:
   """One hard negative column per row, drawn from ``softmax(sim)`` restricted to the valid
   columns other than the row's own.
 
   ``sim [b, B]``: similarities (already temperature-scaled) of ``b`` rows against ``B`` columns;
   ``valid_cols [B]`` bool; ``self_cols [b]`` int: each row's positive column. Returns
   ``(index [b] int32, has_negative [b] bool)``; a row without any candidate gets its own column
-  and ``has_negative=False``. Gumbel-max (``argmax(sim + Gumbel)``) samples exactly from the
+  and ``has_negative=False``. ``excluded [b, B]`` bool (optional) removes more candidates per row
+  (e.g. columns whose caption is identical to the row's: not true negatives). Gumbel-max (``argmax(sim + Gumbel)``) samples exactly from the
   restricted softmax; no gradient flows through the choice.
   """
   sim = jax.lax.stop_gradient(jnp.asarray(sim, jnp.float32))
   cols = jnp.arange(sim.shape[1])
   allowed = jnp.asarray(valid_cols, bool)[None, :] & (cols[None, :] != self_cols[:, None])
+  if excluded is not None:
+    allowed = allowed & ~jnp.asarray(excluded, bool)
   gumbel = jax.random.gumbel(rng, sim.shape, jnp.float32)
   scores = jnp.where(allowed, sim + gumbel, -jnp.inf)
   has_negative = jnp.any(allowed, axis=-1)
   index = jnp.where(has_negative, jnp.argmax(scores, axis=-1), self_cols)
   return index.astype(jnp.int32), has_negative
+
+
+def same_sequences(tokens: Array) -> Array:
+  """``[B, B]`` bool: rows of ``tokens [B, L]`` that are identical (compared through two 32-bit
+  polynomial hashes, so no ``[B, B, L]`` tensor is built)."""
+  t = jnp.asarray(tokens).astype(jnp.uint32)
+  powers = lambda base: base ** jnp.arange(t.shape[1], dtype=jnp.uint32)     # wraps mod 2**32
+  h1 = jnp.sum(t * powers(jnp.uint32(1_000_003)), axis=-1, dtype=jnp.uint32)
+  h2 = jnp.sum((t + 1) * powers(jnp.uint32(2_654_435_761)), axis=-1, dtype=jnp.uint32)
+  return (h1[:, None] == h1[None, :]) & (h2[:, None] == h2[None, :])
 
 
 def itm_loss(logits: Array, labels: Array, valid: Array) -> Array:

@@ -12,26 +12,12 @@ from medfm_jax.train import loop, optim
 from tests import helpers
 
 
-def _train_steps(config, mesh, n=2):
-  """(losses, final host params) of ``n`` steps of the shared train step on the first batch."""
-  from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  trainer = loop.setup(config, "/unused", mesh=mesh)
-  step = state_lib.jit_train_step(trainer.objective, trainer.tx, config, trainer.abstract_state)
-  losses, state = [], trainer.state
-  with mesh_lib.use_mesh(mesh):
-    batch = mesh_lib.to_global_batch(trainer.pending_batch, mesh)
-    for _ in range(n):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params)
-
-
 def test_train_steps_equal_on_1_and_8_devices():
   """The whole CLIP step (towers, global-batch loss, AdamW) on 1 device vs a 2x4 data x fsdp mesh
   (SigLIP's loss and gradients are compared on both meshes in test_clip_losses)."""
   config = helpers.tiny_clip_config(warmup_steps=0, **{"model.depth": 1})
-  one, p1 = _train_steps(config, helpers.single_device_mesh(config))
-  eight, p8 = _train_steps(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
+  one, p1 = helpers.train_steps(config, helpers.single_device_mesh(config))
+  eight, p8 = helpers.train_steps(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
   np.testing.assert_allclose(one, eight, atol=1e-5)
   assert one[1] != one[0]                                         # the first update changed the model
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
@@ -60,7 +46,7 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
   config = helpers.tiny_clip_config(**{"objective.lit_init_from": str(mae_dir), "total_steps": 2,
                                        "model.pos_embed": "sincos2d", "model.ln_pre": False,
                                        "model.activation": "gelu", "model.layer_norm_eps": 1e-6})
-  _, params = _train_steps(config, helpers.single_device_mesh(config))
+  _, params = helpers.train_steps(config, helpers.single_device_mesh(config))
   for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
   objective = objectives.build(config)

@@ -160,3 +160,16 @@ def test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone(kind):
     assert not np.any(a[~valid]) and np.all(np.any(a[valid], axis=1))   # unpaired rows: no gradient
   v0, g0 = _masked_contrastive(kind, eight, img, txt, np.zeros(16, bool))
   assert v0 == 0.0 and all(np.all(np.isfinite(g)) and not np.any(g) for g in g0)
+
+
+def test_same_sequences_and_excluded_negatives():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 5, (12, 6)).astype(np.int32)
+  tokens[3] = tokens[7] = tokens[0]
+  tokens[5, :-1] = tokens[0, :-1]                                   # differs only in the last token
+  same = np.asarray(fl.same_sequences(jnp.asarray(tokens)))
+  np.testing.assert_array_equal(same, (tokens[:, None] == tokens[None]).all(-1))
+  sim = jnp.zeros((12, 12))
+  idx, has = fl.sample_hard_negatives(sim, jnp.ones(12, bool), jnp.arange(12),
+                                                jax.random.PRNGKey(0), jnp.asarray(same))
+  assert not np.any(same[np.arange(12), np.asarray(idx)] & np.asarray(has))
