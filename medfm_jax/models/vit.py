@@ -164,27 +164,27 @@ class ConvStem(nn.Module):
   """Convolutional stem (ViT-C, Xiao et al. 2021, "Early convolutions help transformers see better").
 
   ``log2(patch_size)`` 3x3 stride-2 convolutions (``conv_i``; channels ``width / 2^(n-1-i)``, so the
-  last has ``width``), each followed by a LayerNorm over channels (``norm_i``; the paper's BatchNorm
-  needs batch statistics the functional model does not keep) and exact GELU, then a 1x1 projection
-  to ``width`` (``proj``). Same output as :class:`PatchEmbed`: ``[b, (H/p)*(W/p), width]``, one token
-  per ``p x p`` patch in row-major order, but each token sees a receptive field beyond its patch
-  (``2p - 1`` px), which gives the transformer the locality prior small lesions need.
+  last has ``width``), each followed by exact GELU, then a 1x1 projection to ``width`` (``proj``).
+  Same output as :class:`PatchEmbed`: ``[b, (H/p)*(W/p), width]``, one token per ``p x p`` patch in
+  row-major order, but each token sees ``2p - 1`` px around its patch, which gives the transformer
+  the locality prior small lesions need. No normalisation between the convolutions: the paper's
+  BatchNorm needs batch statistics the functional model does not keep, and a LayerNorm over
+  channels (measured on the phantoms) discards the local contrast the first layer sees.
+  Kernels start as PyTorch's ``Conv2d`` default (uniform, variance ``1 / (3 fan_in)``).
   """
   patch_size: int
   width: int
-  layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
     n = conv_stem_depth(self.patch_size, self.width)
+    init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     x = constrain(images, ("batch", None, None, None))
     for i in range(n):
       x = layers.Conv(self.width >> (n - 1 - i), 3, strides=2, padding=1, dtype=self.dtype,
-                      name=f"conv_{i}")(x)
-      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name=f"norm_{i}")(x)
-      x = layers.exact_gelu(x)
-      x = constrain(x, ("batch", None, None, "act_embed"))
+                      kernel_init=init, name=f"conv_{i}")(x)
+      x = constrain(layers.exact_gelu(x), ("batch", None, None, "act_embed"))
     b, gh, gw, c = x.shape
     x = constrain(x.reshape(b, gh * gw, c), ("batch", "seq", "act_embed"))
     return layers.DenseGeneral((self.width,), ("patch", "embed"), dtype=self.dtype, name="proj")(x)
@@ -300,7 +300,7 @@ class VisionTransformer(nn.Module):
     if self.patch_embed == "patch":
       return PatchEmbed(patch, width, self.dtype, name="patch_embed")(images)
     if self.patch_embed == "conv":
-      return ConvStem(patch, width, self.layer_norm_eps, self.dtype, name="patch_embed")(images)
+      return ConvStem(patch, width, self.dtype, name="patch_embed")(images)
     raise ValueError(f"model.patch_embed={self.patch_embed!r}: allowed {PATCH_EMBEDS}")
 
   def _token(self, name, width, batch, n=1):

@@ -21,27 +21,16 @@ def conv_vit():
   return model, nn.unbox(model.init(jax.random.key(0), x))["params"], x
 
 
-def _torch_stem(params, width, eps):
+def _torch_stem(params, width):
   """The stem written with torch modules from our params (Conv2d weight = HWIO -> OIHW)."""
   import torch  # pylint: disable=g-import-not-at-top
-
-  class ChannelLN(torch.nn.Module):
-    def __init__(self, c):
-      super().__init__()
-      self.ln = torch.nn.LayerNorm(c, eps=eps)
-
-    def forward(self, x):
-      return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
   t = lambda a: torch.tensor(np.asarray(a))
   mods, n = [], sum(k.startswith("conv_") for k in params)
   for i in range(n):
     k = params[f"conv_{i}"]["kernel"]
     conv = torch.nn.Conv2d(k.shape[2], k.shape[3], 3, 2, 1)
     conv.weight.data, conv.bias.data = t(k).permute(3, 2, 0, 1).contiguous(), t(params[f"conv_{i}"]["bias"])
-    ln = ChannelLN(k.shape[3])
-    ln.ln.weight.data, ln.ln.bias.data = t(params[f"norm_{i}"]["scale"]), t(params[f"norm_{i}"]["bias"])
-    mods += [conv, ln, torch.nn.GELU()]
+    mods += [conv, torch.nn.GELU()]
   proj = torch.nn.Conv2d(width, width, 1)
   proj.weight.data = t(params["proj"]["kernel"]).T[:, :, None, None].contiguous()
   proj.bias.data = t(params["proj"]["bias"])
@@ -50,14 +39,14 @@ def _torch_stem(params, width, eps):
 
 def test_conv_stem_matches_torch_reference():
   torch = pytest.importorskip("torch")
-  stem = vit.ConvStem(patch_size=8, width=32, layer_norm_eps=1e-6)
+  stem = vit.ConvStem(patch_size=8, width=32)
   x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
   params = nn.unbox(stem.init(jax.random.key(3), x))["params"]
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape), params)
   assert [params[f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 16, 32]
   y = stem.apply({"params": params}, x)                                     # [2, 3*2, 32]
   with torch.no_grad():
-    ref = _torch_stem(params, 32, 1e-6)(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2))
+    ref = _torch_stem(params, 32)(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2))
   ref = ref.flatten(2).transpose(1, 2).numpy()                              # row-major tokens
   assert y.shape == ref.shape == (2, 6, 32)
   np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-5)
@@ -81,7 +70,7 @@ def test_conv_vit_logical_names_and_scan(conv_vit):
   leaves = jax.tree.leaves(boxed["patch_embed"], is_leaf=lambda a: isinstance(a, nn.Partitioned))
   assert leaves and all(isinstance(a, nn.Partitioned) for a in leaves)
   assert boxed["patch_embed"]["conv_0"]["kernel"].names == (None, None, None, "embed")
-  assert set(params["patch_embed"]) == {"conv_0", "norm_0", "conv_1", "norm_1", "proj"}
+  assert set(params["patch_embed"]) == {"conv_0", "conv_1", "proj"}
   y = model.apply({"params": params}, x)
   assert y.shape == (4, 1 + 16, 96)
   scanned = model.clone(scan=True)
