@@ -96,6 +96,10 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
       raise ConfigError(str(e)) from None
     _check(c.objective.name != "mae", "model.patch_embed='conv' is not allowed with objective.name='mae': "
            "the stem's overlapping receptive fields would show masked patches' pixels to the encoder")
+  _check(m.get("cls_pool", "token") in vit.CLS_POOLS,
+         f"model.cls_pool={m.get('cls_pool')!r}: allowed {vit.CLS_POOLS}")
+  _check(m.get("cls_pool", "token") == "token" or m.get("class_token", True),
+         f"model.cls_pool={m.get('cls_pool')!r} needs model.class_token=True (its output slot)")
   _check(m.get("attention_impl", "auto") in ("auto", "xla", "cudnn"),
          f"model.attention_impl={m.get('attention_impl')!r}: allowed 'auto', 'xla', 'cudnn'")
   _check(0.0 <= m.get("drop_path", 0.0) < 1.0, f"model.drop_path={m.get('drop_path')}: allowed [0, 1)")

@@ -191,6 +191,7 @@ class ConvStem(nn.Module):
 
 
 PATCH_EMBEDS = ("patch", "conv")
+CLS_POOLS = ("token", "max", "mean")
 
 
 def conv_stem_depth(patch_size: int, width: int) -> int:
@@ -243,6 +244,11 @@ class VisionTransformer(nn.Module):
   # Patch embedding: 'patch' (one linear map per non-overlapping patch, the standard ViT) |
   # 'conv' (:class:`ConvStem`, the ViT-C convolutional stem; same tokens, overlapping receptive fields).
   patch_embed: str = "patch"
+  # What the first output token holds (every 'cls' consumer reads it: CLIP, classifier heads, DINO,
+  # feature extraction): 'token' (the cls token's final state) | 'max' / 'mean' (the max / mean over
+  # the final patch tokens, after the final norm; needs class_token). Max pooling lets a small local
+  # finding reach the pooled feature undiluted by the rest of the image.
+  cls_pool: str = "token"
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -293,7 +299,20 @@ class VisionTransformer(nn.Module):
     pre_norm = x
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
+    x = self._pool_into_cls(x)
     return (x, pre_norm) if return_pre_norm else x
+
+  def _pool_into_cls(self, x):
+    """``cls_pool`` 'max' / 'mean': token 0 <- the pooled patch tokens ``x[:, num_prefix_tokens:]``."""
+    if self.cls_pool == "token":
+      return x
+    if self.cls_pool not in CLS_POOLS:
+      raise ValueError(f"model.cls_pool={self.cls_pool!r}: allowed {CLS_POOLS}")
+    if not self.class_token:
+      raise ValueError(f"model.cls_pool={self.cls_pool!r} needs model.class_token=True (its output slot)")
+    patches = x[:, self.num_prefix_tokens:]
+    pooled = patches.max(axis=1) if self.cls_pool == "max" else patches.mean(axis=1)
+    return constrain(jnp.concatenate([pooled[:, None], x[:, 1:]], axis=1), ("batch", "seq", "act_embed"))
 
   def _embed_patches(self, images, patch, width):
     """``[b, H, W, c] -> [b, (H/p)*(W/p), width]`` by the configured patch embedding."""
@@ -359,4 +378,5 @@ def vit_from_config(config) -> VisionTransformer:
       attention_impl=resolve_attention_impl(m.get("attention_impl", "auto"), COMPUTE_DTYPES[config.dtype]),
       num_prompts=m.get("num_prompts", 0), adapter_dim=m.get("adapter_dim", 0),
       adapter_where=m.get("adapter_where", "both"), ln_pre=m.get("ln_pre", False),
-      class_token=m.get("class_token", True), patch_embed=m.get("patch_embed", "patch"))
+      class_token=m.get("class_token", True), patch_embed=m.get("patch_embed", "patch"),
+      cls_pool=m.get("cls_pool", "token"))
