@@ -253,7 +253,13 @@ def _location_word(p: np.ndarray) -> str:
 
 def _lesions(rng: np.random.Generator, finding: str, modality: str, regions,
              p_bright: float, affine: np.ndarray, shift: np.ndarray) -> tuple[_Shapes, str]:
-  """Lesion ellipses in image coordinates and the caption phrase."""
+  """Lesion ellipses in image coordinates and the caption phrase.
+
+  Sizes and contrasts are large enough for small models to pick findings up within a few epochs
+  at 64 px (at radii 0.02-0.26 and contrast 0.15-0.35 a 3-conv stem + max-pool probe stayed at
+  chance; now 0.51 test accuracy after 3 epochs), while a linear model on raw pixels stays at
+  chance (0.18 at 64 px): radii 0.03-0.05 (bright calcifications) to 0.3, contrast 0.25-0.5.
+  """
   histo = modality == "histology"
   s = _Shapes(num_maps=2 if histo else 1)
   u = rng.uniform
@@ -271,36 +277,36 @@ def _lesions(rng: np.random.Generator, finding: str, modality: str, regions,
     return mag if bright else -mag
 
   if finding == "single_lesion":
-    p, r = centre(), u(0.05, 0.18)
-    s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(u(0.15, 0.35)))
+    p, r = centre(), u(0.09, 0.2)
+    s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(u(0.25, 0.45)))
     return s, f"a {_size_word(r)} lesion in the {_location_word(p)}"
   if finding == "multiple_lesions":
-    k, mag, bright = int(rng.integers(3, 6)), u(0.18, 0.35), rng.random() < p_bright
+    k, mag, bright = int(rng.integers(3, 6)), u(0.25, 0.45), rng.random() < p_bright
     ps, rs = [], []
     for _ in range(k):
-      p, r = centre(), u(0.035, 0.09)
+      p, r = centre(), u(0.05, 0.1)
       s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(mag, bright))
       ps.append(p)
       rs.append(r)
     size, where = _size_word(float(np.mean(rs))), _location_word(np.mean(ps, 0))
     return s, f"multiple {size} lesions in the {where}"
   if finding == "elongated_lesion":
-    p, a = centre(), u(0.12, 0.26)
-    s.add(p[0], p[1], a, a / u(3.0, 5.0), u(0, np.pi), value(u(0.18, 0.35)))
+    p, a = centre(), u(0.18, 0.3)
+    s.add(p[0], p[1], a, a / u(2.5, 4.0), u(0, np.pi), value(u(0.25, 0.45)))
     return s, f"an elongated {_size_word(a)} lesion in the {_location_word(p)}"
   if finding == "calcification":
     p, k = centre(), int(rng.integers(1, 4))
     for i in range(k):
       q = p + (rng.uniform(-0.07, 0.07, 2) if i else 0)
-      r = u(0.022, 0.04)
+      r = u(0.03, 0.05)
       s.add(q[0], q[1], r, r * u(0.7, 1.0), u(0, np.pi),
-            (u(2.0, 3.0), -0.3) if histo else u(0.5, 0.8))
+            (u(2.5, 3.5), -0.3) if histo else u(0.7, 1.0))
     noun = "a small calcification" if k == 1 else "small calcifications"
     return s, f"{noun} in the {_location_word(p)}"
   if finding == "ring_enhancing":
-    p, r = centre(), u(0.08, 0.18)
+    p, r = centre(), u(0.11, 0.2)
     wall, aspect, th = r * u(0.28, 0.4), u(0.8, 1.0), u(0, np.pi)
-    rim, core = u(0.25, 0.4), u(0.05, 0.2)
+    rim, core = u(0.35, 0.5), u(0.05, 0.2)
     if histo:
       s.add(p[0], p[1], r, r * aspect, th, (rim * 2.5, -rim))
       s.add(p[0], p[1], r - wall, (r - wall) * aspect, th, (-rim * 2.5 - 0.3, rim))
