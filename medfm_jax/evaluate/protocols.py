@@ -14,14 +14,13 @@ from absl import logging
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.evaluate import features, knn, metrics, probe, restore
-from medfm_jax.objectives import supervised
+from medfm_jax.objectives import clip, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop
 
 PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot")
-# Objectives whose checkpoints carry a text tower (zero-shot); FLAVA adds its name when it lands.
-TEXT_TOWER_OBJECTIVES: tuple[str, ...] = ("clip",)
+TEXT_TOWER_OBJECTIVES = clip.IMAGE_TEXT_OBJECTIVES   # checkpoints that can zero-shot classify
 
 
 class EvalError(ValueError):
@@ -109,12 +108,11 @@ def _zero_shot(config, mesh=None):
   if not config.init_from:
     raise EvalError("zero_shot: set --config.init_from to an image-text (CLIP/SigLIP/FLAVA) checkpoint")
   objective, _ = restore.checkpoint_objective(config.init_from)
-  if objective == "clip":
-    from medfm_jax.objectives import clip  # pylint: disable=g-import-not-at-top
+  if objective in TEXT_TOWER_OBJECTIVES:
     return clip.zero_shot_from_checkpoint(config, mesh or mesh_lib.make_mesh(config.mesh))
   raise EvalError(f"zero_shot: checkpoint {config.init_from!r} was trained with objective "
                   f"{objective!r}, which has no text tower; zero-shot needs an image-text checkpoint "
-                  f"(objectives with a text tower here: {list(TEXT_TOWER_OBJECTIVES) or 'none yet'})")
+                  f"(objectives with a text tower: {', '.join(TEXT_TOWER_OBJECTIVES)})")
 
 
 def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
