@@ -55,6 +55,8 @@ def get_config(arg: str | None = None):
 
   c.model = ml_collections.ConfigDict(flava_lib.model_fields(variant))
   c.model.drop_path = 0.0
+  c.model.patch_embed = "patch"              # 'patch' | 'conv' (ViT-C stem)
+  c.model.cls_pool = "token"                 # 'token' | 'max' | 'mean'
   c.model.remat = "none"
   c.model.scan = False
   c.model.attention_impl = "auto"

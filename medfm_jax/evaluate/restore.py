@@ -33,7 +33,8 @@ _ENCODERS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {}
 
 # Encoder architecture fields copied from the checkpoint's config (model.*) into the eval config.
 ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
-               "layer_scale_init", "num_registers", "activation", "swiglu")
+               "layer_scale_init", "num_registers", "activation", "swiglu", "ln_pre", "patch_embed",
+               "cls_pool")
 # Parameters that only pretraining uses (iBOT mask token): dropped without complaint.
 PRETRAIN_ONLY = ("mask_token",)
 # Parameters a fine-tuning model adds on top of a pretrained encoder: fresh init is expected.
