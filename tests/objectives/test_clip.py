@@ -45,7 +45,9 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
   # LiT on the MAE encoder: the MAE tower has sin-cos positions, GELU, no ln_pre.
   config = helpers.tiny_clip_config(**{"objective.lit_init_from": str(mae_dir), "total_steps": 2,
                                        "model.pos_embed": "sincos2d", "model.ln_pre": False,
-                                       "model.activation": "gelu", "model.layer_norm_eps": 1e-6})
+                                       "model.activation": "gelu", "model.layer_norm_eps": 1e-6,
+                                       "model.patch_embed": "patch", "model.cls_pool": "token",
+                                       "model.layer_scale_init": 0.0})
   _, params = helpers.train_steps(config, helpers.single_device_mesh(config))
   for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
