@@ -98,13 +98,7 @@ def get_config(arg: str | None = None):
     c.model.variant = "Mu/8"
     c.model.embed_dim = 64
     c.model.text = _text("tiny")
-    c.model.text.context_length = c.data.context_length = 80   # longest phantom caption: 77 bytes + 2
-    c.data.image_size, c.data.channels, c.data.num_workers = 64, 1, 0
-    c.data.mean, c.data.std = (0.5,), (0.25,)
-    c.data.crop_scale = (0.8, 1.0)
-    c.data.eval_examples, c.data.eval_batch_size = 512, 128
-    c.batch_size, c.lr, c.weight_decay = 128, 1e-3, 0.1
-    c.optim.b2, c.optim.eps = 0.98, 1e-6
+    common.tiny_image_text(c)
     # Phantom findings are small local lesions: a plain patchify ViT pooled at its cls token stays
     # at chance on them at this scale. A convolutional stem (ViT-C), max-pooled patch tokens in the
     # cls slot and LayerScale 0.1 let the tiny tower learn them (see the README).

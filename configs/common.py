@@ -74,6 +74,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_image_text(c: ml_collections.ConfigDict) -> None:
+  """The CPU demo setup shared by the tiny image-text configs (CLIP/SigLIP, FLAVA): 64-px 1-channel
+  phantoms with their captions (byte tokenizer, context 80 = longest caption of 77 bytes + bos/eot),
+  mild crops, 512 eval images, batch 128, AdamW lr 1e-3 (0.9, 0.98, eps 1e-6), wd 0.1."""
+  c.data.tokenizer = "bytes"
+  c.model.text.context_length = c.data.context_length = 80
+  c.data.image_size, c.data.channels, c.data.num_workers = 64, 1, 0
+  c.data.mean, c.data.std = (0.5,), (0.25,)
+  c.data.crop_scale = (0.8, 1.0)
+  c.data.eval_examples, c.data.eval_batch_size = 512, 128
+  c.batch_size, c.lr, c.weight_decay = 128, 1e-3, 0.1
+  c.optim.b2, c.optim.eps = 0.98, 1e-6
+
+
 def parse_arg(arg: str | None, default_variant: str) -> tuple[str, dict]:
   """Splits ``"variant,k=v,a.b=w"`` into the variant and a dict of overrides."""
   parts = [p for p in (arg or "").split(",") if p]

@@ -87,14 +87,7 @@ def get_config(arg: str | None = None):
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
 
   if variant == "tiny":
-    c.data.tokenizer = "bytes"
-    c.model.text.context_length = c.data.context_length = 80   # longest phantom caption + 2
-    c.data.image_size, c.data.channels, c.data.num_workers = 64, 1, 0
-    c.data.mean, c.data.std = (0.5,), (0.25,)
-    c.data.crop_scale = (0.8, 1.0)
-    c.data.eval_examples, c.data.eval_batch_size = 512, 128
-    c.batch_size, c.lr, c.weight_decay = 128, 1e-3, 0.1
-    c.optim.b2, c.optim.eps = 0.98, 1e-6
+    common.tiny_image_text(c)
     c.total_steps, c.warmup_steps = 600, 50
     c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
     # Hard negatives drawn from the contrastive similarities are, once modality is learned, captions
