@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_mode = "global"   # 'global' (one norm over all grads) | 'per_param' (DINO)
   c.grad_accum_steps = 1
   c.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16'; params stay float32
-  c.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8))
+  # 'adamw' (b1, b2, eps; decoupled decay) | 'sgd' (momentum; L2 decay added to the gradient)
+  c.optim = ml_collections.ConfigDict(dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, momentum=0.9))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = fill
   # Across slices (TPU multi-slice; processes elsewhere): mesh axis = in-slice size x dcn size.
@@ -106,8 +107,9 @@ def parse_arg(arg: str | None, default_variant: str) -> tuple[str, dict]:
   return variant, overrides
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
-  """Sets dotted ``key=value`` overrides, refusing unknown keys."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, allow_new=()) -> None:
+  """Sets dotted ``key=value`` overrides, refusing unknown keys except those in ``allow_new``
+  (dotted keys that may be created; their parents must exist)."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -115,6 +117,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
       if p not in node:
         raise ValueError(f"config argument {key!r}: unknown field {p!r}")
       node = node[p]
-    if leaf not in node:
+    if leaf not in node and key not in allow_new:
       raise ValueError(f"config argument {key!r}: unknown field {leaf!r}")
     node[leaf] = value

@@ -8,6 +8,7 @@ import jax
 from medfm_jax import objectives
 from medfm_jax.models import vit
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import optim
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,9 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(c.grad_clip >= 0, f"grad_clip={c.grad_clip}: must be >= 0 (0 disables)")
   _check(c.get("grad_clip_mode", "global") in ("global", "per_param"),
          f"grad_clip_mode={c.get('grad_clip_mode')!r}: allowed 'global', 'per_param'")
+  _check(c.optim.get("name", "adamw") in optim.OPTIMIZERS,
+         f"optim.name={c.optim.get('name')!r}: allowed {', '.join(map(repr, optim.OPTIMIZERS))}")
+  _check(0.0 <= c.optim.get("momentum", 0.0) < 1.0, f"optim.momentum={c.optim.get('momentum')}: allowed [0, 1)")
   _check(c.get("weight_decay_end") is None or c.weight_decay_end >= 0,
          f"weight_decay_end={c.get('weight_decay_end')}: must be >= 0 (or unset)")
 

@@ -1,14 +1,24 @@
 """Small configs and utilities shared by tests."""
+import dataclasses
 import os
 import subprocess
 import sys
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import loop
+from medfm_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_mae_config(**overrides):
+def tiny_mae_config(allow_new=(), **overrides):
   """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2-block decoder of width 32."""
   from configs import mae  # pylint: disable=g-import-not-at-top
   c = mae.get_config("tiny")
@@ -18,10 +28,10 @@ def tiny_mae_config(**overrides):
   c.total_steps, c.warmup_steps = 6, 2
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
   c.data.eval_examples, c.data.eval_batch_size = 32, 16
-  return _override(c, overrides)
+  return override(c, overrides, allow_new)
 
 
-def tiny_dino_config(variant="tiny", **overrides):
+def tiny_dino_config(variant="tiny", allow_new=(), **overrides):
   """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 16/8 px crops, 64 prototypes."""
   from configs import dino  # pylint: disable=g-import-not-at-top
   c = dino.get_config(variant)
@@ -34,10 +44,10 @@ def tiny_dino_config(variant="tiny", **overrides):
   c.log_every, c.eval_every, c.checkpoint_every = 1, 100, 4
   c.data.eval_examples, c.data.eval_batch_size = 8, 8
   c.objective.knn_train_examples = 16
-  return _override(c, overrides)
+  return override(c, overrides, allow_new)
 
 
-def tiny_eval_config(protocol, variant="tiny", **overrides):
+def tiny_eval_config(protocol, variant="tiny", allow_new=(), **overrides):
   """``configs/eval/PROTOCOL.py:VARIANT`` shrunk: 16x16 phantoms, 256 feature-bank / 64 test
   images, 4 fine-tuning steps of batch 16."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -49,17 +59,14 @@ def tiny_eval_config(protocol, variant="tiny", **overrides):
   c.fewshot.seeds = 2
   c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
-  return _override(c, overrides)
+  return override(c, overrides, allow_new)
 
 
-def _override(c, overrides):
-  """Sets dotted ``overrides`` (``"a.b": value``) on config ``c``; returns it."""
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+def override(c, overrides, allow_new=()):
+  """Sets dotted ``overrides`` (``"a.b": value``) on config ``c`` with
+  ``configs.common.apply_overrides``: a misspelled key fails instead of adding a field; keys in
+  ``allow_new`` may be created. Returns ``c``."""
+  common.apply_overrides(c, overrides, allow_new)
   return c
 
 
@@ -127,7 +134,7 @@ def assert_restore_reproduces(make_iterator, skip: int, check: int):
   assert_batches_equal(take(fresh, check), expected)
 
 
-def tiny_clip_config(variant="tiny", **overrides):
+def tiny_clip_config(variant="tiny", allow_new=(), **overrides):
   """``configs/clip.py:tiny`` shrunk: 16x16 phantoms, 2-block ViT-Mu/4 and 1-block 32-wide text
   tower, embeddings of 32, batch 16."""
   from configs import clip  # pylint: disable=g-import-not-at-top
@@ -139,10 +146,10 @@ def tiny_clip_config(variant="tiny", **overrides):
   c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 4
   c.data.eval_examples, c.data.eval_batch_size = 32, 16
-  return _override(c, overrides)
+  return override(c, overrides, allow_new)
 
 
-def tiny_flava_config(**overrides):
+def tiny_flava_config(allow_new=(), **overrides):
   """``configs/flava.py:tiny`` shrunk like :func:`tiny_clip_config`: 16x16 phantoms, 1-block
   ViT-Mu/4 (width 32), 1-block 32-wide text and fusion encoders, embeddings of 32, batch 16 (8
   paired, 4 image-only, 4 text-only), MIM block masks on the 4x4 patch grid."""
@@ -156,22 +163,103 @@ def tiny_flava_config(**overrides):
   c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 4
   c.data.eval_examples, c.data.eval_batch_size = 32, 16
-  return _override(c, overrides)
+  return override(c, overrides, allow_new)
 
 
-def train_steps(config, mesh, n=2):
-  """(losses, final host params) of ``n`` steps of the shared jitted train step on the first batch."""
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
-  trainer = loop.setup(config, "/unused", mesh=mesh)
-  step = state_lib.jit_train_step(trainer.objective, trainer.tx, config, trainer.abstract_state)
-  losses, state = [], trainer.state
-  with mesh_lib.use_mesh(mesh):
-    batch = mesh_lib.to_global_batch(trainer.pending_batch, mesh)
-    for _ in range(n):
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params)
+GRAD_SCALE = "_grad_scale"   # batch key: per-row gradient multiplier read by GradScaled
+
+
+class GradScaled:
+  """An objective whose gradients are ``mean(batch[GRAD_SCALE])`` times the wrapped one's while
+  its loss value is unchanged (exactly, at scale 1): the negative control for the checks that
+  compare runs, since a psum-instead-of-mean or sum-instead-of-mean bug scales the gradients,
+  not the loss. The scale is data, so scaled and unscaled runs share one compiled step."""
+
+  def __init__(self, objective):
+    self._objective = objective
+
+  def __getattr__(self, name):
+    return getattr(self._objective, name)
+
+  def loss(self, params, extra, batch, rng, step):
+    batch = dict(batch)
+    scale = jnp.mean(batch.pop(GRAD_SCALE))
+    loss, aux = self._objective.loss(params, extra, batch, rng, step)
+    return loss + (scale - 1.0) * (loss - jax.lax.stop_gradient(loss)), aux
+
+
+def sgd_overrides(lr=0.1):
+  """Overrides that make parameter updates proportional to the gradients: plain SGD (no
+  momentum, clipping, weight decay or warmup) at a constant ``lr``, so a gradient-scale bug moves
+  the parameters instead of being cancelled by Adam's normalisation."""
+  return {"optim.name": "sgd", "optim.momentum": 0.0, "lr": lr, "lr_scaling": "none",
+          "warmup_steps": 0, "min_lr": lr, "grad_clip": 0.0, "weight_decay": 0.0,
+          "weight_decay_end": None}
+
+
+@dataclasses.dataclass
+class StepRun:
+  """Per-step losses, gradient norms and metrics of a few train steps, the host params before and
+  after, and the final (sharded) train state."""
+  losses: list
+  grad_norms: list
+  initial: Any
+  params: Any
+  metrics: list = dataclasses.field(default_factory=list)
+  state: Any = None
+
+  def updates(self):
+    return jax.tree.map(np.subtract, self.params, self.initial)
+
+
+class StepRunner:
+  """The library's train step (``train.state.make_train_step``) on the run's first batch and
+  initial state, compiled once per (config, mesh); :meth:`run` can scale the gradients."""
+
+  def __init__(self, config, mesh):
+    trainer = loop.setup(config, "/unused", mesh=mesh)
+    if hasattr(trainer.data_iterator, "close"):
+      trainer.data_iterator.close()
+    self.config, self.mesh, self.objective = config, mesh, trainer.objective
+    self.shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)   # of the TrainState
+    self._initial = jax.device_get(trainer.state)
+    self._batch = trainer.pending_batch
+    self._step = jax.jit(state_lib.make_train_step(GradScaled(trainer.objective), trainer.tx, config),
+                         donate_argnums=0, out_shardings=(self.shardings, None))
+
+  def run(self, n=2, grad_scale=1.0) -> StepRun:
+    rows = len(jax.tree.leaves(mesh_lib.drop_non_numeric(self._batch))[0])
+    local = dict(self._batch, **{GRAD_SCALE: np.full((rows,), grad_scale, np.float32)})
+    history = []
+    with mesh_lib.use_mesh(self.mesh):
+      batch = mesh_lib.to_global_batch(local, self.mesh)
+      state = jax.device_put(self._initial, self.shardings)
+      for _ in range(n):
+        state, metrics = self._step(state, batch)
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return StepRun([m["loss"] for m in history], [m["grad_norm"] for m in history],
+                   self._initial.params, jax.device_get(state.params), history, state)
+
+
+def assert_same_training(run: StepRun, ref: StepRun, loss_atol=1e-5, rtol=1e-4):
+  """Same losses, same gradient norms (relative ``rtol``) and the same parameter updates (to
+  ``rtol`` x the largest update) in every leaf; the updates must not be all zero."""
+  np.testing.assert_allclose(run.losses, ref.losses, atol=loss_atol, err_msg="losses")
+  np.testing.assert_allclose(run.grad_norms, ref.grad_norms, rtol=rtol, err_msg="grad_norm")
+  got, want = run.updates(), ref.updates()
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  largest = max(float(np.abs(u).max()) for u in jax.tree.leaves(want))
+  assert largest > 1e-4, f"the steps barely moved the params (largest update {largest:.3g})"
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, atol=rtol * largest, err_msg=jax.tree_util.keystr(path))
+
+
+def assert_check_sees_gradient_scale(runner: StepRunner, ref: StepRun, **tolerances):
+  """Negative control: gradients x2 and x1/2 in ``runner`` make :func:`assert_same_training`
+  against ``ref`` fail."""
+  for scale in (2.0, 0.5):
+    with pytest.raises(AssertionError):
+      assert_same_training(runner.run(len(ref.losses), grad_scale=scale), ref, **tolerances)
 
 
 def tiny_flava_model(scan=False, **overrides):

@@ -1,4 +1,4 @@
-"""Optimizer: optax AdamW with linear warmup + cosine, decay only on kernels, trainable masks."""
+"""Optimizer: optax AdamW (or SGD) with linear warmup + cosine, decay only on kernels, trainable masks."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 TRAIN, FROZEN = "train", "frozen"
+OPTIMIZERS = ("adamw", "sgd")   # config.optim.name
 
 
 def effective_lr(config) -> float:
@@ -86,7 +87,8 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
                    lr_multipliers: Callable[[Any], Any] | None = None,
                    frozen_for_steps: tuple[Callable[[Any], Any], int] | None = None
                    ) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine lr and (optionally scheduled) decoupled weight decay on kernels.
+  """AdamW (``optim.name='adamw'``: decoupled weight decay) or SGD (``'sgd'``: L2 weight decay,
+  ``optim.momentum``), with warmup + cosine lr; weight decay (optionally scheduled) on kernels only.
 
   ``config.grad_clip`` clips by global norm (``grad_clip_mode='global'``) or per parameter tensor
   (``'per_param'``). ``trainable(params) -> tree of bool``: frozen leaves get no update, no weight
@@ -102,8 +104,15 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
       raise ValueError(f"grad_clip_mode={mode!r}: allowed 'global', 'per_param'")
     chain.append(optax.clip_by_global_norm(config.grad_clip) if mode == "global"
                  else clip_per_param(config.grad_clip))
-  chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=weight_decay_schedule(config), mask=decay_mask))
+  name = o.get("name", "adamw")
+  if name == "adamw":
+    chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=weight_decay_schedule(config), mask=decay_mask))
+  elif name == "sgd":   # PyTorch SGD: L2 on kernels added to the gradient, then momentum
+    chain += [optax.add_decayed_weights(weight_decay_schedule(config), mask=decay_mask),
+              optax.sgd(lr_schedule(config), momentum=o.get("momentum", 0.0) or None)]
+  else:
+    raise ValueError(f"optim.name={name!r}: allowed {', '.join(map(repr, OPTIMIZERS))}")
   if lr_multipliers is not None:
     from medfm_jax.peft import freeze  # pylint: disable=g-import-not-at-top
     chain.append(freeze.scale_by_tree(lr_multipliers))

@@ -17,12 +17,14 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
 
 
+# ``data`` fields that objective configs add to the shared contract (CLIP/FLAVA text, MLM, mixing).
+OBJECTIVE_DATA_FIELDS = ("tokenizer", "context_length", "mlm", "mix", "patch_masks", "label")
+
+
 def _cfg(**kw):
   c = common.base_config().data
   c.image_size, c.channels, c.num_workers = 32, 1, 0
-  for k, v in kw.items():
-    c[k] = v
-  return c
+  return helpers.override(c, kw, allow_new=OBJECTIVE_DATA_FIELDS)
 
 
 def _source(n=64):

@@ -36,9 +36,7 @@ def tree(tmp_path_factory):
 def _cfg(**kw):
   c = common.base_config().data
   c.image_size, c.channels = 16, 1
-  for k, v in kw.items():
-    c[k] = v
-  return c
+  return helpers.override(c, kw)
 
 
 def test_folder_source_labels_frames_and_records(tree):

@@ -125,7 +125,7 @@ def test_pipeline_masks_resume_and_eval_is_deterministic():
       "data.patch_masks": {"patch_size": 4, "probability": 1.0, "ratio": (0.2, 0.4)}}, None)])
 def test_config_validation_of_the_masked_inputs(overrides, match):
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = helpers.tiny_clip_config(**overrides)
+  c = helpers.tiny_clip_config(allow_new=("data.mlm", "data.mix", "data.patch_masks"), **overrides)
   if match is None:
     config_lib.validate(c, num_devices=1)
   else:

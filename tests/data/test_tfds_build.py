@@ -50,9 +50,7 @@ def _cfg(data_dir, **kw):
   c = common.base_config().data
   c.image_size, c.channels, c.num_workers = 16, 1, 0
   c.source, c.name, c.data_dir = "tfds", "mini:1.0.0", data_dir
-  for k, v in kw.items():
-    c[k] = v
-  return c
+  return helpers.override(c, kw)
 
 
 def test_tfds_reads_built_dataset_without_tensorflow(built):

@@ -126,7 +126,7 @@ def test_config_rejects_bad_patch_embed(overrides, message):
   from tests import helpers  # pylint: disable=g-import-not-at-top
   c = helpers.tiny_eval_config("finetune", **{"model.patch_embed": "patch"})
   config_lib.validate(c, None, 1)
-  helpers._override(c, overrides)  # pylint: disable=protected-access
+  helpers.override(c, overrides)
   with pytest.raises(config_lib.ConfigError, match="model.patch_embed") as e:
     config_lib.validate(c, None, 1)
   assert message in str(e.value) and "\n" not in str(e.value)
@@ -137,4 +137,4 @@ def test_config_rejects_conv_stem_for_mae_only():
   from tests import helpers  # pylint: disable=g-import-not-at-top
   config_lib.validate(helpers.tiny_eval_config("finetune", **{"model.patch_embed": "conv"}), None, 1)
   with pytest.raises(config_lib.ConfigError, match="model.patch_embed='conv'.*objective.name='mae'"):
-    config_lib.validate(helpers.tiny_mae_config(**{"model.patch_embed": "conv"}), None, 1)
+    config_lib.validate(helpers.tiny_mae_config(allow_new=("model.patch_embed",), **{"model.patch_embed": "conv"}), None, 1)

@@ -11,17 +11,26 @@ from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import loop, optim
 from tests import helpers
 
+pytestmark = pytest.mark.xdist_group("clip")   # module fixtures compile multi-device steps once
 
-def test_train_steps_equal_on_1_and_8_devices():
-  """The whole CLIP step (towers, global-batch loss, AdamW) on 1 device vs a 2x4 data x fsdp mesh
-  (SigLIP's loss and gradients are compared on both meshes in test_clip_losses)."""
-  config = helpers.tiny_clip_config(warmup_steps=0, **{"model.depth": 1})
-  one, p1 = helpers.train_steps(config, helpers.single_device_mesh(config))
-  eight, p8 = helpers.train_steps(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
-  np.testing.assert_allclose(one, eight, atol=1e-5)
-  assert one[1] != one[0]                                         # the first update changed the model
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+
+@pytest.fixture(scope="module")
+def device_runners():
+  """The whole CLIP step (towers, global-batch loss, SGD) compiled on a 2x4 data x fsdp mesh, and
+  its 1-device reference run (SigLIP's loss and gradients are compared on both meshes in
+  test_clip_losses)."""
+  config = helpers.tiny_clip_config(**helpers.sgd_overrides(), **{"model.depth": 1})
+  reference = helpers.StepRunner(config, helpers.single_device_mesh(config)).run()
+  return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
+
+
+def test_train_steps_equal_on_1_and_8_devices(device_runners):
+  eight, reference = device_runners
+  helpers.assert_same_training(eight.run(), reference)
+
+
+def test_device_equality_check_sees_gradient_scale(device_runners):
+  helpers.assert_check_sees_gradient_scale(*device_runners)
 
 
 def test_no_weight_decay_on_logit_scale_and_bias():
@@ -48,7 +57,7 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
                                        "model.activation": "gelu", "model.layer_norm_eps": 1e-6,
                                        "model.patch_embed": "patch", "model.cls_pool": "token",
                                        "model.layer_scale_init": 0.0})
-  _, params = helpers.train_steps(config, helpers.single_device_mesh(config))
+  params = helpers.StepRunner(config, helpers.single_device_mesh(config)).run().params
   for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
   objective = objectives.build(config)

@@ -13,6 +13,8 @@ from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint, loop
 from tests import helpers
 
+pytestmark = pytest.mark.xdist_group("flava")   # module fixtures compile multi-device steps once
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -118,14 +120,22 @@ def test_itm_partners_are_other_paired_rows(setup, kind):
   assert gap > 2 if kind == "hard" else abs(gap) < 1.5, gap
 
 
-def test_train_steps_equal_on_1_and_8_devices():
-  config = helpers.tiny_flava_config(warmup_steps=0)
-  one, p1 = helpers.train_steps(config, helpers.single_device_mesh(config))
-  eight, p8 = helpers.train_steps(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
-  np.testing.assert_allclose(one, eight, atol=2e-5)
-  assert one[1] != one[0]
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(a, b, atol=5e-5)
+@pytest.fixture(scope="module")
+def device_runners():
+  """The FLAVA step (all five losses, SGD) compiled on a 2x4 data x fsdp mesh, and its 1-device
+  reference run."""
+  config = helpers.tiny_flava_config(**helpers.sgd_overrides())
+  reference = helpers.StepRunner(config, helpers.single_device_mesh(config)).run()
+  return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
+
+
+def test_train_steps_equal_on_1_and_8_devices(device_runners):
+  eight, reference = device_runners
+  helpers.assert_same_training(eight.run(), reference, loss_atol=2e-5)
+
+
+def test_device_equality_check_sees_gradient_scale(device_runners):
+  helpers.assert_check_sees_gradient_scale(*device_runners, loss_atol=2e-5)
 
 
 def test_codebook_target(tmp_path):

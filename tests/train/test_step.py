@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from medfm_jax.models import layers
 from medfm_jax.objectives import base
 from medfm_jax.train import optim
 from medfm_jax.train import state as state_lib
+from tests import helpers
 
 
 class _Regression(nn.Module):
@@ -33,9 +35,9 @@ class _RegressionObjective(base.Objective):
 def _config(**kw):
   c = ml_collections.ConfigDict(dict(
       seed=0, total_steps=100, batch_size=16, lr=0.1, lr_scaling="none", min_lr=0.0, warmup_steps=10,
-      weight_decay=0.1, grad_clip=1.0, grad_accum_steps=1, optim=dict(b1=0.9, b2=0.95, eps=1e-8)))
-  c.update(kw)
-  return c
+      weight_decay=0.1, weight_decay_end=None, grad_clip=1.0, grad_clip_mode="global", grad_accum_steps=1,
+      optim=dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, momentum=0.9)))
+  return helpers.override(c, kw)
 
 
 def _batch():
@@ -56,12 +58,34 @@ def _run_steps(config, n=3, trainable=None):
   return first, state, metrics
 
 
+def _sgd_run(grad_accum_steps, grad_scale=1.0, n=2) -> helpers.StepRun:
+  """``n`` SGD steps of the library's train step; gradients x ``grad_scale`` (negative control)."""
+  config = _config(grad_accum_steps=grad_accum_steps, **helpers.sgd_overrides(lr=0.5))
+  objective = helpers.GradScaled(_RegressionObjective(config))
+  tx = optim.make_optimizer(config)
+  batch = dict(_batch(), **{helpers.GRAD_SCALE: jnp.full((16,), grad_scale)})
+  _, state = state_lib._boxed_init(objective, tx, config.seed, batch)  # pylint: disable=protected-access
+  step = jax.jit(state_lib.make_train_step(objective, tx, config))
+  initial, losses, grad_norms = state.params, [], []
+  for _ in range(n):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+    grad_norms.append(float(metrics["grad_norm"]))
+  return helpers.StepRun(losses, grad_norms, initial, state.params)
+
+
 def test_gradient_accumulation_matches_full_batch():
-  _, full, m_full = _run_steps(_config())
-  _, accum, m_accum = _run_steps(_config(grad_accum_steps=4))
-  np.testing.assert_allclose(m_full["loss"], m_accum["loss"], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  """4 microbatches give the full batch's loss, gradient norm and SGD updates: the accumulated
+  gradient is the mean over microbatches, not their sum."""
+  helpers.assert_same_training(_sgd_run(4), _sgd_run(1), loss_atol=1e-6, rtol=1e-5)
+
+
+def test_accumulation_check_sees_gradient_scale():
+  """Negative control: the check above fails when the accumulated gradients are x2 or x1/2."""
+  full = _sgd_run(1)
+  for scale in (2.0, 0.5):
+    with pytest.raises(AssertionError):
+      helpers.assert_same_training(_sgd_run(4, grad_scale=scale), full, loss_atol=1e-6, rtol=1e-5)
 
 
 def test_lr_schedule_warmup_then_cosine():
