@@ -34,8 +34,9 @@ class EvalError(ValueError):
 
 
 def check_config(config) -> None:
-  """Eval-protocol fields (``configs/eval/*.py``); call after ``config.validate``. The tower of
-  ``encoder_weights`` is checked against the checkpoint's objective when the encoder is restored."""
+  """Eval-protocol fields (``configs/eval/*.py``); call after ``config.validate``. With
+  ``init_from``, ``encoder_weights`` must name a tower the checkpoint's objective declares
+  (``Objective.image_encoders``; a CheckpointError otherwise)."""
   c = config
   check(c.protocol in PROTOCOLS, f"protocol={c.protocol!r}: allowed {PROTOCOLS}")
   check(c.features.pool in heads.POOLS, f"features.pool={c.features.pool!r}: allowed {heads.POOLS}")
@@ -51,6 +52,9 @@ def check_config(config) -> None:
         f"fewshot.shots={c.fewshot.shots}, fewshot.seeds={c.fewshot.seeds}: must be > 0")
   check(c.fewshot.classifier in FEWSHOT_CLASSIFIERS,
         f"fewshot.classifier={c.fewshot.classifier!r}: allowed {FEWSHOT_CLASSIFIERS}")
+  if c.init_from and c.protocol != "zero_shot":
+    name, _ = restore.checkpoint_objective(c.init_from)
+    restore.encoder_path(name, c.encoder_weights, c.init_from)
 
 
 def _labelled(x, labels, label: str):

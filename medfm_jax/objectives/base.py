@@ -45,6 +45,7 @@ class Objective(abc.ABC):
   image_text: ClassVar[bool] = False
 
   def __init__(self, config, encoder_loader: EncoderLoader | None = None):
+    """``objectives.build`` passes both; a subclass overriding ``__init__`` takes and forwards them."""
     self.config = config
     self._encoder_loader = encoder_loader
 

@@ -102,7 +102,7 @@ class ImageTextObjective(base.Objective):
     del extra, step
     c = self.config
     return evaluate_image_text(self, params, mesh, c.data.eval_split, c.data.eval_examples,
-                               tuple(c.objective.get("zero_shot_labels", ("finding", "modality"))))
+                               tuple(c.objective.get("zero_shot_labels", over_split.LABELS)))
 
 
 class ClipObjective(ImageTextObjective):
@@ -194,7 +194,7 @@ class ClipObjective(ImageTextObjective):
     return self.model.apply({"params": params}, tokens, method=clip_model.ImageTextModel.encode_text)
 
 def evaluate_image_text(objective: ImageTextObjective, params, mesh, split: str, num_examples: int,
-                        labels=("finding", "modality"), detailed: bool = False) -> dict:
+                        labels=over_split.LABELS, detailed: bool = False) -> dict:
   """Zero-shot (``zero_shot_{label}_{accuracy,balanced_accuracy,macro_auroc}`` per label; phantom
   prompts, or class-name templates elsewhere) and retrieval (``i2t_r@k``, ``t2i_r@k``) scalars.
   With ``detailed`` also ``zero_shot_{label}`` = the full metrics dict (per-class rows)."""

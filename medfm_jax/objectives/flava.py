@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from medfm_jax.data import tokenizers
-from medfm_jax.errors import check
+from medfm_jax.errors import ConfigError, check
 from medfm_jax.models import codebook as codebook_lib
 from medfm_jax.models import flava as flava_model
 from medfm_jax.models import vit
@@ -74,7 +74,11 @@ class FlavaObjective(ImageTextObjective):
     """The tokenizer, the masked inputs (``data.mlm``, ``data.patch_masks``: only FLAVA needs both),
     loss weights, MIM target and ITM negatives."""
     o, d = config.objective, config.data
-    check(tokenizers.from_config(d) is not None,
+    try:
+      spec = tokenizers.from_config(d)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    check(spec is not None,
           f"data.tokenizer={d.get('tokenizer')!r}: the FLAVA objective needs one of {tokenizers.KINDS}")
     for field in ("mlm", "patch_masks"):
       check(bool(d.get(field)), f"data.{field}: FLAVA needs masked inputs (e.g. data.mlm=dict(probability=0.15) "

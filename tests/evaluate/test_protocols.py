@@ -114,6 +114,13 @@ def test_eval_config_errors_name_the_field():
     config_lib.validate(c)
 
 
+def test_encoder_weights_must_name_a_tower_of_the_checkpoint(mae_ckpt):
+  c = helpers.tiny_eval_config("knn", init_from=mae_ckpt, encoder_weights="teacher")
+  restore.adopt_architecture(c)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"encoder_weights='teacher': objective 'mae' checkpoints have \['encoder'\]"):
+    protocols.check_config(c)
+
+
 def test_embedding_export(mae_ckpt, tmp_path):
   c = _config("linear_probe", init_from=mae_ckpt)
   path = embed.export(c, str(tmp_path), "test", 40)
