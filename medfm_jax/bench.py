@@ -13,7 +13,9 @@ PyTorch eager (Hugging Face ``ViTMAEForPreTraining``) in the same process for co
 """
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -21,18 +23,18 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medfm_jax import bench_torch
+from medfm_jax.data import build, export, phantoms, pipeline
+from medfm_jax.models import vit
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import loop, metrics
+from medfm_jax.train import state as state_lib
+
 
 def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   """Compiles and times the train step of ``config`` on synthetic batches (all local devices)."""
-  from medfm_jax import objectives  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import loop, metrics, optim  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
   mesh = mesh_lib.make_mesh(config.mesh)
-  objective = objectives.build(config)
-  tx = optim.make_optimizer(config, loop.trainable_fn(objective), **objective.optimizer_kwargs())
-  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  objective, tx = loop.build_objective(config)
   # Random data shaped like one real batch of this config (image, or multi-crop views).
   rng = np.random.default_rng(0)
   real = next(pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
@@ -69,7 +71,6 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
 
 def benchmark_data(config, num_batches: int = 30) -> dict[str, float]:
   """Images/s of phantom generation (one record at a time) and of the train iterator."""
-  from medfm_jax.data import phantoms, pipeline  # pylint: disable=g-import-not-at-top
   return {"phantoms_images_per_s": phantoms.benchmark_phantoms(config.data.image_size, config.data.channels, 1000),
           "train_iterator_images_per_s": pipeline.benchmark_train_iterator(
               config.data, config.batch_size, num_batches=num_batches)}
@@ -78,8 +79,6 @@ def benchmark_data(config, num_batches: int = 30) -> dict[str, float]:
 def write_bench_data(root: str, num_examples: int, image_size: int) -> dict[str, dict]:
   """Writes a PNG folder, a DICOM folder and a TFDS dataset (from the PNGs) of phantoms under
   ``root``; returns the data.* overrides that read each (all examples in the train split)."""
-  import os  # pylint: disable=g-import-not-at-top
-  from medfm_jax.data import build, export  # pylint: disable=g-import-not-at-top
   png, dcm = os.path.join(root, "png"), os.path.join(root, "dicom")
   export.export_phantoms(png, num_examples, image_size, "png")
   export.export_phantoms(dcm, num_examples, image_size, "dicom")
@@ -93,8 +92,6 @@ def write_bench_data(root: str, num_examples: int, image_size: int) -> dict[str,
 def benchmark_data_sources(config, sources, workers, num_examples: int = 512,
                            num_batches: int = 30) -> list[dict]:
   """Train-iterator images/s of the config's pipeline for each source x worker count."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   rows = []
   with tempfile.TemporaryDirectory() as root:
     overrides = write_bench_data(root, num_examples, config.data.image_size)
@@ -132,9 +129,7 @@ def main(argv):
   else:
     result = dict(desc, **benchmark_train_step(config, _STEPS.value, _WARMUP.value))
     if _TORCH.value:
-      from medfm_jax import bench_torch  # pylint: disable=g-import-not-at-top
       m = config.model
-      from medfm_jax.models import vit  # pylint: disable=g-import-not-at-top
       torch_result = bench_torch.torch_mae_train_step_time(
           vit.size_from_config(m), config.data.image_size, config.data.channels, config.batch_size,
           m.decoder_width, m.decoder_depth, m.decoder_heads, steps=_STEPS.value, warmup=_WARMUP.value)
@@ -144,8 +139,7 @@ def main(argv):
     if k == "sources":   # printed as the table above
       continue
     print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-  from medfm_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  metrics_lib.append_jsonl(_JSON.value, result)
+  metrics.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

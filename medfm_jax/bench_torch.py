@@ -22,8 +22,8 @@ def torch_mae_train_step_time(encoder: "str | vit.ViTSize", image_size: int = 22
   (0.9, 0.95), weight decay 0.05 on >=2-D tensors only). Random images, fresh masking noise per step.
   Returns ``dict(step_time_median_s, images_per_s)``.
   """
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import torch  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
+  import transformers  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
 
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")

@@ -8,8 +8,15 @@ from __future__ import annotations
 import logging as pylogging
 import sys
 
+import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
+
+from medfm_jax import config as config_lib
+from medfm_jax.data import decode
+from medfm_jax.parallel import distributed
+from medfm_jax.train import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
                                           lock_config=True)
@@ -35,7 +42,6 @@ class _QuietLibraries(pylogging.Filter):
 
 def _save_config(config, workdir: str) -> None:
   """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.report``)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
@@ -45,14 +51,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except distributed.DistributedError as e:
     sys.stderr.write(f"medfm_jax: multi-process setup error: {e}\n")
     sys.exit(2)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:   # one progress log per job; warnings still from everyone
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -61,8 +64,6 @@ def main(argv):
   except config_lib.ConfigError as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
-  from medfm_jax.data import decode  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config)
   if jax.process_index() == 0:
     _save_config(config, workdir)

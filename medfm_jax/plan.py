@@ -27,8 +27,16 @@ import re
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from medfm_jax import config as config_lib
+from medfm_jax.data import pipeline
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import loop, metrics
+from medfm_jax.train import state as state_lib
 
 
 GIB = 2 ** 30
@@ -46,7 +54,6 @@ _COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all
 
 def chip_spec(chip: str) -> dict[str, float]:
   """Peak TFLOP/s (from the metrics table), HBM GiB and bandwidths of a chip name like 'v5p'."""
-  from medfm_jax.train import metrics  # pylint: disable=g-import-not-at-top
   key = chip.lower()
   if key not in CHIPS:
     raise ValueError(f"--chip={chip!r}: allowed {sorted(CHIPS)}")
@@ -128,17 +135,12 @@ def collective_bytes(hlo_text: str, num_devices: int) -> float:
 
 
 def _per_device_bytes(tree) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
 
 
 def abstract_batch(config, mesh):
   """``ShapeDtypeStruct`` tree of one global train batch (shapes from one generated example)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   data = config.data.copy_and_resolve_references()
   data.num_workers = 0
   example = mesh_lib.drop_non_numeric(next(pipeline.make_train_iterator(data, 1, config.seed)))
@@ -154,12 +156,6 @@ def _cost(stage) -> dict:
 
 def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   """Compiles the config's train step for all (fake) devices; returns the memory/FLOP plan."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
   spec = chip_spec(chip)
   shape = config_lib.validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -242,10 +238,8 @@ def main(argv):
     chip_spec(_CHIP.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)   # before the backend starts
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
     result = plan(_CONFIG.value, _CHIP.value, _HBM_GIB.value)
   except config_lib.ConfigError as e:
@@ -255,8 +249,7 @@ def main(argv):
   print(f"compile {result['compile_s']:.1f}s; per step: compute {result['t_compute_s']:.3f}s, "
         f"HBM traffic of the XLA:CPU program {result['t_memory_s']:.3f}s (not in the estimate), collectives {result['t_collective_s']:.3f}s "
         f"({result['collective_gib_per_device']:.2f} GiB/device)")
-  from medfm_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  metrics_lib.append_jsonl(_JSON.value, result)
+  metrics.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 from absl import app, flags
+
+from medfm_jax.sweeps import collect, grid, plots, runner
 
 
 def _fmt(values: list[float]) -> str:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   v = [x for x in values if np.isfinite(x)]
   if not v:
     return "n/a"
@@ -30,7 +32,6 @@ def _fmt(values: list[float]) -> str:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   v = [x for x in values if np.isfinite(x)]
   if not v:
     return float("nan"), 0.0
@@ -39,7 +40,6 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def build(paths: list[str], metrics: list[str], out: str) -> str:
   """Writes the report and plots into ``out``; returns the path of report.md."""
-  from medfm_jax.sweeps import collect, grid, plots, runner  # pylint: disable=g-import-not-at-top
   runs = collect.load_runs(paths)
   if not runs:
     raise collect.ReportError(f"{paths}: no runs found")
@@ -109,7 +109,6 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("give one or more sweep folders or workdirs")
-  from medfm_jax.sweeps import collect  # pylint: disable=g-import-not-at-top
   out = _OUT.value or (paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths]))
   try:
     path = build(paths, _METRIC.value, out)

@@ -25,6 +25,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from medfm_jax.data import transforms
@@ -111,7 +112,6 @@ def decode(data: bytes, path: str = "<bytes>", frame: int = 0,
 
 def _open(path: str):
   if "://" in str(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top
     return epath.Path(path).open("rb")
   return open(path, "rb")
 
@@ -196,8 +196,8 @@ def dicom_window(ds, frame: int = 0) -> tuple[float, float] | None:
 @functools.lru_cache(maxsize=64)
 def _syntax_problem(uid: str) -> str | None:
   """Why pixel data in transfer syntax ``uid`` cannot be decoded here, or None."""
-  from pydicom.pixels import get_decoder  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import UID  # pylint: disable=g-import-not-at-top
+  from pydicom.pixels import get_decoder  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
+  from pydicom.uid import UID  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   uid = UID(uid)
   try:
     decoder = get_decoder(uid)
@@ -211,7 +211,7 @@ def _syntax_problem(uid: str) -> str | None:
 
 
 def _read_dataset(data: bytes, path: str, stop_before_pixels: bool = False):
-  import pydicom  # pylint: disable=g-import-not-at-top
+  import pydicom  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   try:
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
   except Exception as e:
@@ -244,7 +244,7 @@ def _native_frame(ds, frame: int, frames: int) -> np.ndarray | None:
 
 
 def _decode_dicom(data: bytes, path: str, frame: int) -> Decoded:
-  from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top
+  from pydicom.pixels import pixel_array  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   ds = _read_dataset(data, path)
   if "PixelData" not in ds:
     raise DataError(path, "DICOM file has no pixel data")
@@ -283,7 +283,7 @@ class DicomInfo:
 
 def dicom_info(path: str) -> DicomInfo:
   """Frame count, PatientID and Modality from the header (pixel data not read)."""
-  import pydicom  # pylint: disable=g-import-not-at-top
+  import pydicom  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   try:
     with _open(path) as f:
       check_format(f.read(132), path)
@@ -299,8 +299,8 @@ def dicom_info(path: str) -> DicomInfo:
 
 def dicom_syntax_support() -> list[tuple[str, str, bool]]:
   """(uid, name, decodes here) for every transfer syntax pydicom knows."""
-  from pydicom import uid as uids  # pylint: disable=g-import-not-at-top
-  from pydicom.pixels import get_decoder  # pylint: disable=g-import-not-at-top
+  from pydicom import uid as uids  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
+  from pydicom.pixels import get_decoder  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   out = []
   for uid in uids.AllTransferSyntaxes:
     try:

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from medfm_jax.data import phantoms
+
 
 def encode_png(image: np.ndarray) -> bytes:
   """uint8 or uint16 ``[H, W]`` / ``[H, W, 1]`` (uint8 also ``[H, W, 3]``) -> PNG bytes."""
@@ -48,8 +50,8 @@ def dicom_dataset(pixels: np.ndarray, *, slope: float = 1.0, intercept: float = 
   ``pixels``: int16/uint16/uint8 ``[H, W]`` or ``[frames, H, W]`` stored values (modality
   value = stored * slope + intercept), or uint8 ``[H, W, 3]`` RGB.
   """
-  from pydicom.dataset import FileDataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian,  # pylint: disable=g-import-not-at-top
+  from pydicom.dataset import FileDataset, FileMetaDataset  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
+  from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian,  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
                            generate_uid)
   pixels = np.ascontiguousarray(pixels)
   rgb = pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.dtype == np.uint8
@@ -83,7 +85,7 @@ def dicom_dataset(pixels: np.ndarray, *, slope: float = 1.0, intercept: float = 
 def write_dicom(path: str, pixels: np.ndarray, transfer_syntax: str | None = None, **kwargs) -> str:
   """Writes :func:`dicom_dataset` to ``path``, compressed with pydicom's encoders if
   ``transfer_syntax`` is given (e.g. RLE Lossless, JPEG 2000 Lossless, Deflated)."""
-  from pydicom.uid import DeflatedExplicitVRLittleEndian  # pylint: disable=g-import-not-at-top
+  from pydicom.uid import DeflatedExplicitVRLittleEndian  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   ds = dicom_dataset(pixels, **kwargs)
   if transfer_syntax == DeflatedExplicitVRLittleEndian:
     ds.file_meta.TransferSyntaxUID = transfer_syntax
@@ -97,7 +99,7 @@ def write_dicom(path: str, pixels: np.ndarray, transfer_syntax: str | None = Non
 def write_dicom_encapsulated(path: str, frames: Sequence[bytes], transfer_syntax: str,
                              rows: int, columns: int, bits: int = 8, **kwargs) -> str:
   """A DICOM whose pixel data are the given already-encoded ``frames`` (e.g. JPEG bytes)."""
-  from pydicom.encaps import encapsulate  # pylint: disable=g-import-not-at-top
+  from pydicom.encaps import encapsulate  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   ds = dicom_dataset(np.zeros((rows, columns), np.uint8 if bits == 8 else np.uint16), **kwargs)
   ds.file_meta.TransferSyntaxUID = transfer_syntax
   ds.PixelData = encapsulate(list(frames))
@@ -113,7 +115,6 @@ def export_phantoms(root: str, num_examples: int, image_size: int = 32, fmt: str
                     split: str = "train") -> str:
   """Writes phantoms as ``root/<finding>/<i>.<ext>`` (png, or dicom: int16 HU-like values with
   slope 1 / intercept -1024, window 40/400). Patient ids ``p<i // 4>`` (DICOM tag); returns root."""
-  from medfm_jax.data import phantoms  # pylint: disable=g-import-not-at-top
   source = phantoms.PhantomSource(split, image_size=image_size, channels=1,
                                   num_examples=num_examples)
   for i in range(num_examples):

@@ -60,7 +60,7 @@ class HFTokenizer:
   (CLIP ``<|startoftext|>``/``<|endoftext|>``, BERT ``[CLS]``/``[SEP]``/``[PAD]``, ``<s>``/``</s>``)."""
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    from tokenizers import Tokenizer  # optional: the 'text' extra; pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
       raise ValueError(f"data.tokenizer_path={path!r}: no such tokenizer.json file")
     try:
@@ -89,7 +89,7 @@ class SentencePieceTokenizer:
   """A sentencepiece ``.model`` file; bos/eos/pad ids from the model (absent = -1 -> None / 0)."""
 
   def __init__(self, path: str):
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    import sentencepiece as spm  # optional: the 'text' extra; pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
       raise ValueError(f"data.tokenizer_path={path!r}: no such sentencepiece model file")
     try:

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from medfm_jax import config as config_lib
+from medfm_jax.evaluate import protocols, report
+from medfm_jax.parallel import distributed
+from medfm_jax.train import checkpoint, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config, e.g. configs/eval/knn.py:tiny.",
                                           lock_config=True)
@@ -28,17 +34,12 @@ def _fail(kind: str, error: Exception, code: int = 2):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import protocols, report, restore  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   distributed.initialize()
-  import jax  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     restore.adopt_architecture(config)
     config_lib.validate(config, workdir)
-    config_lib.validate_eval(config)
+    protocols.check_config(config)
     results = protocols.run(config, workdir)
   except config_lib.ConfigError as e:
     _fail("config error", e)

@@ -12,16 +12,20 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from medfm_jax import config as config_lib
+from medfm_jax.evaluate import features, protocols
+from medfm_jax.parallel import distributed
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import checkpoint, restore
+
 
 def export(config, workdir: str, split: str, num_examples: int, mesh=None) -> str:
   """Extracts and writes the embeddings; returns the ``.npz`` path."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import features  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective, params = features.build_classifier(config, mesh)
   feats, labels = features.extract(config, mesh, objective, params, split, num_examples)
@@ -35,17 +39,13 @@ def export(config, workdir: str, split: str, num_examples: int, mesh=None) -> st
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-  from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   distributed.initialize()
   f = flags.FLAGS
   config = f.config
   try:
     restore.adopt_architecture(config)
     config_lib.validate(config, f.workdir)
-    config_lib.validate_eval(config)
+    protocols.check_config(config)
     path = export(config, f.workdir, f.split or config.data.eval_split,
                   f.num_examples or config.data.eval_examples)
   except config_lib.ConfigError as e:

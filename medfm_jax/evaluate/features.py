@@ -13,15 +13,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from medfm_jax import objectives as objectives_lib
-from medfm_jax.evaluate import over_split
+from medfm_jax.metrics import over_split
 from medfm_jax.models import heads
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import loop
 
 
 def build_classifier(config, mesh):
   """(supervised objective, its unboxed params placed in their logical shardings)."""
-  objective = objectives_lib.build(config)
+  objective, _ = loop.build_objective(config)
   d = config.data
   batch = {"image": jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)}
   rng = jax.random.PRNGKey(config.seed)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+OPTIMIZERS = ("adam", "sgd")   # probe.optimizer
+
 
 def batchnorm_stats(x: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
   """(mean, 1/sqrt(var + eps)) per feature (biased variance, as BatchNorm)."""
@@ -67,7 +69,7 @@ def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int,
     tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_w),
                      optax.sgd(schedule, momentum=0.9))
   else:
-    raise ValueError(f"probe.optimizer={optimizer!r}: allowed 'adam', 'sgd'")
+    raise ValueError(f"probe.optimizer={optimizer!r}: allowed {OPTIMIZERS}")
   params = _fit(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jax.random.PRNGKey(seed),
                 num_classes=num_classes, tx=tx, batch_size=batch_size, epochs=epochs,
                 init_std=init_std)

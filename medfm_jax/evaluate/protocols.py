@@ -2,29 +2,59 @@
 few-shot, fine-tune (through the shared trainer and the supervised objective) and zero-shot.
 
 :func:`run` takes an eval config (``configs/eval/*.py``) and a workdir, and returns the results
-that :mod:`medfm_jax.evaluate.report` writes as JSON and Markdown.
+that :mod:`medfm_jax.evaluate.report` writes as JSON and Markdown. :func:`check_config` checks the
+eval config's own fields (after ``config.validate``).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medfm_jax import objectives as objectives_lib
-from medfm_jax.evaluate import features, knn, metrics, probe, restore
+from medfm_jax.errors import check
+from medfm_jax.evaluate import features, probe
+from medfm_jax.metrics import classification, knn
+from medfm_jax.models import heads
 from medfm_jax.objectives import clip, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import loop
+from medfm_jax.train import loop, restore
 
 PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot")
-TEXT_TOWER_OBJECTIVES = clip.IMAGE_TEXT_OBJECTIVES   # checkpoints that can zero-shot classify
+FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 
 
 class EvalError(ValueError):
   """The requested evaluation cannot run on this checkpoint/config."""
+
+
+def check_config(config) -> None:
+  """Eval-protocol fields (``configs/eval/*.py``); call after ``config.validate``. With
+  ``init_from``, ``encoder_weights`` must name a tower the checkpoint's objective declares
+  (``Objective.image_encoders``; a CheckpointError otherwise)."""
+  c = config
+  check(c.protocol in PROTOCOLS, f"protocol={c.protocol!r}: allowed {PROTOCOLS}")
+  check(c.features.pool in heads.POOLS, f"features.pool={c.features.pool!r}: allowed {heads.POOLS}")
+  check(c.features.batch_size > 0 and c.features.batch_size % jax.process_count() == 0,
+        f"features.batch_size={c.features.batch_size}: must be a positive multiple of the process count")
+  check(c.features.train_examples > 0, f"features.train_examples={c.features.train_examples}: must be > 0")
+  check(c.probe.optimizer in probe.OPTIMIZERS, f"probe.optimizer={c.probe.optimizer!r}: allowed {probe.OPTIMIZERS}")
+  check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
+        f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
+  check(c.knn.k > 0 and c.knn.temperature > 0,
+        f"knn.k={c.knn.k}, knn.temperature={c.knn.temperature}: must be > 0")
+  check(c.fewshot.shots > 0 and c.fewshot.seeds > 0,
+        f"fewshot.shots={c.fewshot.shots}, fewshot.seeds={c.fewshot.seeds}: must be > 0")
+  check(c.fewshot.classifier in FEWSHOT_CLASSIFIERS,
+        f"fewshot.classifier={c.fewshot.classifier!r}: allowed {FEWSHOT_CLASSIFIERS}")
+  if c.init_from and c.protocol != "zero_shot":
+    name, _ = restore.checkpoint_objective(c.init_from)
+    restore.encoder_path(name, c.encoder_weights, c.init_from)
 
 
 def _labelled(x, labels, label: str):
@@ -48,7 +78,7 @@ def _linear_probe(config, mesh, names):
   (tx, ty), (vx, vy) = _frozen_features(config, mesh)
   label = config.data.label
   scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
-  return metrics.classification_metrics(scores, vy[label], names), {}
+  return classification.classification_metrics(scores, vy[label], names), {}
 
 
 def _knn(config, mesh, names):
@@ -56,7 +86,7 @@ def _knn(config, mesh, names):
   label = config.data.label
   k = min(config.knn.k, len(tx))
   scores = knn.knn_predict(tx, ty[label], vx, len(names), k=k, temperature=config.knn.temperature)
-  return metrics.classification_metrics(scores, vy[label], names), {"k": k}
+  return classification.classification_metrics(scores, vy[label], names), {"k": k}
 
 
 def _fewshot(config, mesh, names):
@@ -73,7 +103,7 @@ def _fewshot(config, mesh, names):
                                   epochs=f.logistic_steps, batch_size=len(idx), lr=f.logistic_lr,
                                   weight_decay=f.logistic_weight_decay, seed=seed)
       scores = probe.linear_scores(params, probe.normalize(vx, stats))
-    per_seed.append(metrics.classification_metrics(scores, vy[label], names))
+    per_seed.append(classification.classification_metrics(scores, vy[label], names))
   mean = {k: float(np.mean([m[k] for m in per_seed])) for k in metrics_keys()}
   std = {k: float(np.std([m[k] for m in per_seed])) for k in metrics_keys()}
   summary = dict(per_seed[0], **mean)   # per-class table of seed 0, summary = mean over seeds
@@ -88,7 +118,7 @@ def metrics_keys() -> tuple[str, ...]:
 def _finetune(config, mesh, names, workdir):
   train_dir = os.path.join(workdir, "finetune")
   state = loop.train(config, train_dir, mesh)
-  objective = objectives_lib.build(config)
+  objective, _ = loop.build_objective(config)
   scores, labels = _labelled(*features.apply_over_split(
       config, mesh, objective.logits, state.params, config.data.eval_split,
       config.data.eval_examples), config.data.label)
@@ -99,20 +129,49 @@ def _finetune(config, mesh, names, workdir):
   trainable = objective.trainable(state.params)
   n_train = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(state.params),
                                                       jax.tree.leaves(trainable)) if t)
-  return (metrics.classification_metrics(scores, labels[config.data.label], names),
+  return (classification.classification_metrics(scores, labels[config.data.label], names),
           {"scheme": config.objective.scheme, "steps": step, "trainable_params": n_train,
            "export": export_dir})
 
 
+def load_image_text(init_from: str, mesh, data_overrides: dict | None = None):
+  """(objective built from the checkpoint's own config, its params replicated on ``mesh``) of an
+  image-text checkpoint (an objective declaring ``image_text``: CLIP/SigLIP, FLAVA, ...);
+  ``data_overrides`` replace ``data.*`` fields (eval split, sizes)."""
+  name, saved = restore.checkpoint_objective(init_from)
+  if not restore.objective_class(name, init_from).image_text:
+    raise EvalError(f"zero_shot: checkpoint {init_from!r} was trained with objective {name!r}, which "
+                    "has no text tower; zero-shot needs an image-text checkpoint (objectives declaring "
+                    f"image_text: {', '.join(_image_text_names())})")
+  config = ml_collections.ConfigDict(saved)
+  config.data.update(data_overrides or {})
+  if "lit_init_from" in config.objective:
+    config.objective.lit_init_from = ""      # the saved params already hold the image tower
+  objective = objectives_lib.build(config)
+  params = ckpt_lib.restore_subtree(init_from, ("params",))
+  return objective, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
+def _image_text_names() -> list[str]:
+  return [n for n in objectives_lib.names() if objectives_lib.resolve(n).image_text]
+
+
 def _zero_shot(config, mesh=None):
+  """Zero-shot classification of ``data.label`` (plus retrieval recall@k) on ``data.eval_split``
+  with the image-text checkpoint ``init_from``."""
   if not config.init_from:
     raise EvalError("zero_shot: set --config.init_from to an image-text (CLIP/SigLIP/FLAVA) checkpoint")
-  objective, _ = restore.checkpoint_objective(config.init_from)
-  if objective in TEXT_TOWER_OBJECTIVES:
-    return clip.zero_shot_from_checkpoint(config, mesh or mesh_lib.make_mesh(config.mesh))
-  raise EvalError(f"zero_shot: checkpoint {config.init_from!r} was trained with objective "
-                  f"{objective!r}, which has no text tower; zero-shot needs an image-text checkpoint "
-                  f"(objectives with a text tower: {', '.join(TEXT_TOWER_OBJECTIVES)})")
+  d = config.data
+  mesh = mesh or mesh_lib.make_mesh(config.mesh)
+  objective, params = load_image_text(config.init_from, mesh, {
+      "eval_split": d.eval_split, "eval_examples": d.eval_examples, "eval_batch_size": d.eval_batch_size})
+  out = clip.evaluate_image_text(objective, params, mesh, d.eval_split, d.eval_examples, (d.label,),
+                                 detailed=True)
+  summary = out.pop(f"zero_shot_{d.label}")
+  for k in metrics_keys():
+    out.pop(f"zero_shot_{d.label}_{k}")
+  return {"protocol": "zero_shot", "init_from": config.init_from, "label": d.label,
+          "split": d.eval_split, "metrics": summary, "retrieval": out}
 
 
 def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:

@@ -12,6 +12,7 @@ without padding mask, ``logit_bias``. The mapping uses :mod:`medfm_jax.interop.t
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -145,7 +146,6 @@ def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes_cached(key: str) -> dict:
-  import json  # pylint: disable=g-import-not-at-top
   cfg = json.loads(key)
   model, v = build_model(cfg), cfg["vision"]
   images = jnp.zeros((1, v["image_size"], v["image_size"], v["channels"]))
@@ -157,7 +157,6 @@ def convert(state_dict, hf_config, scan: bool = False) -> dict:
   """HF ``CLIPModel`` / ``SiglipModel`` state dict (or module / checkpoint path) -> our
   ImageTextModel params (numpy float32, unrolled or scanned). One ValueError lists every unused,
   missing or mis-shaped tensor."""
-  import json  # pylint: disable=g-import-not-at-top
   cfg = hf_config if isinstance(hf_config, dict) and "kind" in hf_config else config_from_hf(hf_config)
   sd = {k: v for k, v in torch_io.as_numpy_state_dict(state_dict).items()
         if not k.endswith("position_ids")}                                    # buffers

@@ -19,7 +19,12 @@ import os
 import struct
 from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
+import jax
 import numpy as np
+from flax import traverse_util
+
+from medfm_jax.models import vit
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _DIR_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -33,7 +38,7 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
   with open(path, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_len))
@@ -52,7 +57,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
   obj = torch.load(path, weights_only=True, map_location="cpu")
   for wrapper in ("model", "state_dict", "module"):  # common training-checkpoint wrappers
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
@@ -142,7 +147,6 @@ def square(value, name: str, what: str) -> int:
 def variant_name(width: int, depth: int, num_heads: int, mlp_dim: int, patch_size: int) -> str:
   """The ``"NAME/PATCH"`` ViT variant with exactly these sizes, else the closest-width name (callers
   then pass the exact sizes as ``VisionTransformer`` overrides)."""
-  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
   for name, entry in vit.VARIANTS.items():
     if tuple(entry) == (width, depth, num_heads, mlp_dim):
       return f"{name}/{patch_size}"
@@ -289,16 +293,11 @@ def export_with_mapping(flat: dict[tuple[str, ...], np.ndarray], mapping: list[E
 
 def flat_shapes(init_fn: Callable[[], dict]) -> dict[tuple[str, ...], tuple[int, ...]]:
   """``{path: shape}`` of the (unboxed) param tree ``init_fn()`` returns, via ``eval_shape`` (no compute)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(jax.eval_shape(init_fn)).items()}
 
 
 def to_param_tree(flat: dict[tuple[str, ...], np.ndarray], scan: bool) -> dict:
   """Flat unrolled ``{path: array}`` -> nested params (numpy float32), stacked for a scanned encoder."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
   params = traverse_util.unflatten_dict(flat)
   if not scan:
     return params
@@ -308,8 +307,5 @@ def to_param_tree(flat: dict[tuple[str, ...], np.ndarray], scan: bool) -> dict:
 
 def from_param_tree(params: dict) -> dict[tuple[str, ...], np.ndarray]:
   """Inverse of :func:`to_param_tree`: params (boxed or not, unrolled or scanned) -> flat unrolled."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
   flat = traverse_util.flatten_dict(vit.unstack_layers(nn.unbox(params)))
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}

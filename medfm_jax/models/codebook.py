@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from medfm_jax.data import pipeline
 from medfm_jax.models import vit
 from medfm_jax.models.mae import normalize_patches
 
@@ -122,7 +123,6 @@ def fit_kmeans(patches: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> n
 def train_patches(config, num_images: int, patch_size: int, norm_pix: bool, seed: int = 0) -> np.ndarray:
   """``[num_images * N, P]`` patches of augmented train images of ``config.data`` (the images of
   text-only examples of mixed batches are skipped)."""
-  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batch = min(num_images, 64)
   it = pipeline.make_train_iterator(config.data, batch, seed=seed)
   images, count = [], 0

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medfm_jax.models import layers
+from medfm_jax.models import vit
 from medfm_jax.models.layers import constrain
 from medfm_jax.models.vit import Encoder
 
@@ -145,7 +146,6 @@ def text_size(text_cfg) -> TextSize:
 
 def text_from_config(config, eot_id: int, pad_id: int) -> TextTransformer:
   """The text tower of ``config.model.text`` (ids of the configured tokenizer) in ``config.dtype``."""
-  from medfm_jax.models import vit  # pylint: disable=g-import-not-at-top
   t = config.model.text
   s = text_size(t)
   dtype = vit.COMPUTE_DTYPES[config.dtype]

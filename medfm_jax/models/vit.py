@@ -68,6 +68,7 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMATS = ("none", *_REMAT_POLICIES)          # model.remat
 
 
 class Encoder(nn.Module):
@@ -101,7 +102,7 @@ class Encoder(nn.Module):
     block_cls = layers.Block
     if self.remat != "none":
       if self.remat not in _REMAT_POLICIES:
-        raise ValueError(f"model.remat={self.remat!r}: allowed 'none', 'full', 'dots'")
+        raise ValueError(f"model.remat={self.remat!r}: allowed {REMATS}")
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[self.remat], static_argnums=(3,))
     if not self.scan:
       for i in range(self.depth):
@@ -192,6 +193,7 @@ class ConvStem(nn.Module):
 
 PATCH_EMBEDS = ("patch", "conv")
 CLS_POOLS = ("token", "max", "mean")
+POS_EMBEDS = ("sincos2d", "learned")
 
 
 def conv_stem_depth(patch_size: int, width: int) -> int:
@@ -336,10 +338,11 @@ class VisionTransformer(nn.Module):
       pos = layers.param_with_axes(self, "pos_embed", nn.initializers.normal(0.02),
                                    (1, g0 * g0, width), (None, None, "embed"))
       return layers.interpolate_pos_embed(pos, (g0, g0), grid, num_prefix=0)
-    raise ValueError(f"model.pos_embed={self.pos_embed!r}: allowed 'sincos2d', 'learned'")
+    raise ValueError(f"model.pos_embed={self.pos_embed!r}: allowed {POS_EMBEDS}")
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")   # model.attention_impl
 
 
 def resolve_attention_impl(name: str, dtype) -> str:
@@ -347,8 +350,8 @@ def resolve_attention_impl(name: str, dtype) -> str:
   if name == "auto":
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-  if name not in ("xla", "cudnn"):
-    raise ValueError(f"model.attention_impl={name!r}: allowed 'auto', 'xla', 'cudnn'")
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={name!r}: allowed {ATTENTION_IMPLS}")
   return name
 
 

@@ -1,25 +1,69 @@
 """The interface between the one training loop and each pretraining objective.
 
 The loop owns the optimizer, sharding, accumulation, checkpoints and logging; an objective owns
-its model, its loss and its evaluation. Objective state that is not trained by gradients (EMA
-teachers, centers, queues) lives in ``extra`` and is sharded like the params it mirrors.
+its model, its loss, its evaluation and its config fields. Objective state that is not trained by
+gradients (EMA teachers, centers, queues) lives in ``extra`` and is sharded like the params it
+mirrors.
+
+Adding an objective: subclass :class:`Objective` in one module and declare on the class its short
+``name`` (built-ins, see ``medfm_jax.objectives``), ``check_config`` (its own fields),
+``image_encoders`` (where its checkpoints keep the image encoder) and ``image_text`` (has a text
+tower for zero-shot); then write one config file. Nothing central changes.
 """
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from medfm_jax.peft.lora import path_str
 
 Metrics = dict[str, jax.Array]
+# (encoder module, data config, init_from, encoder_weights) -> {param path: host array}: the image
+# encoder of a checkpoint fitted to ``module`` (``train.restore.pretrained_encoder``). The trainer
+# hands it in, as restoring checkpoints is the train layer's business.
+EncoderLoader = Callable[[nn.Module, Any, str, str], dict[str, np.ndarray]]
 
 
 class Objective(abc.ABC):
   """One pretraining objective. Methods are traced inside ``jit``; keep them pure."""
 
-  def __init__(self, config):
+  # Short name of a built-in objective: the class in ``medfm_jax/objectives/<name>.py`` that
+  # ``objective.name = '<name>'`` selects. Objectives outside the package are named by their import
+  # path ('package.module:ClassName') instead and leave this empty.
+  name: ClassVar[str] = ""
+  # Where this objective's checkpoints keep an image encoder: tower name -> path in the saved train
+  # state (``('params', ...)`` or ``('extra', ...)``); the first entry is the default tower
+  # (``encoder_weights='default'``). Empty: its checkpoints have no encoder to evaluate or reuse.
+  image_encoders: ClassVar[dict[str, tuple[str, ...]]] = {}
+  # True for objectives with a text tower (``embed_split``, ``embed_texts``): their checkpoints
+  # zero-shot classify (``python -m medfm_jax.evaluate`` protocol 'zero_shot').
+  image_text: ClassVar[bool] = False
+
+  def __init__(self, config, encoder_loader: EncoderLoader | None = None):
+    """``objectives.build`` passes both; a subclass overriding ``__init__`` takes and forwards them."""
     self.config = config
+    self._encoder_loader = encoder_loader
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Checks this objective's own fields (``config.objective.*`` and what it needs of the model and
+    data); raises ``errors.ConfigError`` with one line naming the field. Runs in
+    ``config.validate`` after the shared contract, before anything compiles, and in
+    ``objectives.build``. Default: nothing to check."""
+    del config
+
+  def pretrained_encoder(self, module: nn.Module, init_from: str, weights: str = "default") -> dict:
+    """``{param path: array}`` of the image encoder of checkpoint ``init_from`` fitted to
+    ``module`` (apply with :func:`overwrite_params` in :meth:`init`), via the trainer's loader."""
+    if self._encoder_loader is None:
+      raise RuntimeError(f"init_from={init_from!r}: {type(self).__name__} was built without an "
+                         "encoder loader; build it with train.loop.build_objective")
+    return self._encoder_loader(module, self.config.data, init_from, weights)
 
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: dict) -> tuple[Any, Any]:
@@ -72,3 +116,15 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
   """(sum of per-row ``values`` over rows where ``mask``, number of such rows)."""
   mask = mask.astype(jnp.float32)
   return (values * mask).sum(), mask.sum()
+
+
+def overwrite_params(boxed, values: dict):
+  """Replaces the leaves of a boxed param tree whose path is in ``values`` (keeps the boxes)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+
+  def one(path, x):
+    v = values.get(path_str(path))
+    if v is None:
+      return x
+    return x.replace_boxed(jnp.asarray(v, jnp.float32)) if is_box(x) else jnp.asarray(v, jnp.float32)
+  return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)

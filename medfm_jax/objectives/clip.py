@@ -8,26 +8,29 @@ builds only its ``[local, global]`` block of logits). Neither scale nor bias get
 (the optimizer decays only ``kernel`` leaves). With gradient accumulation the negatives are those
 of each microbatch.
 
-LiT (Zhai et al., 2022): ``objective.lit_init_from`` = a workdir/checkpoint of any objective with a
-registered image encoder (MAE, DINO, supervised, CLIP): the image tower is initialised from it
-(partial restore) and locked: no gradient, no update, no optimizer state; the text tower and both
+LiT (Zhai et al., 2022): ``objective.lit_init_from`` = a workdir/checkpoint of any objective that
+declares ``image_encoders`` (MAE, DINO, supervised, CLIP, ...): the image tower is initialised from
+it (partial restore, by the loader the trainer hands in) and locked: no gradient, no update, no optimizer state; the text tower and both
 projections train.
 
 Eval hook (:meth:`ClipObjective.evaluate`): zero-shot classification of ``objective.zero_shot_labels``
 (phantoms) and image<->text retrieval recall@1/5/10 on the first ``data.eval_examples`` of
-``data.eval_split``. :func:`evaluate_image_text` runs the same evaluation standalone.
+``data.eval_split``. :func:`evaluate_image_text` runs the same evaluation on any image-text
+objective (the ``zero_shot`` protocol of ``medfm_jax.evaluate`` uses it on a checkpoint).
 """
 from __future__ import annotations
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
 
 from medfm_jax.data import tokenizers
-from medfm_jax.evaluate import over_split, retrieval, zero_shot
+from medfm_jax.errors import ConfigError, check
+from medfm_jax.metrics import over_split, retrieval, zero_shot
 from medfm_jax.models import clip as clip_model
 from medfm_jax.models import text, vit
-from medfm_jax.objectives import base, clip_losses
+from medfm_jax.objectives import base, clip_losses, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 
 
@@ -49,6 +52,21 @@ class ImageTextObjective(base.Objective):
   and retrieval evaluation. Subclasses set ``self.text_spec`` (the CaptionTokenizer) and define
   ``_embed_pairs_fn(params, images, tokens) -> (image emb, text emb)`` and
   ``_embed_tokens_fn(params, tokens) -> text emb``, then call :meth:`_jit_embedders`."""
+  image_text = True
+
+  @classmethod
+  def check_config(cls, config):
+    """``objective.zero_shot_labels``: phantom labels, or labels whose class names the source has."""
+    d = config.data
+    for label in config.objective.get("zero_shot_labels", ()):
+      check(label in over_split.LABELS, f"objective.zero_shot_labels={tuple(config.objective.zero_shot_labels)}: "
+            f"allowed labels {over_split.LABELS}")
+      if d.source != "phantoms":   # class names come from the source (as for fine-tuning)
+        try:
+          _class_names(d, label)
+        except ValueError as e:
+          raise ConfigError(f"objective.zero_shot_labels: {e} (set objective.zero_shot_labels=() "
+                            "for caption-only data)") from None
 
   def _jit_embedders(self):
     replicated = PartitionSpec()
@@ -84,7 +102,7 @@ class ImageTextObjective(base.Objective):
     del extra, step
     c = self.config
     return evaluate_image_text(self, params, mesh, c.data.eval_split, c.data.eval_examples,
-                               tuple(c.objective.get("zero_shot_labels", ("finding", "modality"))))
+                               tuple(c.objective.get("zero_shot_labels", over_split.LABELS)))
 
 
 class ClipObjective(ImageTextObjective):
@@ -92,31 +110,57 @@ class ClipObjective(ImageTextObjective):
   max_logit_scale, lit_init_from, lit_encoder_weights, zero_shot_labels;
   ``config.model``: the ViT fields + embed_dim, image_pool, image_proj, text_proj_bias, text.*;
   ``config.data``: tokenizer, tokenizer_path, context_length."""
+  name = "clip"
+  image_encoders = {"image": ("params", "image")}
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    """The contrastive loss, the image pooling/projection, the text tower and its tokenizer."""
+    o, m, d = config.objective, config.model, config.data
+    check(o.loss in clip_losses.LOSSES, f"objective.loss={o.loss!r}: allowed {clip_losses.LOSSES}")
+    check(0 < o.max_logit_scale, f"objective.max_logit_scale={o.max_logit_scale}: must be > 0")
+    check(m.image_pool in clip_model.IMAGE_POOLS, f"model.image_pool={m.image_pool!r}: allowed {clip_model.IMAGE_POOLS}")
+    check(m.image_pool == "map" or m.get("class_token", True),
+          "model.class_token=False needs model.image_pool='map' (no cls token to pool)")
+    check(isinstance(m.embed_dim, int) and m.embed_dim > 0, f"model.embed_dim={m.embed_dim!r}: must be a positive integer")
+    width = vit.size_from_config(m).width
+    check(m.image_proj or m.embed_dim == width,
+          f"model.embed_dim={m.embed_dim}: with model.image_proj=False it must equal the image width {width}")
+    try:
+      t = text.text_size(m.text)
+      spec = tokenizers.from_config(d)
+      tok = spec.tokenizer() if spec is not None else None
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    check(spec is not None, f"data.tokenizer={d.get('tokenizer')!r}: the CLIP objective needs one of {tokenizers.KINDS}")
+    check(t.pooling in text.POOLINGS, f"model.text.pooling={t.pooling!r}: allowed {text.POOLINGS}")
+    check(t.width % t.num_heads == 0, f"model.text.num_heads={t.num_heads}: must divide model.text.width={t.width}")
+    check(0 < d.context_length <= t.context_length,
+          f"data.context_length={d.context_length}: must be in [1, model.text.context_length={t.context_length}]")
+    check(tok.vocab_size <= t.vocab_size,
+          f"model.text.vocab_size={t.vocab_size}: smaller than the {d.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+    check(t.pooling != "eot" or tok.eot_id is not None,
+          f"model.text.pooling='eot': the {d.tokenizer!r} tokenizer has no end-of-text token")
+    super().check_config(config)
+
+  def __init__(self, config, encoder_loader=None):
+    super().__init__(config, encoder_loader)
     o = config.objective
     self.kind = o.get("loss", "clip")
-    if self.kind not in clip_losses.LOSSES:
-      raise ValueError(f"objective.loss={self.kind!r}: allowed {clip_losses.LOSSES}")
     self.text_spec = tokenizers.from_config(config.data)
-    if self.text_spec is None:
-      raise ValueError("data.tokenizer: the CLIP objective needs a tokenizer ('bytes', 'hf', 'sentencepiece')")
     self.model = build_model(config, self.text_spec)
     self.max_logit_scale = float(o.get("max_logit_scale", clip_losses.MAX_LOGIT_SCALE))
     self.lit = bool(o.get("lit_init_from", ""))
     self._pretrained = None
     if self.lit:
-      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      self._pretrained = restore.pretrained_encoder(self.model.image, config.data, o.lit_init_from,
-                                                    o.get("lit_encoder_weights", "default"))
+      self._pretrained = self.pretrained_encoder(self.model.image, o.lit_init_from,
+                                                 o.get("lit_encoder_weights", "default"))
     self._jit_embedders()
 
   def init(self, rng, batch):
     params = dict(self.model.init(rng, batch["image"], batch["tokens"])["params"])
     if self._pretrained is not None:
-      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      params["image"] = restore.overwrite_params(params["image"], self._pretrained)
+      params["image"] = base.overwrite_params(params["image"], self._pretrained)
     return params, {}
 
   def trainable(self, params):
@@ -150,7 +194,7 @@ class ClipObjective(ImageTextObjective):
     return self.model.apply({"params": params}, tokens, method=clip_model.ImageTextModel.encode_text)
 
 def evaluate_image_text(objective: ImageTextObjective, params, mesh, split: str, num_examples: int,
-                        labels=("finding", "modality"), detailed: bool = False) -> dict:
+                        labels=over_split.LABELS, detailed: bool = False) -> dict:
   """Zero-shot (``zero_shot_{label}_{accuracy,balanced_accuracy,macro_auroc}`` per label; phantom
   prompts, or class-name templates elsewhere) and retrieval (``i2t_r@k``, ``t2i_r@k``) scalars.
   With ``detailed`` also ``zero_shot_{label}`` = the full metrics dict (per-class rows)."""
@@ -159,13 +203,7 @@ def evaluate_image_text(objective: ImageTextObjective, params, mesh, split: str,
   out = retrieval.recall_at_k(img, txt)
   embed = lambda texts: objective.embed_texts(params, texts, mesh)
   for label in labels:
-    names = ()
-    if d.source != "phantoms":
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      from medfm_jax.objectives import supervised  # pylint: disable=g-import-not-at-top
-      data_cfg = ml_collections.ConfigDict(d.to_dict())
-      data_cfg.label = label
-      names = supervised.class_names(data_cfg)
+    names = () if d.source == "phantoms" else _class_names(d, label)
     prompts = zero_shot.class_prompts(d.source, label, names)
     known = y[label] >= 0                     # file sources mark unlabelled rows with -1
     m = zero_shot.zero_shot_metrics(img[known], y[label][known], prompts, embed)
@@ -176,41 +214,8 @@ def evaluate_image_text(objective: ImageTextObjective, params, mesh, split: str,
   return out
 
 
-IMAGE_TEXT_OBJECTIVES = ("clip", "flava")   # objectives whose checkpoints zero-shot classify
-
-
-def load_checkpoint(init_from: str, mesh, data_overrides: dict | None = None):
-  """(objective built from the checkpoint's own config, its params replicated on ``mesh``) of a
-  CLIP/SigLIP or FLAVA checkpoint; ``data_overrides`` replace ``data.*`` fields (eval split, sizes)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-  from medfm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax import objectives  # pylint: disable=g-import-not-at-top
-  name, saved = restore.checkpoint_objective(init_from)
-  if name not in IMAGE_TEXT_OBJECTIVES:
-    raise ckpt_lib.CheckpointError(f"init_from={init_from!r}: checkpoint of objective {name!r}, "
-                                   f"not an image-text checkpoint ({', '.join(IMAGE_TEXT_OBJECTIVES)})")
-  config = ml_collections.ConfigDict(saved)
-  config.data.update(data_overrides or {})
-  if "lit_init_from" in config.objective:
-    config.objective.lit_init_from = ""      # the saved params already hold the image tower
-  objective = objectives.build(config)
-  params = ckpt_lib.restore_subtree(init_from, ("params",))
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, PartitionSpec()))
-  return objective, params
-
-
-def zero_shot_from_checkpoint(eval_config, mesh) -> dict:
-  """The ``zero_shot`` evaluation protocol: zero-shot classification of ``data.label`` (plus
-  retrieval recall@k) on ``data.eval_split`` with the checkpoint ``init_from``; the results dict of
-  :mod:`medfm_jax.evaluate.report`."""
-  d = eval_config.data
-  objective, params = load_checkpoint(eval_config.init_from, mesh, {
-      "eval_split": d.eval_split, "eval_examples": d.eval_examples, "eval_batch_size": d.eval_batch_size})
-  out = evaluate_image_text(objective, params, mesh, d.eval_split, d.eval_examples, (d.label,),
-                            detailed=True)
-  summary = out.pop(f"zero_shot_{d.label}")
-  for k in ("accuracy", "balanced_accuracy", "macro_auroc"):
-    out.pop(f"zero_shot_{d.label}_{k}")
-  return {"protocol": "zero_shot", "init_from": eval_config.init_from, "label": d.label,
-          "split": d.eval_split, "metrics": summary, "retrieval": out}
+def _class_names(data_cfg, label: str) -> tuple[str, ...]:
+  """Class names of ``label`` for ``data_cfg``'s source (``supervised.class_names``)."""
+  data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  data_cfg.label = label
+  return supervised.class_names(data_cfg)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.parallel.mesh import BATCH_AXES
 
 LOSSES = ("clip", "siglip")
@@ -118,7 +119,6 @@ def memory_analysis(kind: str, global_batch: int, embed_dim: int, mesh) -> dict[
   """Per-device bytes (XLA ``compiled.memory_analysis()``) of the loss and its gradient with
   respect to both embeddings, for float32 ``[global_batch, embed_dim]`` inputs split over the
   mesh's batch axes. Nothing is allocated (abstract inputs)."""
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   emb = jax.ShapeDtypeStruct((global_batch, embed_dim), jnp.float32,
                              sharding=mesh_lib.batch_sharding(mesh, 2))
   scalar = jax.ShapeDtypeStruct((), jnp.float32)

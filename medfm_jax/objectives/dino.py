@@ -23,11 +23,12 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from medfm_jax.data import phantoms, pipeline
-from medfm_jax.evaluate import attention_maps, knn, over_split
+from medfm_jax.errors import ConfigError, check
+from medfm_jax.metrics import attention_maps, knn, over_split
 from medfm_jax.models import heads, layers, vit
-from medfm_jax.peft import freeze
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
+from medfm_jax.peft import freeze
 
 CENTERINGS = ("center", "sinkhorn_knopp")
 
@@ -73,20 +74,45 @@ class DinoObjective(base.Objective):
   student_temp, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, center_momentum,
   momentum_teacher (-> 1 on a cosine), freeze_last_layer_steps, centering, dino_loss_weight,
   koleo_loss_weight, ibot_loss_weight, ibot_separate_head (+ ibot_out_dim,
-  ibot_head_hidden_dim, ibot_head_bottleneck_dim), layerwise_decay, patch_embed_lr_mult."""
+  ibot_head_hidden_dim, ibot_head_bottleneck_dim), layerwise_decay, patch_embed_lr_mult.
+  ``config.data``: multicrop (required) and, with iBOT, patch_masks (checked here, as only this
+  objective needs them)."""
+  name = "dino"
+  image_encoders = {"teacher": ("extra", "teacher", "backbone"), "student": ("params", "backbone")}
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    o, d = config.objective, config.data
+    patch_size = vit.size_from_config(config.model).patch_size
+    check(o.get("centering", "center") in CENTERINGS,
+          f"objective.centering={o.get('centering')!r}: allowed {', '.join(CENTERINGS)}")
+    for field in ("dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight"):
+      check(o.get(field, 0.0) >= 0, f"objective.{field}={o.get(field)}: must be >= 0")
+    check(0.0 < o.get("layerwise_decay", 1.0) <= 1.0,
+          f"objective.layerwise_decay={o.get('layerwise_decay')}: allowed (0, 1] (1 = off)")
+    try:
+      spec = pipeline.multicrop_spec(d)
+      masks = pipeline.patch_mask_spec(d)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    check(spec is not None, "data.multicrop: the DINO objective needs multi-crop views")
+    for field in ("global_size", "local_size"):
+      check(getattr(spec, field) % patch_size == 0,
+            f"data.multicrop.{field}={getattr(spec, field)}: must be a multiple of the patch size {patch_size}")
+    if o.get("ibot_loss_weight", 0.0) > 0:
+      check(masks is not None, "objective.ibot_loss_weight > 0 needs data.patch_masks "
+            "(dict(patch_size, probability, ratio)) for the iBOT block masks")
+      check(d.patch_masks.patch_size == patch_size,
+            f"data.patch_masks.patch_size={d.patch_masks.patch_size}: must equal the model's "
+            f"patch size {patch_size}")
+      check(config.model.get("mask_token", False), "objective.ibot_loss_weight > 0 needs model.mask_token=True")
+
+  def __init__(self, config, encoder_loader=None):
+    super().__init__(config, encoder_loader)
     o = config.objective
     self.centering = o.get("centering", "center")
-    if self.centering not in CENTERINGS:
-      raise ValueError(f"objective.centering={self.centering!r}: allowed {CENTERINGS}")
     self.ibot = o.get("ibot_loss_weight", 0.0) > 0
     self.mask_spec = pipeline.patch_mask_spec(config.data)
-    if self.ibot and self.mask_spec is None:
-      raise ValueError("objective.ibot_loss_weight > 0 needs data.patch_masks (iBOT block masks)")
-    if self.ibot and not config.model.get("mask_token", False):
-      raise ValueError("objective.ibot_loss_weight > 0 needs model.mask_token=True")
     separate = self.ibot and o.get("ibot_separate_head", False)
     self.model = DinoModel(vit.vit_from_config(config), _head(o),
                            _head(o, "ibot_") if separate else None)

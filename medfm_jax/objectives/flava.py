@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from medfm_jax.data import tokenizers
+from medfm_jax.errors import ConfigError, check
 from medfm_jax.models import codebook as codebook_lib
 from medfm_jax.models import flava as flava_model
 from medfm_jax.models import vit
@@ -65,29 +66,47 @@ class FlavaObjective(ImageTextObjective):
   ('pixels' | 'codebook'), norm_pix, codebook_path, itm_negatives, itm_negative_fraction, init_logit_scale,
   max_logit_scale, zero_shot_labels; ``config.model``: see :func:`models.flava.build_flava`."""
 
-  def __init__(self, config):
-    super().__init__(config)
-    o = config.objective
-    self.text_spec = tokenizers.from_config(config.data)
-    if self.text_spec is None:
-      raise ValueError("data.tokenizer: the FLAVA objective needs a tokenizer ('bytes', 'hf', 'sentencepiece')")
+  name = "flava"
+  image_encoders = {"image": ("params", "image")}
+
+  @classmethod
+  def check_config(cls, config):
+    """The tokenizer, the masked inputs (``data.mlm``, ``data.patch_masks``: only FLAVA needs both),
+    loss weights, MIM target and ITM negatives."""
+    o, d = config.objective, config.data
+    try:
+      spec = tokenizers.from_config(d)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    check(spec is not None,
+          f"data.tokenizer={d.get('tokenizer')!r}: the FLAVA objective needs one of {tokenizers.KINDS}")
     for field in ("mlm", "patch_masks"):
-      if not config.data.get(field):
-        raise ValueError(f"data.{field}: FLAVA needs masked inputs (e.g. data.mlm=dict(probability=0.15) "
-                         "and data.patch_masks=dict(patch_size=P, probability=1.0, ratio=(0.4, 0.4)))")
+      check(bool(d.get(field)), f"data.{field}: FLAVA needs masked inputs (e.g. data.mlm=dict(probability=0.15) "
+            "and data.patch_masks=dict(patch_size=P, probability=1.0, ratio=(0.4, 0.4)))")
     weights = dict(o.get("weights", {}) or {})
     unknown = sorted(set(weights) - set(TERMS))
-    if unknown:
-      raise ValueError(f"objective.weights has unknown terms {unknown}: allowed {TERMS}")
+    check(not unknown, f"objective.weights has unknown terms {unknown}: allowed {TERMS}")
+    check(min(weights.values(), default=0.0) >= 0, f"objective.weights={weights}: weights must be >= 0")
+    target = o.get("mim_target", "pixels")
+    check(target in flava_model.MIM_TARGETS, f"objective.mim_target={target!r}: allowed {flava_model.MIM_TARGETS}")
+    check(target != "codebook" or bool(o.get("codebook_path")),
+          "objective.codebook_path: objective.mim_target='codebook' needs a VQ codebook .npz "
+          "(python -m medfm_jax.models.codebook --config=... --out=codebook.npz)")
+    fraction = float(o.get("itm_negative_fraction", 0.5))
+    check(0.0 <= fraction <= 1.0, f"objective.itm_negative_fraction={fraction}: must be in [0, 1]")
+    negatives = o.get("itm_negatives", "hard")
+    check(negatives in ITM_NEGATIVES, f"objective.itm_negatives={negatives!r}: allowed {ITM_NEGATIVES}")
+    super().check_config(config)
+
+  def __init__(self, config, encoder_loader=None):
+    super().__init__(config, encoder_loader)
+    o = config.objective
+    self.text_spec = tokenizers.from_config(config.data)
+    weights = dict(o.get("weights", {}) or {})
     self.weights = {t: float(weights.get(t, 1.0)) for t in TERMS}
-    if min(self.weights.values()) < 0:
-      raise ValueError(f"objective.weights={self.weights}: weights must be >= 0")
     self.mim_target = o.get("mim_target", "pixels")
     self.codebook = None
     if self.mim_target == "codebook":
-      if not o.get("codebook_path"):
-        raise ValueError("objective.codebook_path: objective.mim_target='codebook' needs a VQ codebook "
-                         ".npz (python -m medfm_jax.models.codebook --config=... --out=codebook.npz)")
       self.codebook = codebook_lib.load_codebook(o.codebook_path)
       config.objective.codebook_size = self.codebook.size
     self.patch = vit.size_from_config(config.model).patch_size
@@ -96,11 +115,7 @@ class FlavaObjective(ImageTextObjective):
                        f"{self.codebook.patch_size} != the model's patch size {self.patch}")
     self.norm_pix = bool(o.get("norm_pix", True))
     self.negative_fraction = float(o.get("itm_negative_fraction", 0.5))
-    if not 0.0 <= self.negative_fraction <= 1.0:
-      raise ValueError(f"objective.itm_negative_fraction={self.negative_fraction}: must be in [0, 1]")
     self.itm_negatives = o.get("itm_negatives", "hard")
-    if self.itm_negatives not in ITM_NEGATIVES:
-      raise ValueError(f"objective.itm_negatives={self.itm_negatives!r}: allowed {ITM_NEGATIVES}")
     self.max_logit_scale = float(o.get("max_logit_scale", clip_losses.MAX_LOGIT_SCALE))
     self.model = flava_model.build_flava(config, self.text_spec)
     self._jit_embedders()

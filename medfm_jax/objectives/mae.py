@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
+from medfm_jax.errors import check
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
 from medfm_jax.objectives import base
@@ -16,10 +18,26 @@ _EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across e
 
 
 class MaeObjective(base.Objective):
-  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples."""
+  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples; ``config.model``: the ViT
+  fields + decoder_width, decoder_depth, decoder_heads."""
+  name = "mae"
+  image_encoders = {"encoder": ("params", "encoder")}
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    m, r = config.model, config.objective.mask_ratio
+    patch = vit.size_from_config(m).patch_size
+    check(0.0 < r < 1.0, f"objective.mask_ratio={r}: must be in the open interval (0, 1)")
+    num_patches = (config.data.image_size // patch) ** 2
+    check(int(num_patches * (1 - r)) >= 1, f"objective.mask_ratio={r}: keeps no patch of {num_patches}")
+    check(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 4 == 0,
+          f"model.decoder_width={m.decoder_width}: must be divisible by 4 and by model.decoder_heads={m.decoder_heads}")
+    check(m.get("patch_embed", "patch") != "conv", "model.patch_embed='conv' is not allowed with "
+          "objective.name='mae': the stem's overlapping receptive fields would show masked patches' "
+          "pixels to the encoder")
+
+  def __init__(self, config, encoder_loader=None):
+    super().__init__(config, encoder_loader)
     m = config.model
     self.model = mae_model.MaskedAutoencoder(vit.vit_from_config(config), m.decoder_width,
                                              m.decoder_depth, m.decoder_heads)
@@ -85,7 +103,6 @@ class MaeObjective(base.Objective):
 
 def write_image_grid(columns: list[np.ndarray], data_cfg, path: str) -> None:
   """Writes normalised images ``[n, H, W, C]`` side by side per example (one row each) as a PNG."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   mean = np.asarray(data_cfg.mean, np.float32)
   std = np.asarray(data_cfg.std, np.float32)
   pixels = [np.clip((c * std + mean) * 255.0, 0, 255).astype(np.uint8) for c in columns]

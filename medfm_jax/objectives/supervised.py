@@ -12,8 +12,9 @@ trains (the rest gets no update, no weight decay, no optimizer state and no grad
   prompt        learned prompt tokens (``model.num_prompts``) and the head
   adapter       bottleneck adapters (``model.adapter_dim``) and the head
 
-With ``config.init_from`` (a workdir or checkpoint of any registered pretraining objective) the
-encoder starts from the checkpoint's image encoder (see ``evaluate.restore``); empty = random init.
+With ``config.init_from`` (a workdir or checkpoint of any objective that declares
+``image_encoders``) the encoder starts from the checkpoint's image encoder, restored by the loader
+the trainer hands in (``train.restore.pretrained_encoder``); empty = random init.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medfm_jax.data import phantoms
+from medfm_jax.data import phantoms, pipeline
+from medfm_jax.errors import ConfigError, check
 from medfm_jax.models import heads, vit
 from medfm_jax.objectives import base
 from medfm_jax.peft import freeze, lora
@@ -38,7 +40,6 @@ def class_names(data_cfg) -> tuple[str, ...]:
   if data_cfg.source in LABELS:
     table = LABELS[data_cfg.source]
   else:
-    from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     source = pipeline.make_source(data_cfg, data_cfg.train_split)
     table = {k: tuple(getattr(source, attr, ()) or ()) for k, attr in
              (("finding", "class_names"), ("modality", "modality_names"))}
@@ -74,12 +75,34 @@ class SupervisedObjective(base.Objective):
   """``config.objective``: scheme, last_n, layer_decay, pool, head_init_std, label_smoothing,
   lora_rank, lora_alpha, lora_rslora, lora_dropout, lora_targets; ``config.data.label``;
   ``config.init_from``, ``config.encoder_weights``."""
+  name = "supervised"
+  image_encoders = {"backbone": ("params", "backbone")}
 
-  def __init__(self, config):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config):
+    o, m = config.objective, config.model
+    try:
+      class_names(config.data)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    check(o.scheme in SCHEMES, f"objective.scheme={o.scheme!r}: allowed {SCHEMES}")
+    depth = vit.size_from_config(m).depth
+    check(isinstance(o.last_n, int) and 0 <= o.last_n <= depth,
+          f"objective.last_n={o.last_n!r}: must be an integer in [0, depth={depth}]")
+    check(0.0 <= o.layer_decay <= 1.0, f"objective.layer_decay={o.layer_decay}: allowed [0, 1] (0 = off)")
+    check(o.pool in heads.POOLS, f"objective.pool={o.pool!r}: allowed {heads.POOLS}")
+    check(0.0 <= o.label_smoothing < 1.0, f"objective.label_smoothing={o.label_smoothing}: allowed [0, 1)")
+    check(isinstance(o.lora_rank, int) and o.lora_rank > 0,
+          f"objective.lora_rank={o.lora_rank!r}: must be a positive integer")
+    check(0.0 <= o.lora_dropout < 1.0, f"objective.lora_dropout={o.lora_dropout}: allowed [0, 1)")
+    check(o.scheme != "prompt" or m.get("num_prompts", 0) > 0,
+          "objective.scheme='prompt' needs model.num_prompts > 0")
+    check(o.scheme != "adapter" or m.get("adapter_dim", 0) > 0,
+          "objective.scheme='adapter' needs model.adapter_dim > 0")
+
+  def __init__(self, config, encoder_loader=None):
+    super().__init__(config, encoder_loader)
     o = config.objective
-    if o.scheme not in SCHEMES:
-      raise ValueError(f"objective.scheme={o.scheme!r}: allowed {SCHEMES}")
     self.scheme = o.scheme
     self.label = config.data.get("label", "finding")
     self.num_classes = len(class_names(config.data))
@@ -90,16 +113,14 @@ class SupervisedObjective(base.Objective):
                                    tuple(o.lora_targets)) if o.scheme == "lora" else None
     self._pretrained = None
     if config.get("init_from"):
-      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      self._pretrained = restore.pretrained_encoder(self.model.backbone, config.data, config.init_from,
-                                                    config.get("encoder_weights", "default"))
+      self._pretrained = self.pretrained_encoder(self.model.backbone, config.init_from,
+                                                 config.get("encoder_weights", "default"))
 
   def init(self, rng, batch):
     model_rng, lora_rng = jax.random.split(rng)
     params = dict(self.model.init(model_rng, batch["image"][:1])["params"])
     if self._pretrained is not None:
-      from medfm_jax.evaluate import restore  # pylint: disable=g-import-not-at-top
-      params["backbone"] = restore.overwrite_params(params["backbone"], self._pretrained)
+      params["backbone"] = base.overwrite_params(params["backbone"], self._pretrained)
     if self.lora_spec is not None:
       s = self.lora_spec
       params["lora"], _ = lora.init(nn.unbox(params["backbone"]), s.targets, s.rank, s.alpha,

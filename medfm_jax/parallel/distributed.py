@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 from absl import logging
 
 
@@ -100,7 +101,7 @@ def choose(env: Mapping[str, str], coordinator_address: str | None = None,
 def _on_tpu_vm() -> bool:
   """True on a Cloud TPU VM (TPU chips on the PCI bus), without starting any backend."""
   try:
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    from jax._src import hardware_utils  # private API that may be absent: guarded; pylint: disable=g-import-not-at-top
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except Exception:  # pylint: disable=broad-except  (private API; absent -> not a TPU VM)
     return False
@@ -109,12 +110,11 @@ def _on_tpu_vm() -> bool:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, env: Mapping[str, str] | None = None) -> Choice:
   """Initialises ``jax.distributed`` as :func:`choose` decides; logs process and device counts."""
-  import jax  # pylint: disable=g-import-not-at-top
   env = os.environ if env is None else env
   choice = choose(env, coordinator_address, num_processes, process_id, _on_tpu_vm())
   if choice.mode == "kubernetes":
     try:
-      import kubernetes  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import kubernetes  # noqa: F401  optional: only Kubernetes Jobs need it; pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       raise DistributedError("Kubernetes indexed Job detected (JOB_COMPLETION_INDEX) but the "
                              "'kubernetes' package is missing: pip install 'jax[k8s]', or pass "

@@ -6,6 +6,7 @@ directory and renames it when complete, so a crash mid-save never leaves a reada
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -118,7 +119,6 @@ def restore_params(path: str, abstract_params: Any | None = None) -> Any:
 def read_meta(path: str) -> dict:
   """The ``meta`` item (``{"step", "config"}``, config decoded from JSON) of the checkpoint that
   :func:`resolve_checkpoint_dir` picks for ``path``."""
-  import json  # pylint: disable=g-import-not-at-top
   meta_file = os.path.join(os.path.dirname(resolve_checkpoint_dir(path)), "meta", "metadata")
   if not os.path.isfile(meta_file):
     raise CheckpointError(f"init_from={path!r}: checkpoint has no meta item ({meta_file}); cannot "

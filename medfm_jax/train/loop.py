@@ -20,6 +20,7 @@ from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import metrics as metrics_lib
 from medfm_jax.train import optim
+from medfm_jax.train import restore
 from medfm_jax.train import state as state_lib
 
 
@@ -64,8 +65,9 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
 
 
 def build_objective(config) -> tuple[objectives_lib.Objective, object]:
-  """The config's objective and the optax transformation that trains it."""
-  objective = objectives_lib.build(config)
+  """The config's objective (with the train layer's encoder loader for ``init_from`` / LiT) and the
+  optax transformation that trains it."""
+  objective = objectives_lib.build(config, encoder_loader=restore.pretrained_encoder)
   return objective, optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
 
 

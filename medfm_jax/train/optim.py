@@ -8,8 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medfm_jax.peft import freeze
+
 TRAIN, FROZEN = "train", "frozen"
-OPTIMIZERS = ("adamw", "sgd")   # config.optim.name
+OPTIMIZERS = ("adamw", "sgd")                 # optim.name
+LR_SCALINGS = ("linear", "sqrt", "none")     # lr_scaling
+GRAD_CLIP_MODES = ("global", "per_param")    # grad_clip_mode
 
 
 def effective_lr(config) -> float:
@@ -21,7 +25,7 @@ def effective_lr(config) -> float:
     return config.lr * math.sqrt(config.batch_size / 1024)
   if rule == "none":
     return config.lr
-  raise ValueError(f"lr_scaling={rule!r}: allowed 'linear', 'sqrt', 'none'")
+  raise ValueError(f"lr_scaling={rule!r}: allowed {LR_SCALINGS}")
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -100,8 +104,8 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
   chain = []
   if config.grad_clip and config.grad_clip > 0:
     mode = config.get("grad_clip_mode", "global")
-    if mode not in ("global", "per_param"):
-      raise ValueError(f"grad_clip_mode={mode!r}: allowed 'global', 'per_param'")
+    if mode not in GRAD_CLIP_MODES:
+      raise ValueError(f"grad_clip_mode={mode!r}: allowed {GRAD_CLIP_MODES}")
     chain.append(optax.clip_by_global_norm(config.grad_clip) if mode == "global"
                  else clip_per_param(config.grad_clip))
   name = o.get("name", "adamw")
@@ -112,9 +116,8 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
     chain += [optax.add_decayed_weights(weight_decay_schedule(config), mask=decay_mask),
               optax.sgd(lr_schedule(config), momentum=o.get("momentum", 0.0) or None)]
   else:
-    raise ValueError(f"optim.name={name!r}: allowed {', '.join(map(repr, OPTIMIZERS))}")
+    raise ValueError(f"optim.name={name!r}: allowed {OPTIMIZERS}")
   if lr_multipliers is not None:
-    from medfm_jax.peft import freeze  # pylint: disable=g-import-not-at-top
     chain.append(freeze.scale_by_tree(lr_multipliers))
   if frozen_for_steps is not None:
     chain.append(freeze_until(*frozen_for_steps))

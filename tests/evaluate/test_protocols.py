@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from medfm_jax import config as config_lib
-from medfm_jax.evaluate import protocols, report, restore
+from medfm_jax.data import pipeline
+from medfm_jax.evaluate import embed, features, protocols, report
 from medfm_jax.peft import lora
 from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train import restore
 from tests import helpers
 
 
@@ -17,7 +19,7 @@ def _config(protocol, variant="tiny", **overrides):
   c = helpers.tiny_eval_config(protocol, variant, **overrides)
   restore.adopt_architecture(c)
   config_lib.validate(c)
-  config_lib.validate_eval(c)
+  protocols.check_config(c)
   return c
 
 
@@ -50,7 +52,6 @@ def test_feature_protocols(mae_ckpt, tmp_path):
 
 
 def test_random_init_baseline_differs_from_checkpoint(mae_ckpt, tmp_path):
-  from medfm_jax.evaluate import features  # pylint: disable=g-import-not-at-top
   mesh = helpers.single_device_mesh(None)
   _, pretrained = features.build_classifier(_config("knn", init_from=mae_ckpt), mesh)
   _, random = features.build_classifier(_config("knn"), mesh)
@@ -107,15 +108,20 @@ def test_cli_knn_writes_results(mae_ckpt, tmp_path):
 def test_eval_config_errors_name_the_field():
   c = helpers.tiny_eval_config("knn", **{"knn.k": 0})
   with pytest.raises(config_lib.ConfigError, match=r"^knn.k=0, knn.temperature=0.07: must be > 0$"):
-    config_lib.validate_eval(c)
+    protocols.check_config(c)
   c = helpers.tiny_eval_config("finetune", "full", **{"objective.scheme": "prompt"})
   with pytest.raises(config_lib.ConfigError, match="objective.scheme='prompt' needs model.num_prompts > 0"):
     config_lib.validate(c)
 
 
+def test_encoder_weights_must_name_a_tower_of_the_checkpoint(mae_ckpt):
+  c = helpers.tiny_eval_config("knn", init_from=mae_ckpt, encoder_weights="teacher")
+  restore.adopt_architecture(c)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"encoder_weights='teacher': objective 'mae' checkpoints have \['encoder'\]"):
+    protocols.check_config(c)
+
+
 def test_embedding_export(mae_ckpt, tmp_path):
-  from medfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
   c = _config("linear_probe", init_from=mae_ckpt)
   path = embed.export(c, str(tmp_path), "test", 40)
   out = np.load(path)

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 
 from medfm_jax.data import phantoms
-from medfm_jax.evaluate import protocols, retrieval, zero_shot
+from medfm_jax import config as config_lib
+from medfm_jax.evaluate import protocols, report
+from medfm_jax.metrics import retrieval, zero_shot
+from medfm_jax.train import restore
 from tests import helpers
 
 
@@ -68,8 +71,6 @@ def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
 
 
 def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
-  from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import report, restore  # pylint: disable=g-import-not-at-top
   c = helpers.tiny_eval_config("zero_shot", init_from=clip_ckpt, **{"data.label": "modality",
                                                                     "data.eval_examples": 40})
   restore.adopt_architecture(c)

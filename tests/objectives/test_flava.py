@@ -8,9 +8,10 @@ import pytest
 
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
+from medfm_jax.evaluate import protocols
 from medfm_jax.objectives import flava as flava_objective
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import checkpoint, loop
+from medfm_jax.train import checkpoint, loop, restore
 from tests import helpers
 
 pytestmark = pytest.mark.xdist_group("flava")   # module fixtures compile multi-device steps once
@@ -203,7 +204,6 @@ def test_learning_signal_ci_and_restore(tmp_path):
   assert last["eval/zero_shot_modality_accuracy"] > first["eval/zero_shot_modality_accuracy"] + 0.15
   assert last["eval/itm_ranking_accuracy"] > max(first["eval/itm_ranking_accuracy"] + 0.05, 0.55)
   assert last["eval/mlm_loss"] < first["eval/mlm_loss"] - 1 and last["eval/mim_loss"] < first["eval/mim_loss"]
-  from medfm_jax.evaluate import protocols, restore
   results = protocols.run(helpers.tiny_eval_config("zero_shot", init_from=str(tmp_path),
                                                    **{"data.label": "modality"}), str(tmp_path / "eval"))
   assert results["metrics"]["accuracy"] > 0.5 and results["retrieval"]["i2t_r@5"] > 0

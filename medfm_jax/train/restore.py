@@ -1,10 +1,13 @@
 """Restore the image encoder of any pretraining checkpoint into a classifier or feature extractor.
 
-A registry keyed by the objective that wrote the checkpoint (its ``meta`` config) says where the
-image encoder lives in the saved train state: MAE ``params/encoder``; DINO ``extra/teacher/backbone``
-(default) or ``params/backbone`` (student); a fine-tuned classifier ``params/backbone``; the
-CLIP/SigLIP image tower and the FLAVA image encoder ``params/image``. A new objective adds one line
-with :func:`register_encoder`.
+The objective that wrote the checkpoint (``objective.name`` in its saved config: a built-in short
+name or an import path) declares where the image encoder lives in the saved train state
+(``Objective.image_encoders``): MAE ``params/encoder``; DINO ``extra/teacher/backbone`` (default) or
+``params/backbone`` (student); a fine-tuned classifier ``params/backbone``; the CLIP/SigLIP image
+tower and the FLAVA image encoder ``params/image``.
+
+This lives in the train layer (it reads checkpoints); objectives get :func:`pretrained_encoder`
+handed in as their ``encoder_loader`` (``train.loop.build_objective``) for ``init_from`` and LiT.
 
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
 position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
@@ -23,13 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from medfm_jax import objectives
+from medfm_jax.errors import ConfigError
 from medfm_jax.models import layers, vit
 from medfm_jax.peft.lora import path_str
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train.checkpoint import CheckpointError
-
-# objective name -> (tower name -> path of the image encoder in the saved train state), default tower
-_ENCODERS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {}
 
 # Encoder architecture fields copied from the checkpoint's config (model.*) into the eval config.
 ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
@@ -41,25 +43,6 @@ PRETRAIN_ONLY = ("mask_token",)
 NEW_PEFT_KEYS = ("prompts", "adapter_attn", "adapter_mlp")
 
 
-def register_encoder(objective: str, towers: dict[str, tuple[str, ...]], default: str) -> None:
-  """Declares where ``objective``'s checkpoints keep their image encoder(s)."""
-  if default not in towers:
-    raise ValueError(f"register_encoder({objective!r}): default {default!r} not in {sorted(towers)}")
-  _ENCODERS[objective] = (dict(towers), default)
-
-
-register_encoder("mae", {"encoder": ("params", "encoder")}, "encoder")
-register_encoder("dino", {"teacher": ("extra", "teacher", "backbone"),
-                          "student": ("params", "backbone")}, "teacher")
-register_encoder("supervised", {"backbone": ("params", "backbone")}, "backbone")
-register_encoder("clip", {"image": ("params", "image")}, "image")   # CLIP/SigLIP image tower
-register_encoder("flava", {"image": ("params", "image")}, "image")  # FLAVA image encoder
-
-
-def registered() -> list[str]:
-  return sorted(_ENCODERS)
-
-
 def checkpoint_objective(init_from: str) -> tuple[str, dict]:
   """(objective name, saved config dict) of the checkpoint ``init_from`` points to."""
   config = ckpt_lib.read_meta(init_from)["config"]
@@ -69,18 +52,26 @@ def checkpoint_objective(init_from: str) -> tuple[str, dict]:
   return name, config
 
 
+def objective_class(name: str, init_from: str) -> type[objectives.Objective]:
+  """The class of the objective that wrote checkpoint ``init_from`` (its saved ``objective.name``)."""
+  try:
+    return objectives.resolve(name)
+  except ConfigError as e:
+    raise CheckpointError(f"init_from={init_from!r}: the checkpoint's {e}") from None
+
+
 def encoder_path(objective: str, weights: str, init_from: str) -> tuple[str, ...]:
   """Path of the image encoder in the saved state for ``weights`` ('default' or a tower name)."""
-  if objective not in _ENCODERS:
-    raise CheckpointError(f"init_from={init_from!r}: checkpoint of objective {objective!r} has no "
-                          f"registered image encoder; registered: {registered()} "
-                          "(evaluate.restore.register_encoder)")
-  towers, default = _ENCODERS[objective]
+  towers = objective_class(objective, init_from).image_encoders
+  if not towers:
+    raise CheckpointError(f"init_from={init_from!r}: checkpoints of objective {objective!r} have no "
+                          "image encoder (its class declares no image_encoders)")
+  default = next(iter(towers))
   name = default if weights in ("", "default") else weights
   if name not in towers:
     raise CheckpointError(f"encoder_weights={weights!r}: objective {objective!r} checkpoints have "
                           f"{sorted(towers)} (or 'default' = {default!r})")
-  return towers[name]
+  return tuple(towers[name])
 
 
 def adopt_architecture(config) -> dict:
@@ -153,21 +144,10 @@ def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
 
 def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default") -> dict[str, np.ndarray]:
   """The encoder restored from ``init_from`` (:func:`load_encoder`) fitted to ``module``'s params
-  at ``data_cfg``'s image shape (:func:`fit_encoder`): path -> array, for :func:`overwrite_params`."""
+  at ``data_cfg``'s image shape (:func:`fit_encoder`): path -> array, for
+  ``objectives.base.overwrite_params``. This is the ``encoder_loader`` objectives are built with."""
   images = jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
                                 jnp.float32)
   abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
   restored, _ = load_encoder(init_from, weights)
   return fit_encoder(abstract, restored, init_from)
-
-
-def overwrite_params(boxed, values: dict):
-  """Replaces the leaves of a boxed param tree whose path is in ``values`` (keeps the boxes)."""
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-
-  def one(path, x):
-    v = values.get(path_str(path))
-    if v is None:
-      return x
-    return x.replace_boxed(jnp.asarray(v, jnp.float32)) if is_box(x) else jnp.asarray(v, jnp.float32)
-  return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)

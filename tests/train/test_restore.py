@@ -1,5 +1,6 @@
-"""Restoring pretraining checkpoints into a classifier: registry, DINO teacher/student, position
-embedding interpolation, scanned stacks, and one-line errors."""
+"""Restoring pretraining checkpoints into a classifier: encoder locations declared by the objective
+class (built-in or imported by path), DINO teacher/student, position embedding interpolation,
+scanned stacks, and one-line errors."""
 import json
 
 import flax.linen as nn
@@ -8,10 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medfm_jax.evaluate import restore
 from medfm_jax.models import layers, vit
+from medfm_jax.objectives import base
 from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train import restore
 from medfm_jax.train.checkpoint import CheckpointError
+
+
+class TowerObjective(base.Objective):
+  """An objective outside the package: only its encoder location matters here."""
+  image_encoders = {"image": ("params", "tower", "image")}
+
+  def init(self, rng, batch):
+    raise NotImplementedError
+
+  def loss(self, params, extra, batch, rng, step):
+    raise NotImplementedError
 
 
 def _init(**kw):
@@ -48,13 +61,15 @@ def test_dino_teacher_or_student(tmp_path):
     restore.load_encoder(path, "encoder")
 
 
-def test_unregistered_objective_names_the_registry(tmp_path):
-  path = _write(tmp_path, {"params": {"image": _encoder_params()}},
+def test_encoder_location_comes_from_the_objective_class(tmp_path):
+  encoder = _encoder_params()
+  path = _write(tmp_path / "a", {"params": {"tower": {"image": encoder}}},
+                {"step": 1, "config": json.dumps({"objective": {"name": f"{__name__}:TowerObjective"}})})
+  jax.tree.map(np.testing.assert_array_equal, restore.load_encoder(path)[0], encoder)
+  path = _write(tmp_path / "b", {"params": {"image": encoder}},
                 {"step": 1, "config": json.dumps({"objective": {"name": "unknown_objective"}})})
-  with pytest.raises(CheckpointError, match="objective .unknown_objective. has no registered image encoder"):
+  with pytest.raises(CheckpointError, match="init_from=.*: the checkpoint's objective.name='unknown_objective': allowed"):
     restore.load_encoder(path)
-  restore.register_encoder("clip_test", {"image": ("params", "image")}, "image")   # the extension point
-  assert "clip_test" in restore.registered()
 
 
 def test_fit_interpolates_learned_pos_embed():

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from medfm_jax.evaluate import metrics
+from medfm_jax.metrics import classification as metrics
 
 
 def _pairwise_auroc(scores, positive):

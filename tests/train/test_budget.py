@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medfm_jax.peft import budget
+from medfm_jax.train import budget
 from medfm_jax.train import optim
 from tests import helpers
 

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from medfm_jax.models import vit
 
@@ -68,7 +69,6 @@ def attention_grid(images: np.ndarray, maps: np.ndarray, mean, std) -> np.ndarra
 def write_attention_png(path: str, images: np.ndarray, maps: np.ndarray, mean, std,
                         scale: int = 4) -> None:
   """Writes :func:`attention_grid` as a grayscale PNG, upscaled ``scale`` times."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   grid = attention_grid(images, maps, mean, std)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),

@@ -3,7 +3,7 @@
 For each class, every template is filled with the class phrase, tokenized and embedded by the text
 tower; the embeddings are L2-normalised, averaged, and the average renormalised (CLIP's prompt
 ensembling). Image scores are ``100 * normalise(image) · classᵀ``; metrics are those of
-:func:`medfm_jax.evaluate.metrics.classification_metrics` (accuracy, balanced accuracy, macro AUROC).
+:func:`medfm_jax.metrics.classification.classification_metrics` (accuracy, balanced accuracy, macro AUROC).
 
 Prompts for the phantoms are derived from their captions ("Brain MRI with a small lesion in the
 center."): a finding's class phrase is the caption's finding phrase without size and location, and
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medfm_jax.data import phantoms
-from medfm_jax.evaluate import metrics
+from medfm_jax.metrics import classification
 
 GENERIC_TEMPLATES = ("a medical image showing {}.", "an image with {}.", "{}.")
 FINDING_PHRASES = {
@@ -69,7 +69,7 @@ def zero_shot_metrics(image_emb: np.ndarray, labels: np.ndarray, prompts: dict[s
                       embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
   """Classification metrics of the zero-shot classifier built from ``prompts`` (class order =
   label ids)."""
-  return metrics.classification_metrics(scores(image_emb, class_embeddings(prompts, embed_texts)),
+  return classification.classification_metrics(scores(image_emb, class_embeddings(prompts, embed_texts)),
                                         labels, list(prompts))
 
 

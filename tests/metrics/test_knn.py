@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medfm_jax.evaluate import knn
+from medfm_jax.metrics import knn
 
 
 def _numpy_knn(train, train_y, test, classes, k, t):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from medfm_jax.evaluate import attention_maps
+from medfm_jax.metrics import attention_maps
 from medfm_jax.models import vit
 
 

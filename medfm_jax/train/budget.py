@@ -1,7 +1,7 @@
 r"""Trainable parameters and optimizer-state bytes per fine-tuning scheme, from shapes only
 (``jax.eval_shape``: nothing is allocated, so ViT-B/16 and larger are measured on a laptop).
 
-  python -m medfm_jax.peft.budget --config=configs/eval/finetune.py:vit_b16
+  python -m medfm_jax.train.budget --config=configs/eval/finetune.py:vit_b16
 
 prints a Markdown table for full / last-N / linear probe / LoRA / prompt / adapter fine-tuning of
 the config's classifier, using the optimizer the shared trainer builds (frozen leaves hold no
@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from medfm_jax.train import loop
 
 # scheme -> config overrides that enable it
 SCHEMES = {
@@ -45,7 +47,6 @@ def _set(config, key: str, value) -> None:
 def measure(config) -> dict:
   """``{total_params, trainable_params, opt_state_bytes}`` of ``config``'s supervised objective
   with the trainer's optimizer (``train.loop.build_objective``)."""
-  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
   objective, tx = loop.build_objective(config)
   d = config.data
   batch = {"image": jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)}
