@@ -43,7 +43,7 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
            for k, v in real.items()}
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
-    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     state = state_lib.create_state(objective, tx, config.seed, batch, abstract)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     step = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,

@@ -162,7 +162,7 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   objective, tx = loop.build_objective(config)
   with mesh_lib.use_mesh(mesh):
     batch = abstract_batch(config, mesh)
-    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     lowered = state_lib.jit_train_step(objective, tx, config, abstract).lower(abstract, batch)
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -171,7 +171,7 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
       unrolled = config.copy_and_resolve_references()
       unrolled.model.scan = False
       obj_u, tx_u = loop.build_objective(unrolled)
-      abstract_u, _ = state_lib.state_shardings(obj_u, tx_u, config.seed, batch, mesh)
+      abstract_u = state_lib.state_shardings(obj_u, tx_u, config.seed, batch, mesh)
       lowered = state_lib.jit_train_step(obj_u, tx_u, unrolled, abstract_u).lower(abstract_u, batch)
   n = jax.device_count()
   mem = compiled.memory_analysis()

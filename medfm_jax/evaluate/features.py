@@ -8,7 +8,6 @@ identical on every process.
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -26,12 +25,8 @@ def build_classifier(config, mesh):
   batch = {"image": jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)}
   rng = jax.random.PRNGKey(config.seed)
   with mesh_lib.use_mesh(mesh):
-    def boxed_and_plain(r):
-      boxed = objective.init(r, batch)[0]
-      return boxed, nn.unbox(boxed)
-    boxed, plain = jax.eval_shape(boxed_and_plain, rng)
-    shardings = mesh_lib.shardings_by_param_path(plain, boxed, mesh)
-    params = jax.jit(lambda r: nn.unbox(objective.init(r, batch)[0]), out_shardings=shardings)(rng)
+    shardings = mesh_lib.tree_shardings(jax.eval_shape(lambda r: objective.init(r, batch)[0], rng), mesh)
+    params = jax.jit(lambda r: mesh_lib.unbox(objective.init(r, batch)[0]), out_shardings=shardings)(rng)
   return objective, params
 
 

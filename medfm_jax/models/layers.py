@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medfm_jax.parallel import mesh as mesh_lib
+
 Dtype = Any
-constrain = nn.with_logical_constraint
+constrain = mesh_lib.constrain
 
 default_kernel_init = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros

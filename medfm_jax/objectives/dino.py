@@ -133,7 +133,7 @@ class DinoObjective(base.Objective):
     images = batch["global"][:, 0]
     ids = jnp.zeros((images.shape[0], max(self.slots, 1)), jnp.int32) if self.ibot else None
     params = self.model.init(rng, images, patch_ids=ids)["params"]
-    teacher = jax.tree.map(jnp.copy, nn.unbox(params))
+    teacher = jax.tree.map(jnp.copy, params)   # keeps the params' logical names: sharded alike
     extra = {"teacher": teacher, "center": jnp.zeros((self.config.objective.out_dim,), jnp.float32)}
     if self.ibot:
       extra["ibot_center"] = jnp.zeros((self.ibot_out_dim,), jnp.float32)

@@ -14,31 +14,35 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# The one table mapping logical names (models/layers.py) to mesh axes.
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+# The one table mapping logical names (models/layers.py) to mesh axes, for parameters, optimizer
+# state, objective state and activations alike. Each name lists its choices in order: a mesh axis,
+# a tuple of mesh axes (split over their product) or None (replicated). A dim takes the first
+# choice whose axes are not yet used by another dim of the same array and whose size divides it,
+# so the fallback for a dim an axis does not divide is written here, not guessed.
+LOGICAL_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # parameters
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("patch", None),
-    ("layers", None),
+    ("embed", ("fsdp", None)),
+    ("mlp", ("tensor", None)),
+    ("heads", ("tensor", None)),
+    ("vocab", ("tensor", None)),
+    ("kv", (None,)),
+    ("patch", (None,)),
+    ("layers", (None,)),
     # activations
-    ("batch", BATCH_AXES),
-    ("seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
+    ("batch", (BATCH_AXES, None)),
+    ("seq", (None,)),
+    ("act_embed", (None,)),
+    ("act_heads", ("tensor", None)),
+    ("act_kv", (None,)),
+    ("act_mlp", ("tensor", None)),
 )
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh):
-  """Mesh + logical-axis rules for tracing: ``jax.set_mesh`` (``with mesh:`` would silently
-  disable Flax's logical constraints)."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+  """The mesh for tracing and running: ``jax.set_mesh`` (``with mesh:`` would not make the mesh
+  visible to :func:`constrain`)."""
+  with jax.set_mesh(mesh):
     yield
 
 
@@ -127,58 +131,63 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.shar
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh,
                     rules=LOGICAL_RULES) -> P:
-  """Maps logical names to a PartitionSpec, replicating dims the mesh axes do not divide."""
+  """The PartitionSpec of an array with logical axis ``names``: per dim, the first of its rule's
+  choices whose mesh axes are unused and divide the dim (size-1 mesh axes are dropped)."""
   table = dict(rules)
   used: set[str] = set()
   spec = []
-  for name, dim in zip(names, shape):
-    axes = table.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      spec.append(None)
+  for name, dim in zip(names, shape, strict=True):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule in parallel.mesh.LOGICAL_RULES")
+    chosen = None
+    for choice in table.get(name, (None,)):
+      axes = (choice,) if isinstance(choice, str) else tuple(choice or ())
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      if not set(axes) & used and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+        chosen = axes
+        break
+    used.update(chosen or ())
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
   return P(*spec)
-
-
-def _path_key(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
-def param_specs(boxed_params, mesh) -> Any:
-  """PartitionSpecs for a tree of (abstract) params boxed with ``nn.Partitioned`` logical names."""
-  def spec(x):
-    return logical_to_spec(x.names, x.value.shape, mesh) if _is_box(x) else P()
-  return jax.tree.map(spec, boxed_params, is_leaf=_is_box)
+def unbox(tree):
+  """The arrays of a tree whose leaves may carry logical names (``nn.Partitioned``), without
+  applying any sharding constraint (jit's ``out_shardings`` place them)."""
+  return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
-def shardings_by_param_path(tree, boxed_params, mesh) -> Any:
-  """Shardings for any tree whose leaves mirror parameters (params, optimizer moments, EMA copies).
+def tree_shardings(boxed_tree, mesh) -> Any:
+  """NamedShardings for any (abstract) tree: a leaf boxed with logical names (``nn.Partitioned``:
+  params, the optimizer moments and EMA copies that keep their names) follows
+  :data:`LOGICAL_RULES`; an unnamed leaf (step counters, scalars, rng) is replicated. The result
+  has the structure of ``unbox(boxed_tree)``."""
+  def sharding(x):
+    if not _is_box(x):
+      return NamedSharding(mesh, P())
+    if not hasattr(x.value, "shape"):   # an optax.MaskedNode (no leaves) under a masked transform
+      return x.value
+    return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, mesh))
+  return jax.tree.map(sharding, boxed_tree, is_leaf=_is_box)
 
-  A leaf whose key path ends with a parameter's full path and has that parameter's shape gets the
-  parameter's sharding; every other leaf (step counters, scalars, rng) is replicated.
-  """
-  by_path = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]:
-    value = x.value if _is_box(x) else x
-    spec = logical_to_spec(x.names, value.shape, mesh) if _is_box(x) else P()
-    by_path[_path_key(path)] = (spec, tuple(value.shape))
-  depths = sorted({len(k) for k in by_path}, reverse=True)
 
-  def sharding(path, leaf):
-    key = _path_key(path)
-    for d in depths:
-      match = by_path.get(key[-d:]) if len(key) >= d else None
-      if match is not None and match[1] == tuple(getattr(leaf, "shape", ())):
-        return NamedSharding(mesh, match[0])
-    return NamedSharding(mesh, P())
-  return jax.tree_util.tree_map_with_path(sharding, tree)
+def box_like(boxed, tree):
+  """``tree`` (the structure of ``unbox(boxed)``) with each leaf boxed in the logical names of the
+  corresponding leaf of ``boxed`` where that one has names."""
+  return jax.tree.map(lambda b, x: b.replace_boxed(x) if _is_box(b) else x, boxed, tree, is_leaf=_is_box)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation with logical axis ``names``, resolved by
+  :func:`logical_to_spec` against the mesh set by :func:`use_mesh` (no-op without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:

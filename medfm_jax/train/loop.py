@@ -54,7 +54,7 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   local = next(data_iterator)
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
-    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
     latest = checkpointer.latest_step() if checkpointer else None
     if latest is None:
       state, start, pending = state_lib.create_state(objective, tx, config.seed, batch, abstract), 0, local

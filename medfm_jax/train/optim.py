@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.peft import freeze
 
 TRAIN, FROZEN = "train", "frozen"
@@ -87,6 +88,13 @@ def freeze_until(mask: Callable[[Any], Any], steps: int) -> optax.GradientTransf
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _on_arrays(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """``fn(params)`` for the trees optax derives from params (masks, labels), evaluated on the
+  arrays when the params carry logical names (``train.state.named_init`` runs ``tx.init`` on
+  named params so the optimizer state keeps their names), its result named alike."""
+  return lambda params: mesh_lib.box_like(params, fn(mesh_lib.unbox(params)))
+
+
 def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
                    lr_multipliers: Callable[[Any], Any] | None = None,
                    frozen_for_steps: tuple[Callable[[Any], Any], int] | None = None
@@ -111,9 +119,9 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
   name = o.get("name", "adamw")
   if name == "adamw":
     chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=weight_decay_schedule(config), mask=decay_mask))
+                             weight_decay=weight_decay_schedule(config), mask=_on_arrays(decay_mask)))
   elif name == "sgd":   # PyTorch SGD: L2 on kernels added to the gradient, then momentum
-    chain += [optax.add_decayed_weights(weight_decay_schedule(config), mask=decay_mask),
+    chain += [optax.add_decayed_weights(weight_decay_schedule(config), mask=_on_arrays(decay_mask)),
               optax.sgd(lr_schedule(config), momentum=o.get("momentum", 0.0) or None)]
   else:
     raise ValueError(f"optim.name={name!r}: allowed {OPTIMIZERS}")
@@ -124,5 +132,5 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
   tx = optax.chain(*chain)
   if trainable is None:
     return tx
-  labels = lambda params: jax.tree.map(lambda t: TRAIN if t else FROZEN, trainable(params))
+  labels = _on_arrays(lambda params: jax.tree.map(lambda t: TRAIN if t else FROZEN, trainable(params)))
   return optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,28 +23,36 @@ class TrainState:
   nonfinite_step: jax.Array   # first step whose loss/grads were NaN/Inf, -1 if none
 
 
-def _boxed_init(objective: Objective, tx, seed: int, batch):
+def named_init(objective: Objective, tx, seed: int, batch) -> TrainState:
+  """The initial train state with logical axis names kept (``nn.Partitioned`` leaves) on the
+  params, on the optimizer state that mirrors them (``tx.init`` runs on the named params) and on
+  the objective state the objective names (e.g. the EMA teacher); counters, scalars and the rng
+  carry none."""
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)
   params, extra = objective.init(init_rng, batch)
-  plain = nn.unbox(params)
-  return params, TrainState(step=jnp.zeros((), jnp.int32), params=plain, opt_state=tx.init(plain),
-                            extra=nn.unbox(extra), rng=train_rng,
-                            nonfinite_step=jnp.full((), -1, jnp.int32))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    extra=extra, rng=train_rng, nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def state_shardings(objective: Objective, tx, seed: int, batch, mesh):
-  """(abstract TrainState with shardings, the boxed abstract params) without allocating anything."""
-  boxed, abstract = jax.eval_shape(lambda b: _boxed_init(objective, tx, seed, b), batch)
-  shardings = mesh_lib.shardings_by_param_path(abstract, boxed, mesh)
+def _boxed_init(objective: Objective, tx, seed: int, batch):
+  """(named params, the plain initial TrainState)."""
+  state = named_init(objective, tx, seed, batch)
+  return state.params, mesh_lib.unbox(state)
+
+
+def state_shardings(objective: Objective, tx, seed: int, batch, mesh) -> TrainState:
+  """The abstract TrainState with the shardings ``parallel.mesh.tree_shardings`` resolves from
+  the names of :func:`named_init`; allocates nothing."""
+  named = jax.eval_shape(lambda b: named_init(objective, tx, seed, b), batch)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings), boxed
+                      mesh_lib.unbox(named), mesh_lib.tree_shardings(named, mesh))
 
 
 def create_state(objective: Objective, tx, seed: int, batch, abstract_state) -> TrainState:
   """Initialises the train state directly into its shardings (no host-side full copy)."""
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-  init = jax.jit(lambda b: _boxed_init(objective, tx, seed, b)[1], out_shardings=shardings)
+  init = jax.jit(lambda b: mesh_lib.unbox(named_init(objective, tx, seed, b)), out_shardings=shardings)
   return init(batch)
 
 
@@ -54,7 +61,7 @@ def _microbatches(batch: dict, n: int) -> dict:
   over all data shards instead of living on a subset of devices."""
   def split(x):
     y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(y, (None, "batch", *([None] * (x.ndim - 1))))
+    return mesh_lib.constrain(y, (None, "batch", *([None] * (x.ndim - 1))))
   return jax.tree.map(split, batch)
 
 

@@ -81,7 +81,7 @@ def test_conv_vit_sharded_forward_matches_single_device(conv_vit):
   model, params, x = conv_vit
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  specs = mesh_lib.param_specs(boxed, mesh)
+  specs = jax.tree.map(lambda s: s.spec, mesh_lib.tree_shardings(boxed, mesh))
   assert specs["patch_embed"]["conv_1"]["kernel"] == jax.sharding.PartitionSpec(None, None, None, "fsdp")
   sharded = jax.tree.map(lambda p, s: jax.device_put(p, jax.sharding.NamedSharding(mesh, s)), params, specs)
   with mesh_lib.use_mesh(mesh):

@@ -26,7 +26,7 @@ def _abstract(variant):
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), np.float32,
                                          sharding=mesh_lib.batch_sharding(mesh, 4))}
   with mesh_lib.use_mesh(mesh):
-    abstract, _ = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
+    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
   return config, mesh, objective, tx, batch, abstract
 
 
