@@ -28,7 +28,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "array-record>=0.5",          # TFDS data_source / the build CLI, without TensorFlow
         "etils[epath]>=1.5",          # bucket URLs for data files
-        "matplotlib>=3.7",            # sweep report plots (python -m medfm_jax.report)
+        "matplotlib>=3.7",            # sweep report plots (python -m medfm_jax.sweeps.report)
     ],
     extras_require={
         "dicom": DICOM,

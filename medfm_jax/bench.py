@@ -144,8 +144,8 @@ def main(argv):
     if k == "sources":   # printed as the table above
       continue
     print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-  from medfm_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  metrics_lib.append_jsonl(_JSON.value, result)
+  from medfm_jax.train import telemetry  # pylint: disable=g-import-not-at-top
+  telemetry.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

@@ -34,7 +34,7 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def _save_config(config, workdir: str) -> None:
-  """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.report``)."""
+  """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.sweeps.report``)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)

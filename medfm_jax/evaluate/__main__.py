@@ -29,7 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import protocols, report, restore  # pylint: disable=g-import-not-at-top
+  from medfm_jax.evaluate import protocols, restore, results as results_lib  # pylint: disable=g-import-not-at-top
   from medfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from medfm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   distributed.initialize()
@@ -47,12 +47,12 @@ def main(argv):
   except protocols.EvalError as e:
     _fail("eval error", e)
   if jax.process_index() == 0:
-    json_path, md_path = report.write(workdir, results)
+    json_path, md_path = results_lib.write(workdir, results)
     m = results["metrics"]
     logging.info("%s: accuracy %.4f  balanced accuracy %.4f  macro AUROC %.4f  -> %s, %s",
                  config.protocol, m["accuracy"], m["balanced_accuracy"], m["macro_auroc"],
                  json_path, md_path)
-    print(report.markdown(results))
+    print(results_lib.markdown(results))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def load_checkpoint(init_from: str, mesh, data_overrides: dict | None = None):
 def zero_shot_from_checkpoint(eval_config, mesh) -> dict:
   """The ``zero_shot`` evaluation protocol: zero-shot classification of ``data.label`` (plus
   retrieval recall@k) on ``data.eval_split`` with the checkpoint ``init_from``; the results dict of
-  :mod:`medfm_jax.evaluate.report`."""
+  :mod:`medfm_jax.evaluate.results`."""
   d = eval_config.data
   objective, params = load_checkpoint(eval_config.init_from, mesh, {
       "eval_split": d.eval_split, "eval_examples": d.eval_examples, "eval_batch_size": d.eval_batch_size})

@@ -13,7 +13,7 @@ import json
 import math
 import os
 
-from medfm_jax.evaluate import report as eval_report
+from medfm_jax.evaluate import results as eval_results
 from medfm_jax.sweeps import grid, runner
 
 SKIP = ("compile_time_s", "step_time_s", "eta_s", "images_per_s", "images_per_s_per_device",
@@ -62,7 +62,7 @@ def read_jsonl(path: str) -> dict[str, dict[int, float]]:
 def _results(path: str, prefix: str, out: dict) -> None:
   with open(path) as f:
     r = json.load(f)
-  for k in eval_report.SUMMARY:
+  for k in eval_results.SUMMARY:
     v = r.get("metrics", {}).get(k)
     out[prefix + k] = math.nan if v is None else float(v)
 

@@ -18,7 +18,7 @@ from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import metrics as metrics_lib
+from medfm_jax.train import telemetry
 from medfm_jax.train import optim
 from medfm_jax.train import state as state_lib
 
@@ -116,7 +116,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_
   trainer = writer = None
   try:
     trainer = setup(config, workdir, checkpointer, mesh)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = telemetry.MetricWriter(workdir)
     return _run(trainer, checkpointer, writer)
   finally:
     checkpointer.close()
@@ -151,8 +151,8 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     t0 = time.perf_counter()
     compiled = step_fn.lower(trainer.state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = metrics_lib.compiled_flops(compiled)
-    peak = metrics_lib.peak_tflops_per_device(config.peak_tflops_per_device)
+    flops = telemetry.compiled_flops(compiled)
+    peak = telemetry.peak_tflops_per_device(config.peak_tflops_per_device)
     n_dev = jax.device_count()
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
@@ -160,7 +160,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     if step == 0:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
     crash_at = int(os.environ.get("MEDFM_CRASH_AT_STEP", "-1"))   # fault injection for resume tests
-    progress = metrics_lib.Progress(step, total)
+    progress = telemetry.Progress(step, total)
     window = []
     while step < total:
       trainer.state, metrics = compiled(trainer.state, batch)
@@ -186,7 +186,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
           logging.warning("step %d: %s", step, message)
         logging.info("step %d/%d  loss %.4f  lr %.3g  |g| %.3g  %.3fs/step  %.1f img/s  MFU %.1f%%  ETA %s",
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
-                     scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))
+                     scalars["images_per_s"], 100 * scalars["mfu"], telemetry.format_eta(timing["eta_s"]))
       t0 = time.perf_counter()
       if step % config.eval_every == 0 or step == total:
         _eval_and_log(trainer, eval_fn, eval_batches, step, writer)

@@ -69,7 +69,7 @@ def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
 
 def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   from medfm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from medfm_jax.evaluate import report, restore  # pylint: disable=g-import-not-at-top
+  from medfm_jax.evaluate import restore, results as results_lib  # pylint: disable=g-import-not-at-top
   c = helpers.tiny_eval_config("zero_shot", init_from=clip_ckpt, **{"data.label": "modality",
                                                                     "data.eval_examples": 40})
   restore.adopt_architecture(c)
@@ -78,4 +78,4 @@ def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   m = results["metrics"]
   assert m["num_examples"] == 40 and [r["class"] for r in m["per_class"]] == list(phantoms.MODALITIES)
   assert set(results["retrieval"]) == {f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-  report.write(str(tmp_path), results)
+  results_lib.write(str(tmp_path), results)

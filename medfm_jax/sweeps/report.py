@@ -1,6 +1,6 @@
 r"""Sweep / run comparison report: a Markdown table and PNG plots.
 
-  python -m medfm_jax.report runs/mae_mask [more sweep folders or workdirs...] \
+  python -m medfm_jax.sweeps.report runs/mae_mask [more sweep folders or workdirs...] \
       [--metric=eval/loss --metric=knn_tiny/accuracy] [--out=DIR]
 
 Writes DIR/report.md (one row per point: its swept fields, seeds, status and each metric's final
@@ -114,7 +114,7 @@ def main(argv):
   try:
     path = build(paths, _METRIC.value, out)
   except collect.ReportError as e:
-    sys.stderr.write(f"medfm_jax.report: {e}\n")
+    sys.stderr.write(f"medfm_jax.sweeps.report: {e}\n")
     sys.exit(2)
   with open(path) as f:
     print(f.read())
