@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medfm_jax import storage
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
@@ -35,13 +37,13 @@ class _QuietLibraries(pylogging.Filter):
 
 def _save_config(config, workdir: str) -> None:
   """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.sweeps.report``)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+  storage.write_text(storage.path(workdir) / "config.json",
+                     config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-def main(argv):
+def main(argv, hooks=()):
+  """The CLI; ``hooks`` (per-step callbacks, see ``loop.StepHook``) are for programs that wrap it,
+  e.g. the fault injection of the resume tests."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -64,10 +66,15 @@ def main(argv):
   from medfm_jax.data import decode  # pylint: disable=g-import-not-at-top
   from medfm_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config)
+  try:
+    storage.path(workdir)
+  except storage.StorageError as e:
+    sys.stderr.write(f"medfm_jax: --workdir: {e}\n")
+    sys.exit(2)
   if jax.process_index() == 0:
     _save_config(config, workdir)
   try:
-    loop.train(config, workdir)
+    loop.train(config, workdir, hooks=hooks)
   except checkpoint.CheckpointError as e:
     sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
     sys.exit(2)

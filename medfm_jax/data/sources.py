@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from medfm_jax import storage
 from medfm_jax.data import decode
 from medfm_jax.data.decode import DataError
 
@@ -234,7 +235,7 @@ def class_names_of(labels: Sequence[str]) -> list[str]:
 def skip_log_path(workdir: str, process_index: int = 0) -> str:
   """``WORKDIR/skipped_files.txt`` (process 0) or ``skipped_files.p<i>.txt``."""
   name = "skipped_files.txt" if process_index == 0 else f"skipped_files.p{process_index}.txt"
-  return os.path.join(workdir, name)
+  return str(storage.path(workdir) / name)
 
 
 class RobustSource:
@@ -255,9 +256,7 @@ class RobustSource:
   def _skip(self, error: DataError) -> None:
     logging.warning("skipping bad data: %s", error)
     if self.skip_log:
-      os.makedirs(os.path.dirname(os.path.abspath(self.skip_log)), exist_ok=True)
-      with open(self.skip_log, "a", encoding="utf-8") as f:
-        f.write(f"{error.path}\t{error.reason}\n")
+      storage.append_text(self.skip_log, f"{error.path}\t{error.reason}\n")
 
   def __getitem__(self, index: int) -> dict:
     index, n = int(index), self.num_examples
