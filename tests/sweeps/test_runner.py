@@ -84,14 +84,26 @@ def test_dry_run_prints_exact_commands(tmp_path):
     runner.plan(sweep, "x", init_from="runs/m")
 
 
-def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
+def _crashing_at_step_3(plan):
+  """``runner.plan`` whose training stages run tests/crash_main.py: SIGKILLed after step 3."""
+  def crashing(*args, **kwargs):
+    points = plan(*args, **kwargs)
+    for s in (s for p in points for s in p.stages if s.name == "train"):
+      i = s.argv.index("medfm_jax.main")
+      s.argv[i:i + 1] = ["tests.crash_main", "--crash_at_step=3"]
+    return points
+  return crashing
+
+
+def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
   """2 x 2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run
   resumes them and evaluates; a third run skips everything; the report has the 4 rows."""
   wd = str(tmp_path / "sweep")
   args = [f"--config={TINY}", f"--workdir={wd}"]
-  r = helpers.run_cli(args, env_extra={"MEDFM_CRASH_AT_STEP": "3"}, module="medfm_jax.sweeps")
-  assert r.returncode == 1, r.stderr[-3000:]
-  assert r.stderr.count("FAILED (exit -9)") == 4 and "4 point(s) failed" in r.stderr
+  with monkeypatch.context() as m:
+    m.setattr(runner, "plan", _crashing_at_step_3(runner.plan))
+    assert runner.run(spec.load(TINY), wd) == 4
+  assert capsys.readouterr().err.count("FAILED (exit -9)") == 4
   m = json.load(open(os.path.join(wd, "sweep.json")))
   assert [p["status"] for p in m["points"]] == ["failed"] * 4
   assert all(p["exit_code"] == -9 and p["error_tail"] and p["failed_stage"] == "train" for p in m["points"])

@@ -1,0 +1,113 @@
+"""A bucket-URL workdir stays a URL: nothing a run writes may land under the cwd.
+
+``os.path.abspath("gs://b/run")`` is ``./gs:/b/run``, so any output path that goes through
+``os.path`` / ``open`` instead of etils.epath silently becomes a local folder. Here ``gs://`` is
+served by a local folder, without network: epath's fsspec backend gets a local filesystem for the
+``gs`` protocol, and orbax's TensorStore kvstore for ``gs://`` paths the ``file`` driver under
+that folder. The test trains (checkpoints, meta, metrics.jsonl, TensorBoard, recon PNGs), resumes,
+evaluates from ``init_from=gs://...`` (restore, results), writes an attention PNG and config.json,
+builds the sweep report, all with the cwd set to an empty folder that must stay empty.
+"""
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+from etils.epath import backend as epath_backend
+from fsspec.implementations import local
+from orbax.checkpoint._src.path import gcs_utils
+
+from medfm_jax import main, storage
+from medfm_jax.evaluate import attention_maps, protocols, restore, results
+from medfm_jax.sweeps import report
+from medfm_jax.train import checkpoint, loop
+from tests import helpers
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class _BucketFS(local.LocalFileSystem):
+  """``gs://BUCKET/KEY`` -> ``ROOT/BUCKET/KEY`` on local disk (parent folders made on write)."""
+  root = ""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.pop("finalize_on_close", None)   # a gcsfs option epath passes
+    super().__init__(*args, auto_mkdir=True, **kwargs)
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = fsspec.utils.stringify_path(path)
+    if path.startswith(cls.root):      # already mapped (paths fsspec hands back to itself)
+      return path.rstrip("/") or "/"
+    return os.path.join(cls.root, path.split("://", 1)[-1].lstrip("/")).rstrip("/")
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """The local folder behind ``gs://`` for the duration of one test."""
+  root = tmp_path / "bucket_store"
+  root.mkdir()
+  monkeypatch.setattr(_BucketFS, "root", str(root))
+  for protocol in ("gs", "gcs"):
+    monkeypatch.setitem(fsspec.registry._registry, protocol, _BucketFS)  # pylint: disable=protected-access
+  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
+                      lambda path: {"driver": "file", "path": _BucketFS._strip_protocol(path)})  # pylint: disable=protected-access
+  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+  _BucketFS.clear_instance_cache()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  yield root
+  _BucketFS.clear_instance_cache()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def test_url_workdir_writes_only_to_the_bucket(bucket, tmp_path, monkeypatch):
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  url, local_run = "gs://bkt/runs/mae", bucket / "bkt" / "runs" / "mae"
+  config = helpers.tiny_mae_config(total_steps=2, eval_every=2, checkpoint_every=2, keep_checkpoints=5,
+                                   async_checkpointing=False)
+  main._save_config(config, url)  # pylint: disable=protected-access
+  loop.train(config, url, helpers.single_device_mesh(config))
+  config.total_steps = 3   # resumes from the bucket's step-2 checkpoint
+  loop.train(config, url, helpers.single_device_mesh(config))
+
+  assert checkpoint.Checkpointer(url).latest_step() == 3
+  assert sorted(os.listdir(local_run / "checkpoints")) == ["2", "3"]
+  assert checkpoint.read_meta(url)["config"]["objective"]["name"] == "mae"
+  rows = [json.loads(line) for line in (local_run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+  assert [r["step"] for r in rows if "compile_time_s" in r] == [0, 2]
+  events = list((local_run / "tensorboard").iterdir())
+  assert events and all(e.name.startswith("events.out.tfevents") and e.stat().st_size > 0 for e in events)
+  assert (local_run / "recon" / "step_0000002.png").read_bytes().startswith(PNG)
+  assert json.loads((local_run / "config.json").read_text())["total_steps"] == 2
+
+  # Evaluation from init_from=URL into a URL workdir.
+  eval_url = "gs://bkt/runs/knn"
+  c = helpers.tiny_eval_config("knn", init_from=url, **{"data.eval_examples": 32,
+                                                        "features.train_examples": 64})
+  restore.adopt_architecture(c)
+  out = protocols.run(c, eval_url)
+  json_path, _ = results.write(eval_url, out)
+  assert json_path == f"{eval_url}/results.json"
+  assert json.loads((bucket / "bkt" / "runs" / "knn" / "results.json").read_text())["protocol"] == "knn"
+
+  attention_maps.write_attention_png(storage.path(url) / "attention" / "a.png", np.zeros((1, 8, 8, 1)),
+                                     np.random.rand(1, 2, 2, 2), [0.5], [0.25])
+  assert (local_run / "attention" / "a.png").read_bytes().startswith(PNG)
+  md = report.build([url], ["loss"], "gs://bkt/report")
+  assert md == "gs://bkt/report/report.md"
+  assert (bucket / "bkt" / "report" / "loss_curves.png").read_bytes().startswith(PNG)
+
+  assert sorted(os.listdir(cwd)) == []   # e.g. no ./gs:/bkt/runs/mae
+
+
+def test_unsupported_url_scheme_is_refused(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(storage.StorageError, match=r"'memory://x/run': URL scheme 'memory://' is not supported"):
+    storage.path("memory://x/run")
+  with pytest.raises(checkpoint.CheckpointError, match=r"init_from='file:///r'"):
+    checkpoint.resolve_checkpoint_dir("file:///r")
+  assert os.listdir(tmp_path) == []
