@@ -24,6 +24,7 @@ setup(
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
+        "scipy>=1.10",                # rank statistic of the AUROC
         "pillow>=10",
         "tensorboardX>=2.6,<3",
         "array-record>=0.5",          # TFDS data_source / the build CLI, without TensorFlow

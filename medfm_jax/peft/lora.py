@@ -53,16 +53,8 @@ jax.tree_util.register_static(LoraSpec)
 
 
 def path_str(path) -> str:
-  """'/'-joined key path of a ``jax.tree_util`` leaf path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """'/'-joined key path of a ``jax.tree_util`` leaf path (``encoder/layer_0/attn/query/kernel``)."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def split_dims(path: str, shape: Sequence[int]) -> tuple[int, int, int]:
