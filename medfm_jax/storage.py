@@ -39,11 +39,13 @@ def path(p: str | os.PathLike) -> epath.Path:
 
 
 def write_text(p: str | os.PathLike, text: str) -> epath.Path:
-  """Writes ``text`` to ``p`` (parent directories created); returns the path."""
-  out = path(p)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(text)
-  return out
+  """Writes ``text`` (UTF-8) to ``p`` (parent directories created); returns the path."""
+  return write_bytes(p, text.encode("utf-8"))
+
+
+def read_text(p: str | os.PathLike) -> str:
+  """The UTF-8 text of the file ``p``."""
+  return path(p).read_bytes().decode("utf-8")
 
 
 def write_bytes(p: str | os.PathLike, data: bytes) -> epath.Path:
@@ -62,14 +64,14 @@ class AppendFile:
     self.path = path(p)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if is_url(self.path):
-      self._file, self._text = None, (self.path.read_text() if self.path.exists() else "")
+      self._file, self._text = None, (read_text(self.path) if self.path.exists() else "")
     else:
-      self._file = self.path.open("a", encoding="utf-8")
+      self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
 
   def write(self, text: str) -> None:
     if self._file is None:
       self._text += text
-      self.path.write_text(self._text)
+      self.path.write_bytes(self._text.encode("utf-8"))
     else:
       self._file.write(text)
       self._file.flush()

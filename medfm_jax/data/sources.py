@@ -23,12 +23,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from medfm_jax import storage
 from medfm_jax.data import decode
@@ -146,7 +148,7 @@ def _is_data_file(path: str) -> bool:
   if ext:
     return True
   try:   # no extension: only DICOM files (by content)
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return decode.sniff(f.read(132)) == "dicom"
   except OSError:
     return False
@@ -157,25 +159,25 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 
   With split folders (``root/train/<class>/...``, ``root/val/...``) entries carry their split
   and the class names are the union over splits. Hidden files and files with other extensions
-  are ignored (counted in a warning).
+  are ignored (counted in a warning). ``root`` is a local folder or a URL.
   """
-  if not os.path.isdir(root):
+  top_dir = storage.path(root)
+  if not top_dir.is_dir():
     raise ValueError(f"data.path={root!r}: not a directory")
-  top = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-               and not d.startswith("."))
-  split_dirs = [d for d in top if d in SPLIT_DIRS]
-  layout = [(d, os.path.join(root, d)) for d in split_dirs] if split_dirs else [("", root)]
+  subdirs = lambda d: sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+  split_dirs = [d for d in subdirs(top_dir) if d in SPLIT_DIRS]
+  layout = [(d, top_dir / d) for d in split_dirs] if split_dirs else [("", top_dir)]
   entries, ignored, classes = [], 0, set()
   for split, base in layout:
-    for label in sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))
-                        and not d.startswith(".")):
+    for label in subdirs(base):
       classes.add(label)
       paths = []
-      for dirpath, dirnames, filenames in os.walk(os.path.join(base, label)):
+      for dirpath, dirnames, filenames in (base / label).walk():
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        paths.extend(os.path.join(dirpath, name) for name in filenames)
+        if not any(part.startswith(".") for part in dirpath.relative_to(base / label).parts):
+          paths.extend(str(dirpath / name) for name in filenames)
       for path in sorted(paths):
-        if os.path.basename(path).startswith(".") or not _is_data_file(path):
+        if epath.Path(path).name.startswith(".") or not _is_data_file(path):
           ignored += 1
           continue
         entries.append(Entry(path, label=label, split=split))
@@ -189,11 +191,13 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 
 def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
   """Entries of a CSV (header row) or JSONL manifest with columns ``path`` (relative to the
-  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split``."""
-  if not os.path.isfile(path):
+  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split``;
+  the manifest and its files are local or URLs."""
+  manifest = storage.path(path)
+  if not manifest.is_file():
     raise ValueError(f"data.path={path!r}: manifest file not found")
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, newline="", encoding="utf-8") as f:
+  base = manifest.parent
+  with io.StringIO(storage.read_text(manifest), newline="") as f:
     if path.lower().endswith((".jsonl", ".json")):
       try:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -213,7 +217,7 @@ def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
     fields = {k: str(row.get(k) if row.get(k) is not None else "").strip()
               for k in MANIFEST_COLUMNS}
     p = fields.pop("path")
-    p = p if "://" in p or os.path.isabs(p) else os.path.join(base, p)
+    p = p if storage.is_url(p) or os.path.isabs(p) else str(base / p)
     entries.append(Entry(p, **fields))
   if not entries:
     raise ValueError(f"{path}: manifest has no rows")

@@ -43,26 +43,25 @@ class Run:
 def read_jsonl(path: str | epath.Path) -> dict[str, dict[int, float]]:
   """``metrics.jsonl`` -> key -> {step: value} (numbers only; a later row of a step wins)."""
   series = {}
-  with storage.path(path).open() as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue   # a line cut short by a kill
-      step = row.get("step")
-      if not isinstance(step, int):
-        continue
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          series.setdefault(k, {})[step] = float(v)
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue   # a line cut short by a kill
+    step = row.get("step")
+    if not isinstance(step, int):
+      continue
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        series.setdefault(k, {})[step] = float(v)
   return series
 
 
 def _results(path: epath.Path, prefix: str, out: dict) -> None:
-  r = json.loads(path.read_text())
+  r = json.loads(storage.read_text(path))
   for k in eval_results.SUMMARY:
     v = r.get("metrics", {}).get(k)
     out[prefix + k] = math.nan if v is None else float(v)
@@ -101,7 +100,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _config(workdir: str) -> dict:
   path = storage.path(workdir) / "config.json"
-  return _flatten(json.loads(path.read_text())) if path.exists() else {}
+  return _flatten(json.loads(storage.read_text(path))) if path.exists() else {}
 
 
 def load_runs(paths: list[str]) -> list[Run]:
@@ -110,7 +109,7 @@ def load_runs(paths: list[str]) -> list[Run]:
   for path in paths:
     root = storage.path(path)
     if (root / runner.MANIFEST).exists():
-      m = json.loads((root / runner.MANIFEST).read_text())
+      m = json.loads(storage.read_text(root / runner.MANIFEST))
       for p in m["points"]:
         runs.append(Run(p["name"], str(root / p["name"]), dict(p["overrides"]), p["status"]))
     elif any((root / f).exists() for f in ("metrics.jsonl", "results.json", "config.json")):

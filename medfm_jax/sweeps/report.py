@@ -126,7 +126,7 @@ def main(argv):
   except (collect.ReportError, storage.StorageError) as e:
     sys.stderr.write(f"medfm_jax.sweeps.report: {e}\n")
     sys.exit(2)
-  print(storage.path(path).read_text())
+  print(storage.read_text(path))
   print(f"wrote {path}")
 
 

@@ -176,7 +176,7 @@ class Manifest:
     self.path = storage.path(workdir) / MANIFEST
     old = {}
     if self.path.exists():
-      old = {p["name"]: p for p in json.loads(self.path.read_text()).get("points", [])}
+      old = {p["name"]: p for p in json.loads(storage.read_text(self.path)).get("points", [])}
     self.data = {"sweep": sweep.source, "base": sweep.base, "kind": sweep.kind,
                  "then_eval": list(then_eval), "seeds": list(seeds), "points": []}
     for p in points:
