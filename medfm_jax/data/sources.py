@@ -154,6 +154,18 @@ def _is_data_file(path: str) -> bool:
     return False
 
 
+def _files_under(folder: epath.Path) -> list[str]:
+  """Every file below ``folder``, hidden folders skipped. (Not ``epath.Path.walk``: through fsspec
+  it yields folder names without their ``gs://``.)"""
+  files = []
+  for child in folder.iterdir():
+    if child.is_dir():
+      files += [] if child.name.startswith(".") else _files_under(child)
+    else:
+      files.append(str(child))
+  return files
+
+
 def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[str]]:
   """Entries of a class-per-subfolder tree (``root/<class>/**/<file>``) and the class names.
 
@@ -171,12 +183,7 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
   for split, base in layout:
     for label in subdirs(base):
       classes.add(label)
-      paths = []
-      for dirpath, dirnames, filenames in (base / label).walk():
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if not any(part.startswith(".") for part in dirpath.relative_to(base / label).parts):
-          paths.extend(str(dirpath / name) for name in filenames)
-      for path in sorted(paths):
+      for path in sorted(_files_under(base / label)):
         if epath.Path(path).name.startswith(".") or not _is_data_file(path):
           ignored += 1
           continue

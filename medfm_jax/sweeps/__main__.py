@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags
 
+from medfm_jax.sweeps import grid, runner, spec
+
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file and variant, e.g. configs/sweeps/mae_mask_ratio.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one sub-workdir per point + sweep.json.")
 _THEN_EVAL = flags.DEFINE_multi_string(
@@ -31,7 +33,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from medfm_jax.sweeps import grid, runner, spec  # pylint: disable=g-import-not-at-top
   try:
     try:
       seeds = [int(s) for s in _SEEDS.value]

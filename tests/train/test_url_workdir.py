@@ -8,6 +8,7 @@ that folder. The test trains (checkpoints, meta, metrics.jsonl, TensorBoard, rec
 evaluates from ``init_from=gs://...`` (restore, results), writes an attention PNG and config.json,
 builds the sweep report, all with the cwd set to an empty folder that must stay empty.
 """
+import importlib
 import json
 import os
 
@@ -19,6 +20,7 @@ from fsspec.implementations import local
 from orbax.checkpoint._src.path import gcs_utils
 
 from medfm_jax import main, storage
+from medfm_jax.data import decode, export, sources
 from medfm_jax.evaluate import attention_maps, protocols, restore, results
 from medfm_jax.sweeps import report
 from medfm_jax.train import checkpoint, loop
@@ -49,8 +51,9 @@ def bucket(tmp_path, monkeypatch):
   root = tmp_path / "bucket_store"
   root.mkdir()
   monkeypatch.setattr(_BucketFS, "root", str(root))
+  registry = importlib.import_module("fsspec.registry")._registry  # pylint: disable=protected-access
   for protocol in ("gs", "gcs"):
-    monkeypatch.setitem(fsspec.registry._registry, protocol, _BucketFS)  # pylint: disable=protected-access
+    monkeypatch.setitem(registry, protocol, _BucketFS)
   monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
                       lambda path: {"driver": "file", "path": _BucketFS._strip_protocol(path)})  # pylint: disable=protected-access
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
@@ -111,3 +114,21 @@ def test_unsupported_url_scheme_is_refused(tmp_path, monkeypatch):
   with pytest.raises(checkpoint.CheckpointError, match=r"init_from='file:///r'"):
     checkpoint.resolve_checkpoint_dir("file:///r")
   assert os.listdir(tmp_path) == []
+
+
+def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
+  """Folder datasets, manifests (relative paths) and the export writers work on URLs too."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  export.export_phantoms("gs://bkt/data", 6, image_size=16)
+  export.write_image("gs://bkt/data/.hidden/skip.png", np.zeros((4, 4), np.uint8))
+  entries, classes = sources.list_folder("gs://bkt/data")
+  assert len(entries) == 6 and all(e.path.startswith("gs://bkt/data/") for e in entries)
+  assert classes == sorted({e.label for e in entries})
+  assert decode.read_file(entries[0].path).startswith(PNG)
+  rel = [e.path.removeprefix("gs://bkt/data/") for e in entries]
+  storage.write_text("gs://bkt/data/manifest.csv", "path,label\n" + "".join(f"{p},x\n" for p in rel))
+  assert [e.path for e in sources.read_manifest("gs://bkt/data/manifest.csv")] == [e.path for e in entries]
+  assert sorted(os.listdir(bucket / "bkt" / "data")) == sorted({*classes, ".hidden", "manifest.csv"})
+  assert sorted(os.listdir(cwd)) == []
