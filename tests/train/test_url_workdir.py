@@ -39,10 +39,10 @@ class _BucketFS(local.LocalFileSystem):
 
   @classmethod
   def _strip_protocol(cls, path):
-    path = fsspec.utils.stringify_path(path)
-    if path.startswith(cls.root):      # already mapped (paths fsspec hands back to itself)
-      return path.rstrip("/") or "/"
-    return os.path.join(cls.root, path.split("://", 1)[-1].lstrip("/")).rstrip("/")
+    key = "/" + fsspec.utils.stringify_path(path).split("://", 1)[-1].lstrip("/")
+    if key.startswith(cls.root + "/"):   # already mapped: a path this class handed out (ls, glob)
+      return key.rstrip("/")
+    return os.path.join(cls.root, key.lstrip("/")).rstrip("/")
 
 
 @pytest.fixture
