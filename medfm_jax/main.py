@@ -15,7 +15,8 @@ from medfm_jax import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images: a local "
+                                "path or a bucket URL (gs://, s3://, az://).")
 flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process run without a "
