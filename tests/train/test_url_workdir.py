@@ -131,4 +131,12 @@ def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
   storage.write_text("gs://bkt/data/manifest.csv", "path,label\n" + "".join(f"{p},x\n" for p in rel))
   assert [e.path for e in sources.read_manifest("gs://bkt/data/manifest.csv")] == [e.path for e in entries]
   assert sorted(os.listdir(bucket / "bkt" / "data")) == sorted({*classes, ".hidden", "manifest.csv"})
+  # A bad file is skipped and logged to a skip log in the bucket (appends rewrite the object).
+  bad = [sources.Entry("gs://bkt/data/bad.png", label=entries[0].label), entries[0]] * 2
+  storage.write_bytes(bad[0].path, b"not a png")
+  src = sources.FileSource(bad, classes, decode.Preprocess(), "skip",
+                           sources.skip_log_path("gs://bkt/runs/mae"))
+  assert [src[i]["skipped"] for i in (0, 2)] == [1, 1]
+  log = (bucket / "bkt" / "runs" / "mae" / "skipped_files.txt").read_text().splitlines()
+  assert [line.split("\t")[0] for line in log] == [bad[0].path] * 2
   assert sorted(os.listdir(cwd)) == []
