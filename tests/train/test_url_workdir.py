@@ -11,6 +11,7 @@ builds the sweep report, all with the cwd set to an empty folder that must stay 
 import importlib
 import json
 import os
+import sys
 
 import fsspec
 import numpy as np
@@ -22,7 +23,7 @@ from orbax.checkpoint._src.path import gcs_utils
 from medfm_jax import main, storage
 from medfm_jax.data import decode, export, sources
 from medfm_jax.evaluate import attention_maps, protocols, restore, results
-from medfm_jax.sweeps import report
+from medfm_jax.sweeps import report, runner, spec
 from medfm_jax.train import checkpoint, loop
 from tests import helpers
 
@@ -139,4 +140,21 @@ def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
   assert [src[i]["skipped"] for i in (0, 2)] == [1, 1]
   log = (bucket / "bkt" / "runs" / "mae" / "skipped_files.txt").read_text().splitlines()
   assert [line.split("\t")[0] for line in log] == [bad[0].path] * 2
+  assert sorted(os.listdir(cwd)) == []
+
+
+def test_sweep_bookkeeping_in_a_bucket(bucket, tmp_path, monkeypatch):
+  """A stage's log, DONE marker and the sweep.json manifest of a sweep folder at a URL."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  stage = runner.Stage("train", "gs://bkt/sweep/p1", [sys.executable, "-c", "print('hello')"])
+  assert runner.run_stage(stage, "gs://bkt/sweep/p1/logs/train.log")[0] == 0 and stage.is_done()
+  assert runner.run_stage(stage, "gs://bkt/sweep/p1/logs/train.log")[0] == 0   # appends
+  assert (bucket / "bkt" / "sweep" / "p1" / "logs" / "train.log").read_text().count("\nhello\n") == 2
+  assert runner._tail("gs://bkt/sweep/p1/logs/train.log")[-1] == "hello"  # pylint: disable=protected-access
+  sweep = spec.Sweep("configs/sweeps/x.py", "configs/mae.py:tiny", "train", [{"seed": 0}])
+  runner.Manifest("gs://bkt/sweep", sweep, [runner.Point("p1", {"seed": 0}, stage.workdir, [stage])], [], [])
+  manifest = json.loads((bucket / "bkt" / "sweep" / "sweep.json").read_text())
+  assert manifest["points"][0]["status"] == "done"
   assert sorted(os.listdir(cwd)) == []
