@@ -4,9 +4,10 @@
 ``os.path`` / ``open`` instead of etils.epath silently becomes a local folder. Here ``gs://`` is
 served by a local folder, without network: epath's fsspec backend gets a local filesystem for the
 ``gs`` protocol, and orbax's TensorStore kvstore for ``gs://`` paths the ``file`` driver under
-that folder. The test trains (checkpoints, meta, metrics.jsonl, TensorBoard, recon PNGs), resumes,
-evaluates from ``init_from=gs://...`` (restore, results), writes an attention PNG and config.json,
-builds the sweep report, all with the cwd set to an empty folder that must stay empty.
+that folder. The tests train (checkpoints, meta, metrics.jsonl, TensorBoard, recon PNGs), resume,
+evaluate from ``init_from=gs://...`` (restore, results, embeddings), write an attention PNG and
+config.json, build the sweep report, read folder/manifest datasets and log skipped files, and run a
+sweep stage (log, DONE, sweep.json), all with the cwd set to an empty folder that must stay empty.
 """
 import importlib
 import json
@@ -22,7 +23,7 @@ from orbax.checkpoint._src.path import gcs_utils
 
 from medfm_jax import main, storage
 from medfm_jax.data import decode, export, sources
-from medfm_jax.evaluate import attention_maps, protocols, restore, results
+from medfm_jax.evaluate import attention_maps, embed, protocols, restore, results
 from medfm_jax.sweeps import report, runner, spec
 from medfm_jax.train import checkpoint, loop
 from tests import helpers
@@ -97,6 +98,8 @@ def test_url_workdir_writes_only_to_the_bucket(bucket, tmp_path, monkeypatch):
   json_path, _ = results.write(eval_url, out)
   assert json_path == f"{eval_url}/results.json"
   assert json.loads((bucket / "bkt" / "runs" / "knn" / "results.json").read_text())["protocol"] == "knn"
+  assert embed.export(c, eval_url, "test", 16) == f"{eval_url}/embeddings_test.npz"
+  assert np.load(bucket / "bkt" / "runs" / "knn" / "embeddings_test.npz")["features"].shape[0] == 16
 
   attention_maps.write_attention_png(storage.path(url) / "attention" / "a.png", np.zeros((1, 8, 8, 1)),
                                      np.random.rand(1, 2, 2, 2), [0.5], [0.25])
