@@ -24,11 +24,12 @@ setup(
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
+        "scipy>=1.10",                # rank statistic of the AUROC
         "pillow>=10",
         "tensorboardX>=2.6,<3",
         "array-record>=0.5",          # TFDS data_source / the build CLI, without TensorFlow
         "etils[epath]>=1.5",          # bucket URLs for data files
-        "matplotlib>=3.7",            # sweep report plots (python -m medfm_jax.report)
+        "matplotlib>=3.7",            # sweep report plots (python -m medfm_jax.sweeps.report)
     ],
     extras_require={
         "dicom": DICOM,

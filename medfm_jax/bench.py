@@ -27,7 +27,7 @@ from medfm_jax import bench_torch
 from medfm_jax.data import build, export, phantoms, pipeline
 from medfm_jax.models import vit
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, metrics
+from medfm_jax.train import loop, telemetry
 from medfm_jax.train import state as state_lib
 
 
@@ -58,14 +58,14 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
       jax.block_until_ready(out["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - t0)
-  flops = metrics.compiled_flops(compiled)
+  flops = telemetry.compiled_flops(compiled)
   median = statistics.median(times)
   n_dev = jax.device_count()
   tflops = flops / median / n_dev / 1e12
   return {"compile_s": compile_s, "step_time_median_s": median, "images_per_s": config.batch_size / median,
           "images_per_s_per_device": config.batch_size / median / n_dev, "gflop_per_step": flops / 1e9,
           "tflops_per_device": tflops,
-          "mfu": tflops / metrics.peak_tflops_per_device(config.peak_tflops_per_device),
+          "mfu": tflops / telemetry.peak_tflops_per_device(config.peak_tflops_per_device),
           "devices": n_dev, "loss_finite": bool(np.isfinite(float(out["loss"])))}
 
 
@@ -139,7 +139,7 @@ def main(argv):
     if k == "sources":   # printed as the table above
       continue
     print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-  metrics.append_jsonl(_JSON.value, result)
+  telemetry.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

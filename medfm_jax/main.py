@@ -10,17 +10,18 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
 from medfm_jax.data import decode
 from medfm_jax.parallel import distributed
 from medfm_jax.train import checkpoint, loop
+from medfm_jax import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images: a local "
+                                "path or a bucket URL (gs://, s3://, az://).")
 flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process run without a "
@@ -41,13 +42,14 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def _save_config(config, workdir: str) -> None:
-  """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.report``)."""
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+  """WORKDIR/config.json: the resolved config (read by ``python -m medfm_jax.sweeps.report``)."""
+  storage.write_text(storage.path(workdir) / "config.json",
+                     config.to_json_best_effort(indent=1, sort_keys=True))
 
 
-def main(argv):
+def main(argv, hooks=()):
+  """The CLI; ``hooks`` (per-step callbacks, see ``loop.StepHook``) are for programs that wrap it,
+  e.g. the fault injection of the resume tests."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -65,10 +67,15 @@ def main(argv):
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
   logging.info("config:\n%s", config)
+  try:
+    storage.path(workdir)
+  except storage.StorageError as e:
+    sys.stderr.write(f"medfm_jax: --workdir: {e}\n")
+    sys.exit(2)
   if jax.process_index() == 0:
     _save_config(config, workdir)
   try:
-    loop.train(config, workdir)
+    loop.train(config, workdir, hooks=hooks)
   except checkpoint.CheckpointError as e:
     sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
     sys.exit(2)

@@ -12,7 +12,7 @@ row per run (``--json=FILE`` appends the numbers as a JSON line):
 * FLOPs per step (XLA cost analysis of the whole step before partitioning, with any
   ``model.scan`` loop unrolled since the analysis counts a loop body once);
 * an estimated step time and MFU on ``--chip``: ``max(compute, collectives)`` with perfect
-  overlap, from the chip's peak (``train/metrics.PEAK_TFLOPS``) and interconnect bandwidth
+  overlap, from the chip's peak (``train/telemetry.PEAK_TFLOPS``) and interconnect bandwidth
   (:data:`CHIPS`); so the MFU is an upper bound. Collective bytes are parsed from the partitioned
   HLO (loop bodies times their trip counts). An HBM-traffic time from XLA's "bytes accessed" is
   printed separately but left out of the estimate: XLA:CPU fuses far less than TPU/GPU, so that
@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from medfm_jax import config as config_lib
 from medfm_jax.data import pipeline
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, metrics
+from medfm_jax.train import loop, telemetry
 from medfm_jax.train import state as state_lib
 
 
@@ -53,11 +53,11 @@ _COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all
 
 
 def chip_spec(chip: str) -> dict[str, float]:
-  """Peak TFLOP/s (from the metrics table), HBM GiB and bandwidths of a chip name like 'v5p'."""
+  """Peak TFLOP/s (from the telemetry table), HBM GiB and bandwidths of a chip name like 'v5p'."""
   key = chip.lower()
   if key not in CHIPS:
     raise ValueError(f"--chip={chip!r}: allowed {sorted(CHIPS)}")
-  peak = next(v for k, v in metrics.PEAK_TFLOPS.items() if k in (key, f"tpu {key}"))
+  peak = next(v for k, v in telemetry.PEAK_TFLOPS.items() if k in (key, f"tpu {key}"))
   hbm, hbm_bw, link_bw = CHIPS[key]
   return {"peak_tflops": peak, "hbm_gib": hbm, "hbm_gbs": hbm_bw, "link_gbs": link_bw}
 
@@ -249,7 +249,7 @@ def main(argv):
   print(f"compile {result['compile_s']:.1f}s; per step: compute {result['t_compute_s']:.3f}s, "
         f"HBM traffic of the XLA:CPU program {result['t_memory_s']:.3f}s (not in the estimate), collectives {result['t_collective_s']:.3f}s "
         f"({result['collective_gib_per_device']:.2f} GiB/device)")
-  metrics.append_jsonl(_JSON.value, result)
+  telemetry.append_jsonl(_JSON.value, result)
   logging.flush()
 
 

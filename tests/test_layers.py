@@ -2,7 +2,7 @@
 
 Layer order, bottom to top (a module may import its own layer's and lower layers' modules only):
 
-  0  errors                          exception types shared by everything
+  0  errors, storage                 exception types; local-or-URL paths (etils.epath)
   1  parallel                        mesh, logical-axis rules, jax.distributed
   2  data                            sources, transforms, masking, tokenizers, grain pipelines
   3  models                          linen modules (codebook.py fits a VQ codebook on data)
@@ -13,8 +13,8 @@ Layer order, bottom to top (a module may import its own layer's and lower layers
   8  config                          the shared config contract (+ each objective's check_config)
   9  evaluate                        protocols over checkpoints, evaluation CLI
   10 sweeps                          sweep grids, runs and their collection
-  11 entry points                    every other top-level module: main, bench, bench_torch, plan,
-                                     sweep, report (a new top-level module lands here)
+  11 entry points                    every other top-level module: main, bench, bench_torch, plan
+                                     (a new top-level module lands here)
 
 What training needs from evaluation is below it (``metrics``) or handed in: the trainer passes
 ``train.restore.pretrained_encoder`` to objectives as their ``encoder_loader``.
@@ -30,7 +30,7 @@ import re
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "medfm_jax"
-LAYERS = (("errors",), ("parallel",), ("data",), ("models",), ("peft", "interop"), ("metrics",),
+LAYERS = (("errors", "storage"), ("parallel",), ("data",), ("models",), ("peft", "interop"), ("metrics",),
           ("objectives",), ("train",), ("config",), ("evaluate",), ("sweeps",))
 ENTRY_POINTS = len(LAYERS)   # the layer of any top-level module not listed above
 # Third-party modules that may be imported inside a function: optional extras (setup.py) or heavy

@@ -1,7 +1,7 @@
 r"""Image-text objective: CLIP softmax InfoNCE vs SigLIP sigmoid loss, each with its paper's
 logit-scale initialisation (1/0.07 vs 10), zero-shot evaluated by the trainer and linear-probed.
 
-  python -m medfm_jax.sweep --config=configs/sweeps/clip_vs_siglip.py:tiny --workdir=runs/clip_siglip \
+  python -m medfm_jax.sweeps --config=configs/sweeps/clip_vs_siglip.py:tiny --workdir=runs/clip_siglip \
       --then_eval=configs/eval/linear_probe.py:tiny --seeds=0,1
 
 Variants: tiny (150 steps of configs/clip.py:tiny) | vit_b16. ``VARIANT,k=v`` overrides go to

@@ -1,6 +1,6 @@
 r"""DINO ablation: number of local crops (DINO paper, Table 5: multi-crop), kNN-evaluated.
 
-  python -m medfm_jax.sweep --config=configs/sweeps/dino_local_crops.py:tiny --workdir=runs/dino_crops \
+  python -m medfm_jax.sweeps --config=configs/sweeps/dino_local_crops.py:tiny --workdir=runs/dino_crops \
       --then_eval=configs/eval/knn.py:tiny
 
 Variants: tiny (2 / 4 / 6 local 16-px crops, 100 steps of configs/dino.py:tiny) | vit_s16

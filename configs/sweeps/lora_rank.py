@@ -3,9 +3,9 @@ r"""Adaptation ablation: LoRA rank of the fine-tuning protocol (a sweep over an 
 Each point fine-tunes the same pretrained checkpoint (``--init_from``) with LoRA on the query and
 value projections at one rank, and writes results.json (accuracy, AUROC) into its folder:
 
-  python -m medfm_jax.sweep --config=configs/sweeps/lora_rank.py:tiny --workdir=runs/lora_rank \
+  python -m medfm_jax.sweeps --config=configs/sweeps/lora_rank.py:tiny --workdir=runs/lora_rank \
       --init_from=runs/mae_tiny
-  python -m medfm_jax.report runs/lora_rank --metric=accuracy --metric=macro_auroc
+  python -m medfm_jax.sweeps.report runs/lora_rank --metric=accuracy --metric=macro_auroc
 
 Variants: tiny (ranks 1, 2, 4, 8; 100 steps of configs/eval/finetune.py:lora) | vit_b16 (ranks 1 to
 64 on ViT-B/16). ``VARIANT,k=v`` overrides go to every point's base config.

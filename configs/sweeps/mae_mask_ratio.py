@@ -1,8 +1,8 @@
 r"""MAE ablation: mask ratio x decoder depth (MAE paper, Tables 1a/1b), kNN-evaluated.
 
-  python -m medfm_jax.sweep --config=configs/sweeps/mae_mask_ratio.py:tiny --workdir=runs/mae_mask \
+  python -m medfm_jax.sweeps --config=configs/sweeps/mae_mask_ratio.py:tiny --workdir=runs/mae_mask \
       --then_eval=configs/eval/knn.py:tiny
-  python -m medfm_jax.report runs/mae_mask
+  python -m medfm_jax.sweeps.report runs/mae_mask
 
 Variants: tiny (2 x 2 points, 100 steps each of configs/mae.py:tiny on the phantoms: minutes on a
 CPU) | vit_b16 (5 x 4 points of the paper recipe). ``VARIANT,k=v`` overrides go to every point's

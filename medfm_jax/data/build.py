@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from medfm_jax import storage
 from medfm_jax.data import decode, export, phantoms, sources
 from medfm_jax.data.decode import DataError
 
@@ -159,6 +160,9 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
     raise ValueError(f"--on_error={on_error!r}: allowed {', '.join(sources.ON_ERROR)}")
   if source == "phantoms" and bit_depth != 8:
     raise ValueError("--bit_depth=16 needs real 16-bit data; phantoms are 8-bit")
+  if storage.is_url(out):   # array_record writes local files only
+    raise ValueError(f"--out={out!r}: the build writes to a local folder (array_record); build "
+                     "there, then copy the folder")
   out_dir = os.path.join(out, name, version)
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise ValueError(f"--out: {out_dir} exists and is not empty; remove it or pass another "

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from medfm_jax import storage
 from medfm_jax.data import phantoms
 
 
@@ -36,9 +37,21 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 
 def write_image(path: str, image: np.ndarray, **save_kwargs) -> str:
-  """Writes PNG/JPEG/TIFF by the extension of ``path`` (creating folders); returns ``path``."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  _pil(image).save(path, **save_kwargs)
+  """Writes PNG/JPEG/TIFF by the extension of ``path`` (local or URL; folders created); returns
+  ``path``."""
+  fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+  if fmt is None:
+    raise ValueError(f"{path!r}: unknown image file extension")
+  buf = io.BytesIO()
+  _pil(image).save(buf, format=fmt, **save_kwargs)
+  storage.write_bytes(path, buf.getvalue())
+  return path
+
+
+def _save_dicom(path: str, ds) -> str:
+  buf = io.BytesIO()
+  ds.save_as(buf, enforce_file_format=True)
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -91,9 +104,7 @@ def write_dicom(path: str, pixels: np.ndarray, transfer_syntax: str | None = Non
     ds.file_meta.TransferSyntaxUID = transfer_syntax
   elif transfer_syntax is not None:
     ds.compress(transfer_syntax)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  ds.save_as(path, enforce_file_format=True)
-  return path
+  return _save_dicom(path, ds)
 
 
 def write_dicom_encapsulated(path: str, frames: Sequence[bytes], transfer_syntax: str,
@@ -106,9 +117,7 @@ def write_dicom_encapsulated(path: str, frames: Sequence[bytes], transfer_syntax
   ds["PixelData"].VR = "OB"
   if len(frames) > 1:
     ds.NumberOfFrames = len(frames)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  ds.save_as(path, enforce_file_format=True)
-  return path
+  return _save_dicom(path, ds)
 
 
 def export_phantoms(root: str, num_examples: int, image_size: int = 32, fmt: str = "png",

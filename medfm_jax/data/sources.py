@@ -23,13 +23,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 
+from medfm_jax import storage
 from medfm_jax.data import decode
 from medfm_jax.data.decode import DataError
 
@@ -145,10 +148,22 @@ def _is_data_file(path: str) -> bool:
   if ext:
     return True
   try:   # no extension: only DICOM files (by content)
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return decode.sniff(f.read(132)) == "dicom"
   except OSError:
     return False
+
+
+def _files_under(folder: epath.Path) -> list[str]:
+  """Every file below ``folder``, hidden folders skipped. (Not ``epath.Path.walk``: through fsspec
+  it yields folder names without their ``gs://``.)"""
+  files = []
+  for child in folder.iterdir():
+    if child.is_dir():
+      files += [] if child.name.startswith(".") else _files_under(child)
+    else:
+      files.append(str(child))
+  return files
 
 
 def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[str]]:
@@ -156,25 +171,20 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 
   With split folders (``root/train/<class>/...``, ``root/val/...``) entries carry their split
   and the class names are the union over splits. Hidden files and files with other extensions
-  are ignored (counted in a warning).
+  are ignored (counted in a warning). ``root`` is a local folder or a URL.
   """
-  if not os.path.isdir(root):
+  top_dir = storage.path(root)
+  if not top_dir.is_dir():
     raise ValueError(f"data.path={root!r}: not a directory")
-  top = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-               and not d.startswith("."))
-  split_dirs = [d for d in top if d in SPLIT_DIRS]
-  layout = [(d, os.path.join(root, d)) for d in split_dirs] if split_dirs else [("", root)]
+  subdirs = lambda d: sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+  split_dirs = [d for d in subdirs(top_dir) if d in SPLIT_DIRS]
+  layout = [(d, top_dir / d) for d in split_dirs] if split_dirs else [("", top_dir)]
   entries, ignored, classes = [], 0, set()
   for split, base in layout:
-    for label in sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))
-                        and not d.startswith(".")):
+    for label in subdirs(base):
       classes.add(label)
-      paths = []
-      for dirpath, dirnames, filenames in os.walk(os.path.join(base, label)):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        paths.extend(os.path.join(dirpath, name) for name in filenames)
-      for path in sorted(paths):
-        if os.path.basename(path).startswith(".") or not _is_data_file(path):
+      for path in sorted(_files_under(base / label)):
+        if epath.Path(path).name.startswith(".") or not _is_data_file(path):
           ignored += 1
           continue
         entries.append(Entry(path, label=label, split=split))
@@ -188,11 +198,13 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 
 def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
   """Entries of a CSV (header row) or JSONL manifest with columns ``path`` (relative to the
-  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split``."""
-  if not os.path.isfile(path):
+  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split``;
+  the manifest and its files are local or URLs."""
+  manifest = storage.path(path)
+  if not manifest.is_file():
     raise ValueError(f"data.path={path!r}: manifest file not found")
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, newline="", encoding="utf-8") as f:
+  base = manifest.parent
+  with io.StringIO(storage.read_text(manifest), newline="") as f:
     if path.lower().endswith((".jsonl", ".json")):
       try:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -212,7 +224,7 @@ def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
     fields = {k: str(row.get(k) if row.get(k) is not None else "").strip()
               for k in MANIFEST_COLUMNS}
     p = fields.pop("path")
-    p = p if "://" in p or os.path.isabs(p) else os.path.join(base, p)
+    p = p if storage.is_url(p) or os.path.isabs(p) else str(base / p)
     entries.append(Entry(p, **fields))
   if not entries:
     raise ValueError(f"{path}: manifest has no rows")
@@ -234,7 +246,7 @@ def class_names_of(labels: Sequence[str]) -> list[str]:
 def skip_log_path(workdir: str, process_index: int = 0) -> str:
   """``WORKDIR/skipped_files.txt`` (process 0) or ``skipped_files.p<i>.txt``."""
   name = "skipped_files.txt" if process_index == 0 else f"skipped_files.p{process_index}.txt"
-  return os.path.join(workdir, name)
+  return str(storage.path(workdir) / name)
 
 
 class RobustSource:
@@ -255,9 +267,7 @@ class RobustSource:
   def _skip(self, error: DataError) -> None:
     logging.warning("skipping bad data: %s", error)
     if self.skip_log:
-      os.makedirs(os.path.dirname(os.path.abspath(self.skip_log)), exist_ok=True)
-      with open(self.skip_log, "a", encoding="utf-8") as f:
-        f.write(f"{error.path}\t{error.reason}\n")
+      storage.append_text(self.skip_log, f"{error.path}\t{error.reason}\n")
 
   def __getitem__(self, index: int) -> dict:
     index, n = int(index), self.num_examples

@@ -14,10 +14,11 @@ only the spec (kind, path, context length) and opens the tokenizer file in each 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import numpy as np
+
+from medfm_jax import storage
 
 KINDS = ("bytes", "hf", "sentencepiece")
 
@@ -61,10 +62,10 @@ class HFTokenizer:
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer  # optional: the 'text' extra; pylint: disable=g-import-not-at-top
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
       raise ValueError(f"data.tokenizer_path={path!r}: no such tokenizer.json file")
     try:
-      self._tok = Tokenizer.from_file(path)
+      self._tok = Tokenizer.from_str(storage.read_text(path))
     except Exception as e:  # pylint: disable=broad-except  (the Rust error type is not exported)
       raise ValueError(f"data.tokenizer_path={path!r}: not a Hugging Face tokenizer.json ({e})") from None
     vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -90,10 +91,10 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     import sentencepiece as spm  # optional: the 'text' extra; pylint: disable=g-import-not-at-top
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
       raise ValueError(f"data.tokenizer_path={path!r}: no such sentencepiece model file")
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=path)
+      self._sp = spm.SentencePieceProcessor(model_proto=storage.path(path).read_bytes())
     except (RuntimeError, OSError) as e:
       raise ValueError(f"data.tokenizer_path={path!r}: not a sentencepiece model ({e})") from None
     self.vocab_size = int(self._sp.get_piece_size())

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
-from medfm_jax.evaluate import protocols, report
+from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.parallel import distributed
 from medfm_jax.train import checkpoint, restore
 
@@ -48,12 +48,12 @@ def main(argv):
   except protocols.EvalError as e:
     _fail("eval error", e)
   if jax.process_index() == 0:
-    json_path, md_path = report.write(workdir, results)
+    json_path, md_path = results_lib.write(workdir, results)
     m = results["metrics"]
     logging.info("%s: accuracy %.4f  balanced accuracy %.4f  macro AUROC %.4f  -> %s, %s",
                  config.protocol, m["accuracy"], m["balanced_accuracy"], m["macro_auroc"],
                  json_path, md_path)
-    print(report.markdown(results))
+    print(results_lib.markdown(results))
 
 
 if __name__ == "__main__":

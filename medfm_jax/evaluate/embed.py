@@ -9,7 +9,6 @@ writes ``WORKDIR/embeddings_<split>.npz`` with ``features [n, width]`` (float32;
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -22,6 +21,7 @@ from medfm_jax.evaluate import features, protocols
 from medfm_jax.parallel import distributed
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint, restore
+from medfm_jax import storage
 
 
 def export(config, workdir: str, split: str, num_examples: int, mesh=None) -> str:
@@ -29,11 +29,12 @@ def export(config, workdir: str, split: str, num_examples: int, mesh=None) -> st
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective, params = features.build_classifier(config, mesh)
   feats, labels = features.extract(config, mesh, objective, params, split, num_examples)
-  path = os.path.join(workdir, f"embeddings_{split}.npz")
+  path = storage.path(workdir) / f"embeddings_{split}.npz"
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    np.savez(path, features=feats, ids=np.arange(len(feats), dtype=np.int64), **labels)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      np.savez(f, features=feats, ids=np.arange(len(feats), dtype=np.int64), **labels)
+  return str(path)
 
 
 def main(argv):

@@ -2,7 +2,7 @@
 few-shot, fine-tune (through the shared trainer and the supervised objective) and zero-shot.
 
 :func:`run` takes an eval config (``configs/eval/*.py``) and a workdir, and returns the results
-that :mod:`medfm_jax.evaluate.report` writes as JSON and Markdown. :func:`check_config` checks the
+that :mod:`medfm_jax.evaluate.results` writes as JSON and Markdown. :func:`check_config` checks the
 eval config's own fields (after ``config.validate``).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Last-layer [CLS] self-attention maps of a ViT (DINO's Fig. 1), as arrays and as a PNG grid."""
 from __future__ import annotations
 
-import os
+import io
 
 import flax.linen as nn
 import jax
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from medfm_jax import storage
 from medfm_jax.models import vit
 
 
@@ -66,10 +67,12 @@ def attention_grid(images: np.ndarray, maps: np.ndarray, mean, std) -> np.ndarra
   return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
 
 
-def write_attention_png(path: str, images: np.ndarray, maps: np.ndarray, mean, std,
+def write_attention_png(path, images: np.ndarray, maps: np.ndarray, mean, std,
                         scale: int = 4) -> None:
-  """Writes :func:`attention_grid` as a grayscale PNG, upscaled ``scale`` times."""
+  """Writes :func:`attention_grid` as a grayscale PNG (``path`` local or URL), upscaled ``scale``
+  times."""
   grid = attention_grid(images, maps, mean, std)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  png = io.BytesIO()
   Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                               Image.NEAREST).save(path)
+                               Image.NEAREST).save(png, "PNG")
+  storage.write_bytes(path, png.getvalue())

@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-  """1-based ranks with ties given their average rank (``scipy.stats.rankdata`` 'average')."""
-  order = np.argsort(x, kind="mergesort")
-  xs = x[order]
-  # boundaries of runs of equal values
-  starts = np.concatenate([[0], np.flatnonzero(xs[1:] != xs[:-1]) + 1])
-  ends = np.concatenate([starts[1:], [len(xs)]])
-  avg = (starts + ends + 1) / 2.0                 # mean of ranks starts+1 .. ends
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = np.repeat(avg, ends - starts)
-  return ranks
+from scipy import stats
 
 
 def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -25,7 +13,7 @@ def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
   n_pos, n_neg = int(positive.sum()), int((~positive).sum())
   if n_pos == 0 or n_neg == 0:
     return float("nan")
-  ranks = _rankdata(np.asarray(scores, np.float64))
+  ranks = stats.rankdata(np.asarray(scores, np.float64))   # ties get their average rank
   return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 

@@ -90,9 +90,5 @@ class ImageTextModel(nn.Module):
     out = self.text_projection(self.text(tokens, deterministic=deterministic))
     return constrain(out.astype(jnp.float32), ("batch", None))
 
-  def scale_and_bias(self):
-    """(raw logit scale, logit bias or None)."""
-    return self.logit_scale, (self.logit_bias if self.init_logit_bias is not None else None)
-
   def __call__(self, images, tokens, deterministic: bool = True):
     return self.encode_image(images, deterministic), self.encode_text(tokens, deterministic)

@@ -13,7 +13,7 @@ Fit one with k-means on the configured train data (k-means++ init, Lloyd iterati
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import zipfile
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from medfm_jax import storage
 from medfm_jax.data import pipeline
 from medfm_jax.models import vit
 from medfm_jax.models.mae import normalize_patches
@@ -40,17 +41,19 @@ class Codebook:
 
 
 def save_codebook(path: str, codebook: Codebook) -> None:
-  with open(path, "wb") as f:
-    np.savez(f, codebook=codebook.centroids.astype(np.float32), patch_size=codebook.patch_size,
+  """Writes ``codebook`` as a ``.npz`` at ``path`` (local or URL)."""
+  buf = io.BytesIO()
+  np.savez(buf, codebook=codebook.centroids.astype(np.float32), patch_size=codebook.patch_size,
              channels=codebook.channels, norm_pix=codebook.norm_pix)
+  storage.write_bytes(path, buf.getvalue())
 
 
 def load_codebook(path: str) -> Codebook:
   """Reads a codebook ``.npz``; a missing or malformed file raises one ValueError naming it."""
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise ValueError(f"codebook {path!r}: no such file (make one with python -m medfm_jax.models.codebook)")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"codebook {path!r}: not a .npz file ({e})") from None

@@ -14,7 +14,6 @@ GPU's batch), ``centering`` = 'center' (DINO) | 'sinkhorn_knopp' (DINOv2).
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from medfm_jax import storage
 from medfm_jax.data import phantoms, pipeline
 from medfm_jax.errors import ConfigError, check
 from medfm_jax.metrics import attention_maps, knn, over_split
@@ -225,7 +225,7 @@ class DinoObjective(base.Objective):
     maps, images = self._attention(extra["teacher"]["backbone"], batch["image"])
     if jax.process_index() == 0:
       attention_maps.write_attention_png(
-          os.path.join(workdir, "attention", f"step_{step:07d}.png"), np.asarray(images),
+          storage.path(workdir) / "attention" / f"step_{step:07d}.png", np.asarray(images),
           np.asarray(maps), self.config.data.mean, self.config.data.std)
 
   def warnings(self, scalars):

@@ -1,7 +1,7 @@
 """MAE objective: masked-patch reconstruction of (normalised) pixels, held-out loss, recon PNG."""
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from medfm_jax import storage
 from medfm_jax.errors import check
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
@@ -98,16 +99,18 @@ class MaeObjective(base.Objective):
     if jax.process_index() != 0:
       return
     rows = [np.asarray(x) for x in columns]
-    write_image_grid(rows, self.config.data, os.path.join(workdir, "recon", f"step_{step:07d}.png"))
+    write_image_grid(rows, self.config.data, storage.path(workdir) / "recon" / f"step_{step:07d}.png")
 
 
-def write_image_grid(columns: list[np.ndarray], data_cfg, path: str) -> None:
-  """Writes normalised images ``[n, H, W, C]`` side by side per example (one row each) as a PNG."""
+def write_image_grid(columns: list[np.ndarray], data_cfg, path) -> None:
+  """Writes normalised images ``[n, H, W, C]`` side by side per example (one row each) as a PNG
+  (``path`` local or URL)."""
   mean = np.asarray(data_cfg.mean, np.float32)
   std = np.asarray(data_cfg.std, np.float32)
   pixels = [np.clip((c * std + mean) * 255.0, 0, 255).astype(np.uint8) for c in columns]
   grid = np.concatenate([np.concatenate(list(row), axis=1) for row in zip(*pixels)], axis=0)
   if grid.shape[-1] == 1:
     grid = grid[..., 0]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+  png = io.BytesIO()
+  Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(png, "PNG")
+  storage.write_bytes(path, png.getvalue())

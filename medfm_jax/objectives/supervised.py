@@ -156,7 +156,7 @@ class SupervisedObjective(base.Objective):
     """Plain classifier params (LoRA merged in float32; no adapter tree) for a standalone checkpoint."""
     if self.lora_spec is None:
       return {"backbone": params["backbone"], "head": params["head"]}
-    return {"backbone": lora.export_merged(params["backbone"], params["lora"], self.lora_spec),
+    return {"backbone": lora.merge(params["backbone"], params["lora"], self.lora_spec),
             "head": params["head"]}
 
   def _ce(self, logits, labels, smoothing: float = 0.0):

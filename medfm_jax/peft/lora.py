@@ -3,7 +3,7 @@
 ``adapters, spec = init(params)`` creates low-rank factors for the kernels whose '/'-joined path
 matches one of ``spec.targets``; ``apply(params, adapters, spec)`` returns a param tree with
 ``W = W0 + scale * reshape(A @ B)`` that the unchanged model consumes. Train ``adapters`` (and a
-new head), keep ``params`` frozen; :func:`export_merged` gives a plain checkpoint.
+new head), keep ``params`` frozen; :func:`merge` gives a plain checkpoint.
 
 Shapes. A kernel ``[*batch, *in_dims, *out_dims]`` is viewed as ``batch`` independent matrices
 ``[prod(in_dims), prod(out_dims)]`` (Flax layout: in, out); see :func:`split_dims` for the rule.
@@ -53,16 +53,8 @@ jax.tree_util.register_static(LoraSpec)
 
 
 def path_str(path) -> str:
-  """'/'-joined key path of a ``jax.tree_util`` leaf path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """'/'-joined key path of a ``jax.tree_util`` leaf path (``encoder/layer_0/attn/query/kernel``)."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def split_dims(path: str, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -150,7 +142,7 @@ def delta(kernel_shape: Sequence[int], path: str, a: jax.Array, b: jax.Array, sc
   return (scale * d).reshape(tuple(kernel_shape))
 
 
-def _transform(base_params, adapters, spec: LoraSpec, sign: float, dropout_rate: float = 0.0,
+def _transform(base_params, adapters, spec: LoraSpec, dropout_rate: float = 0.0,
                rng: jax.Array | None = None):
   flat = _flatten_adapters(adapters)
   order = {p: i for i, p in enumerate(sorted(flat))}
@@ -170,7 +162,7 @@ def _transform(base_params, adapters, spec: LoraSpec, sign: float, dropout_rate:
       keep = 1.0 - dropout_rate
       mask = jax.random.bernoulli(jax.random.fold_in(rng, order[key]), keep, (*a.shape[:-1], 1))
       a = jnp.where(mask, a.astype(jnp.float32) / keep, 0.0)
-    return (w.astype(jnp.float32) + sign * delta(w.shape, key, a, b, spec.scale)).astype(w.dtype)
+    return (w.astype(jnp.float32) + delta(w.shape, key, a, b, spec.scale)).astype(w.dtype)
 
   out = jax.tree_util.tree_map_with_path(one, base_params)
   missing = set(flat) - seen
@@ -188,23 +180,14 @@ def apply(base_params, adapters, spec: LoraSpec, *, dropout_rate: float = 0.0,
   the whole batch; see the module docstring for how this differs from per-example input dropout.
   Jit-friendly: ``spec`` is static; pass ``dropout_rate`` as a Python float.
   """
-  return _transform(base_params, adapters, spec, 1.0, dropout_rate, rng)
+  return _transform(base_params, adapters, spec, dropout_rate, rng)
 
 
 def merge(base_params, adapters, spec: LoraSpec):
-  """Plain param tree with the adapters folded in (= :func:`apply` without dropout)."""
-  return _transform(base_params, adapters, spec, 1.0)
-
-
-def unmerge(merged_params, adapters, spec: LoraSpec):
-  """Inverse of :func:`merge` (subtracts ``scale * A @ B`` in float32); exact up to rounding."""
-  return _transform(merged_params, adapters, spec, -1.0)
-
-
-def export_merged(base_params, adapters, spec: LoraSpec):
-  """Merged params for saving as a normal checkpoint: same structure, shapes and dtypes as the
-  base tree, loadable by the unchanged model with no LoRA code. Currently :func:`merge`."""
-  return merge(base_params, adapters, spec)
+  """Plain param tree with the adapters folded in (= :func:`apply` without dropout): same
+  structure, shapes and dtypes as the base tree, so it saves as a normal checkpoint loadable by the
+  unchanged model with no LoRA code."""
+  return _transform(base_params, adapters, spec)
 
 
 def count_params(adapters) -> int:

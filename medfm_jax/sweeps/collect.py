@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
-from medfm_jax.evaluate import report as eval_report
+from etils import epath
+
+from medfm_jax import storage
+from medfm_jax.evaluate import results as eval_results
 from medfm_jax.sweeps import grid, runner
 
 SKIP = ("compile_time_s", "step_time_s", "eta_s", "images_per_s", "images_per_s_per_device",
@@ -38,53 +40,51 @@ class Run:
     return tuple((k, v) for k, v in self.overrides.items() if k != runner.SEED)
 
 
-def read_jsonl(path: str) -> dict[str, dict[int, float]]:
+def read_jsonl(path: str | epath.Path) -> dict[str, dict[int, float]]:
   """``metrics.jsonl`` -> key -> {step: value} (numbers only; a later row of a step wins)."""
   series = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue   # a line cut short by a kill
-      step = row.get("step")
-      if not isinstance(step, int):
-        continue
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          series.setdefault(k, {})[step] = float(v)
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue   # a line cut short by a kill
+    step = row.get("step")
+    if not isinstance(step, int):
+      continue
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        series.setdefault(k, {})[step] = float(v)
   return series
 
 
-def _results(path: str, prefix: str, out: dict) -> None:
-  with open(path) as f:
-    r = json.load(f)
-  for k in eval_report.SUMMARY:
+def _results(path: epath.Path, prefix: str, out: dict) -> None:
+  r = json.loads(storage.read_text(path))
+  for k in eval_results.SUMMARY:
     v = r.get("metrics", {}).get(k)
     out[prefix + k] = math.nan if v is None else float(v)
 
 
 def load_numbers(run: Run) -> None:
   """Fills ``run.curve`` and ``run.metrics`` from the files in its workdir."""
-  for path in (os.path.join(run.workdir, "metrics.jsonl"),
-               os.path.join(run.workdir, "finetune", "metrics.jsonl")):
-    if os.path.exists(path):
+  root = storage.path(run.workdir)
+  for path in (root / "metrics.jsonl", root / "finetune" / "metrics.jsonl"):
+    if path.exists():
       series = read_jsonl(path)
       run.curve = sorted(series.get("loss", {}).items())
       for k, by_step in series.items():
         if k not in SKIP:
           run.metrics[k] = by_step[max(by_step)]
       break
-  if os.path.exists(os.path.join(run.workdir, "results.json")):
-    _results(os.path.join(run.workdir, "results.json"), "", run.metrics)
-  eval_dir = os.path.join(run.workdir, "eval")
-  if os.path.isdir(eval_dir):
-    for name in sorted(os.listdir(eval_dir)):
-      path = os.path.join(eval_dir, name, "results.json")
-      if os.path.exists(path):
+  if (root / "results.json").exists():
+    _results(root / "results.json", "", run.metrics)
+  eval_dir = root / "eval"
+  if eval_dir.is_dir():
+    for name in sorted(d.name for d in eval_dir.iterdir()):
+      path = eval_dir / name / "results.json"
+      if path.exists():
         _results(path, name + "/", run.metrics)
 
 
@@ -99,24 +99,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _config(workdir: str) -> dict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return _flatten(json.load(f))
+  path = storage.path(workdir) / "config.json"
+  return _flatten(json.loads(storage.read_text(path))) if path.exists() else {}
 
 
 def load_runs(paths: list[str]) -> list[Run]:
   """Every run under ``paths`` (sweep folders expand to their points), numbers loaded."""
   runs, loose = [], []
   for path in paths:
-    manifest = os.path.join(path, runner.MANIFEST)
-    if os.path.exists(manifest):
-      with open(manifest) as f:
-        m = json.load(f)
+    root = storage.path(path)
+    if (root / runner.MANIFEST).exists():
+      m = json.loads(storage.read_text(root / runner.MANIFEST))
       for p in m["points"]:
-        runs.append(Run(p["name"], os.path.join(path, p["name"]), dict(p["overrides"]), p["status"]))
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("metrics.jsonl", "results.json", "config.json")):
+        runs.append(Run(p["name"], str(root / p["name"]), dict(p["overrides"]), p["status"]))
+    elif any((root / f).exists() for f in ("metrics.jsonl", "results.json", "config.json")):
       loose.append(path)
     else:
       raise ReportError(f"{path!r}: not a sweep folder (no {runner.MANIFEST}) nor a run workdir "
@@ -126,7 +122,7 @@ def load_runs(paths: list[str]) -> list[Run]:
     keys = sorted({k for c in configs for k in c})
     varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1] if len(loose) > 1 else []
     for w, c in zip(loose, configs):
-      runs.append(Run(os.path.basename(os.path.normpath(w)) or w, w, {k: c.get(k) for k in varying}, ""))
+      runs.append(Run(storage.path(w).name or w, w, {k: c.get(k) for k in varying}, ""))
   for run in runs:
     load_numbers(run)
   return runs

@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg): overlaid loss curves and final metrics vs a swept field."""
 from __future__ import annotations
 
+import io
 import math
 
 import matplotlib
@@ -9,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 import numpy as np  # noqa: E402
 
+from medfm_jax import storage  # noqa: E402
 from medfm_jax.sweeps import grid  # noqa: E402
 
 FONT = 11
@@ -57,6 +59,14 @@ def _legend_outside(fig, ax_or_fig, n: int):
                           ncol=1 if n <= 16 else 2, frameon=False)
 
 
+def _save(fig, path) -> None:
+  """The figure as a PNG at ``path`` (local or URL), then closed."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
+  plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
+
+
 def loss_curves(groups: dict, path: str, title: str) -> bool:
   """``groups``: label -> list of [(step, loss)] (one per seed); one colour per group."""
   groups = {k: [c for c in v if c] for k, v in groups.items()}
@@ -76,8 +86,7 @@ def loss_curves(groups: dict, path: str, title: str) -> bool:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   _legend_outside(fig, ax, len(groups))
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
@@ -128,8 +137,7 @@ def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False,
                title="other fields")
   fig.tight_layout()
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 

@@ -11,7 +11,8 @@ Layout of ``WORKDIR`` (the sweep folder)::
   POINT/logs/STAGE.log        the stage's stdout + stderr (appended on re-runs)
 
 Re-running skips every stage with a DONE marker; an interrupted stage re-runs in the same
-workdir, so the trainer resumes from its latest checkpoint.
+workdir, so the trainer resumes from its latest checkpoint. ``WORKDIR`` may be a bucket URL: a
+stage's log is then collected locally and added to ``STAGE.log`` when the stage ends.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
+from medfm_jax import storage
 from medfm_jax.sweeps import grid, spec
 
 MANIFEST = "sweep.json"
@@ -44,7 +47,7 @@ class Stage:
     return os.path.join(self.workdir, DONE)
 
   def is_done(self) -> bool:
-    return os.path.exists(self.done_path)
+    return storage.path(self.done_path).exists()
 
 
 @dataclasses.dataclass
@@ -133,8 +136,8 @@ def command_line(stage: Stage) -> str:
 
 def _tail(path: str, n: int = TAIL_LINES) -> list[str]:
   try:
-    with open(path, errors="replace") as f:
-      return [line.rstrip("\n") for line in f.readlines()[-n:]]
+    text = storage.path(path).read_bytes().decode(errors="replace")
+    return text.splitlines()[-n:]
   except OSError:
     return []
 
@@ -147,17 +150,22 @@ def _env() -> dict:
 
 def run_stage(stage: Stage, log_path: str) -> tuple[int, float]:
   """Runs one stage, appending its output to ``log_path``; writes DONE on exit code 0."""
-  os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  os.makedirs(stage.workdir, exist_ok=True)
+  log = storage.path(log_path)
+  log.parent.mkdir(parents=True, exist_ok=True)
+  storage.path(stage.workdir).mkdir(parents=True, exist_ok=True)
+  header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {command_line(stage)}\n"
   t0 = time.time()
-  with open(log_path, "a") as log:
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {command_line(stage)}\n")
-    log.flush()
-    code = subprocess.call(stage.argv, stdout=log, stderr=subprocess.STDOUT, env=_env())
+  # A local log is appended to live; a URL object (no append) gets the output when the stage ends.
+  with (tempfile.TemporaryFile("w+") if storage.is_url(log) else log.open("a")) as f:
+    f.write(header)
+    f.flush()
+    code = subprocess.call(stage.argv, stdout=f, stderr=subprocess.STDOUT, env=_env())
+    if storage.is_url(log):
+      f.seek(0)
+      storage.append_text(log, f.read())
   wall = time.time() - t0
   if code == 0:
-    with open(stage.done_path, "w") as f:
-      json.dump({"command": command_line(stage), "wall_s": wall}, f)
+    storage.write_text(stage.done_path, json.dumps({"command": command_line(stage), "wall_s": wall}))
   return code, wall
 
 
@@ -165,11 +173,10 @@ class Manifest:
   """``sweep.json``: rewritten atomically after every status change."""
 
   def __init__(self, workdir: str, sweep: spec.Sweep, points: list[Point], then_eval, seeds):
-    self.path = os.path.join(workdir, MANIFEST)
+    self.path = storage.path(workdir) / MANIFEST
     old = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        old = {p["name"]: p for p in json.load(f).get("points", [])}
+    if self.path.exists():
+      old = {p["name"]: p for p in json.loads(storage.read_text(self.path)).get("points", [])}
     self.data = {"sweep": sweep.source, "base": sweep.base, "kind": sweep.kind,
                  "then_eval": list(then_eval), "seeds": list(seeds), "points": []}
     for p in points:
@@ -189,11 +196,8 @@ class Manifest:
     self.write()
 
   def write(self) -> None:
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.data, f, indent=1)
-    os.replace(tmp, self.path)
+    tmp = storage.write_text(self.path.parent / (MANIFEST + ".tmp"), json.dumps(self.data, indent=1))
+    tmp.replace(self.path)
 
 
 def run(sweep: spec.Sweep, workdir: str, then_eval=(), seeds=(), init_from: str = "",

@@ -1,13 +1,13 @@
 """Orbax checkpoints: async save of the train state + data-iterator state, auto-resume, resharding
 restore (a checkpoint written on one mesh restores onto any other), partial restore of params.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state, data, meta}``. Orbax writes each step into a temporary
-directory and renames it when complete, so a crash mid-save never leaves a readable partial step.
+Layout: ``WORKDIR/checkpoints/<step>/{state, data, meta}``; ``WORKDIR`` is a local path or a bucket
+URL (orbax reads and writes URLs directly). Orbax writes each step into a temporary directory and
+commits it when complete, so a crash mid-save never leaves a readable partial step.
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -15,6 +15,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from medfm_jax import storage
 
 
 class CheckpointError(ValueError):
@@ -25,7 +28,7 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for train states (every process takes part)."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = storage.path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
@@ -46,7 +49,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    _check_matches(os.path.join(self.directory, str(step), "state"), abstract_state)
+    _check_matches(self.directory / str(step) / "state", abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
@@ -64,13 +67,13 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in leaves}
 
 
-def _check_matches(state_dir: str, abstract_state) -> None:
+def _check_matches(state_dir: epath.Path, abstract_state) -> None:
   """Raises CheckpointError naming missing/unexpected keys and shape mismatches, before reading."""
   with ocp.PyTreeCheckpointer() as ckptr:
     stored = _shapes_by_path(ckptr.metadata(state_dir).item_metadata.tree)
   problems = mismatch_report(stored, _shapes_by_path(abstract_state))
   if problems:
-    raise CheckpointError(f"checkpoint {os.path.dirname(state_dir)} does not fit this config's train "
+    raise CheckpointError(f"checkpoint {state_dir.parent} does not fit this config's train "
                           f"state (changed model/optimizer config? use a new --workdir): {problems}")
 
 
@@ -86,15 +89,19 @@ def mismatch_report(stored: dict[str, tuple], wanted: dict[str, tuple], limit: i
                                        ("shape mismatch (stored != config)", mismatched)) if items)
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-  """A workdir, its ``checkpoints`` dir, or one step dir -> the step's ``state`` directory."""
-  path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, "checkpoints")):
-    if os.path.isdir(os.path.join(candidate, "state")):
-      return os.path.join(candidate, "state")
-    steps = [d for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+def resolve_checkpoint_dir(path: str) -> epath.Path:
+  """A workdir, its ``checkpoints`` dir, or one step dir (local or URL) -> the step's ``state``
+  directory."""
+  try:
+    root = storage.path(path)
+  except storage.StorageError as e:
+    raise CheckpointError(f"init_from={path!r}: {e}") from None
+  for candidate in (root, root / "checkpoints"):
+    if (candidate / "state").is_dir():
+      return candidate / "state"
+    steps = [d.name for d in candidate.iterdir() if d.name.isdigit()] if candidate.is_dir() else []
     if steps:
-      return os.path.join(candidate, max(steps, key=int), "state")
+      return candidate / max(steps, key=int) / "state"
   raise CheckpointError(f"init_from={path!r}: no checkpoint found; expected a workdir, its "
                         "'checkpoints' directory, or a checkpoints/<step> directory")
 
@@ -119,12 +126,12 @@ def restore_params(path: str, abstract_params: Any | None = None) -> Any:
 def read_meta(path: str) -> dict:
   """The ``meta`` item (``{"step", "config"}``, config decoded from JSON) of the checkpoint that
   :func:`resolve_checkpoint_dir` picks for ``path``."""
-  meta_file = os.path.join(os.path.dirname(resolve_checkpoint_dir(path)), "meta", "metadata")
-  if not os.path.isfile(meta_file):
-    raise CheckpointError(f"init_from={path!r}: checkpoint has no meta item ({meta_file}); cannot "
+  step_dir = resolve_checkpoint_dir(path).parent
+  if not (step_dir / "meta").is_dir():
+    raise CheckpointError(f"init_from={path!r}: checkpoint {step_dir} has no meta item; cannot "
                           "tell which objective wrote it")
-  with open(meta_file) as f:
-    meta = json.load(f)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    meta = ckptr.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   config = meta.get("config")
   meta["config"] = json.loads(config) if isinstance(config, str) else (config or {})
   return meta

@@ -6,9 +6,8 @@ metrics, evals, checkpoints. The loop knows nothing about any objective beyond `
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -18,7 +17,7 @@ from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import metrics as metrics_lib
+from medfm_jax.train import telemetry
 from medfm_jax.train import optim
 from medfm_jax.train import restore
 from medfm_jax.train import state as state_lib
@@ -26,6 +25,11 @@ from medfm_jax.train import state as state_lib
 
 class NonFiniteError(RuntimeError):
   """Loss or gradients became NaN/Inf; the bad state was not saved."""
+
+
+# Called as ``hook(step, state)`` after every train step (``step`` = steps done), before that
+# step's logging, eval and checkpoint; e.g. progress reporting, or the fault injection of tests.
+StepHook = Callable[[int, state_lib.TrainState], None]
 
 
 @dataclasses.dataclass
@@ -112,14 +116,16 @@ def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:
   logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
 
-def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
-  """Runs (or resumes) training to ``config.total_steps``; returns the final state."""
+def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
+          hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
+  """Runs (or resumes) training to ``config.total_steps``; returns the final state. ``workdir``
+  is a local path or a bucket URL; ``hooks`` run after every step (see :data:`StepHook`)."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
   trainer = writer = None
   try:
     trainer = setup(config, workdir, checkpointer, mesh)
-    writer = metrics_lib.MetricWriter(workdir)
-    return _run(trainer, checkpointer, writer)
+    writer = telemetry.MetricWriter(workdir)
+    return _run(trainer, checkpointer, writer, hooks)
   finally:
     checkpointer.close()
     if writer is not None:
@@ -128,7 +134,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_
       trainer.data_iterator.close()
 
 
-def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
+def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
   config, mesh, objective, tx = trainer.config, trainer.mesh, trainer.objective, trainer.tx
   step_fn = state_lib.jit_train_step(objective, tx, config, trainer.abstract_state)
   eval_fn = jax.jit(state_lib.make_eval_step(objective))
@@ -153,23 +159,22 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
     t0 = time.perf_counter()
     compiled = step_fn.lower(trainer.state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = metrics_lib.compiled_flops(compiled)
-    peak = metrics_lib.peak_tflops_per_device(config.peak_tflops_per_device)
+    flops = telemetry.compiled_flops(compiled)
+    peak = telemetry.peak_tflops_per_device(config.peak_tflops_per_device)
     n_dev = jax.device_count()
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
     if step == 0:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
-    crash_at = int(os.environ.get("MEDFM_CRASH_AT_STEP", "-1"))   # fault injection for resume tests
-    progress = metrics_lib.Progress(step, total)
+    progress = telemetry.Progress(step, total)
     window = []
     while step < total:
       trainer.state, metrics = compiled(trainer.state, batch)
       window.append(metrics)
       step += 1
-      if step == crash_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+      for hook in hooks:
+        hook(step, trainer.state)
       if step % config.log_every == 0 or step == total:
         _check_finite(trainer.state)
         scalars = {k: float(np.mean(v)) for k, v in jax.device_get(
@@ -188,7 +193,7 @@ def _run(trainer: Trainer, checkpointer, writer) -> state_lib.TrainState:
           logging.warning("step %d: %s", step, message)
         logging.info("step %d/%d  loss %.4f  lr %.3g  |g| %.3g  %.3fs/step  %.1f img/s  MFU %.1f%%  ETA %s",
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
-                     scalars["images_per_s"], 100 * scalars["mfu"], metrics_lib.format_eta(timing["eta_s"]))
+                     scalars["images_per_s"], 100 * scalars["mfu"], telemetry.format_eta(timing["eta_s"]))
       t0 = time.perf_counter()
       if step % config.eval_every == 0 or step == total:
         _eval_and_log(trainer, eval_fn, eval_batches, step, writer)

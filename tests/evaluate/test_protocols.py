@@ -8,7 +8,7 @@ import pytest
 
 from medfm_jax import config as config_lib
 from medfm_jax.data import pipeline
-from medfm_jax.evaluate import embed, features, protocols, report
+from medfm_jax.evaluate import embed, features, protocols, results as results_lib
 from medfm_jax.peft import lora
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import restore
@@ -46,7 +46,7 @@ def test_feature_protocols(mae_ckpt, tmp_path):
   assert len(few["seeds"]) == 2 and few["shots"] == 10
   assert few["metrics"]["accuracy"] == pytest.approx(np.mean([s["accuracy"] for s in few["seeds"]]))
   assert few["std"]["accuracy"] == pytest.approx(np.std([s["accuracy"] for s in few["seeds"]]))
-  json_path, md_path = report.write(str(tmp_path / "few"), few)
+  json_path, md_path = results_lib.write(str(tmp_path / "few"), few)
   assert json.load(open(json_path))["metrics"]["per_class"][0]["class"] == "none"
   assert "| accuracy | " in open(md_path).read() and "± " in open(md_path).read()
 

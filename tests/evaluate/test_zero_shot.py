@@ -4,7 +4,7 @@ import pytest
 
 from medfm_jax.data import phantoms
 from medfm_jax import config as config_lib
-from medfm_jax.evaluate import protocols, report
+from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.metrics import retrieval, zero_shot
 from medfm_jax.train import restore
 from tests import helpers
@@ -79,4 +79,4 @@ def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   m = results["metrics"]
   assert m["num_examples"] == 40 and [r["class"] for r in m["per_class"]] == list(phantoms.MODALITIES)
   assert set(results["retrieval"]) == {f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-  report.write(str(tmp_path), results)
+  results_lib.write(str(tmp_path), results)

@@ -10,7 +10,7 @@ from medfm_jax import objectives
 from medfm_jax.data import pipeline
 from medfm_jax.objectives import dino_losses
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, optim
+from medfm_jax.train import optim
 from medfm_jax.train import state as state_lib
 from tests import helpers
 

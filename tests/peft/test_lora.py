@@ -115,10 +115,6 @@ def test_apply_formula_and_merge_roundtrip(unrolled):
   assert not jnp.array_equal(fwd(eff, images), fwd(params, images))
   merged = lora.merge(params, adapters, spec)
   _assert_trees_equal(merged, eff)
-  _assert_trees_equal(lora.export_merged(params, adapters, spec), merged)
-  back = lora.unmerge(merged, adapters, spec)
-  err = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
-  assert err <= 1e-6
   # bfloat16 kernels: float32 math, cast back to the kernel dtype.
   bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(lora.merge(bf, adapters, spec)))

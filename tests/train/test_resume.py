@@ -23,9 +23,10 @@ def test_kill_and_resume_is_bitwise(tmp_path):
   result = helpers.run_cli(_ARGS + [f"--workdir={straight}"])
   assert result.returncode == 0, result.stderr[-3000:]
 
-  # SIGKILL right after step 5: the (synchronous) checkpoint of step 3 exists, 6 never happens.
-  result = helpers.run_cli(_ARGS + [f"--workdir={crashed}", "--config.async_checkpointing=False"],
-                           {"MEDFM_CRASH_AT_STEP": "5"})
+  # SIGKILL right after step 5 (a hook of tests/crash_main.py): the (synchronous) checkpoint of
+  # step 3 exists, 6 never happens.
+  result = helpers.run_cli(_ARGS + [f"--workdir={crashed}", "--config.async_checkpointing=False",
+                                    "--crash_at_step=5"], module="tests.crash_main")
   assert result.returncode == -9
   assert ckpt_lib.Checkpointer(crashed).latest_step() == 3
   result = helpers.run_cli(_ARGS + [f"--workdir={crashed}"])

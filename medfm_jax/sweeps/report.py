@@ -1,6 +1,6 @@
 r"""Sweep / run comparison report: a Markdown table and PNG plots.
 
-  python -m medfm_jax.report runs/mae_mask [more sweep folders or workdirs...] \
+  python -m medfm_jax.sweeps.report runs/mae_mask [more sweep folders or workdirs...] \
       [--metric=eval/loss --metric=knn_tiny/accuracy] [--out=DIR]
 
 Writes DIR/report.md (one row per point: its swept fields, seeds, status and each metric's final
@@ -13,12 +13,12 @@ common parent. Metrics: ``loss`` and other metrics.jsonl keys (``eval/...``), an
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 from absl import app, flags
 
+from medfm_jax import storage
 from medfm_jax.sweeps import collect, grid, plots, runner
 
 
@@ -39,7 +39,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def build(paths: list[str], metrics: list[str], out: str) -> str:
-  """Writes the report and plots into ``out``; returns the path of report.md."""
+  """Writes the report and plots into ``out`` (local or URL); returns the path of report.md."""
   runs = collect.load_runs(paths)
   if not runs:
     raise collect.ReportError(f"{paths}: no runs found")
@@ -53,8 +53,8 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
     groups.setdefault(r.group, []).append(r)
   fields = list(dict.fromkeys(k for r in runs for k in r.overrides if k != runner.SEED))
   short = grid.short_keys(fields)
-  os.makedirs(out, exist_ok=True)
-  title = ", ".join(os.path.basename(os.path.normpath(p)) for p in paths)
+  out = storage.path(out)
+  title = ", ".join(storage.path(p).name for p in paths)
 
   lines = [f"# Report: {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
            "Values: final value of each metric; `mean ± std` (sample std) over seeds where a point ran "
@@ -79,7 +79,7 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
 
   figures = []
   curves = {collect.group_label(g): [r.curve for r in rs] for g, rs in groups.items()}
-  if plots.loss_curves(curves, os.path.join(out, "loss_curves.png"), f"Training loss: {title}"):
+  if plots.loss_curves(curves, out / "loss_curves.png", f"Training loss: {title}"):
     figures.append(("Training loss curves", "loss_curves.png"))
   for key in fields:
     if len({repr(dict(g).get(key)) for g in groups}) < 2:
@@ -95,28 +95,37 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
         mean, std = _stats([r.metrics.get(m, float("nan")) for r in rs])
         series.setdefault(label, {}).setdefault(m, []).append((g[key], mean, std))
     name = f"vs_{grid.safe_name(short[key])}.png"
-    if plots.metric_vs_field(key, series, metrics, os.path.join(out, name), f"{title}: final metrics vs {short[key]}"):
+    if plots.metric_vs_field(key, series, metrics, out / name, f"{title}: final metrics vs {short[key]}"):
       figures.append((f"Final metrics vs {key}", name))
   if figures:
     lines += ["", "## Plots", ""] + [f"![{cap}]({name})" for cap, name in figures]
-  path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+  return str(storage.write_text(out / "report.md", "\n".join(lines) + "\n"))
+
+
+def common_parent(paths: list[str]) -> str:
+  """The deepest folder holding all ``paths`` (local or URLs); '' if they share none."""
+  parts = [str(storage.path(p)).split("/") for p in paths]
+  common = []
+  for level in zip(*parts):
+    if len(set(level)) > 1:
+      break
+    common.append(level[0])
+  return "/".join(common) if any(common) else ("/" if common else "")
 
 
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("give one or more sweep folders or workdirs")
-  out = _OUT.value or (paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths]))
+  out = _OUT.value or (paths[0] if len(paths) == 1 else common_parent(paths))
   try:
+    if not out:
+      raise collect.ReportError(f"{paths}: no common parent folder; give --out")
     path = build(paths, _METRIC.value, out)
-  except collect.ReportError as e:
-    sys.stderr.write(f"medfm_jax.report: {e}\n")
+  except (collect.ReportError, storage.StorageError) as e:
+    sys.stderr.write(f"medfm_jax.sweeps.report: {e}\n")
     sys.exit(2)
-  with open(path) as f:
-    print(f.read())
+  print(storage.read_text(path))
   print(f"wrote {path}")
 
 

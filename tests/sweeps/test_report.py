@@ -1,4 +1,4 @@
-"""python -m medfm_jax.report on synthetic sweep folders and workdirs (no training: fast)."""
+"""python -m medfm_jax.sweeps.report on synthetic sweep folders and workdirs (no training: fast)."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfm_jax import report
+from medfm_jax.sweeps import report
 from medfm_jax.sweeps import collect
 from tests import helpers
 
@@ -103,7 +103,7 @@ def test_plain_workdirs_diff_their_configs(tmp_path):
       json.dump({"lr": lr, "seed": 0, "model": {"variant": "Mu/4"}}, f)
     dirs.append(d)
   out = str(tmp_path / "cmp")
-  r = helpers.run_cli([*dirs, f"--out={out}", "--metric=eval/loss"], module="medfm_jax.report", timeout=120)
+  r = helpers.run_cli([*dirs, f"--out={out}", "--metric=eval/loss"], module="medfm_jax.sweeps.report", timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = _table_rows(open(os.path.join(out, "report.md")).read())
   assert rows[0] == ["point", "lr", "seeds", "status", "eval/loss"]

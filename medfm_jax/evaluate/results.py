@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+
+from medfm_jax import storage
 
 SUMMARY = ("accuracy", "balanced_accuracy", "macro_auroc")
 
@@ -43,11 +44,9 @@ def _jsonable(x):
 
 
 def write(workdir: str, results: dict) -> tuple[str, str]:
-  """Writes ``results.json`` (NaN -> null) and ``results.md``; returns their paths."""
-  os.makedirs(workdir, exist_ok=True)
-  json_path, md_path = os.path.join(workdir, "results.json"), os.path.join(workdir, "results.md")
-  with open(json_path, "w") as f:
-    json.dump(_jsonable(results), f, indent=1)
-  with open(md_path, "w") as f:
-    f.write(markdown(results))
-  return json_path, md_path
+  """Writes ``results.json`` (NaN -> null) and ``results.md`` into ``workdir`` (local or URL);
+  returns their paths."""
+  root = storage.path(workdir)
+  json_path = storage.write_text(root / "results.json", json.dumps(_jsonable(results), indent=1))
+  md_path = storage.write_text(root / "results.md", markdown(results))
+  return str(json_path), str(md_path)

@@ -1,6 +1,7 @@
 """Metric writers (JSONL + TensorBoard), progress/ETA, throughput and MFU accounting."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -8,6 +9,9 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
+
+from medfm_jax import storage
 
 # Dense bf16 peak TFLOP/s per device (vendor figures); CPU: per-core estimate x cores.
 PEAK_TFLOPS = {
@@ -50,28 +54,57 @@ def compiled_flops(compiled) -> float:
 def append_jsonl(path: str | None, record: dict) -> None:
   """Appends ``record`` as one JSON line to ``path`` (no-op when ``path`` is empty/None)."""
   if path:
-    with open(path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(path, json.dumps(record) + "\n")
+
+
+class _EventFile:
+  """One TensorBoard event file at a URL, through epath: buffered, and the whole object rewritten
+  on each flush (object stores have no append; tensorboardX's own gs:// writer does the same)."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventFiles:
+  """tensorboardX writer factory for URL log dirs (all of ``storage.SCHEMES``, through epath)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    storage.path(path).mkdir(parents=True, exist_ok=True)
 
 
 class MetricWriter:
-  """Writes scalars to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+  """Writes scalars to ``metrics.jsonl`` and TensorBoard event files (process 0 only); ``workdir``
+  is a local path or a URL."""
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # heavy (~1 s); only process 0 writes TensorBoard; pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    from tensorboardX import SummaryWriter, record_writer  # heavy (~1 s, protobuf); only process 0 writes TensorBoard; pylint: disable=g-import-not-at-top
+    root = storage.path(workdir)
+    self._jsonl = storage.AppendFile(root / "metrics.jsonl")
+    if storage.is_url(root):
+      for scheme in storage.SCHEMES:
+        record_writer.register_writer_factory(scheme, _EventFiles())
+    self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
     for k, v in clean.items():
       if math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))

@@ -1,8 +1,8 @@
 r"""Sweep runner: every point of a sweep file, sequentially, resumable.
 
-  python -m medfm_jax.sweep --config=configs/sweeps/mae_mask_ratio.py:tiny --workdir=runs/mae_mask \
+  python -m medfm_jax.sweeps --config=configs/sweeps/mae_mask_ratio.py:tiny --workdir=runs/mae_mask \
       --then_eval=configs/eval/knn.py:tiny [--seeds=0,1] [--dry_run]
-  python -m medfm_jax.report runs/mae_mask
+  python -m medfm_jax.sweeps.report runs/mae_mask
 
 One sub-workdir per point, named by its overrides (``mask_ratio=0.6,decoder_depth=2``); each stage
 is a fresh ``python -m medfm_jax.main`` (or ``medfm_jax.evaluate``) process. Finished stages (DONE
@@ -45,10 +45,10 @@ def main(argv):
       return
     failed = runner.run(*args)
   except grid.SweepError as e:
-    sys.stderr.write(f"medfm_jax.sweep: {e}\n")
+    sys.stderr.write(f"medfm_jax.sweeps: {e}\n")
     sys.exit(2)
   if failed:
-    sys.stderr.write(f"medfm_jax.sweep: {failed} point(s) failed; see {_WORKDIR.value}/sweep.json\n")
+    sys.stderr.write(f"medfm_jax.sweeps: {failed} point(s) failed; see {_WORKDIR.value}/sweep.json\n")
     sys.exit(1)
 
 

@@ -6,10 +6,10 @@ import shlex
 
 import pytest
 
-from medfm_jax import report
+from medfm_jax.sweeps import report
 from medfm_jax.sweeps import grid, runner, spec
 from tests import helpers
-from tests.test_report import _table_rows, assert_png
+from tests.sweeps.test_report import _table_rows, assert_png
 
 # configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, batch 16, 4 steps, checkpoint every 2 (sync).
 TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
@@ -84,14 +84,26 @@ def test_dry_run_prints_exact_commands(tmp_path):
     runner.plan(sweep, "x", init_from="runs/m")
 
 
-def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
+def _crashing_at_step_3(plan):
+  """``runner.plan`` whose training stages run tests/crash_main.py: SIGKILLed after step 3."""
+  def crashing(*args, **kwargs):
+    points = plan(*args, **kwargs)
+    for s in (s for p in points for s in p.stages if s.name == "train"):
+      i = s.argv.index("medfm_jax.main")
+      s.argv[i:i + 1] = ["tests.crash_main", "--crash_at_step=3"]
+    return points
+  return crashing
+
+
+def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
   """2 x 2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run
   resumes them and evaluates; a third run skips everything; the report has the 4 rows."""
   wd = str(tmp_path / "sweep")
   args = [f"--config={TINY}", f"--workdir={wd}"]
-  r = helpers.run_cli(args, env_extra={"MEDFM_CRASH_AT_STEP": "3"}, module="medfm_jax.sweep")
-  assert r.returncode == 1, r.stderr[-3000:]
-  assert r.stderr.count("FAILED (exit -9)") == 4 and "4 point(s) failed" in r.stderr
+  with monkeypatch.context() as m:
+    m.setattr(runner, "plan", _crashing_at_step_3(runner.plan))
+    assert runner.run(spec.load(TINY), wd) == 4
+  assert capsys.readouterr().err.count("FAILED (exit -9)") == 4
   m = json.load(open(os.path.join(wd, "sweep.json")))
   assert [p["status"] for p in m["points"]] == ["failed"] * 4
   assert all(p["exit_code"] == -9 and p["error_tail"] and p["failed_stage"] == "train" for p in m["points"])
@@ -99,7 +111,7 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
   assert names == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.6,decoder_depth=2",
                    "mask_ratio=0.9,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
 
-  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweep")
+  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweeps")
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.load(open(os.path.join(wd, "sweep.json")))
   assert [p["status"] for p in m["points"]] == ["done"] * 4
@@ -116,7 +128,7 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
     assert os.path.exists(os.path.join(pdir, "eval", EVAL, "results.json"))
     assert os.path.exists(os.path.join(pdir, "eval", EVAL, "DONE"))
 
-  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweep")
+  r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweeps")
   assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stdout + r.stderr[-2000:]
   os.remove(os.path.join(wd, names[2], "eval", EVAL, "DONE"))   # as if killed during the eval
   out = io.StringIO()
@@ -136,6 +148,6 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path):
 
 def test_cli_config_error_is_one_line(tmp_path):
   r = helpers.run_cli(["--config=configs/sweeps/mae_mask_ratio.py:tiny,model.nope=1",
-                       f"--workdir={tmp_path}", "--dry_run"], module="medfm_jax.sweep", timeout=120)
+                       f"--workdir={tmp_path}", "--dry_run"], module="medfm_jax.sweeps", timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].endswith("config argument 'model.nope': unknown field 'nope'")
