@@ -27,29 +27,24 @@ from medfm_jax import bench_torch
 from medfm_jax.data import build, export, phantoms, pipeline
 from medfm_jax.models import vit
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, telemetry
-from medfm_jax.train import state as state_lib
+from medfm_jax.train import assemble, telemetry
 
 
 def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   """Compiles and times the train step of ``config`` on synthetic batches (all local devices)."""
   mesh = mesh_lib.make_mesh(config.mesh)
-  objective, tx = loop.build_objective(config)
+  assembly = assemble.assemble(config, mesh)
   # Random data shaped like one real batch of this config (image, or multi-crop views).
   rng = np.random.default_rng(0)
   real = next(pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                            jax.process_index(), jax.process_count()))
   local = {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v)
            for k, v in real.items()}
+  state = assembly.init_state()
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
-    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
-    state = state_lib.create_state(objective, tx, config.seed, batch, abstract)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    step = jax.jit(state_lib.make_train_step(objective, tx, config), donate_argnums=0,
-                   out_shardings=(shardings, None))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = assembly.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):

@@ -28,15 +28,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
-from medfm_jax.data import pipeline
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, telemetry
-from medfm_jax.train import state as state_lib
+from medfm_jax.train import assemble, telemetry
 
 
 GIB = 2 ** 30
@@ -139,16 +136,6 @@ def _per_device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def abstract_batch(config, mesh):
-  """``ShapeDtypeStruct`` tree of one global train batch (shapes from one generated example)."""
-  data = config.data.copy_and_resolve_references()
-  data.num_workers = 0
-  example = mesh_lib.drop_non_numeric(next(pipeline.make_train_iterator(data, 1, config.seed)))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      (config.batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
-      sharding=mesh_lib.batch_sharding(mesh, np.ndim(x))), example)
-
-
 def _cost(stage) -> dict:
   cost = stage.cost_analysis()
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -159,20 +146,16 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   spec = chip_spec(chip)
   shape = config_lib.validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
-  objective, tx = loop.build_objective(config)
-  with mesh_lib.use_mesh(mesh):
-    batch = abstract_batch(config, mesh)
-    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
-    lowered = state_lib.jit_train_step(objective, tx, config, abstract).lower(abstract, batch)
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    if config.model.get("scan", False):    # FLOPs of the same model unrolled (see _model_flops)
-      unrolled = config.copy_and_resolve_references()
-      unrolled.model.scan = False
-      obj_u, tx_u = loop.build_objective(unrolled)
-      abstract_u = state_lib.state_shardings(obj_u, tx_u, config.seed, batch, mesh)
-      lowered = state_lib.jit_train_step(obj_u, tx_u, unrolled, abstract_u).lower(abstract_u, batch)
+  assembly = assemble.assemble(config, mesh)
+  abstract, batch = assembly.abstract_state, assembly.abstract_batch
+  lowered = assembly.lower()
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  if config.model.get("scan", False):    # FLOPs of the same model unrolled (see _model_flops)
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan = False
+    lowered = assemble.assemble(unrolled, mesh, batch).lower()
   n = jax.device_count()
   mem = compiled.memory_analysis()
   params, opt = _per_device_bytes(abstract.params), _per_device_bytes(abstract.opt_state)

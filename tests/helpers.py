@@ -12,7 +12,8 @@ import pytest
 
 from configs import common
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop
+from medfm_jax.data import pipeline
+from medfm_jax.train import assemble
 from medfm_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,18 +214,20 @@ class StepRun:
 
 
 class StepRunner:
-  """The library's train step (``train.state.make_train_step``) on the run's first batch and
-  initial state, compiled once per (config, mesh); :meth:`run` can scale the gradients."""
+  """The run's train step (``train.assemble``; the objective wrapped in :class:`GradScaled`) on
+  its first train batch and initial state, compiled once per (config, mesh); :meth:`run` can
+  scale the gradients."""
 
   def __init__(self, config, mesh):
-    trainer = loop.setup(config, "/unused", mesh=mesh)
-    if hasattr(trainer.data_iterator, "close"):
-      trainer.data_iterator.close()
-    self.config, self.mesh, self.objective = config, mesh, trainer.objective
-    self.shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state)   # of the TrainState
-    self._initial = jax.device_get(trainer.state)
-    self._batch = trainer.pending_batch
-    self._step = jax.jit(state_lib.make_train_step(GradScaled(trainer.objective), trainer.tx, config),
+    assembly = assemble.assemble(config, mesh)
+    self.config, self.mesh, self.objective = config, mesh, assembly.objective
+    self.shardings = assembly.state_shardings   # of the TrainState
+    self._initial = jax.device_get(assembly.init_state())
+    iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed)
+    self._batch = next(iterator)
+    if hasattr(iterator, "close"):
+      iterator.close()
+    self._step = jax.jit(state_lib.make_train_step(GradScaled(assembly.objective), assembly.tx, config),
                          donate_argnums=0, out_shardings=(self.shardings, None))
 
   def run(self, n=2, grad_scale=1.0) -> StepRun:

@@ -14,20 +14,16 @@ from jax.sharding import PartitionSpec
 
 from medfm_jax.metrics import over_split
 from medfm_jax.models import heads
-from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop
+from medfm_jax.train import assemble
 
 
 def build_classifier(config, mesh):
-  """(supervised objective, its unboxed params placed in their logical shardings)."""
-  objective, _ = loop.build_objective(config)
+  """(supervised objective, its params placed in their logical shardings): the run's own
+  initial params (``train.assemble``), so a random-init baseline is the trainer's init."""
   d = config.data
-  batch = {"image": jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)}
-  rng = jax.random.PRNGKey(config.seed)
-  with mesh_lib.use_mesh(mesh):
-    shardings = mesh_lib.tree_shardings(jax.eval_shape(lambda r: objective.init(r, batch)[0], rng), mesh)
-    params = jax.jit(lambda r: mesh_lib.unbox(objective.init(r, batch)[0]), out_shardings=shardings)(rng)
-  return objective, params
+  batch = {"image": jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)}
+  assembly = assemble.assemble(config, mesh, batch)
+  return assembly.objective, assembly.init_params()
 
 
 def apply_over_split(config, mesh, fn, params, split: str, num_examples: int):

@@ -23,7 +23,7 @@ from medfm_jax.models import heads
 from medfm_jax.objectives import clip, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import loop, restore
+from medfm_jax.train import assemble, loop, restore
 
 PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
@@ -118,7 +118,7 @@ def metrics_keys() -> tuple[str, ...]:
 def _finetune(config, mesh, names, workdir):
   train_dir = os.path.join(workdir, "finetune")
   state = loop.train(config, train_dir, mesh)
-  objective, _ = loop.build_objective(config)
+  objective, _ = assemble.build_objective(config)
   scores, labels = _labelled(*features.apply_over_split(
       config, mesh, objective.logits, state.params, config.data.eval_split,
       config.data.eval_examples), config.data.label)

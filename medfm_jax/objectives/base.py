@@ -62,7 +62,7 @@ class Objective(abc.ABC):
     ``module`` (apply with :func:`overwrite_params` in :meth:`init`), via the trainer's loader."""
     if self._encoder_loader is None:
       raise RuntimeError(f"init_from={init_from!r}: {type(self).__name__} was built without an "
-                         "encoder loader; build it with train.loop.build_objective")
+                         "encoder loader; build it with train.assemble.build_objective")
     return self._encoder_loader(module, self.config.data, init_from, weights)
 
   @abc.abstractmethod

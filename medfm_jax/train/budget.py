@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from medfm_jax.train import loop
+from medfm_jax.train import assemble
 
 # scheme -> config overrides that enable it
 SCHEMES = {
@@ -46,8 +46,8 @@ def _set(config, key: str, value) -> None:
 
 def measure(config) -> dict:
   """``{total_params, trainable_params, opt_state_bytes}`` of ``config``'s supervised objective
-  with the trainer's optimizer (``train.loop.build_objective``)."""
-  objective, tx = loop.build_objective(config)
+  with the trainer's optimizer (``train.assemble.build_objective``)."""
+  objective, tx = assemble.build_objective(config)
   d = config.data
   batch = {"image": jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)}
   params = jax.eval_shape(lambda r, b: nn.unbox(objective.init(r, b)[0]), jax.random.PRNGKey(0), batch)

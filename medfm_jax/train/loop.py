@@ -1,7 +1,7 @@
 """THE training loop, shared by every objective.
 
-config -> mesh -> data -> sharded state (fresh or restored) -> AOT-compiled step -> loop with
-metrics, evals, checkpoints. The loop knows nothing about any objective beyond ``Objective``.
+config -> mesh -> the run's assembly (``train.assemble``) + data -> sharded state (fresh or
+restored) -> AOT-compiled step -> loop with metrics, evals, checkpoints. The loop knows nothing about any objective beyond ``Objective``.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from absl import logging
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import assemble as assemble_lib
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import telemetry
-from medfm_jax.train import optim
-from medfm_jax.train import restore
 from medfm_jax.train import state as state_lib
+from medfm_jax.train import telemetry
 
 
 class NonFiniteError(RuntimeError):
@@ -35,49 +34,40 @@ StepHook = Callable[[int, state_lib.TrainState], None]
 @dataclasses.dataclass
 class Trainer:
   """Everything a run holds; built by :func:`setup`, driven by :func:`train`."""
-  config: object
+  assembly: assemble_lib.Assembly   # objective, optimizer, abstract sharded state, jitted steps
   workdir: str
-  mesh: jax.sharding.Mesh
-  objective: objectives_lib.Objective
-  tx: object                     # the optax transformation the state's opt_state belongs to
   data_iterator: object
-  abstract_state: object
   state: state_lib.TrainState
   start_step: int
-  pending_batch: dict | None     # first train batch, consumed by step 0 of a fresh run
+
+  @property
+  def config(self):
+    return self.assembly.config
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.assembly.mesh
+
+  @property
+  def objective(self) -> objectives_lib.Objective:
+    return self.assembly.objective
 
 
 def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = None,
           mesh: jax.sharding.Mesh | None = None) -> Trainer:
-  """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
-  mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  objective, tx = build_objective(config)
+  """Assembles the run and its data; the train state is fresh or restored from ``workdir``."""
+  assembly = assemble_lib.assemble(config, mesh or mesh_lib.make_mesh(config.mesh))
   data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count(),
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
-  local = next(data_iterator)
-  with mesh_lib.use_mesh(mesh):
-    batch = mesh_lib.to_global_batch(local, mesh)
-    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is None:
-      state, start, pending = state_lib.create_state(objective, tx, config.seed, batch, abstract), 0, local
-    else:
-      state = checkpointer.restore(latest, abstract, data_iterator)
-      start, pending = int(jax.device_get(state.step)), None
-  return Trainer(config, workdir, mesh, objective, tx, data_iterator, abstract, state, start, pending)
-
-
-def build_objective(config) -> tuple[objectives_lib.Objective, object]:
-  """The config's objective (with the train layer's encoder loader for ``init_from`` / LiT) and the
-  optax transformation that trains it."""
-  objective = objectives_lib.build(config, encoder_loader=restore.pretrained_encoder)
-  return objective, optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
-
-
-def trainable_fn(objective):
-  base = objectives_lib.Objective.trainable
-  return None if type(objective).trainable is base else objective.trainable
+  latest = checkpointer.latest_step() if checkpointer else None
+  if latest is None:
+    state, start = assembly.init_state(), 0
+  else:
+    with mesh_lib.use_mesh(assembly.mesh):
+      state = checkpointer.restore(latest, assembly.abstract_state, data_iterator)
+    start = int(jax.device_get(state.step))
+  return Trainer(assembly, workdir, data_iterator, state, start)
 
 
 def _check_finite(state) -> None:
@@ -135,9 +125,8 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
 
 
 def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
-  config, mesh, objective, tx = trainer.config, trainer.mesh, trainer.objective, trainer.tx
-  step_fn = state_lib.jit_train_step(objective, tx, config, trainer.abstract_state)
-  eval_fn = jax.jit(state_lib.make_eval_step(objective))
+  config, mesh, objective = trainer.config, trainer.mesh, trainer.objective
+  step_fn, eval_fn = trainer.assembly.train_step, trainer.assembly.eval_step
   eval_batches = pipeline.make_eval_batches(
       config.data, config.data.eval_split, config.data.eval_batch_size,
       config.data.eval_examples, jax.process_index(), jax.process_count(),
@@ -151,11 +140,10 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
     skipped = [0]   # bad records skipped by the input (data.on_error='skip') since the last log
 
     def next_batch():
-      local = trainer.pending_batch if trainer.pending_batch is not None else next(trainer.data_iterator)
+      local = next(trainer.data_iterator)
       skipped[0] += pipeline.pop_skipped(local)
       return mesh_lib.to_global_batch(local, mesh)
     batch = next_batch()
-    trainer.pending_batch = None
     t0 = time.perf_counter()
     compiled = step_fn.lower(trainer.state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -7,7 +7,7 @@ name or an import path) declares where the image encoder lives in the saved trai
 tower and the FLAVA image encoder ``params/image``.
 
 This lives in the train layer (it reads checkpoints); objectives get :func:`pretrained_encoder`
-handed in as their ``encoder_loader`` (``train.loop.build_objective``) for ``init_from`` and LiT.
+handed in as their ``encoder_loader`` (``train.assemble.build_objective``) for ``init_from`` and LiT.
 
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
 position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by

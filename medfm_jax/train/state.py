@@ -49,13 +49,6 @@ def state_shardings(objective: Objective, tx, seed: int, batch, mesh) -> TrainSt
                       mesh_lib.unbox(named), mesh_lib.tree_shardings(named, mesh))
 
 
-def create_state(objective: Objective, tx, seed: int, batch, abstract_state) -> TrainState:
-  """Initialises the train state directly into its shardings (no host-side full copy)."""
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-  init = jax.jit(lambda b: mesh_lib.unbox(named_init(objective, tx, seed, b)), out_shardings=shardings)
-  return init(batch)
-
-
 def _microbatches(batch: dict, n: int) -> dict:
   """``[B, ...] -> [n, B/n, ...]`` with microbatch i = rows {j*n + i}: every microbatch is spread
   over all data shards instead of living on a subset of devices."""

@@ -8,7 +8,7 @@ import pytest
 from medfm_jax import config as config_lib
 from medfm_jax import objectives
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, optim
+from medfm_jax.train import assemble, loop, optim
 from tests import helpers
 
 pytestmark = pytest.mark.xdist_group("clip")   # module fixtures compile multi-device steps once
@@ -60,7 +60,7 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
   params = helpers.StepRunner(config, helpers.single_device_mesh(config)).run().params
   for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
-  objective, _ = loop.build_objective(config)
+  objective, _ = assemble.build_objective(config)
   assert not any(jax.tree.leaves(objective.trainable(params)["image"]))
   assert all(jax.tree.leaves(objective.trainable(params)["text"]))
 

@@ -8,9 +8,8 @@ import pytest
 
 from configs import mae
 from medfm_jax import config as config_lib
-from medfm_jax import objectives
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import loop, optim
+from medfm_jax.train import assemble
 from medfm_jax.train import state as state_lib
 
 # Encoder parameter counts of the MAE paper's models (timm ViT without head), in millions.
@@ -21,13 +20,9 @@ def _abstract(variant):
   config = mae.get_config(f"{variant},mesh.fsdp=8,dtype=bfloat16")
   assert config_lib.validate(config, None, num_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
   mesh = mesh_lib.make_mesh(config.mesh)
-  objective = objectives.build(config)
-  tx = optim.make_optimizer(config, loop.trainable_fn(objective), **objective.optimizer_kwargs())
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), np.float32,
-                                         sharding=mesh_lib.batch_sharding(mesh, 4))}
-  with mesh_lib.use_mesh(mesh):
-    abstract = state_lib.state_shardings(objective, tx, config.seed, batch, mesh)
-  return config, mesh, objective, tx, batch, abstract
+  assembly = assemble.assemble(config, mesh, {"image": jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), np.float32)})
+  return (config, mesh, assembly.objective, assembly.tx, assembly.abstract_batch,
+          assembly.abstract_state)
 
 
 @pytest.mark.parametrize("variant", sorted(_ENCODER_PARAMS_M))

@@ -1,0 +1,116 @@
+"""The one run assembler: config + mesh (+ the shapes of a batch) -> objective, optimizer, the
+abstract sharded train state and the jitted steps.
+
+The trainer, the benchmark, the planner, feature extraction and the tests all build a run here,
+so they compile the same step on the same shardings. Nothing is allocated until
+:meth:`Assembly.init_state` / :meth:`Assembly.init_params`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medfm_jax import objectives as objectives_lib
+from medfm_jax.data import pipeline
+from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.train import optim, restore
+from medfm_jax.train import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembly:
+  """One run's pieces. ``abstract_batch`` / ``abstract_state`` are ``ShapeDtypeStruct`` trees
+  carrying their shardings; ``train_step(state, batch) -> (state, metrics)`` donates the state."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  objective: objectives_lib.Objective
+  tx: Any
+  abstract_batch: Any
+  abstract_state: state_lib.TrainState
+  train_step: Any
+  eval_step: Any
+
+  @property
+  def state_shardings(self):
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+  def init_state(self) -> state_lib.TrainState:
+    """The initial train state, created directly in its shardings (no host-side full copy)."""
+    init = jax.jit(lambda: mesh_lib.unbox(state_lib.named_init(
+        self.objective, self.tx, self.config.seed, _one_example(self.abstract_batch))),
+                   out_shardings=self.state_shardings)
+    with mesh_lib.use_mesh(self.mesh):
+      return init()
+
+  def init_params(self):
+    """The initial params alone (no optimizer state), in their shardings."""
+    init = jax.jit(lambda: mesh_lib.unbox(self.objective.init(
+        _init_rng(self.config.seed), _one_example(self.abstract_batch))[0]),
+                   out_shardings=self.state_shardings.params)
+    with mesh_lib.use_mesh(self.mesh):
+      return init()
+
+  def lower(self):
+    """The train step lowered on the abstract state and batch (for AOT compilation / planning)."""
+    with mesh_lib.use_mesh(self.mesh):
+      return self.train_step.lower(self.abstract_state, self.abstract_batch)
+
+
+def _init_rng(seed: int) -> jax.Array:
+  """The params' init key, as :func:`train.state.named_init` derives it."""
+  return jax.random.split(jax.random.PRNGKey(seed))[0]
+
+
+def _one_example(abstract_batch):
+  """Zeros shaped like one row of the batch: initialisation needs shapes, not data or batch size."""
+  return jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), abstract_batch)
+
+
+def abstract_batch(config, mesh) -> Any:
+  """``ShapeDtypeStruct`` tree of one global train batch of ``config``, sharded over the batch
+  axes (shapes and dtypes from one generated example; nothing of batch size is read)."""
+  data = config.data.copy_and_resolve_references()
+  data.num_workers = 0
+  iterator = pipeline.make_train_iterator(data, 1, config.seed)
+  try:
+    example = mesh_lib.drop_non_numeric(next(iterator))
+  finally:
+    if hasattr(iterator, "close"):
+      iterator.close()
+  example.pop(pipeline.SKIPPED_KEY, None)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (config.batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
+      sharding=mesh_lib.batch_sharding(mesh, np.ndim(x))), example)
+
+
+def build_objective(config, encoder_loader=restore.pretrained_encoder):
+  """The config's objective (with the train layer's encoder loader for ``init_from`` / LiT) and the
+  optax transformation that trains it."""
+  objective = objectives_lib.build(config, encoder_loader=encoder_loader)
+  return objective, optim.make_optimizer(config, trainable_fn(objective), **objective.optimizer_kwargs())
+
+
+def trainable_fn(objective):
+  """``objective.trainable`` where the objective freezes something, else None (all trainable)."""
+  base = objectives_lib.Objective.trainable
+  return None if type(objective).trainable is base else objective.trainable
+
+
+def assemble(config, mesh: jax.sharding.Mesh, batch=None) -> Assembly:
+  """The run of ``config`` on ``mesh``. ``batch``: the abstract global batch (``ShapeDtypeStruct``
+  tree, sharded or not); default :func:`abstract_batch` of the config's train data."""
+  objective, tx = build_objective(config)
+  if batch is None:
+    batch = abstract_batch(config, mesh)
+  else:
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=mesh_lib.batch_sharding(mesh, len(a.shape))), batch)
+  with mesh_lib.use_mesh(mesh):
+    abstract_state = state_lib.state_shardings(objective, tx, config.seed, _one_example(batch), mesh)
+  train_step = state_lib.jit_train_step(objective, tx, config, abstract_state)
+  eval_step = jax.jit(state_lib.make_eval_step(objective))
+  return Assembly(config, mesh, objective, tx, batch, abstract_state, train_step, eval_step)
