@@ -5,7 +5,9 @@ import pytest
 from medfm_jax.evaluate import knn
 
 
-def _numpy_knn(train, train_y, test, classes, k, t):
+def numpy_knn(train, train_y, test, classes, k, t):
+  """Class scores of DINO's weighted kNN vote in float64 (also the reference of the kNN values
+  in tests/evaluate/test_protocols.py and tests/objectives/test_dino.py)."""
   train = train / np.linalg.norm(train, axis=1, keepdims=True)
   test = test / np.linalg.norm(test, axis=1, keepdims=True)
   scores = np.zeros((len(test), classes))
@@ -21,7 +23,7 @@ def test_matches_numpy_reference():
   train, test = rng.standard_normal((300, 16)), rng.standard_normal((70, 16))
   train_y = rng.integers(0, 5, 300)
   got = knn.knn_predict(train, train_y, test, 5, k=20, temperature=0.07, chunk=32)
-  want = _numpy_knn(train, train_y, test, 5, 20, 0.07)
+  want = numpy_knn(train, train_y, test, 5, 20, 0.07)
   np.testing.assert_allclose(got, want, rtol=2e-4)
 
 

@@ -49,7 +49,8 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
                                        "model.patch_embed": "patch", "model.cls_pool": "token",
                                        "model.layer_scale_init": 0.0})
   _, params = helpers.train_steps(config, helpers.single_device_mesh(config))
-  for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
+  assert jax.tree.structure(params["image"]) == jax.tree.structure(mae_encoder)
+  for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder), strict=True):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
   objective = objectives.build(config)
   assert not any(jax.tree.leaves(objective.trainable(params)["image"]))
@@ -81,15 +82,22 @@ def test_recipe_configs_validate(variant):
   assert config_lib.validate(config, None, num_devices=8)["fsdp"] == 8
 
 
-def test_learning_signal_ci(tmp_path):
-  """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
-  retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""
+def clip_learning_run(workdir, seed=0):
+  """40 steps of the test-sized CLIP (the scenario of the next test, re-measured per seed by
+  ``tools/seed_spread.py``): the eval metrics at steps 0 and 40."""
   config = helpers.tiny_clip_config(**{"total_steps": 40, "batch_size": 32, "warmup_steps": 5,
                                        "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 1000,
                                        "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                       "objective.zero_shot_labels": ("modality",)})
-  loop.train(config, str(tmp_path), helpers.single_device_mesh(config))
-  first, last = [m for m in helpers.read_metrics(tmp_path) if "eval/i2t_r@5" in m]
+                                       "objective.zero_shot_labels": ("modality",), "seed": seed})
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
+  return first, last
+
+
+def test_learning_signal_ci(tmp_path):
+  """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
+  retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""
+  first, last = clip_learning_run(str(tmp_path))
   assert last["eval/zero_shot_modality_accuracy"] > 0.6 > first["eval/zero_shot_modality_accuracy"]
   for k in ("eval/i2t_r@5", "eval/t2i_r@5"):
     assert last[k] > first[k] + 0.03

@@ -8,11 +8,13 @@ import pytest
 
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
+from medfm_jax.evaluate import knn
 from medfm_jax.objectives import dino_losses
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import loop, optim
 from medfm_jax.train import state as state_lib
 from tests import helpers
+from tests.evaluate import test_knn
 
 
 def _config(**overrides):
@@ -64,7 +66,7 @@ def dinov2_runs(tmp_path_factory):
   return runs
 
 
-def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(dinov2_runs):
+def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(dinov2_runs, monkeypatch):
   workdir, state = dinov2_runs["eight"]
   assert "ibot_head" in state.params and "mask_token" in state.params["backbone"]
   kernel = lambda p: p["backbone"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
@@ -74,8 +76,23 @@ def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(dinov2_
   train = [m for m in metrics if "loss" in m]
   assert len(train) == 2 and all(m["ibot_loss"] > 0 and m["masked_fraction"] > 0 for m in train)
   assert all(np.isfinite(m["koleo_loss"]) and m["teacher_entropy"] > 0 for m in train)
-  knn_acc = [m["eval/knn_modality_acc"] for m in metrics if "eval/knn_modality_acc" in m]
-  assert len(knn_acc) == 2 and all(0.0 <= a <= 1.0 for a in knn_acc)     # at step 0 and at the end
+  evals = [m for m in metrics if "eval/knn_modality_acc" in m]
+  assert [m["step"] for m in evals] == [0, 2]
+  # The final kNN accuracies are the float64 reference's on the features that the hook classifies
+  # (rerun on the final state), with the labels read from the source.
+  config = helpers.tiny_dino_config("tiny_v2", total_steps=2, checkpoint_every=2)   # the fixture's
+  calls, real_knn = [], knn.knn_accuracy
+  monkeypatch.setattr(knn, "knn_accuracy", lambda *a, **kw: calls.append((a, kw)) or real_knn(*a, **kw))
+  got = objectives.build(config).evaluate(state.params, state.extra,
+                                          mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}), 2)
+  source = pipeline.make_source(config.data, config.data.eval_split)
+  assert len(calls) == 2
+  for (train_x, train_y, val_x, val_y, classes), kw in calls:
+    name = {6: "finding", 4: "modality"}[classes]
+    assert (len(train_x), len(val_x), kw["k"]) == (16, 8, 16)
+    np.testing.assert_array_equal(val_y, [source[i][name] for i in range(8)])
+    want = np.mean(test_knn.numpy_knn(train_x, train_y, val_x, classes, 16, 0.07).argmax(-1) == val_y)
+    assert evals[1][f"eval/knn_{name}_acc"] == got[f"knn_{name}_acc"] == want, name
   assert sorted(os.listdir(os.path.join(workdir, "attention"))) == ["step_0000000.png", "step_0000002.png"]
 
 

@@ -1,5 +1,7 @@
 """FLAVA objective in the shared trainer: which rows feed which loss, hard negatives, NaN-free empty
 selections, 1 vs 8 devices, codebook targets, config errors, restore and the CI learning signal."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
+from medfm_jax.evaluate import protocols, restore
 from medfm_jax.objectives import flava as flava_objective
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint, loop
@@ -180,22 +183,30 @@ def test_full_config_has_the_paper_model():
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 302_085_751 - 768
 
 
+def flava_learning_run(workdir, seed=0):
+  """60 steps of the test-sized FLAVA (batch 64) and the zero-shot protocol on its checkpoint (the
+  scenario of the next test, re-measured per seed by ``tools/seed_spread.py``): (config, eval
+  metrics at steps 0 and 60, zero-shot protocol results)."""
+  config = helpers.tiny_flava_config(**{"total_steps": 60, "batch_size": 64, "warmup_steps": 5,
+                                        "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 60,
+                                        "data.eval_examples": 128, "data.eval_batch_size": 64,
+                                        "objective.zero_shot_labels": ("modality",), "seed": seed})
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
+  results = protocols.run(helpers.tiny_eval_config("zero_shot", init_from=workdir,
+                                                   **{"data.label": "modality"}),
+                          os.path.join(workdir, "eval"))
+  return config, first, last, results
+
+
 def test_learning_signal_ci_and_restore(tmp_path):
   """60 steps of the test-sized FLAVA (batch 64): zero-shot modality accuracy, the threshold-free
   ITM ranking accuracy and the masked-modelling losses improve on their random-init values; the
   checkpoint serves the zero-shot protocol and its image encoder restores (full tiny run: README)."""
-  config = helpers.tiny_flava_config(**{"total_steps": 60, "batch_size": 64, "warmup_steps": 5,
-                                        "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 60,
-                                        "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                        "objective.zero_shot_labels": ("modality",)})
-  loop.train(config, str(tmp_path), helpers.single_device_mesh(config))
-  first, last = [m for m in helpers.read_metrics(tmp_path) if "eval/i2t_r@5" in m]
+  config, first, last, results = flava_learning_run(str(tmp_path))
   assert last["eval/zero_shot_modality_accuracy"] > first["eval/zero_shot_modality_accuracy"] + 0.15
   assert last["eval/itm_ranking_accuracy"] > max(first["eval/itm_ranking_accuracy"] + 0.05, 0.55)
   assert last["eval/mlm_loss"] < first["eval/mlm_loss"] - 1 and last["eval/mim_loss"] < first["eval/mim_loss"]
-  from medfm_jax.evaluate import protocols, restore
-  results = protocols.run(helpers.tiny_eval_config("zero_shot", init_from=str(tmp_path),
-                                                   **{"data.label": "modality"}), str(tmp_path / "eval"))
   assert results["metrics"]["accuracy"] > 0.5 and results["retrieval"]["i2t_r@5"] > 0
   image = objectives.build(config).model.image.clone(mask_token=False)   # as a classifier backbone
   restored = restore.pretrained_encoder(image, config.data, str(tmp_path))

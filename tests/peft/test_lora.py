@@ -39,7 +39,7 @@ def _randomize_b(adapters, seed=3):
 
 def _assert_trees_equal(x, y):
   assert jax.tree.structure(x) == jax.tree.structure(y)
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert jnp.array_equal(a, b)
 
@@ -117,7 +117,9 @@ def test_apply_formula_and_merge_roundtrip(unrolled):
   _assert_trees_equal(merged, eff)
   _assert_trees_equal(lora.export_merged(params, adapters, spec), merged)
   back = lora.unmerge(merged, adapters, spec)
-  err = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  err = max(float(jnp.abs(x - y).max())
+            for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True))
   assert err <= 1e-6
   # bfloat16 kernels: float32 math, cast back to the kernel dtype.
   bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
