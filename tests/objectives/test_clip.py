@@ -98,6 +98,13 @@ def test_learning_signal_ci(tmp_path):
   """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
   retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""
   first, last = clip_learning_run(str(tmp_path))
-  assert last["eval/zero_shot_modality_accuracy"] > 0.6 > first["eval/zero_shot_modality_accuracy"]
+  # Measured with tools/seed_spread.py --scenarios clip, steps 0 -> 40, seeds 0/1/2/3/4:
+  # zero-shot modality accuracy (128 images, chance 0.25) 0.38 / 0.23 / 0.24 / 0.25 / 0.22 ->
+  # 0.97 / 0.99 / 0.93 / 0.95 / 0.95.
+  zs = "eval/zero_shot_modality_accuracy"
+  assert first[zs] < 0.6 < last[zs], (first[zs], last[zs])
+  # Recall@5 over 128 pairs (chance 0.04): i2t 0.078 / 0.063 / 0.047 / 0.039 / 0.047 ->
+  # 0.164 / 0.172 / 0.172 / 0.219 / 0.156; t2i 0.063 / 0.039 / 0.047 / 0.023 / 0.031 ->
+  # 0.172 / 0.156 / 0.141 / 0.164 / 0.148 (gains 0.086 to 0.180).
   for k in ("eval/i2t_r@5", "eval/t2i_r@5"):
-    assert last[k] > first[k] + 0.03
+    assert last[k] > first[k] + 0.05, (k, first[k], last[k])
