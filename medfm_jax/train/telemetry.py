@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from typing import Callable
 
 import jax
 from absl import logging
@@ -117,11 +118,14 @@ class MetricWriter:
 
 
 class Progress:
-  """Step timing since the last report (evals and checkpoint saves excluded), and an ETA."""
+  """Step timing since the last report (evals and checkpoint saves excluded), and an ETA.
 
-  def __init__(self, start_step: int, total_steps: int):
+  ``clock`` returns seconds (``time.perf_counter``; tests pass a fake one)."""
+
+  def __init__(self, start_step: int, total_steps: int, clock: Callable[[], float] = time.perf_counter):
     self.total = total_steps
-    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.clock = clock
+    self.last_step, self.last_time = start_step, clock()
     self.excluded = 0.0
 
   def exclude(self, seconds: float) -> None:
@@ -129,7 +133,7 @@ class Progress:
     self.excluded += seconds
 
   def report(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
+    now = self.clock()
     step_time = (now - self.last_time - self.excluded) / max(1, step - self.last_step)
     self.last_step, self.last_time, self.excluded = step, now, 0.0
     return {"step_time_s": step_time, "eta_s": step_time * max(0, self.total - step)}

@@ -126,7 +126,7 @@ def test_eval_batches_pad_and_mask():
   for p in range(2):
     local = list(pipeline.make_eval_batches(cfg, "train", 4, 10, p, 2, source=src))
     assert len(local) == 3
-    for g, l in zip(out, local):
+    for g, l in zip(out, local, strict=True):
       for k in g:
         np.testing.assert_array_equal(l[k], g[k][p * 2:(p + 1) * 2])
 

@@ -85,7 +85,7 @@ def test_assign_splits_patient_level_deterministic():
   assert a == sources.assign_splits(groups, fr, seed=3)
   assert a != sources.assign_splits(groups, fr, seed=4)
   by_patient = {}
-  for g, s in zip(groups, a):
+  for g, s in zip(groups, a, strict=True):
     by_patient.setdefault(g, set()).add(s)
   assert all(len(v) == 1 for v in by_patient.values())            # no patient in two splits
   counts = {s: a.count(s) for s in fr}

@@ -4,10 +4,14 @@ import pytest
 from tests import helpers
 
 
-@pytest.fixture(scope="session")
-def mae_ckpt(tmp_path_factory):
+def train_mae_ckpt(workdir, seed=0):
+  """Trains the shared checkpoint into ``workdir`` (``tools/seed_spread.py`` varies ``seed``)."""
   from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("mae_tiny"))
-  config = helpers.tiny_mae_config(total_steps=4, checkpoint_every=4, **{"model.depth": 2})
+  config = helpers.tiny_mae_config(total_steps=4, checkpoint_every=4, seed=seed, **{"model.depth": 2})
   loop.train(config, workdir, helpers.single_device_mesh(config))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def mae_ckpt(tmp_path_factory):
+  return train_mae_ckpt(str(tmp_path_factory.mktemp("mae_tiny")))

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from medfm_jax.data import phantoms
 from medfm_jax import config as config_lib
+from medfm_jax.data import phantoms, pipeline
 from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.metrics import retrieval, zero_shot
+from medfm_jax.objectives import clip
 from medfm_jax.train import restore
 from tests import helpers
 
@@ -61,13 +62,57 @@ def clip_ckpt(tmp_path_factory):
   return workdir
 
 
+def reference_image_text_metrics(init_from, split, n, batch_size, labels):
+  """Zero-shot accuracy / balanced accuracy / macro AUROC and recall@k recomputed in float64 from
+  the checkpoint's embeddings (pairwise AUROC, brute-force ranks), with labels read from the
+  source: the independent reference of the eval hook and the zero-shot protocol."""
+  mesh = helpers.single_device_mesh(None)
+  objective, params = clip.load_checkpoint(init_from, mesh, {"eval_batch_size": batch_size})
+  img, txt, y = objective.embed_split(params, mesh, split, n)
+  source = pipeline.make_source(objective.config.data, split)
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  img, txt = unit(img.astype(np.float64)), unit(txt.astype(np.float64))
+  sims = img @ txt.T
+  out = {}
+  for direction, s in (("i2t", sims), ("t2i", sims.T)):
+    ranks = np.array([np.sum(row > row[i]) for i, row in enumerate(s)])   # ties count for the pair
+    for k in (1, 5, 10):
+      out[f"{direction}_r@{k}"] = np.mean(ranks < k)
+  for label in labels:
+    truth = np.array([source[i][label] for i in range(n)])
+    np.testing.assert_array_equal(y[label], truth)
+    prompts = zero_shot.phantom_prompts(label)
+    classes = np.stack([unit(unit(objective.embed_texts(params, p, mesh).astype(np.float64)).mean(0))
+                        for p in prompts.values()])
+    logits = 100 * img @ classes.T
+    pred = logits.argmax(-1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    present = [c for c in range(len(prompts)) if np.any(truth == c)]
+    aurocs = [_pairwise_auroc(probs[:, c], truth == c) for c in present if not np.all(truth == c)]
+    out[f"zero_shot_{label}_accuracy"] = np.mean(pred == truth)
+    out[f"zero_shot_{label}_balanced_accuracy"] = np.mean([np.mean(pred[truth == c] == c) for c in present])
+    out[f"zero_shot_{label}_macro_auroc"] = np.mean(aurocs)
+  return out
+
+
+def _pairwise_auroc(scores, positive):
+  pos, neg = scores[positive], scores[~positive]
+  return np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+
+
 def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
   evals = [m for m in helpers.read_metrics(clip_ckpt) if "eval/i2t_r@5" in m]
   assert [m["step"] for m in evals] == [0, 2]
   for m in evals:
-    for k in ("zero_shot_finding_accuracy", "zero_shot_modality_macro_auroc", "t2i_r@10"):
-      assert 0.0 <= m[f"eval/{k}"] <= 1.0
     assert m["eval/i2t_r@1"] <= m["eval/i2t_r@5"] <= m["eval/i2t_r@10"]
+  # The final values are the float64 reference's on the saved (step-2) parameters.
+  config = helpers.tiny_clip_config()   # the eval split and sizes of the clip_ckpt run
+  want = reference_image_text_metrics(clip_ckpt, config.data.eval_split, config.data.eval_examples,
+                                      config.data.eval_batch_size, ("finding", "modality"))
+  assert len(want) == 12
+  for k, v in want.items():
+    assert evals[1][f"eval/{k}"] == pytest.approx(v, abs=1e-6), k
 
 
 def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
@@ -79,4 +124,8 @@ def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   m = results["metrics"]
   assert m["num_examples"] == 40 and [r["class"] for r in m["per_class"]] == list(phantoms.MODALITIES)
   assert set(results["retrieval"]) == {f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  want = reference_image_text_metrics(clip_ckpt, c.data.eval_split, 40, c.data.eval_batch_size, ("modality",))
+  for k in ("accuracy", "balanced_accuracy", "macro_auroc"):
+    assert m[k] == pytest.approx(want.pop(f"zero_shot_modality_{k}"), abs=1e-6), k
+  assert results["retrieval"] == pytest.approx(want, abs=1e-6)
   results_lib.write(str(tmp_path), results)

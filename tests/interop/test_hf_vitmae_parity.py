@@ -142,9 +142,10 @@ def test_legacy_names(case, tmp_path):
   # ... and so do we (config read from the directory's config.json).
   a = hf_vitmae.convert_vitmae(sd, case["config"])
   b = hf_vitmae.convert_vitmae(hf_vitmae.load_torch_state_dict(tmp_path), str(tmp_path))
-  for x, y in zip(*(sorted(flatten(t).items()) for t in (a, b))):
-    assert x[0] == y[0]
-    np.testing.assert_array_equal(x[1], y[1])
+  fa, fb = flatten(a), flatten(b)
+  assert fa and sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
 def flatten(tree, prefix=()):

@@ -8,25 +8,38 @@ from medfm_jax.models import codebook as cb
 from tests import helpers
 
 
-@pytest.fixture(scope="module")
-def patches():
+def phantom_patches(seed=0):
   c = helpers.tiny_mae_config()
   c.data.channels, c.data.mean, c.data.std = 1, (0.5,), (0.25,)
-  return cb.train_patches(c, 64, 4, norm_pix=True)         # 64 images x 16 patches of 16 values
+  return cb.train_patches(c, 64, 4, norm_pix=True, seed=seed)   # 64 images x 16 patches of 16 values
+
+
+@pytest.fixture(scope="module")
+def patches():
+  return phantom_patches()
+
+
+def kmeans_error_ratios(patches, seed=0):
+  """Held-out quantisation error of the fitted codebook over that of 16 random train points and of
+  16 Gaussian centroids; ``tools/seed_spread.py`` varies ``seed`` (patches, k-means and baselines)."""
+  train, test = patches[:768], patches[768:]
+  fitted = cb.fit_kmeans(train, 16, iters=10, seed=seed)
+  rng = np.random.default_rng(seed + 1)
+  random_points = train[rng.choice(len(train), 16, replace=False)]
+  gaussian = rng.normal(size=(16, 16)).astype(np.float32)
+  err = cb.quantisation_error(test, fitted)
+  return err / cb.quantisation_error(test, random_points), err / cb.quantisation_error(test, gaussian)
 
 
 def test_fit_beats_random_centroids_on_held_out_phantom_patches(patches):
   assert patches.shape == (64 * 16, 16)
   np.testing.assert_allclose(patches.mean(-1), 0, atol=1e-4)    # norm_pix: per-patch mean 0
-  train, test = patches[:768], patches[768:]
-  fitted = cb.fit_kmeans(train, 16, iters=10, seed=0)
-  rng = np.random.default_rng(1)
-  random_points = train[rng.choice(len(train), 16, replace=False)]
-  gaussian = rng.normal(size=(16, 16)).astype(np.float32)
-  err = cb.quantisation_error(test, fitted)
-  assert err < 0.8 * cb.quantisation_error(test, random_points)
-  assert err < 0.6 * cb.quantisation_error(test, gaussian)
-  np.testing.assert_array_equal(fitted, cb.fit_kmeans(train, 16, iters=10, seed=0))   # seeded
+  vs_points, vs_gaussian = kmeans_error_ratios(patches)
+  # Seeds 0-9 (tools/seed_spread.py --scenarios synthetic): vs random points 0.61 to 0.74
+  # (0.69 / 0.68 / 0.64 on seeds 0 / 1 / 2), vs Gaussian centroids 0.34 to 0.47.
+  assert vs_points < 0.8 and vs_gaussian < 0.6, (vs_points, vs_gaussian)
+  np.testing.assert_array_equal(cb.fit_kmeans(patches[:768], 16, iters=10, seed=0),
+                                cb.fit_kmeans(patches[:768], 16, iters=10, seed=0))   # seeded
 
 
 def test_patch_ids_nearest_centroid_in_range_under_jit():

@@ -58,7 +58,8 @@ def test_lit_locks_the_restored_image_tower(tmp_path):
                                        "model.patch_embed": "patch", "model.cls_pool": "token",
                                        "model.layer_scale_init": 0.0})
   params = helpers.StepRunner(config, helpers.single_device_mesh(config)).run().params
-  for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder)):
+  assert jax.tree.structure(params["image"]) == jax.tree.structure(mae_encoder)
+  for a, b in zip(jax.tree.leaves(params["image"]), jax.tree.leaves(mae_encoder), strict=True):
     np.testing.assert_array_equal(a, b)                            # restored, then never updated
   objective, _ = assemble.build_objective(config)
   assert not any(jax.tree.leaves(objective.trainable(params)["image"]))
@@ -90,15 +91,29 @@ def test_recipe_configs_validate(variant):
   assert config_lib.validate(config, None, num_devices=8)["fsdp"] == 8
 
 
-def test_learning_signal_ci(tmp_path):
-  """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
-  retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""
+def clip_learning_run(workdir, seed=0):
+  """40 steps of the test-sized CLIP (the scenario of the next test, re-measured per seed by
+  ``tools/seed_spread.py``): the eval metrics at steps 0 and 40."""
   config = helpers.tiny_clip_config(**{"total_steps": 40, "batch_size": 32, "warmup_steps": 5,
                                        "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 1000,
                                        "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                       "objective.zero_shot_labels": ("modality",)})
-  loop.train(config, str(tmp_path), helpers.single_device_mesh(config))
-  first, last = [m for m in helpers.read_metrics(tmp_path) if "eval/i2t_r@5" in m]
-  assert last["eval/zero_shot_modality_accuracy"] > 0.6 > first["eval/zero_shot_modality_accuracy"]
+                                       "objective.zero_shot_labels": ("modality",), "seed": seed})
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
+  return first, last
+
+
+def test_learning_signal_ci(tmp_path):
+  """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
+  retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""
+  first, last = clip_learning_run(str(tmp_path))
+  # Measured with tools/seed_spread.py --scenarios clip, steps 0 -> 40, seeds 0/1/2/3/4:
+  # zero-shot modality accuracy (128 images, chance 0.25) 0.38 / 0.23 / 0.24 / 0.25 / 0.22 ->
+  # 0.97 / 0.99 / 0.93 / 0.95 / 0.95.
+  zs = "eval/zero_shot_modality_accuracy"
+  assert first[zs] < 0.6 < last[zs], (first[zs], last[zs])
+  # Recall@5 over 128 pairs (chance 0.04): i2t 0.078 / 0.063 / 0.047 / 0.039 / 0.047 ->
+  # 0.164 / 0.172 / 0.172 / 0.219 / 0.156; t2i 0.063 / 0.039 / 0.047 / 0.023 / 0.031 ->
+  # 0.172 / 0.156 / 0.141 / 0.164 / 0.148 (gains 0.086 to 0.180).
   for k in ("eval/i2t_r@5", "eval/t2i_r@5"):
-    assert last[k] > first[k] + 0.03
+    assert last[k] > first[k] + 0.05, (k, first[k], last[k])

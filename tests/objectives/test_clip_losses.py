@@ -47,7 +47,7 @@ def test_loss_matches_reference_and_is_mesh_independent(kind, s, b):
   v8, g8 = _value_and_grads(kind, eight, s, b)
   np.testing.assert_allclose(v1, _reference(*_inputs(), s, b, kind), rtol=1e-5)
   assert abs(v1 - v8) <= 1e-5
-  for a, c in zip(g1, g8):
+  for a, c in zip(g1, g8, strict=True):
     np.testing.assert_allclose(a, c, atol=1e-5)
   if s > np.log(100):          # clamped: the scale gets no gradient
     assert g1[2] == 0.0

@@ -8,11 +8,13 @@ import pytest
 
 from medfm_jax import objectives
 from medfm_jax.data import pipeline
+from medfm_jax.metrics import knn
 from medfm_jax.objectives import dino_losses
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import optim
 from medfm_jax.train import state as state_lib
 from tests import helpers
+from tests.metrics import test_knn
 
 pytestmark = pytest.mark.xdist_group("dino")   # module fixtures compile multi-device steps once
 
@@ -64,7 +66,7 @@ def device_runners():
   return eight, eight.run(), reference
 
 
-def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(device_runners, tmp_path):
+def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(device_runners, tmp_path, monkeypatch):
   eight, run, _ = device_runners
   state = run.state
   assert "ibot_head" in state.params and "mask_token" in state.params["backbone"]
@@ -74,13 +76,23 @@ def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(device_
   assert kernel(state.extra["teacher"]).sharding.spec == kernel(state.params).sharding.spec
   assert all(m["ibot_loss"] > 0 and m["masked_fraction"] > 0 for m in run.metrics)
   assert all(np.isfinite(m["koleo_loss"]) and m["teacher_entropy"] > 0 for m in run.metrics)
-  # The eval hooks on the sharded teacher: kNN over the eval split, attention maps written.
+  # The eval hooks on the sharded teacher. kNN: the float64 reference's accuracies on the
+  # features the hook classifies, with the labels read from the source.
+  calls, real_knn = [], knn.knn_accuracy
+  monkeypatch.setattr(knn, "knn_accuracy", lambda *a, **kw: calls.append((a, kw)) or real_knn(*a, **kw))
   with mesh_lib.use_mesh(eight.mesh):
-    knn = eight.objective.evaluate(state.params, state.extra, eight.mesh, 2)
+    got = eight.objective.evaluate(state.params, state.extra, eight.mesh, 2)
     batch = mesh_lib.to_global_batch(next(iter(pipeline.make_eval_batches(
         eight.config.data, "val", 8, 8))), eight.mesh)
     eight.objective.eval_artifacts(state.params, state.extra, batch, jax.random.PRNGKey(0), str(tmp_path), 2)
-  assert set(knn) >= {"knn_modality_acc", "knn_finding_acc"}
+  source = pipeline.make_source(eight.config.data, eight.config.data.eval_split)
+  assert len(calls) == 2
+  for (train_x, train_y, val_x, val_y, classes), kw in calls:
+    name = {6: "finding", 4: "modality"}[classes]
+    assert (len(train_x), len(val_x), kw["k"]) == (16, 8, 16)
+    np.testing.assert_array_equal(val_y, [source[i][name] for i in range(8)])
+    want = np.mean(test_knn.numpy_knn(train_x, train_y, val_x, classes, 16, 0.07).argmax(-1) == val_y)
+    assert got[f"knn_{name}_acc"] == want, name
   assert os.listdir(tmp_path / "attention") == ["step_0000002.png"]
 
 

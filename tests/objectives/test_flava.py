@@ -1,5 +1,7 @@
 """FLAVA objective in the shared trainer: which rows feed which loss, hard negatives, NaN-free empty
 selections, 1 vs 8 devices, codebook targets, config errors, restore and the CI learning signal."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -191,22 +193,48 @@ def test_full_config_has_the_paper_model():
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 302_085_751 - 768
 
 
-def test_learning_signal_ci_and_restore(tmp_path):
-  """60 steps of the test-sized FLAVA (batch 64): zero-shot modality accuracy, the threshold-free
-  ITM ranking accuracy and the masked-modelling losses improve on their random-init values; the
-  checkpoint serves the zero-shot protocol and its image encoder restores (full tiny run: README)."""
+def flava_learning_run(workdir, seed=0):
+  """60 steps of the test-sized FLAVA (batch 64) and the zero-shot protocol on its checkpoint (the
+  scenario of the next test, re-measured per seed by ``tools/seed_spread.py``): (config, eval
+  metrics at steps 0 and 60, zero-shot protocol results)."""
   config = helpers.tiny_flava_config(**{"total_steps": 60, "batch_size": 64, "warmup_steps": 5,
                                         "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 60,
                                         "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                        "objective.zero_shot_labels": ("modality",)})
-  loop.train(config, str(tmp_path), helpers.single_device_mesh(config))
-  first, last = [m for m in helpers.read_metrics(tmp_path) if "eval/i2t_r@5" in m]
-  assert last["eval/zero_shot_modality_accuracy"] > first["eval/zero_shot_modality_accuracy"] + 0.15
-  assert last["eval/itm_ranking_accuracy"] > max(first["eval/itm_ranking_accuracy"] + 0.05, 0.55)
-  assert last["eval/mlm_loss"] < first["eval/mlm_loss"] - 1 and last["eval/mim_loss"] < first["eval/mim_loss"]
-  results = protocols.run(helpers.tiny_eval_config("zero_shot", init_from=str(tmp_path),
-                                                   **{"data.label": "modality"}), str(tmp_path / "eval"))
-  assert results["metrics"]["accuracy"] > 0.5 and results["retrieval"]["i2t_r@5"] > 0
+                                        "objective.zero_shot_labels": ("modality",), "seed": seed})
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
+  # The protocol on the hook's split and examples: it must reproduce the hook's final numbers.
+  d = config.data
+  results = protocols.run(helpers.tiny_eval_config("zero_shot", init_from=workdir, **{
+      "data.label": "modality", "data.eval_split": d.eval_split, "data.eval_examples": d.eval_examples,
+      "data.eval_batch_size": d.eval_batch_size}), os.path.join(workdir, "eval"))
+  return config, first, last, results
+
+
+def test_learning_signal_ci_and_restore(tmp_path):
+  """60 steps of the test-sized FLAVA (batch 64): zero-shot modality accuracy and the
+  masked-modelling losses improve on their random-init values; the checkpoint serves the zero-shot
+  protocol with the hook's numbers and its image encoder restores (full tiny run: README)."""
+  config, first, last, results = flava_learning_run(str(tmp_path))
+  # Measured with tools/seed_spread.py --scenarios flava, steps 0 -> 60, seeds 0/1/2/3/4/5:
+  # zero-shot modality accuracy (128 images, chance 0.25) 0.27 / 0.31 / 0.16 / 0.22 / 0.27 / 0.28 ->
+  # 0.75 / 0.81 / 0.80 / 0.78 / 0.70 / 0.73.
+  zs = "eval/zero_shot_modality_accuracy"
+  assert first[zs] < 0.5 < last[zs], (first[zs], last[zs])
+  # MLM (260 byte ids: ln 260 = 5.56) 5.70 / 5.65 / 5.64 / 5.56 / 5.53 / 5.75 ->
+  # 3.15 / 3.22 / 3.23 / 3.29 / 3.23 / 3.29 (gains 2.27 to 2.55); MIM (normalised pixels) 1.93 /
+  # 2.26 / 2.51 / 2.28 / 2.66 / 2.31 -> 0.88 / 0.90 / 0.88 / 0.94 / 0.87 / 0.86 (gains 1.04 to 1.79;
+  # predicting 0 scores 15/16, which 60 steps do not beat on every seed).
+  assert last["eval/mlm_loss"] < first["eval/mlm_loss"] - 1.5, (first["eval/mlm_loss"], last["eval/mlm_loss"])
+  assert last["eval/mim_loss"] < first["eval/mim_loss"] - 0.5, (first["eval/mim_loss"], last["eval/mim_loss"])
+  # Not asserted: ITM, which 60 steps do not learn. Ranking accuracy (chance 0.5, 126 pairs)
+  # 0.48 / 0.48 / 0.49 / 0.55 / 0.54 / 0.50 -> 0.60 / 0.52 / 0.60 / 0.54 / 0.49 / 0.58, and on seeds
+  # 0 / 1 / 2 with weights.itm=3: 0.65 / 0.45 / 0.65. The tiny recipe learns it by step 300
+  # (configs/flava.py: 0.50 -> 0.82).
+  # The zero-shot protocol on the checkpoint reproduces the hook's final numbers (on seeds 0-5).
+  for k in ("accuracy", "balanced_accuracy", "macro_auroc"):
+    assert results["metrics"][k] == pytest.approx(last[f"eval/zero_shot_modality_{k}"], abs=1e-6), k
+  assert results["retrieval"] == pytest.approx({k: last[f"eval/{k}"] for k in results["retrieval"]}, abs=1e-6)
   image = objectives.build(config).model.image.clone(mask_token=False)   # as a classifier backbone
   restored = restore.pretrained_encoder(image, config.data, str(tmp_path))
   trained = checkpoint.restore_subtree(str(tmp_path), ("params", "image"))

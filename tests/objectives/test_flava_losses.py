@@ -155,7 +155,7 @@ def test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone(kind):
   v8, g8 = _masked_contrastive(kind, eight, img, txt, valid)
   np.testing.assert_allclose(v1, _reference(img[valid], txt[valid], 2.0, -1.0, kind), rtol=1e-5)
   assert abs(v1 - v8) <= 1e-5
-  for a, c in zip(g1, g8):
+  for a, c in zip(g1, g8, strict=True):
     np.testing.assert_allclose(a, c, atol=1e-6)
     assert not np.any(a[~valid]) and np.all(np.any(a[valid], axis=1))   # unpaired rows: no gradient
   v0, g0 = _masked_contrastive(kind, eight, img, txt, np.zeros(16, bool))

@@ -42,7 +42,8 @@ def test_only_scheme_params_and_head_get_gradients(scheme, new_keys):
   loss_fn = lambda p: obj.loss(p, {}, _batch(), jax.random.PRNGKey(1), 0)[0]
   grads = jax.jit(jax.grad(loss_fn))(params)
   mask = obj.trainable(params)
-  for (path, g), t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(mask)):
+  assert jax.tree.structure(grads) == jax.tree.structure(mask)
+  for (path, g), t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(mask), strict=True):
     name = path_str(path)
     assert t == (name.startswith("head/") or bool(new_keys & set(name.split("/")))), name
     if not t:

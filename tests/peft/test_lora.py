@@ -39,7 +39,7 @@ def _randomize_b(adapters, seed=3):
 
 def _assert_trees_equal(x, y):
   assert jax.tree.structure(x) == jax.tree.structure(y)
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert jnp.array_equal(a, b)
 

@@ -115,7 +115,7 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.load(open(os.path.join(wd, "sweep.json")))
   assert [p["status"] for p in m["points"]] == ["done"] * 4
-  for name, p in zip(names, m["points"]):
+  for name, p in zip(names, m["points"], strict=True):
     pdir = os.path.join(wd, name)
     rows = helpers.read_metrics(pdir)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]

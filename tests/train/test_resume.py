@@ -35,7 +35,7 @@ def test_kill_and_resume_is_bitwise(tmp_path):
 
   a, b = _final_params(straight), _final_params(crashed)
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Steps 4..8 of the resumed run logged the same losses as the uninterrupted run.
   loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}

@@ -1,20 +1,26 @@
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from medfm_jax.train import telemetry
 
 
 def test_progress_excludes_eval_time_and_gives_eta():
-  progress = telemetry.Progress(start_step=0, total_steps=100)
-  time.sleep(0.05)
-  progress.exclude(0.04)
+  now = [100.0]                                    # a fake clock: exact, whatever the load
+  progress = telemetry.Progress(start_step=0, total_steps=100, clock=lambda: now[0])
+  now[0] += 0.5
+  progress.exclude(0.25)
   out = progress.report(10)
-  assert 0.0005 < out["step_time_s"] < 0.004       # (>=0.05 s - 0.04 s) / 10 steps
-  assert abs(out["eta_s"] - 90 * out["step_time_s"]) < 1e-9
+  assert out["step_time_s"] == pytest.approx((0.5 - 0.25) / 10)
+  assert out["eta_s"] == pytest.approx(90 * out["step_time_s"])
+  # The next report times steps 10..40 only, without the exclusion already used.
+  now[0] += 0.75
+  out = progress.report(40)
+  assert out["step_time_s"] == pytest.approx(0.75 / 30)
+  assert out["eta_s"] == pytest.approx(60 * 0.75 / 30)
   assert telemetry.format_eta(3725) == "1:02:05"
 
 
