@@ -6,7 +6,6 @@ from medfm_jax import config as config_lib
 from medfm_jax.data import phantoms, pipeline
 from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.metrics import retrieval, zero_shot
-from medfm_jax.objectives import clip
 from medfm_jax.train import restore
 from tests import helpers
 
@@ -67,7 +66,7 @@ def reference_image_text_metrics(init_from, split, n, batch_size, labels):
   the checkpoint's embeddings (pairwise AUROC, brute-force ranks), with labels read from the
   source: the independent reference of the eval hook and the zero-shot protocol."""
   mesh = helpers.single_device_mesh(None)
-  objective, params = clip.load_checkpoint(init_from, mesh, {"eval_batch_size": batch_size})
+  objective, params = protocols.load_image_text(init_from, mesh, {"eval_batch_size": batch_size})
   img, txt, y = objective.embed_split(params, mesh, split, n)
   source = pipeline.make_source(objective.config.data, split)
   unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
