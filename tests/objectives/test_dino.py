@@ -51,6 +51,26 @@ def test_collapse_warning_names_ln_k():
   assert "ln K = 4.159" in message and "collapsed" in message
 
 
+def test_after_update_is_ema_with_cosine_momentum():
+  """teacher <- m t + (1 - m) s, m = 1 - (1 - m0) (1 + cos(pi k / T)) / 2: m0 at step 0, 1 at T
+  (float64 reference; the train step itself cannot show it: lr(0) = 0 leaves student = teacher)."""
+  config = _config(total_steps=100)
+  m0 = config.objective.momentum_teacher
+  assert 0.9 < m0 < 1.0
+  objective = objectives.build(config)
+  rng = np.random.default_rng(0)
+  teacher = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": rng.normal(size=5).astype(np.float32)}}
+  student = jax.tree.map(lambda t: (t + rng.normal(size=t.shape)).astype(np.float32), teacher)
+  center = rng.normal(size=64).astype(np.float32)
+  for step in (0, 30, 100, 150):
+    out = objective.after_update(student, {"teacher": teacher, "center": center}, step)
+    m = 1.0 - (1.0 - m0) * (1.0 + np.cos(np.pi * min(step, 100) / 100)) / 2.0
+    for got, t, s in zip(jax.tree.leaves(out["teacher"]), jax.tree.leaves(teacher), jax.tree.leaves(student),
+                         strict=True):
+      np.testing.assert_allclose(got, m * t.astype(np.float64) + (1.0 - m) * s, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["center"], center)
+
+
 @pytest.fixture(scope="module")
 def dinov2_runs(tmp_path_factory):
   """2 steps of DINOv2 (iBOT separate head + KoLeo + Sinkhorn-Knopp) on fsdp=8 and on 1 device."""
