@@ -45,9 +45,16 @@ MULTI_DEVICE = {
     "8.0": (CLIP_1_VS_8, "tests/train/test_trainer.py::test_fsdp_matches_single_device",
             "tests/train/test_trainer.py::test_data_fsdp_tensor_mesh_matches_single_device"),
     "2.0": (CLIP_1_VS_8, "tests/objectives/test_flava.py::test_train_steps_equal_on_1_and_8_devices"),
-    "0.5": (CLIP_1_VS_8, "tests/objectives/test_dino.py::test_dinov2_trains_identically_on_one_and_eight_devices"),
+    "0.5": (CLIP_1_VS_8,
+            "tests/objectives/test_dino.py::test_dinov2_trains_identically_on_one_and_eight_devices"),
 }
-CLIP_REFERENCE = ("tests/objectives/test_clip_losses.py::test_loss_matches_reference_and_is_mesh_independent",)
+CLIP_REFERENCE = ("tests/objectives/test_clip_losses.py::"
+                  "test_loss_matches_reference_and_is_mesh_independent",)
+ROW_MASK = ("tests/objectives/test_flava_losses.py::"
+            "test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone",)
+SMOOTHING = ("tests/objectives/test_supervised.py::test_loss_is_label_smoothed_cross_entropy_of_labelled_rows",)
+DINO_STEP = "tests/objectives/test_dino.py::test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen"
+MASKING = ("tests/models/test_mae.py::test_random_masking_invariants",)
 _UPDATE = "    updates, opt_state = tx.update(grads, state.opt_state, state.params)"
 
 
@@ -113,10 +120,10 @@ MUTANTS = (
            CLIP_REFERENCE),
     Mutant("contrastive_invalid_rows_kept_as_anchors", CLIP,
            "return per_row if valid is None else jnp.where(valid, per_row, 0.0)", "return per_row",
-           ("tests/objectives/test_flava_losses.py::test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone",)),
+           ROW_MASK),
     Mutant("contrastive_invalid_rows_kept_as_negatives", CLIP,
            "logits = jnp.where(cols[None, :], logits, _MASKED_LOGIT)", "logits = logits",
-           ("tests/objectives/test_flava_losses.py::test_contrastive_valid_rows_are_the_loss_of_the_paired_rows_alone",)),
+           ROW_MASK),
     # --- DINO / DINOv2
     Mutant("dino_ema_momentum_swapped", DINO, "lambda t, s: m * t + (1.0 - m) * s",
            "lambda t, s: (1.0 - m) * t + m * s",
@@ -128,6 +135,10 @@ MUTANTS = (
     Mutant("dino_cosine_schedule_inverted", DINO_LOSSES, "0.5 * (1.0 + jnp.cos(jnp.pi * frac))",
            "0.5 * (1.0 - jnp.cos(jnp.pi * frac))",
            ("tests/objectives/test_dino_losses.py::test_schedules",)),
+    Mutant("dino_center_momentum_complement", DINO, 'extra["center"], teacher_logits, o.center_momentum)',
+           'extra["center"], teacher_logits, 1.0 - o.center_momentum)', (DINO_STEP,)),
+    Mutant("dino_teacher_temp_warmup_skipped", DINO, "o.warmup_teacher_temp, o.teacher_temp)",
+           "o.teacher_temp, o.teacher_temp)", (DINO_STEP,)),
     Mutant("center_momentum_swapped", DINO_LOSSES,
            "  return momentum * _f32(center) + (1.0 - momentum) * batch_mean",
            "  return (1.0 - momentum) * _f32(center) + momentum * batch_mean",
@@ -149,22 +160,23 @@ MUTANTS = (
     Mutant("lora_scale_inverted", "medfm_jax/peft/lora.py",
            "return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)",
            "return (math.sqrt(self.rank) if self.rslora else self.rank) / self.alpha",
-           ("tests/peft/test_lora.py::test_rslora_scale", "tests/peft/test_lora.py::test_apply_formula_and_merge_roundtrip")),
+           ("tests/peft/test_lora.py::test_rslora_scale",
+            "tests/peft/test_lora.py::test_apply_formula_and_merge_roundtrip")),
     Mutant("mae_keeps_mask_ratio", "medfm_jax/models/mae.py", "n_keep = int(length * (1 - mask_ratio))",
-           "n_keep = int(length * mask_ratio)", ("tests/models/test_mae.py::test_random_masking_invariants",)),
+           "n_keep = int(length * mask_ratio)", MASKING),
     Mutant("mae_keeps_one_more", "medfm_jax/models/mae.py", "n_keep = int(length * (1 - mask_ratio))",
            "n_keep = int(length * (1 - mask_ratio)) + 1",
-           ("tests/models/test_mae.py::test_random_masking_invariants",)),
+           MASKING),
     Mutant("mae_loss_on_all_patches", "medfm_jax/models/mae.py",
            "return (per_patch * mask).sum() / mask.sum()", "return per_patch.mean()",
            ("tests/models/test_mae.py::test_loss_on_hand_computable_input",)),
     Mutant("label_smoothing_dropped", "medfm_jax/objectives/supervised.py",
            "self._ce(logits, labels, self.config.objective.label_smoothing)", "self._ce(logits, labels)",
-           ("tests/objectives/test_supervised.py::test_loss_is_label_smoothed_cross_entropy_of_labelled_rows",)),
+           SMOOTHING),
     Mutant("label_smoothing_inverted", "medfm_jax/objectives/supervised.py",
            "jax.nn.one_hot(labels, self.num_classes), smoothing)",
            "jax.nn.one_hot(labels, self.num_classes), 1.0 - smoothing)",
-           ("tests/objectives/test_supervised.py::test_loss_is_label_smoothed_cross_entropy_of_labelled_rows",)),
+           SMOOTHING),
 )
 
 
@@ -212,8 +224,8 @@ def _env(copy: str) -> dict[str, str]:
 
 def run_pytest(copy: str, tests, stop_first: bool, timeout: float):
   """(exit code or None on timeout, failed/errored node ids, output tail, seconds)."""
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *(["-x"] if stop_first else []),
-         *tests]
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+         *(["-x"] if stop_first else []), *tests]
   t0 = time.perf_counter()
   try:
     r = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout)
