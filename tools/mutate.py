@@ -38,8 +38,8 @@ CLIP = "medfm_jax/objectives/clip_losses.py"
 DINO = "medfm_jax/objectives/dino.py"
 DINO_LOSSES = "medfm_jax/objectives/dino_losses.py"
 
-# Killer tests, fastest first (pytest -x stops at the first failure). The 1-vs-N device tests
-# compare gradients (grad_norm, an SGD step), which Adam alone would hide.
+# Killer tests, fastest first (pytest -x stops at the first failure). The 1-vs-N device tests see
+# a gradient scale only if they compare gradients (grad_norm, an SGD step): Adam cancels it.
 CLIP_1_VS_8 = "tests/objectives/test_clip.py::test_train_steps_equal_on_1_and_8_devices"
 MULTI_DEVICE = {
     "8.0": (CLIP_1_VS_8, "tests/train/test_trainer.py::test_fsdp_matches_single_device",
