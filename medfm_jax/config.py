@@ -8,6 +8,7 @@ that uses them (``vit.REMATS``, ``optim.LR_SCALINGS``, ...); messages quote them
 from __future__ import annotations
 
 import os
+import tempfile
 
 import jax
 
@@ -22,7 +23,12 @@ __all__ = ["ConfigError", "validate"]
 
 
 def _writable(path: str) -> bool:
-  """True if ``path`` exists and is writable, or could be created (without creating it)."""
+  """True if ``path`` exists and is writable, or could be created (leaves nothing behind).
+
+  The nearest existing ancestor must be a directory in which a file can really be created:
+  ``os.access`` answers yes to root for any directory (root ignores permission bits), also on
+  pseudo filesystems such as /proc where nothing can be created.
+  """
   if "://" in path:   # bucket URLs: checked by the storage layer at first write
     return True
   path = os.path.abspath(path)
@@ -31,7 +37,13 @@ def _writable(path: str) -> bool:
     if parent == path:
       return False
     path = parent
-  return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+  if not os.path.isdir(path):
+    return False
+  try:
+    with tempfile.TemporaryFile(dir=path):   # unnamed (O_TMPFILE) where supported, else unlinked
+      return True
+  except OSError:
+    return False
 
 
 def _validate_real_data(d) -> None:

@@ -61,13 +61,17 @@ def test_each_bad_dino_field_is_named(overrides, field):
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  with pytest.raises(config_lib.ConfigError, match="--workdir"):
-    _validate({}, workdir=str(blocker / "run"))
-  if os.geteuid() != 0:   # root ignores permission bits
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(config_lib.ConfigError, match="--workdir"):
-      _validate({}, workdir=str(locked / "run"))
+  # /proc is a directory in which nobody, root included (as CI runs), can create anything; root
+  # ignores permission bits, so a chmod-ed directory would not be unwritable there.
+  unwritable = "/proc/medfm_jax_run/run"
+  with pytest.raises(OSError):
+    os.makedirs(unwritable)
+  for workdir in (str(blocker / "run"), unwritable):
+    with pytest.raises(config_lib.ConfigError) as e:
+      _validate({}, workdir=workdir)
+    assert str(e.value) == f"--workdir={workdir!r}: not a writable directory"
+  _validate({}, workdir=str(tmp_path / "new" / "run"))   # creatable: accepted, and not created
+  assert not (tmp_path / "new").exists()
 
 
 def test_cli_bad_config_exits_with_one_line_and_writes_nothing(tmp_path):

@@ -3,12 +3,11 @@ embeddings, logits and loss (float32, highest matmul precision) as the torch mod
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from medfm_jax.interop import hf_clip  # noqa: E402
-from medfm_jax.objectives import clip_losses  # noqa: E402
+from medfm_jax.interop import hf_clip
+from medfm_jax.objectives import clip_losses
 
 VOCAB, CONTEXT = 100, 16
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

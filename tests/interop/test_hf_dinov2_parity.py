@@ -1,15 +1,14 @@
 """Numerical parity of our VisionTransformer with HF ``Dinov2Model`` / ``Dinov2WithRegistersModel``."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from medfm_jax.interop import hf_dinov2  # noqa: E402
-from medfm_jax.models import layers  # noqa: E402
+from medfm_jax.interop import hf_dinov2
+from medfm_jax.models import layers
 
 ATOL = 1e-5
 CASES = {
@@ -172,7 +171,6 @@ def _legacy(sd):
 def test_hub_directory_and_legacy_names(tmp_path):
   """A saved HF directory loads offline; 4.x names (as in Hub checkpoints) give the same params and
   transformers itself reads them into the same tensors."""
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
   model = _hf_model("plain_swiglu")
   model.save_pretrained(tmp_path / "current")
   sd = {k: v.numpy() for k, v in model.state_dict().items()}

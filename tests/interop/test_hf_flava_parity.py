@@ -4,12 +4,11 @@ precision), with a patch mask and padded texts; export round-trips into HF."""
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from medfm_jax.interop import hf_flava  # noqa: E402
-from medfm_jax.models import flava  # noqa: E402
+from medfm_jax.interop import hf_flava
+from medfm_jax.models import flava
 
 VOCAB, CONTEXT, IMAGE_VOCAB, B, L = 60, 16, 40, 3, 10
 _TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

@@ -1,17 +1,15 @@
 """Numerical parity of our MaskedAutoencoder with Hugging Face ``ViTMAEForPreTraining`` (torch, CPU)."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
-
-import jax.numpy as jnp  # noqa: E402
-
-from medfm_jax.interop import hf_vitmae  # noqa: E402
-from medfm_jax.models import layers, mae  # noqa: E402
+from medfm_jax.interop import hf_vitmae
+from medfm_jax.models import layers, mae
 
 ATOL = 1e-5
 # Encoders match VARIANTS["Mu"] = (96, 4, 3, 384); decoders are free.

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
@@ -23,7 +24,6 @@ def conv_vit():
 
 def _torch_stem(params, width):
   """The stem written with torch modules from our params (Conv2d weight = HWIO -> OIHW)."""
-  import torch  # pylint: disable=g-import-not-at-top
   t = lambda a: torch.tensor(np.asarray(a))
   mods, n = [], sum(k.startswith("conv_") for k in params)
   for i in range(n):
@@ -38,7 +38,6 @@ def _torch_stem(params, width):
 
 
 def test_conv_stem_matches_torch_reference():
-  torch = pytest.importorskip("torch")
   stem = vit.ConvStem(patch_size=8, width=32)
   x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
   params = nn.unbox(stem.init(jax.random.key(3), x))["params"]

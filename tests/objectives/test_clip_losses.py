@@ -55,6 +55,21 @@ def test_loss_matches_reference_and_is_mesh_independent(kind, s, b):
     assert g1[2] != 0.0
 
 
+def test_logit_scale_clamped_to_0_ln100():
+  """scale = exp(clip(s, 0, ln 100)): 1 <= scale <= 100, no gradient to s outside [0, ln 100]; the
+  loss sees the clamped scale."""
+  s = jnp.array([-1.0, 0.5, 4.0, 5.0], jnp.float32)
+  np.testing.assert_allclose(clip_losses.clamp_logit_scale(s), [1.0, np.exp(0.5), np.exp(4.0), 100.0],
+                             rtol=1e-6)
+  grads = jax.vmap(jax.grad(clip_losses.clamp_logit_scale))(s)
+  np.testing.assert_allclose(grads, [0.0, np.exp(0.5), np.exp(4.0), 0.0], rtol=1e-6)
+  img, txt = _inputs()
+  for kind in clip_losses.LOSSES:
+    loss = lambda s: float(clip_losses.contrastive_loss(img, txt, s, -1.0, kind))
+    assert loss(-3.0) == loss(0.0) != loss(0.5)
+    assert loss(9.0) == loss(np.log(100.0)) != loss(4.0)
+
+
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_no_device_materialises_the_global_logit_matrix(kind):
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})

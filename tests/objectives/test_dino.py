@@ -24,7 +24,7 @@ def _config(**overrides):
 
 
 def test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen():
-  config = _config()
+  config = _config(**{"objective.teacher_temp": 0.07})   # warmup_teacher_temp 0.04 -> 0.07
   objective = objectives.build(config)
   tx = optim.make_optimizer(config, None, **objective.optimizer_kwargs())
   batch = next(pipeline.make_train_iterator(config.data, config.batch_size, config.seed))
@@ -45,7 +45,15 @@ def test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen():
   np.testing.assert_array_equal(v(s2), v(state))
   s3, _ = step(s2, batch)
   assert not np.array_equal(v(s3), v(state))
+  # Center: m_c * 0 + (1 - m_c) * mean of the teacher's logits over both global views and the
+  # batch; the teacher temperature starts at warmup_teacher_temp.
+  o = config.objective
+  views = batch["global"].reshape(-1, *batch["global"].shape[2:])
+  logits = jax.jit(objective.model.apply)({"params": state.extra["teacher"]}, views)["logits"]
+  np.testing.assert_allclose(s1.extra["center"], (1 - o.center_momentum) * np.mean(logits, axis=0),
+                             rtol=1e-5, atol=1e-6)
   assert float(np.linalg.norm(s1.extra["center"])) > 0
+  assert float(metrics["teacher_temp"]) == pytest.approx(o.warmup_teacher_temp) != o.teacher_temp
 
 
 def test_collapse_warning_names_ln_k():
@@ -53,6 +61,27 @@ def test_collapse_warning_names_ln_k():
   assert objective.warnings({"loss": 2.0, "teacher_entropy": 1.0}) == []
   (message,) = objective.warnings({"loss": float(np.log(64)), "teacher_entropy": 0.01})
   assert "ln K = 4.159" in message and "collapsed" in message
+
+
+def test_after_update_is_ema_with_cosine_momentum():
+  """teacher <- m t + (1 - m) s, m = 1 - (1 - m0) (1 + cos(pi k / T)) / 2: m0 at step 0, 1 at T
+  (float64 reference; the train step itself cannot show it: lr(0) = 0 leaves student = teacher)."""
+  config = _config(total_steps=100)
+  m0 = config.objective.momentum_teacher
+  assert 0.9 < m0 < 1.0
+  objective = objectives.build(config)
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  teacher = {"a": f32(3, 4), "b": {"c": f32(5)}}
+  student = jax.tree.map(lambda t: t + f32(*t.shape), teacher)
+  center = f32(64)
+  for step in (0, 30, 100, 150):
+    out = objective.after_update(student, {"teacher": teacher, "center": center}, step)
+    m = 1.0 - (1.0 - m0) * (1.0 + np.cos(np.pi * min(step, 100) / 100)) / 2.0
+    for got, t, s in zip(jax.tree.leaves(out["teacher"]), jax.tree.leaves(teacher), jax.tree.leaves(student),
+                         strict=True):
+      np.testing.assert_allclose(got, m * t.astype(np.float64) + (1.0 - m) * s, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["center"], center)
 
 
 @pytest.fixture(scope="module")

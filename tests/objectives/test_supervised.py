@@ -107,6 +107,23 @@ def test_eval_metrics_count_valid_rows():
                                       rel=1e-5)
 
 
+def test_loss_is_label_smoothed_cross_entropy_of_labelled_rows():
+  """-sum_k q_k log softmax(z)_k with q = (1 - eps) onehot + eps / K, averaged over the labelled
+  rows (float64 reference; the tiny classifier has no dropout, so the train forward is the eval one)."""
+  _, params, logits = _shared("full")
+  obj = _objective("full", **{"objective.label_smoothing": 0.2})
+  batch = dict(_batch(), finding=(jnp.arange(8) % 6).at[2].set(-1))          # row 2 unlabelled
+  loss, _ = jax.jit(obj.loss)(params, {}, batch, jax.random.PRNGKey(0), 0)
+  z = np.asarray(logits(params, batch["image"]), np.float64)
+  log_p = z - z.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  labels = np.asarray(batch["finding"])
+  k, rows = z.shape[1], labels >= 0
+  assert k == obj.num_classes == 6
+  q = 0.8 * np.eye(k)[labels[rows]] + 0.2 / k
+  np.testing.assert_allclose(float(loss), -np.mean(np.sum(q * log_p[rows], axis=-1)), rtol=1e-5)
+
+
 def test_unknown_scheme_and_label():
   with pytest.raises(ValueError, match="objective.scheme='bogus'"):
     _objective("full", **{"objective.scheme": "bogus"})
