@@ -42,8 +42,7 @@ DINO_LOSSES = "medfm_jax/objectives/dino_losses.py"
 # a gradient scale only if they compare gradients (grad_norm, an SGD step): Adam cancels it.
 CLIP_1_VS_8 = "tests/objectives/test_clip.py::test_train_steps_equal_on_1_and_8_devices"
 MULTI_DEVICE = {
-    "8.0": (CLIP_1_VS_8, "tests/train/test_trainer.py::test_fsdp_matches_single_device",
-            "tests/train/test_trainer.py::test_data_fsdp_tensor_mesh_matches_single_device"),
+    "8.0": (CLIP_1_VS_8, "tests/train/test_trainer.py::test_sharded_steps_match_single_device"),
     "2.0": (CLIP_1_VS_8, "tests/objectives/test_flava.py::test_train_steps_equal_on_1_and_8_devices"),
     "0.5": (CLIP_1_VS_8,
             "tests/objectives/test_dino.py::test_dinov2_trains_identically_on_one_and_eight_devices"),
@@ -100,7 +99,7 @@ MUTANTS = (
            "    frozen = state.count <= steps",
            ("tests/train/test_step.py::test_frozen_for_steps_and_lr_multipliers",)),
     # --- sharding
-    Mutant("params_not_fsdp_sharded", MESH, '    ("embed", "fsdp"),', '    ("embed", None),',
+    Mutant("params_not_fsdp_sharded", MESH, '    ("embed", ("fsdp", None)),', '    ("embed", (None,)),',
            ("tests/train/test_scale_configs.py::test_paper_config_is_fsdp_sharded[vit_b16]",)),
     Mutant("clip_blocks_pmean_not_psum", CLIP,
            "return jax.lax.psum(_block_sums(i, t, s, c, kind, axes, *v), axes)",
