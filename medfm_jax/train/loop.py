@@ -15,6 +15,7 @@ from absl import logging
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
+from medfm_jax.data import spec as data_spec
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import telemetry
@@ -40,6 +41,7 @@ class Trainer:
   mesh: jax.sharding.Mesh
   objective: objectives_lib.Objective
   tx: object                     # the optax transformation the state's opt_state belongs to
+  data: data_spec.DataSpec       # config.data resolved once: the train and eval pipelines' spec
   data_iterator: object
   abstract_state: object
   state: state_lib.TrainState
@@ -52,7 +54,8 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   """Builds mesh, objective, data and the train state (restored from ``workdir`` if present)."""
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   objective, tx = build_objective(config)
-  data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
+  data = data_spec.resolve(config.data)   # once per run: validation and the objective share it
+  data_iterator = pipeline.make_train_iterator(data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count(),
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
   local = next(data_iterator)
@@ -65,7 +68,8 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
     else:
       state = checkpointer.restore(latest, abstract, data_iterator)
       start, pending = int(jax.device_get(state.step)), None
-  return Trainer(config, workdir, mesh, objective, tx, data_iterator, abstract, state, start, pending)
+  return Trainer(config, workdir, mesh, objective, tx, data, data_iterator, abstract, state, start,
+                 pending)
 
 
 def build_objective(config) -> tuple[objectives_lib.Objective, object]:
@@ -138,9 +142,10 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
   config, mesh, objective, tx = trainer.config, trainer.mesh, trainer.objective, trainer.tx
   step_fn = state_lib.jit_train_step(objective, tx, config, trainer.abstract_state)
   eval_fn = jax.jit(state_lib.make_eval_step(objective))
+  data = trainer.data
   eval_batches = pipeline.make_eval_batches(
-      config.data, config.data.eval_split, config.data.eval_batch_size,
-      config.data.eval_examples, jax.process_index(), jax.process_count(),
+      data, data.eval_split, data.eval_batch_size, data.eval_examples,
+      jax.process_index(), jax.process_count(),
       skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
   total, step = config.total_steps, trainer.start_step
   if step >= total:
@@ -186,7 +191,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
         scalars.update(timing, images_per_s=config.batch_size / dt,
                        images_per_s_per_device=config.batch_size / dt / n_dev,
                        tflops_per_device=tflops, mfu=tflops / peak)
-        if config.data.get("on_error", "raise") == "skip":
+        if data.on_error == "skip":
           scalars["data/skipped"], skipped[0] = skipped[0], 0
         writer.write(step, scalars)
         for message in objective.warnings(scalars):
