@@ -126,7 +126,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)}: need 0 < min <= max <= 1")
   _check(c.data.num_workers >= 0, f"data.num_workers={c.data.num_workers}: must be >= 0")
   _validate_real_data(c.data)
-  _validate_masked_inputs(c, size.patch_size)
+  _validate_data_spec(c, size.patch_size)
 
   # Mesh and batch (parallel/mesh.py).
   try:
@@ -152,7 +152,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   return shape
 
 
-def _validate_masked_inputs(c, patch_size: int) -> None:
+def _validate_data_spec(c, patch_size: int) -> None:
   """The resolved data spec (``data.spec.resolve``: multi-crop, patch masks, tokenizer, MLM,
   mixing) and what single-view patch masks and MLM need of the model."""
   try:

@@ -223,18 +223,6 @@ class _MultiCropTransform(grain.transforms.Map):
     return out
 
 
-def multicrop_spec(data: DataSpec) -> transforms.MultiCropSpec | None:
-  """``data.multicrop`` of a spec or ``config.data``; None when absent, None or False (off)."""
-  return spec_lib.resolve(data).multicrop
-
-
-def patch_mask_spec(data: DataSpec) -> masking.PatchMaskSpec | None:
-  """The iBOT block masks of the multi-crop global views (``data.patch_masks``); None when off
-  or without ``data.multicrop``."""
-  spec = spec_lib.resolve(data)
-  return None if spec.multicrop is None else spec.patch_masks
-
-
 def _local_batch_size(batch_size: int, process_count: int, field: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"{field}={batch_size} must be a positive multiple of the process count "

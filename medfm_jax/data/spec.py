@@ -100,7 +100,7 @@ class DataSpec:
                        f"(allowed {tokenizers.KINDS})")
     mix = mixing.parse_ratios(mix_cfg) if _on(mix_cfg) else None
     mlm = text_masking.MLMSpec.from_config(mlm_cfg, text.tokenizer()) if _on(mlm_cfg) else None
-    pairs = lambda key: tuple(float(v) for v in get(key, getattr(cls, key)))
+    floats = lambda key: tuple(float(v) for v in get(key, getattr(cls, key)))
     return cls(
         source=get("source", cls.source), path=get("path", "") or "", name=get("name", "") or "",
         data_dir=get("data_dir", "") or "", image_key=get("image_key", cls.image_key),
@@ -109,8 +109,8 @@ class DataSpec:
         window=_window(get("window", cls.window)), resize=get("resize", cls.resize),
         load_size=int(get("load_size", 0) or 0), on_error=get("on_error", cls.on_error),
         image_size=image_size, channels=int(get("channels", cls.channels)),
-        mean=pairs("mean"), std=pairs("std"), crop_scale=pairs("crop_scale"),
-        crop_ratio=pairs("crop_ratio"), flip=bool(get("flip", cls.flip)),
+        mean=floats("mean"), std=floats("std"), crop_scale=floats("crop_scale"),
+        crop_ratio=floats("crop_ratio"), flip=bool(get("flip", cls.flip)),
         num_workers=int(get("num_workers", 0)), prefetch=int(get("prefetch", cls.prefetch)),
         train_split=get("train_split", cls.train_split), eval_split=get("eval_split", cls.eval_split),
         eval_examples=int(get("eval_examples", cls.eval_examples)),
