@@ -75,11 +75,6 @@ class MixSpec:
     """``global_batch`` slots split in the (checked) proportions ``ratios``, spread evenly."""
     return cls(interleave(slot_counts(ratios, global_batch)))
 
-  @classmethod
-  def from_config(cls, mix_cfg, global_batch: int) -> "MixSpec":
-    """From ``data.mix`` (see :func:`parse_ratios`)."""
-    return cls.from_ratios(parse_ratios(mix_cfg), global_batch)
-
   def kind(self, position: int) -> int:
     return self.pattern[position % len(self.pattern)]
 
