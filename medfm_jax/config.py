@@ -13,7 +13,8 @@ import tempfile
 import jax
 
 from medfm_jax import objectives
-from medfm_jax.data import decode, pipeline, sources, tokenizers
+from medfm_jax.data import decode, sources, tokenizers
+from medfm_jax.data import spec as data_spec
 from medfm_jax.errors import ConfigError, check as _check
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
@@ -48,7 +49,7 @@ def _writable(path: str) -> bool:
 
 def _validate_real_data(d) -> None:
   """data.source and the folder/manifest/tfds fields (files are opened later, by the source)."""
-  _check(d.source in pipeline.SOURCES, f"data.source={d.source!r}: allowed {', '.join(pipeline.SOURCES)}")
+  _check(d.source in data_spec.SOURCES, f"data.source={d.source!r}: allowed {', '.join(data_spec.SOURCES)}")
   _check(d.get("on_error", "raise") in sources.ON_ERROR,
          f"data.on_error={d.get('on_error')!r}: allowed {', '.join(sources.ON_ERROR)}")
   _check(d.get("resize", "none") in decode.RESIZE_POLICIES,
@@ -137,7 +138,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(0 < lo <= hi <= 1, f"data.crop_scale={tuple(c.data.crop_scale)}: need 0 < min <= max <= 1")
   _check(c.data.num_workers >= 0, f"data.num_workers={c.data.num_workers}: must be >= 0")
   _validate_real_data(c.data)
-  _validate_masked_inputs(c, size.patch_size)
+  _validate_data_spec(c, size.patch_size)
 
   # Mesh and batch (parallel/mesh.py).
   try:
@@ -163,21 +164,19 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   return shape
 
 
-def _validate_masked_inputs(c, patch_size: int) -> None:
-  """``data.mlm``, ``data.mix`` and single-view ``data.patch_masks`` (``pipeline.masked_inputs``)."""
-  d = c.data
+def _validate_data_spec(c, patch_size: int) -> None:
+  """The resolved data spec (``data.spec.resolve``: multi-crop, patch masks, tokenizer, MLM,
+  mixing) and what single-view patch masks and MLM need of the model."""
   try:
-    extras = pipeline.masked_inputs(d, c.batch_size)
+    d = data_spec.resolve(c.data)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if extras is None:
-    return
-  if extras.patch_masks is not None:
-    _check(d.patch_masks.patch_size == patch_size,
-           f"data.patch_masks.patch_size={d.patch_masks.patch_size}: must equal the model's patch "
+  if d.patch_masks is not None and d.multicrop is None:
+    _check(d.mask_patch_size == patch_size,
+           f"data.patch_masks.patch_size={d.mask_patch_size}: must equal the model's patch "
            f"size {patch_size}")
-  if extras.mlm is not None and c.model.get("text") is not None:
-    needed = tokenizers.mlm_vocab_size(tokenizers.from_config(d).tokenizer())
+  if d.mlm is not None and c.model.get("text") is not None:
+    needed = tokenizers.mlm_vocab_size(d.tokenizer.tokenizer())
     _check(c.model.text.vocab_size >= needed,
            f"model.text.vocab_size={c.model.text.vocab_size}: data.mlm needs {needed} (the "
-           f"{d.tokenizer!r} vocabulary and its mask id {extras.mlm.mask_id})")
+           f"{d.tokenizer.kind!r} vocabulary and its mask id {d.mlm.mask_id})")

@@ -51,22 +51,28 @@ def interleave(counts: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(out)
 
 
+def parse_ratios(mix_cfg) -> tuple[float, float, float]:
+  """``data.mix`` (a dict of ``paired`` / ``image`` / ``text`` ratios, absent = 0) -> the ratios
+  in :data:`KINDS` order, checked."""
+  if not hasattr(mix_cfg, "keys"):
+    raise ValueError(f"data.mix={mix_cfg!r}: must be a dict of ratios {KINDS} (or None: all paired)")
+  unknown = sorted(set(mix_cfg.keys()) - set(KINDS))
+  if unknown:
+    raise ValueError(f"data.mix has unknown kinds {unknown}: allowed {KINDS}")
+  ratios = tuple(float(mix_cfg.get(k, 0.0) or 0.0) for k in KINDS)
+  if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+    raise ValueError(f"data.mix={dict(zip(KINDS, ratios))}: ratios must be >= 0 and sum to 1")
+  return ratios
+
+
 @dataclasses.dataclass(frozen=True)
 class MixSpec:
   """Picklable kinds of the slots of a global batch."""
   pattern: tuple[int, ...]
 
   @classmethod
-  def from_config(cls, mix_cfg, global_batch: int) -> "MixSpec":
-    """From ``data.mix`` (a dict of ``paired`` / ``image`` / ``text`` ratios, absent = 0)."""
-    if not hasattr(mix_cfg, "keys"):
-      raise ValueError(f"data.mix={mix_cfg!r}: must be a dict of ratios {KINDS} (or None: all paired)")
-    unknown = sorted(set(mix_cfg.keys()) - set(KINDS))
-    if unknown:
-      raise ValueError(f"data.mix has unknown kinds {unknown}: allowed {KINDS}")
-    ratios = tuple(float(mix_cfg.get(k, 0.0) or 0.0) for k in KINDS)
-    if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
-      raise ValueError(f"data.mix={dict(zip(KINDS, ratios))}: ratios must be >= 0 and sum to 1")
+  def from_ratios(cls, ratios: tuple[float, ...], global_batch: int) -> "MixSpec":
+    """``global_batch`` slots split in the (checked) proportions ``ratios``, spread evenly."""
     return cls(interleave(slot_counts(ratios, global_batch)))
 
   def kind(self, position: int) -> int:

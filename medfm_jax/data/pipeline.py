@@ -13,6 +13,9 @@ Train stream (identical on every process, then sharded)::
         paired/image-only/text-only kinds (``data.mix``): FLAVA]
     .batch(global_batch // process_count)
 
+Both pipelines are built from the resolved :class:`~medfm_jax.data.spec.DataSpec`; the entry points
+take the spec or ``config.data`` (resolved once, at the entry, by ``spec.resolve``).
+
 Global batch ``s`` is global positions ``[s*B, (s+1)*B)``; process ``p`` holds
 its rows ``[p*b, (p+1)*b)`` (b = B/P), matching ``jax.make_array_from_process_local_data``. Batching happens before the worker processes
 split the stream, so batches do not depend on ``data.num_workers``.
@@ -30,11 +33,10 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, mixing, phantoms, sources, text_masking, tokenizers, transforms
+from medfm_jax.data import masking, mixing, phantoms, sources, text_masking, transforms
+from medfm_jax.data import spec as spec_lib
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
-
-SOURCES = ("phantoms", "folder", "manifest", "tfds")
-SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
+from medfm_jax.data.spec import SKIPPED_KEY, SOURCES, DataSpec  # noqa: F401  (re-exported)
 
 
 class RandomAccessSource(Protocol):
@@ -45,21 +47,21 @@ class RandomAccessSource(Protocol):
   def __getitem__(self, index: int) -> dict: ...
 
 
-def make_source(data_cfg, split: str, num_examples: int | None = None, *,
+def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
                 skip_log: str | None = None) -> RandomAccessSource:
-  """Random-access source for ``data_cfg.source`` (phantom dataset seed fixed at 0).
+  """Random-access source for ``data.source`` (phantom dataset seed fixed at 0); ``data`` is a
+  :class:`DataSpec` or ``config.data``.
 
   ``folder`` / ``manifest`` / ``tfds`` read real images (see ``sources``); ``skip_log`` is the
   file that skipped bad records are appended to with ``data.on_error='skip'``.
   """
-  if data_cfg.source == "phantoms":
-    return phantoms.PhantomSource(split, image_size=data_cfg.image_size,
-                                  channels=data_cfg.channels, seed=0,
-                                  num_examples=num_examples)
-  if data_cfg.source in SOURCES:
-    return sources.make_file_source(data_cfg, split, num_examples, skip_log)
-  raise ValueError(f"data.source={data_cfg.source!r} is not supported; "
-                   f"allowed: {', '.join(SOURCES)}")
+  spec = spec_lib.resolve(data)
+  if spec.source == "phantoms":
+    return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
+                                  seed=0, num_examples=num_examples)
+  if spec.source in SOURCES:
+    return sources.make_file_source(spec, split, num_examples, skip_log)
+  raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
 
 
 def _seed32(seed: int) -> int:
@@ -157,28 +159,16 @@ class MaskedInputs:
     return example
 
 
-def masked_inputs(data_cfg, global_batch: int | None = None) -> MaskedInputs | None:
-  """The configured :class:`MaskedInputs` (None when ``data.mlm``, ``data.mix`` and single-view
-  ``data.patch_masks`` are all off). ``global_batch`` None (eval): every example is paired."""
-  get = data_cfg.get if hasattr(data_cfg, "get") else (lambda key, default=None: default)
-  on = lambda key: get(key) is not None and get(key) is not False     # {} = on, with defaults
-  use_masks = on("patch_masks") and multicrop_spec(data_cfg) is None
-  if not (on("mlm") or on("mix") or use_masks):
+def masked_inputs(data: DataSpec, global_batch: int | None = None) -> MaskedInputs | None:
+  """The :class:`MaskedInputs` of ``data`` (a spec or ``config.data``; None when ``data.mlm``,
+  ``data.mix`` and single-view ``data.patch_masks`` are all off). ``global_batch`` None (eval):
+  every example is paired."""
+  spec = spec_lib.resolve(data)
+  patch_masks = spec.patch_masks if spec.multicrop is None else None
+  if spec.mlm is None and spec.mix is None and patch_masks is None:
     return None
-  text = tokenizers.from_config(data_cfg)
-  if text is None and (on("mlm") or on("mix")):
-    raise ValueError(f"data.{'mlm' if on('mlm') else 'mix'} needs a data.tokenizer "
-                     f"(allowed {tokenizers.KINDS})")
-  mix = None
-  if on("mix"):
-    mix = (mixing.MixSpec.from_config(get("mix"), global_batch) if global_batch
-           else mixing.MixSpec((mixing.PAIRED,)))
-  return MaskedInputs(
-      pad_id=0 if text is None else int(text.pad_id),
-      mlm=text_masking.MLMSpec.from_config(get("mlm"), text.tokenizer()) if on("mlm") else None,
-      patch_masks=(masking.PatchMaskSpec.from_config(get("patch_masks"), int(data_cfg.image_size))
-                   if use_masks else None),
-      mix=mix)
+  return MaskedInputs(pad_id=0 if spec.tokenizer is None else int(spec.tokenizer.pad_id),
+                      mlm=spec.mlm, patch_masks=patch_masks, mix=spec.mix_spec(global_batch))
 
 
 def pop_skipped(batch: dict) -> int:
@@ -233,25 +223,6 @@ class _MultiCropTransform(grain.transforms.Map):
     return out
 
 
-def multicrop_spec(data_cfg) -> transforms.MultiCropSpec | None:
-  """``data.multicrop`` as a validated spec; None when absent, None or False (off)."""
-  raw = data_cfg.get("multicrop") if hasattr(data_cfg, "get") else None
-  if raw is None or raw is False:
-    return None
-  if not hasattr(raw, "keys"):
-    raise ValueError(f"data.multicrop={raw!r} must be a dict of multi-crop fields or None")
-  return transforms.MultiCropSpec.from_config(raw)
-
-
-def patch_mask_spec(data_cfg) -> masking.PatchMaskSpec | None:
-  """``data.patch_masks`` (iBOT block masks of the multi-crop global views) or None when off."""
-  raw = data_cfg.get("patch_masks") if hasattr(data_cfg, "get") else None
-  spec = multicrop_spec(data_cfg)
-  if raw is None or raw is False or spec is None:
-    return None
-  return masking.PatchMaskSpec.from_config(raw, spec.global_size)
-
-
 def _local_batch_size(batch_size: int, process_count: int, field: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"{field}={batch_size} must be a positive multiple of the process count "
@@ -259,16 +230,17 @@ def _local_batch_size(batch_size: int, process_count: int, field: str) -> int:
   return batch_size // process_count
 
 
-def _read_options(data_cfg) -> grain.ReadOptions:
+def _read_options(spec: DataSpec) -> grain.ReadOptions:
   # Records are generated in memory; a couple of threads overlap the numpy work.
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(int(data_cfg.prefetch), 2))
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(spec.prefetch, 2))
 
 
-def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_index: int = 0,
+def make_train_iterator(data: DataSpec, global_batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, *,
                         source: RandomAccessSource | None = None,
                         skip_log: str | None = None) -> grain.DatasetIterator:
-  """Infinite, checkpointable iterator over this process's train batches.
+  """Infinite, checkpointable iterator over this process's train batches of ``data`` (a
+  :class:`DataSpec` or ``config.data``); ``DataSpec.abstract_batch`` gives their global shapes.
 
   Yields ``{"image": float32 [b, H, W, C], "modality": int32 [b],
   "finding": int32 [b]}`` with ``b = global_batch_size // process_count``.
@@ -278,38 +250,36 @@ def make_train_iterator(data_cfg, global_batch_size: int, seed: int, process_ind
   normalised with ``data.mean/std``), seeded the same way.
   ``get_state()`` returns a JSON-serialisable dict (``set_state`` restores it;
   e.g. ``{"next_index": 3}`` in-process, a nested dict of per-worker states
-  with workers). ``source`` overrides ``make_source(data_cfg,
-  data_cfg.train_split)`` (tests, custom sources). Close iterators with
+  with workers). ``source`` overrides ``make_source(data,
+  data.train_split)`` (tests, custom sources). Close iterators with
   workers via ``.close()`` when done. Sources with ``data.on_error='skip'``
   add ``data_skipped`` int32 [b] (see :func:`pop_skipped`); skipped files are
   appended to ``skip_log``.
   """
+  spec = spec_lib.resolve(data)
   local = _local_batch_size(global_batch_size, process_count, "batch_size")
-  source = (make_source(data_cfg, data_cfg.train_split, skip_log=skip_log) if source is None
+  source = (make_source(spec, spec.train_split, skip_log=skip_log) if source is None
             else source)
-  spec = multicrop_spec(data_cfg)
-  if spec is None:
+  if spec.multicrop is None:
     transform = _TrainTransform(
-        source=source, seed=_seed32(seed), image_size=int(data_cfg.image_size),
-        crop_scale=tuple(data_cfg.crop_scale), crop_ratio=tuple(data_cfg.crop_ratio),
-        flip=bool(data_cfg.flip), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-        text=tokenizers.from_config(data_cfg), masked=masked_inputs(data_cfg, global_batch_size))
+        source=source, seed=_seed32(seed), image_size=spec.image_size, crop_scale=spec.crop_scale,
+        crop_ratio=spec.crop_ratio, flip=spec.flip, mean=spec.mean, std=spec.std,
+        text=spec.tokenizer, masked=masked_inputs(spec, global_batch_size))
   else:
     transform = _MultiCropTransform(
-        source=source, seed=_seed32(seed), spec=spec, flip=bool(data_cfg.flip),
-        mean=tuple(data_cfg.mean), std=tuple(data_cfg.std), patch_masks=patch_mask_spec(data_cfg))
+        source=source, seed=_seed32(seed), spec=spec.multicrop, flip=spec.flip, mean=spec.mean,
+        std=spec.std, patch_masks=spec.patch_masks)
   ds = shard_stream(len(source), seed, process_index, process_count, block=local)
   ds = ds.map(transform).batch(local, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(_read_options(data_cfg))
-  if data_cfg.num_workers > 0:
+  it_ds = ds.to_iter_dataset(_read_options(spec))
+  if spec.num_workers > 0:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data_cfg.num_workers),
-        per_worker_buffer_size=max(int(data_cfg.prefetch), 1)))
+        num_workers=spec.num_workers, per_worker_buffer_size=max(spec.prefetch, 1)))
   logging.info("train input: %s, %d examples, local batch %d (process %d/%d), %d workers%s",
-               source, len(source), local, process_index, process_count, data_cfg.num_workers,
-               f", {spec}" if spec else "")
+               source, len(source), local, process_index, process_count, spec.num_workers,
+               f", {spec.multicrop}" if spec.multicrop else "")
   return iter(it_ds)
 
 
@@ -354,38 +324,41 @@ class EvalBatches:
     return iter(self._dataset.to_iter_dataset(self._read_options))
 
 
-def make_eval_batches(data_cfg, split: str, batch_size: int, num_examples: int,
+def make_eval_batches(data: DataSpec, split: str, batch_size: int, num_examples: int,
                       process_index: int = 0, process_count: int = 1, *,
                       source: RandomAccessSource | None = None,
                       skip_log: str | None = None) -> EvalBatches:
-  """The first ``num_examples`` records of ``split``, unaugmented, in batches.
+  """The first ``num_examples`` records of ``split`` of ``data`` (a :class:`DataSpec` or
+  ``config.data``), unaugmented, in batches.
 
   ``batch_size`` is global; each process gets ``batch_size // process_count``
   rows per batch and every process the same number of batches,
   ``ceil(num_examples / batch_size)``. Keys as the train batches plus ``mask``
   (bool [b], False on padding rows, which are zeros with labels 0).
   """
+  spec = spec_lib.resolve(data)
   local = _local_batch_size(batch_size, process_count, "data.eval_batch_size")
-  source = make_source(data_cfg, split, skip_log=skip_log) if source is None else source
+  source = make_source(spec, split, skip_log=skip_log) if source is None else source
   if not 0 < num_examples <= len(source):
     raise ValueError(f"data.eval_examples={num_examples} must be in [1, {len(source)}] "
                      f"(size of split {split!r})")
   num_batches = math.ceil(num_examples / batch_size)
   transform = _EvalTransform(
-      source=source, num_examples=int(num_examples), image_size=int(data_cfg.image_size),
-      channels=int(data_cfg.channels), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-      text=tokenizers.from_config(data_cfg), masked=masked_inputs(data_cfg))
+      source=source, num_examples=int(num_examples), image_size=spec.image_size,
+      channels=spec.channels, mean=spec.mean, std=spec.std, text=spec.tokenizer,
+      masked=masked_inputs(spec))
   ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
-  return EvalBatches(ds, _read_options(data_cfg))
+  return EvalBatches(ds, _read_options(spec))
 
 
-def time_train_iterator(data_cfg, global_batch_size: int, num_batches: int = 50,
+def time_train_iterator(data: DataSpec, global_batch_size: int, num_batches: int = 50,
                         warmup: int = 3) -> dict[str, float | None]:
   """Images per wall-clock second drawn from ``make_train_iterator`` (after ``warmup``
   batches), and, without worker processes, images per CPU second of this process (all its
   threads): a cost that does not depend on what else runs on the machine."""
-  it = make_train_iterator(data_cfg, global_batch_size, seed=0)
+  spec = spec_lib.resolve(data)
+  it = make_train_iterator(spec, global_batch_size, seed=0)
   try:
     for _ in range(warmup):
       next(it)
@@ -398,10 +371,10 @@ def time_train_iterator(data_cfg, global_batch_size: int, num_batches: int = 50,
       it.close()
   n = num_batches * global_batch_size
   return {"images_per_s": n / wall,
-          "images_per_cpu_s": n / cpu if data_cfg.num_workers == 0 and cpu > 0 else None}
+          "images_per_cpu_s": n / cpu if spec.num_workers == 0 and cpu > 0 else None}
 
 
-def benchmark_train_iterator(data_cfg, global_batch_size: int, num_batches: int = 50,
+def benchmark_train_iterator(data: DataSpec, global_batch_size: int, num_batches: int = 50,
                              warmup: int = 3) -> float:
   """Images per second drawn from ``make_train_iterator`` (after ``warmup`` batches)."""
-  return time_train_iterator(data_cfg, global_batch_size, num_batches, warmup)["images_per_s"]
+  return time_train_iterator(data, global_batch_size, num_batches, warmup)["images_per_s"]

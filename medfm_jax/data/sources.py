@@ -381,13 +381,6 @@ class TfdsSource(RobustSource):
     return f"TfdsSource({self.name}, {len(self)} examples, on_error={self.on_error!r})"
 
 
-def preprocess_from_config(data_cfg) -> decode.Preprocess:
-  """data.channels / window / resize / load_size (0 = image_size) as a Preprocess."""
-  size = int(data_cfg.get("load_size", 0) or data_cfg.image_size)
-  return decode.Preprocess(channels=int(data_cfg.channels), window=data_cfg.get("window", "auto"),
-                           resize=data_cfg.get("resize", "none"), size=size)
-
-
 @functools.lru_cache(maxsize=8)
 def _listing(kind: str, path: str, on_error: str) -> tuple[tuple[Entry, ...], tuple[str, ...]]:
   """(entries, class names) of a folder or manifest, listed once per process (the train and
@@ -400,21 +393,19 @@ def _listing(kind: str, path: str, on_error: str) -> tuple[tuple[Entry, ...], tu
   return tuple(entries), tuple(classes)
 
 
-def make_file_source(data_cfg, split: str, num_examples: int | None = None,
+def make_file_source(spec, split: str, num_examples: int | None = None,
                      skip_log: str | None = None) -> RobustSource:
-  """``data.source`` in folder | manifest | tfds -> the source of ``split``."""
-  kind, on_error = data_cfg.source, data_cfg.get("on_error", "raise")
-  preprocess = preprocess_from_config(data_cfg)
+  """``spec.source`` in folder | manifest | tfds -> the source of ``split`` (``spec``: the resolved
+  ``data.spec.DataSpec``)."""
+  kind, on_error, preprocess = spec.source, spec.on_error, spec.preprocess
   if kind == "tfds":
-    source = TfdsSource(data_cfg.name, split, data_cfg.get("data_dir"), preprocess,
-                        data_cfg.get("image_key", "image"), data_cfg.get("label_key", "label"),
-                        data_cfg.get("caption_key", "caption"), on_error, skip_log)
+    source = TfdsSource(spec.name, split, spec.data_dir, preprocess, spec.image_key,
+                        spec.label_key, spec.caption_key, on_error, skip_log)
   else:
-    path = data_cfg.path
+    path = spec.path
     entries, classes = _listing(kind, path, on_error)
     modalities = class_names_of([e.modality for e in entries if e.modality])
-    fractions = parse_splits(data_cfg.get("splits", "train:0.9,val:0.05,test:0.05"))
-    entries = select_split(entries, split, fractions, data_cfg.get("split_seed", 0),
+    entries = select_split(entries, split, parse_splits(spec.splits), spec.split_seed,
                            f"data.path={path!r}")
     if not entries:
       raise ValueError(f"data.path={path!r}: split {split!r} is empty")

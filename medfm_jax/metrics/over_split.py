@@ -13,9 +13,11 @@ from medfm_jax.parallel import mesh as mesh_lib
 LABELS = ("finding", "modality")
 
 
-def map_over_split(data_cfg, mesh, run: Callable[[dict], Any], split: str, num_examples: int,
+def map_over_split(data, mesh, run: Callable[[dict], Any], split: str, num_examples: int,
                    batch_size: int, keys: Sequence[str] = ("image",)) -> tuple[Any, dict[str, np.ndarray]]:
   """-> (``run(batch)`` outputs concatenated over rows as float32 numpy, {label: int ``[n]``}).
+
+  ``data``: the resolved ``data.spec.DataSpec`` (or ``config.data``, resolved at the entry).
 
   Global batches of ``batch_size`` (the fields ``keys``) are split over data x fsdp; ``run`` must
   return replicated arrays (``jax.jit(..., out_shardings=PartitionSpec())``), one or a pytree.
@@ -24,7 +26,7 @@ def map_over_split(data_cfg, mesh, run: Callable[[dict], Any], split: str, num_e
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   outs, labels = [], {k: [] for k in LABELS}
   with mesh_lib.use_mesh(mesh):
-    for local in pipeline.make_eval_batches(data_cfg, split, batch_size, num_examples,
+    for local in pipeline.make_eval_batches(data, split, batch_size, num_examples,
                                             jax.process_index(), jax.process_count()):
       batch = mesh_lib.to_global_batch({k: local[k] for k in keys}, mesh)
       keep = gather(local["mask"])

@@ -13,6 +13,7 @@ tower for zero-shot); then write one config file. Nothing central changes.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medfm_jax.data import spec as data_spec
 from medfm_jax.peft.lora import path_str
 
 Metrics = dict[str, jax.Array]
@@ -48,6 +50,12 @@ class Objective(abc.ABC):
     """``objectives.build`` passes both; a subclass overriding ``__init__`` takes and forwards them."""
     self.config = config
     self._encoder_loader = encoder_loader
+
+  @functools.cached_property
+  def data(self) -> data_spec.DataSpec:
+    """The run's ``config.data`` resolved (``data.spec.resolve``, shared with the trainer's
+    pipelines): multi-crop, patch masks, tokenizer, MLM, mixing, splits."""
+    return data_spec.resolve(self.config.data)
 
   @classmethod
   def check_config(cls, config) -> None:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from medfm_jax.data import spec as data_spec
 from medfm_jax.data import tokenizers
 from medfm_jax.errors import ConfigError, check
 from medfm_jax.metrics import over_split, retrieval, zero_shot
@@ -92,7 +93,7 @@ class ImageTextObjective(base.Objective):
   def embed_split(self, params, mesh, split: str, num_examples: int):
     """(image embeddings ``[n, e]``, text embeddings ``[n, e]``, {label: ``[n]``}) of the first
     ``num_examples`` records of ``split`` (captions as the texts); identical on every process."""
-    d = self.config.data
+    d = self.data
     (imgs, txts), labels = over_split.map_over_split(
         d, mesh, lambda batch: self._embed_pairs(params, batch["image"], batch["tokens"]), split,
         num_examples, d.eval_batch_size, keys=("image", "tokens"))
@@ -100,9 +101,8 @@ class ImageTextObjective(base.Objective):
 
   def evaluate(self, params, extra, mesh, step):
     del extra, step
-    c = self.config
-    return evaluate_image_text(self, params, mesh, c.data.eval_split, c.data.eval_examples,
-                               tuple(c.objective.get("zero_shot_labels", over_split.LABELS)))
+    return evaluate_image_text(self, params, mesh, self.data.eval_split, self.data.eval_examples,
+                               tuple(self.config.objective.get("zero_shot_labels", over_split.LABELS)))
 
 
 class ClipObjective(ImageTextObjective):
@@ -128,26 +128,26 @@ class ClipObjective(ImageTextObjective):
           f"model.embed_dim={m.embed_dim}: with model.image_proj=False it must equal the image width {width}")
     try:
       t = text.text_size(m.text)
-      spec = tokenizers.from_config(d)
+      spec = data_spec.resolve(d).tokenizer
       tok = spec.tokenizer() if spec is not None else None
     except ValueError as e:
       raise ConfigError(str(e)) from None
     check(spec is not None, f"data.tokenizer={d.get('tokenizer')!r}: the CLIP objective needs one of {tokenizers.KINDS}")
     check(t.pooling in text.POOLINGS, f"model.text.pooling={t.pooling!r}: allowed {text.POOLINGS}")
     check(t.width % t.num_heads == 0, f"model.text.num_heads={t.num_heads}: must divide model.text.width={t.width}")
-    check(0 < d.context_length <= t.context_length,
-          f"data.context_length={d.context_length}: must be in [1, model.text.context_length={t.context_length}]")
+    check(0 < spec.context_length <= t.context_length,
+          f"data.context_length={spec.context_length}: must be in [1, model.text.context_length={t.context_length}]")
     check(tok.vocab_size <= t.vocab_size,
-          f"model.text.vocab_size={t.vocab_size}: smaller than the {d.tokenizer!r} tokenizer's vocabulary ({tok.vocab_size})")
+          f"model.text.vocab_size={t.vocab_size}: smaller than the {spec.kind!r} tokenizer's vocabulary ({tok.vocab_size})")
     check(t.pooling != "eot" or tok.eot_id is not None,
-          f"model.text.pooling='eot': the {d.tokenizer!r} tokenizer has no end-of-text token")
+          f"model.text.pooling='eot': the {spec.kind!r} tokenizer has no end-of-text token")
     super().check_config(config)
 
   def __init__(self, config, encoder_loader=None):
     super().__init__(config, encoder_loader)
     o = config.objective
     self.kind = o.get("loss", "clip")
-    self.text_spec = tokenizers.from_config(config.data)
+    self.text_spec = self.data.tokenizer
     self.model = build_model(config, self.text_spec)
     self.max_logit_scale = float(o.get("max_logit_scale", clip_losses.MAX_LOGIT_SCALE))
     self.lit = bool(o.get("lit_init_from", ""))

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from medfm_jax import storage
-from medfm_jax.data import phantoms, pipeline
+from medfm_jax.data import phantoms
+from medfm_jax.data import spec as data_spec
 from medfm_jax.errors import ConfigError, check
 from medfm_jax.metrics import attention_maps, knn, over_split
 from medfm_jax.models import heads, layers, vit
@@ -82,7 +83,7 @@ class DinoObjective(base.Objective):
 
   @classmethod
   def check_config(cls, config):
-    o, d = config.objective, config.data
+    o = config.objective
     patch_size = vit.size_from_config(config.model).patch_size
     check(o.get("centering", "center") in CENTERINGS,
           f"objective.centering={o.get('centering')!r}: allowed {', '.join(CENTERINGS)}")
@@ -91,19 +92,19 @@ class DinoObjective(base.Objective):
     check(0.0 < o.get("layerwise_decay", 1.0) <= 1.0,
           f"objective.layerwise_decay={o.get('layerwise_decay')}: allowed (0, 1] (1 = off)")
     try:
-      spec = pipeline.multicrop_spec(d)
-      masks = pipeline.patch_mask_spec(d)
+      d = data_spec.resolve(config.data)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    spec = d.multicrop
     check(spec is not None, "data.multicrop: the DINO objective needs multi-crop views")
     for field in ("global_size", "local_size"):
       check(getattr(spec, field) % patch_size == 0,
             f"data.multicrop.{field}={getattr(spec, field)}: must be a multiple of the patch size {patch_size}")
     if o.get("ibot_loss_weight", 0.0) > 0:
-      check(masks is not None, "objective.ibot_loss_weight > 0 needs data.patch_masks "
+      check(d.patch_masks is not None, "objective.ibot_loss_weight > 0 needs data.patch_masks "
             "(dict(patch_size, probability, ratio)) for the iBOT block masks")
-      check(d.patch_masks.patch_size == patch_size,
-            f"data.patch_masks.patch_size={d.patch_masks.patch_size}: must equal the model's "
+      check(d.mask_patch_size == patch_size,
+            f"data.patch_masks.patch_size={d.mask_patch_size}: must equal the model's "
             f"patch size {patch_size}")
       check(config.model.get("mask_token", False), "objective.ibot_loss_weight > 0 needs model.mask_token=True")
 
@@ -112,7 +113,7 @@ class DinoObjective(base.Objective):
     o = config.objective
     self.centering = o.get("centering", "center")
     self.ibot = o.get("ibot_loss_weight", 0.0) > 0
-    self.mask_spec = pipeline.patch_mask_spec(config.data)
+    self.mask_spec = self.data.patch_masks
     separate = self.ibot and o.get("ibot_separate_head", False)
     self.model = DinoModel(vit.vit_from_config(config), _head(o),
                            _head(o, "ibot_") if separate else None)
@@ -204,15 +205,15 @@ class DinoObjective(base.Objective):
     """kNN (k=20, T=0.07) top-1 accuracy of teacher cls features on phantom labels: a bank of
     ``objective.knn_train_examples`` train images, queried with ``data.eval_examples`` val images."""
     del params, step
-    c = self.config
+    d = self.data
 
     teacher = extra["teacher"]["backbone"]
     embed = lambda split, n: over_split.map_over_split(
-        c.data, mesh, lambda batch: self._cls_features(teacher, batch["image"]), split, n,
-        c.data.eval_batch_size)
+        d, mesh, lambda batch: self._cls_features(teacher, batch["image"]), split, n,
+        d.eval_batch_size)
 
-    train_x, train_y = embed(c.data.train_split, c.objective.knn_train_examples)
-    val_x, val_y = embed(c.data.eval_split, c.data.eval_examples)
+    train_x, train_y = embed(d.train_split, self.config.objective.knn_train_examples)
+    val_x, val_y = embed(d.eval_split, d.eval_examples)
     k = min(20, len(train_x))
     return {f"knn_{name}_acc": knn.knn_accuracy(train_x, train_y[name], val_x, val_y[name],
                                                  num_classes, k=k)
@@ -226,7 +227,7 @@ class DinoObjective(base.Objective):
     if jax.process_index() == 0:
       attention_maps.write_attention_png(
           storage.path(workdir) / "attention" / f"step_{step:07d}.png", np.asarray(images),
-          np.asarray(maps), self.config.data.mean, self.config.data.std)
+          np.asarray(maps), self.data.mean, self.data.std)
 
   def warnings(self, scalars):
     loss = scalars.get("dino_loss", scalars["loss"])

@@ -48,6 +48,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medfm_jax.data import spec as data_spec
 from medfm_jax.data import tokenizers
 from medfm_jax.errors import ConfigError, check
 from medfm_jax.models import codebook as codebook_lib
@@ -73,15 +74,15 @@ class FlavaObjective(ImageTextObjective):
   def check_config(cls, config):
     """The tokenizer, the masked inputs (``data.mlm``, ``data.patch_masks``: only FLAVA needs both),
     loss weights, MIM target and ITM negatives."""
-    o, d = config.objective, config.data
+    o = config.objective
     try:
-      spec = tokenizers.from_config(d)
+      d = data_spec.resolve(config.data)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    check(spec is not None,
-          f"data.tokenizer={d.get('tokenizer')!r}: the FLAVA objective needs one of {tokenizers.KINDS}")
+    check(d.tokenizer is not None,
+          f"data.tokenizer={config.data.get('tokenizer')!r}: the FLAVA objective needs one of {tokenizers.KINDS}")
     for field in ("mlm", "patch_masks"):
-      check(bool(d.get(field)), f"data.{field}: FLAVA needs masked inputs (e.g. data.mlm=dict(probability=0.15) "
+      check(getattr(d, field) is not None, f"data.{field}: FLAVA needs masked inputs (e.g. data.mlm=dict(probability=0.15) "
             "and data.patch_masks=dict(patch_size=P, probability=1.0, ratio=(0.4, 0.4)))")
     weights = dict(o.get("weights", {}) or {})
     unknown = sorted(set(weights) - set(TERMS))
@@ -101,7 +102,7 @@ class FlavaObjective(ImageTextObjective):
   def __init__(self, config, encoder_loader=None):
     super().__init__(config, encoder_loader)
     o = config.objective
-    self.text_spec = tokenizers.from_config(config.data)
+    self.text_spec = self.data.tokenizer
     weights = dict(o.get("weights", {}) or {})
     self.weights = {t: float(weights.get(t, 1.0)) for t in TERMS}
     self.mim_target = o.get("mim_target", "pixels")

@@ -12,10 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from medfm_jax import objectives as objectives_lib
-from medfm_jax.data import pipeline
+from medfm_jax.data import spec as data_spec
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import optim, restore
 from medfm_jax.train import state as state_lib
@@ -27,6 +26,7 @@ class Assembly:
   carrying their shardings; ``train_step(state, batch) -> (state, metrics)`` donates the state."""
   config: Any
   mesh: jax.sharding.Mesh
+  data: data_spec.DataSpec          # config.data resolved once (train and eval pipelines' spec)
   objective: objectives_lib.Objective
   tx: Any
   abstract_batch: Any
@@ -70,23 +70,6 @@ def _one_example(abstract_batch):
   return jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), abstract_batch)
 
 
-def abstract_batch(config, mesh) -> Any:
-  """``ShapeDtypeStruct`` tree of one global train batch of ``config``, sharded over the batch
-  axes (shapes and dtypes from one generated example; nothing of batch size is read)."""
-  data = config.data.copy_and_resolve_references()
-  data.num_workers = 0
-  iterator = pipeline.make_train_iterator(data, 1, config.seed)
-  try:
-    example = mesh_lib.drop_non_numeric(next(iterator))
-  finally:
-    if hasattr(iterator, "close"):
-      iterator.close()
-  example.pop(pipeline.SKIPPED_KEY, None)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      (config.batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
-      sharding=mesh_lib.batch_sharding(mesh, np.ndim(x))), example)
-
-
 def build_objective(config, encoder_loader=restore.pretrained_encoder):
   """The config's objective (with the train layer's encoder loader for ``init_from`` / LiT) and the
   optax transformation that trains it."""
@@ -102,15 +85,16 @@ def trainable_fn(objective):
 
 def assemble(config, mesh: jax.sharding.Mesh, batch=None) -> Assembly:
   """The run of ``config`` on ``mesh``. ``batch``: the abstract global batch (``ShapeDtypeStruct``
-  tree, sharded or not); default :func:`abstract_batch` of the config's train data."""
+  tree); default: the train batch the data spec describes (``DataSpec.abstract_batch``). It is
+  sharded over the batch axes either way."""
+  data = data_spec.resolve(config.data)
   objective, tx = build_objective(config)
-  if batch is None:
-    batch = abstract_batch(config, mesh)
-  else:
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=mesh_lib.batch_sharding(mesh, len(a.shape))), batch)
+  if batch is None:   # the step sees train batches after pipeline.pop_skipped
+    batch = {k: v for k, v in data.abstract_batch(config.batch_size).items() if k != data_spec.SKIPPED_KEY}
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=mesh_lib.batch_sharding(mesh, len(a.shape))), batch)
   with mesh_lib.use_mesh(mesh):
     abstract_state = state_lib.state_shardings(objective, tx, config.seed, _one_example(batch), mesh)
   train_step = state_lib.jit_train_step(objective, tx, config, abstract_state)
   eval_step = jax.jit(state_lib.make_eval_step(objective))
-  return Assembly(config, mesh, objective, tx, batch, abstract_state, train_step, eval_step)
+  return Assembly(config, mesh, data, objective, tx, batch, abstract_state, train_step, eval_step)

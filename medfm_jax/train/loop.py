@@ -15,6 +15,7 @@ from absl import logging
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
+from medfm_jax.data import spec as data_spec
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import assemble as assemble_lib
 from medfm_jax.train import checkpoint as ckpt_lib
@@ -52,12 +53,16 @@ class Trainer:
   def objective(self) -> objectives_lib.Objective:
     return self.assembly.objective
 
+  @property
+  def data(self) -> data_spec.DataSpec:
+    return self.assembly.data
+
 
 def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = None,
           mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """Assembles the run and its data; the train state is fresh or restored from ``workdir``."""
   assembly = assemble_lib.assemble(config, mesh or mesh_lib.make_mesh(config.mesh))
-  data_iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
+  data_iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count(),
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
   latest = checkpointer.latest_step() if checkpointer else None
@@ -125,11 +130,11 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
 
 
 def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
-  config, mesh, objective = trainer.config, trainer.mesh, trainer.objective
+  config, mesh, objective, data = trainer.config, trainer.mesh, trainer.objective, trainer.data
   step_fn, eval_fn = trainer.assembly.train_step, trainer.assembly.eval_step
   eval_batches = pipeline.make_eval_batches(
-      config.data, config.data.eval_split, config.data.eval_batch_size,
-      config.data.eval_examples, jax.process_index(), jax.process_count(),
+      data, data.eval_split, data.eval_batch_size, data.eval_examples,
+      jax.process_index(), jax.process_count(),
       skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
   total, step = config.total_steps, trainer.start_step
   if step >= total:
@@ -174,7 +179,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
         scalars.update(timing, images_per_s=config.batch_size / dt,
                        images_per_s_per_device=config.batch_size / dt / n_dev,
                        tflops_per_device=tflops, mfu=tflops / peak)
-        if config.data.get("on_error", "raise") == "skip":
+        if data.on_error == "skip":
           scalars["data/skipped"], skipped[0] = skipped[0], 0
         writer.write(step, scalars)
         for message in objective.warnings(scalars):

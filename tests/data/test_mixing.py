@@ -41,7 +41,7 @@ def test_interleave_exact_counts_spread_evenly():
                                        ("paired", "must be a dict")])
 def test_bad_mix(mix, match):
   with pytest.raises(ValueError, match=match):
-    mixing.MixSpec.from_config(mix, 8)
+    mixing.parse_ratios(mix)
 
 
 def test_batches_have_exact_kinds_and_blank_the_missing_modality():

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configs import common  # noqa: E402
 from medfm_jax.data import pipeline, transforms  # noqa: E402
+from medfm_jax.data import spec as data_spec  # noqa: E402
 from medfm_jax.data.phantoms import PhantomSource  # noqa: E402
 from tests import helpers  # noqa: E402
 
@@ -249,11 +250,11 @@ def test_pipeline_multicrop_off_and_errors():
   plain.image_size, plain.num_workers = 32, 0
   off = common.base_config().data
   off.image_size, off.num_workers, off.multicrop = 32, 0, None
-  assert pipeline.multicrop_spec(plain) is None and pipeline.multicrop_spec(off) is None
+  assert data_spec.resolve(plain).multicrop is None and data_spec.resolve(off).multicrop is None
   _assert_batches_equal(
       _take(pipeline.make_train_iterator(plain, 4, seed=0, source=_source(channels=3)), 1),
       _take(pipeline.make_train_iterator(off, 4, seed=0, source=_source(channels=3)), 1))
-  spec = pipeline.multicrop_spec(_cfg(local_scale=(0.1, 0.3)))
+  spec = data_spec.resolve(_cfg(local_scale=(0.1, 0.3))).multicrop
   assert spec == transforms.MultiCropSpec(global_size=24, local_size=12, num_local=2,
                                           local_scale=(0.1, 0.3))
   bad = _cfg()
