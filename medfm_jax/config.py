@@ -15,7 +15,7 @@ import jax
 from medfm_jax import objectives
 from medfm_jax.data import decode, sources, tokenizers
 from medfm_jax.data import spec as data_spec
-from medfm_jax.errors import ConfigError, check as _check
+from medfm_jax.errors import ConfigError, check as _check, config_errors
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import optim
@@ -57,10 +57,8 @@ def _validate_real_data(d) -> None:
   _check(d.get("load_size", 0) >= 0, f"data.load_size={d.get('load_size')}: must be >= 0 (0 = image_size)")
   for parse in (lambda: decode.parse_window(d.get("window", "auto")),
                 lambda: sources.parse_splits(d.get("splits", "train:1"))):
-    try:
+    with config_errors():
       parse()
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   if d.source in ("folder", "manifest"):
     path = d.get("path", "")
     exists = os.path.isdir if d.source == "folder" else os.path.isfile
@@ -97,10 +95,8 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
          f"weight_decay_end={c.get('weight_decay_end')}: must be >= 0 (or unset)")
 
   # Model (models/vit.py, models/layers.py).
-  try:
+  with config_errors():
     size = vit.size_from_config(c.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   m = c.model
   _check(size.width % size.num_heads == 0,
          f"model.num_heads={size.num_heads}: must divide the width {size.width}")
@@ -110,10 +106,8 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _check(m.get("patch_embed", "patch") in vit.PATCH_EMBEDS,
          f"model.patch_embed={m.get('patch_embed')!r}: allowed {vit.PATCH_EMBEDS}")
   if m.get("patch_embed", "patch") == "conv":
-    try:
+    with config_errors():
       vit.conv_stem_depth(size.patch_size, size.width)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   _check(m.get("cls_pool", "token") in vit.CLS_POOLS,
          f"model.cls_pool={m.get('cls_pool')!r}: allowed {vit.CLS_POOLS}")
   _check(m.get("cls_pool", "token") == "token" or m.get("class_token", True),
@@ -167,10 +161,8 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
 def _validate_data_spec(c, patch_size: int) -> None:
   """The resolved data spec (``data.spec.resolve``: multi-crop, patch masks, tokenizer, MLM,
   mixing) and what single-view patch masks and MLM need of the model."""
-  try:
+  with config_errors():
     d = data_spec.resolve(c.data)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   if d.patch_masks is not None and d.multicrop is None:
     _check(d.mask_patch_size == patch_size,
            f"data.patch_masks.patch_size={d.mask_patch_size}: must equal the model's patch "

@@ -5,6 +5,8 @@ The shared contract (``medfm_jax.config``) and each objective's own ``check_conf
 """
 from __future__ import annotations
 
+import contextlib
+
 
 class ConfigError(ValueError):
   """A config value a user set is not allowed; the message names the field."""
@@ -14,3 +16,15 @@ def check(cond: bool, message: str) -> None:
   """Raises ``ConfigError(message)`` unless ``cond``."""
   if not cond:
     raise ConfigError(message)
+
+
+@contextlib.contextmanager
+def config_errors():
+  """Re-raises a ``ValueError`` from the block (a resolver or parser that names the field) as a
+  one-line :class:`ConfigError`."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

@@ -74,6 +74,7 @@ def test_unwritable_workdir(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_config_exits_with_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   result = helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={workdir}",

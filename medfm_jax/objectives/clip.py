@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 from medfm_jax.data import spec as data_spec
 from medfm_jax.data import tokenizers
-from medfm_jax.errors import ConfigError, check
+from medfm_jax.errors import ConfigError, check, config_errors
 from medfm_jax.metrics import over_split, retrieval, zero_shot
 from medfm_jax.models import clip as clip_model
 from medfm_jax.models import text, vit
@@ -126,12 +126,10 @@ class ClipObjective(ImageTextObjective):
     width = vit.size_from_config(m).width
     check(m.image_proj or m.embed_dim == width,
           f"model.embed_dim={m.embed_dim}: with model.image_proj=False it must equal the image width {width}")
-    try:
+    with config_errors():
       t = text.text_size(m.text)
       spec = data_spec.resolve(d).tokenizer
       tok = spec.tokenizer() if spec is not None else None
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
     check(spec is not None, f"data.tokenizer={d.get('tokenizer')!r}: the CLIP objective needs one of {tokenizers.KINDS}")
     check(t.pooling in text.POOLINGS, f"model.text.pooling={t.pooling!r}: allowed {text.POOLINGS}")
     check(t.width % t.num_heads == 0, f"model.text.num_heads={t.num_heads}: must divide model.text.width={t.width}")

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 from medfm_jax import storage
 from medfm_jax.data import phantoms
 from medfm_jax.data import spec as data_spec
-from medfm_jax.errors import ConfigError, check
+from medfm_jax.errors import check, config_errors
 from medfm_jax.metrics import attention_maps, knn, over_split
 from medfm_jax.models import heads, layers, vit
 from medfm_jax.objectives import base
@@ -91,10 +91,8 @@ class DinoObjective(base.Objective):
       check(o.get(field, 0.0) >= 0, f"objective.{field}={o.get(field)}: must be >= 0")
     check(0.0 < o.get("layerwise_decay", 1.0) <= 1.0,
           f"objective.layerwise_decay={o.get('layerwise_decay')}: allowed (0, 1] (1 = off)")
-    try:
+    with config_errors():
       d = data_spec.resolve(config.data)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
     spec = d.multicrop
     check(spec is not None, "data.multicrop: the DINO objective needs multi-crop views")
     for field in ("global_size", "local_size"):

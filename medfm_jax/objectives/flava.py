@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from medfm_jax.data import spec as data_spec
 from medfm_jax.data import tokenizers
-from medfm_jax.errors import ConfigError, check
+from medfm_jax.errors import check, config_errors
 from medfm_jax.models import codebook as codebook_lib
 from medfm_jax.models import flava as flava_model
 from medfm_jax.models import vit
@@ -75,10 +75,8 @@ class FlavaObjective(ImageTextObjective):
     """The tokenizer, the masked inputs (``data.mlm``, ``data.patch_masks``: only FLAVA needs both),
     loss weights, MIM target and ITM negatives."""
     o = config.objective
-    try:
+    with config_errors():
       d = data_spec.resolve(config.data)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
     check(d.tokenizer is not None,
           f"data.tokenizer={config.data.get('tokenizer')!r}: the FLAVA objective needs one of {tokenizers.KINDS}")
     for field in ("mlm", "patch_masks"):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from medfm_jax.data import phantoms, pipeline
-from medfm_jax.errors import ConfigError, check
+from medfm_jax.errors import check, config_errors
 from medfm_jax.models import heads, vit
 from medfm_jax.objectives import base
 from medfm_jax.peft import freeze, lora
@@ -81,10 +81,8 @@ class SupervisedObjective(base.Objective):
   @classmethod
   def check_config(cls, config):
     o, m = config.objective, config.model
-    try:
+    with config_errors():
       class_names(config.data)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
     check(o.scheme in SCHEMES, f"objective.scheme={o.scheme!r}: allowed {SCHEMES}")
     depth = vit.size_from_config(m).depth
     check(isinstance(o.last_n, int) and 0 <= o.last_n <= depth,

@@ -247,6 +247,7 @@ def test_config_validation_of_real_data_fields(tmp_path, field, value, match):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_bad_file_exits_with_one_line(bad_folder, tmp_path):
   folder, _, paths = bad_folder
   manifest = _manifest(folder, [folder / "ok.png", paths["zero_byte"]] * 2, "cli")

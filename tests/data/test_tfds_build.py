@@ -144,6 +144,7 @@ def test_tfds_source_in_worker_processes_resumes(built):
   helpers.assert_batches_equal(in_process[2:], expected)
 
 
+@pytest.mark.slow
 def test_build_errors_are_one_line(tmp_path):
   (tmp_path / "m.csv").write_text("path,label\nmissing.png,a\n")
   r = _build("--source=manifest", f"--path={tmp_path / 'm.csv'}", f"--out={tmp_path}", "--name=x")
@@ -152,6 +153,7 @@ def test_build_errors_are_one_line(tmp_path):
   assert "missing.png: cannot read" in r.stderr
 
 
+@pytest.mark.slow
 def test_train_run_with_skipped_files_logs_metric_and_file(tmp_path):
   data = tmp_path / "data"
   for split, n in (("train", 10), ("val", 8)):

@@ -50,6 +50,7 @@ def linear_probe_run(workdir, init_from, seed=0, random_init=False):
   return protocols.run(c, workdir)
 
 
+@pytest.mark.slow
 def test_feature_protocols(mae_ckpt, tmp_path, monkeypatch):
   # Modality is linearly decodable from the phantoms (a raw-pixel probe scores 0.99): a probe far
   # above what misaligned rows score shows that features and labels are aligned. It does not show
@@ -84,6 +85,7 @@ def test_feature_protocols(mae_ckpt, tmp_path, monkeypatch):
   assert "| accuracy | " in open(md_path).read() and "± " in open(md_path).read()
 
 
+@pytest.mark.slow
 def test_random_init_baseline_differs_from_checkpoint(mae_ckpt, tmp_path):
   mesh = helpers.single_device_mesh(None)
   _, pretrained = features.build_classifier(_config("knn", init_from=mae_ckpt), mesh)
@@ -95,6 +97,7 @@ def test_random_init_baseline_differs_from_checkpoint(mae_ckpt, tmp_path):
                             encoder["patch_embed"]["proj"]["kernel"])
 
 
+@pytest.mark.slow
 def test_finetune_lora_trains_only_adapters_and_head(mae_ckpt, tmp_path):
   c = _config("finetune", "lora", init_from=mae_ckpt)
   workdir = str(tmp_path / "ft")
@@ -119,6 +122,7 @@ def test_finetune_lora_trains_only_adapters_and_head(mae_ckpt, tmp_path):
   assert restore.checkpoint_objective(results["export"])[0] == "supervised"
 
 
+@pytest.mark.slow
 def test_zero_shot_needs_a_text_tower(mae_ckpt):
   with pytest.raises(protocols.EvalError, match="objective 'mae', which has no text tower"):
     protocols.run(_config("zero_shot", init_from=mae_ckpt), "/tmp/unused")
@@ -126,6 +130,7 @@ def test_zero_shot_needs_a_text_tower(mae_ckpt):
     protocols.run(_config("zero_shot"), "/tmp/unused")
 
 
+@pytest.mark.slow
 def test_cli_knn_writes_results(mae_ckpt, tmp_path):
   workdir = str(tmp_path / "cli")
   args = ["--config=configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=64,"
@@ -147,6 +152,7 @@ def test_eval_config_errors_name_the_field():
     config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_encoder_weights_must_name_a_tower_of_the_checkpoint(mae_ckpt):
   c = helpers.tiny_eval_config("knn", init_from=mae_ckpt, encoder_weights="teacher")
   restore.adopt_architecture(c)
@@ -154,6 +160,7 @@ def test_encoder_weights_must_name_a_tower_of_the_checkpoint(mae_ckpt):
     protocols.check_config(c)
 
 
+@pytest.mark.slow
 def test_embedding_export(mae_ckpt, tmp_path):
   c = _config("linear_probe", init_from=mae_ckpt)
   path = embed.export(c, str(tmp_path), "test", 40)

@@ -70,6 +70,7 @@ def test_save_load_round_trip_and_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_fits_a_codebook_from_the_config_data(tmp_path):
   out = str(tmp_path / "book.npz")
   r = helpers.run_cli(["--config=configs/mae.py:tiny", "--config.data.image_size=16",

@@ -24,11 +24,13 @@ def device_runners():
   return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
 
 
+@pytest.mark.slow
 def test_train_steps_equal_on_1_and_8_devices(device_runners):
   eight, reference = device_runners
   helpers.assert_same_training(eight.run(), reference)
 
 
+@pytest.mark.slow
 def test_device_equality_check_sees_gradient_scale(device_runners):
   helpers.assert_check_sees_gradient_scale(*device_runners)
 
@@ -44,6 +46,7 @@ def test_no_weight_decay_on_logit_scale_and_bias():
   assert not any(jax.tree.leaves(decay["text"]["norm"]))
 
 
+@pytest.mark.slow
 def test_lit_locks_the_restored_image_tower(tmp_path):
   """LiT: the image tower equals the MAE encoder after training steps (the text side moves)."""
   mae_dir = tmp_path / "mae"
@@ -103,6 +106,7 @@ def clip_learning_run(workdir, seed=0):
   return first, last
 
 
+@pytest.mark.slow
 def test_learning_signal_ci(tmp_path):
   """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and
   retrieval recall@5 above its random-init value (the full tiny runs are in the README)."""

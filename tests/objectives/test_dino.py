@@ -95,6 +95,7 @@ def device_runners():
   return eight, eight.run(), reference
 
 
+@pytest.mark.slow
 def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(device_runners, tmp_path, monkeypatch):
   eight, run, _ = device_runners
   state = run.state
@@ -125,11 +126,13 @@ def test_dinov2_teacher_sharded_like_student_with_knn_and_attention_maps(device_
   assert os.listdir(tmp_path / "attention") == ["step_0000002.png"]
 
 
+@pytest.mark.slow
 def test_dinov2_trains_identically_on_one_and_eight_devices(device_runners):
   _, run, reference = device_runners
   helpers.assert_same_training(run, reference, loss_atol=2e-5)
 
 
+@pytest.mark.slow
 def test_dinov2_device_equality_check_sees_gradient_scale(device_runners):
   eight, _, reference = device_runners
   helpers.assert_check_sees_gradient_scale(eight, reference, loss_atol=2e-5)

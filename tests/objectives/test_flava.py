@@ -132,11 +132,13 @@ def device_runners():
   return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
 
 
+@pytest.mark.slow
 def test_train_steps_equal_on_1_and_8_devices(device_runners):
   eight, reference = device_runners
   helpers.assert_same_training(eight.run(), reference, loss_atol=2e-5)
 
 
+@pytest.mark.slow
 def test_device_equality_check_sees_gradient_scale(device_runners):
   helpers.assert_check_sees_gradient_scale(*device_runners, loss_atol=2e-5)
 
@@ -211,6 +213,7 @@ def flava_learning_run(workdir, seed=0):
   return config, first, last, results
 
 
+@pytest.mark.slow
 def test_learning_signal_ci_and_restore(tmp_path):
   """60 steps of the test-sized FLAVA (batch 64): zero-shot modality accuracy and the
   masked-modelling losses improve on their random-init values; the checkpoint serves the zero-shot

@@ -109,6 +109,7 @@ def test_config_checks_are_the_objectives_own():
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_with_main_then_linear_probe_with_evaluate(tmp_path):
   """The objective trains through ``python -m medfm_jax.main`` and its checkpoint's encoder is
   restored by ``python -m medfm_jax.evaluate`` in a fresh process, from the saved import path."""

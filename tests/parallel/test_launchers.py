@@ -12,6 +12,7 @@ def _dry(*args):
   return result.returncode, result.stdout.splitlines(), result.stderr
 
 
+@pytest.mark.slow
 def test_tpu_pod_creates_copies_installs_runs_on_all_workers_and_deletes():
   rc, lines, err = _dry("launch/tpu_pod.sh", "--name=pod1", "--zone=us-east5-a", "--accelerator=v5p-256",
                         "--project=proj", "--dry_run", "--", "--config=configs/mae.py:vit_h14",
@@ -36,6 +37,7 @@ def test_tpu_pod_creates_copies_installs_runs_on_all_workers_and_deletes():
   assert tee.startswith("tpu_pod_") and len(lines) == 6
 
 
+@pytest.mark.slow
 def test_tpu_pod_keep_and_bad_options():
   rc, lines, _ = _dry("launch/tpu_pod.sh", "--name=p", "--zone=z", "--accelerator=v6e-8", "--keep", "--spot",
                       "--dry_run", "--", "--config=c", "--workdir=w")
@@ -47,6 +49,7 @@ def test_tpu_pod_keep_and_bad_options():
   assert rc == 2 and "usage:" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per, tasks, cpus", [("node", 1, 32), ("gpu", 8, 4)])
 def test_slurm_wrapper_submits_one_process_per_node_or_gpu(per, tasks, cpus):
   rc, lines, err = _dry("launch/slurm.sh", "--nodes=4", f"--per={per}", "--time=24:00:00", "--dry_run", "--",
@@ -57,6 +60,7 @@ def test_slurm_wrapper_submits_one_process_per_node_or_gpu(per, tasks, cpus):
       "--time=24:00:00", "launch/slurm.sbatch", "--config=configs/mae.py:vit_l16", "--workdir=/shared/r 1"]
 
 
+@pytest.mark.slow
 def test_slurm_batch_script_runs_main_under_srun():
   rc, lines, err = _dry("launch/slurm.sbatch", "--dry_run", "--config=configs/mae.py:tiny", "--workdir=a b")
   assert rc == 0, err

@@ -1,6 +1,7 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
 train exactly like one process with 4 devices on the same global batches."""
 import os
+import pytest
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ _MULTI = ["--config.mesh.data=1", "--config.mesh.dcn.data=2"]
 _SINGLE = ["--config.mesh.data=2"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   t0 = time.perf_counter()
@@ -55,6 +57,7 @@ def test_two_processes_match_one(tmp_path):
   assert max(diffs) <= 1e-5
 
 
+@pytest.mark.slow
 def test_launcher_dry_run_prints_one_command_per_process():
   result = subprocess.run([sys.executable, "launch/local.py", "--num_processes=3", "--port=4321",
                            "--devices_per_process=2", "--dry_run", "--", "--config=configs/mae.py:tiny",

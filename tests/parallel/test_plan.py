@@ -14,6 +14,7 @@ _TINY = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--confi
          "--config.model.decoder_width=32", "--config.model.decoder_depth=1"]
 
 
+@pytest.mark.slow
 def test_fsdp_splits_state_8_ways_and_keeps_flops(tmp_path):
   out = tmp_path / "plan.jsonl"
   cli = subprocess.run([sys.executable, "-m", "medfm_jax.plan", *_TINY, "--devices=8",

@@ -62,6 +62,7 @@ def assert_png(path, min_size=(400, 250)):
   assert len(np.unique(px.reshape(-1, 3), axis=0)) > 20
 
 
+@pytest.mark.slow
 def test_report_rows_mean_std_and_plots(sweep_dir):
   path = report.build([sweep_dir], ["eval/loss", "knn_tiny/accuracy", "loss"], sweep_dir)
   md = open(path).read()
@@ -85,6 +86,7 @@ def test_report_rows_mean_std_and_plots(sweep_dir):
     assert_png(os.path.join(sweep_dir, f"vs_{field}.png"))
 
 
+@pytest.mark.slow
 def test_resumed_rows_replace_earlier_ones(sweep_dir):
   run = collect.Run("x", os.path.join(sweep_dir, "mask_ratio=0.6,decoder_depth=1,seed=0"), {}, "")
   collect.load_numbers(run)
@@ -93,6 +95,7 @@ def test_resumed_rows_replace_earlier_ones(sweep_dir):
   assert run.metrics["knn_tiny/macro_auroc"] != run.metrics["knn_tiny/macro_auroc"]   # null -> NaN
 
 
+@pytest.mark.slow
 def test_plain_workdirs_diff_their_configs(tmp_path):
   """Workdirs without a sweep: swept fields = the config.json fields that differ."""
   dirs = []
@@ -111,6 +114,7 @@ def test_plain_workdirs_diff_their_configs(tmp_path):
   assert_png(os.path.join(out, "vs_lr.png"))
 
 
+@pytest.mark.slow
 def test_unknown_metric_and_path_are_one_line_errors(sweep_dir, tmp_path):
   with pytest.raises(collect.ReportError, match="no run has it; available"):
     report.build([sweep_dir], ["eval/nope"], str(tmp_path))

@@ -95,6 +95,7 @@ def _crashing_at_step_3(plan):
   return crashing
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
   """2 x 2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run
   resumes them and evaluates; a third run skips everything; the report has the 4 rows."""
@@ -146,6 +147,7 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
     assert_png(os.path.join(wd, png))
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line(tmp_path):
   r = helpers.run_cli(["--config=configs/sweeps/mae_mask_ratio.py:tiny,model.nope=1",
                        f"--workdir={tmp_path}", "--dry_run"], module="medfm_jax.sweeps", timeout=120)

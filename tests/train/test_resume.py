@@ -1,5 +1,6 @@
 """kill -9 mid-run, re-run the same command: the result is bitwise the uninterrupted run's."""
 import os
+import pytest
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ def _final_params(workdir):
   return ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", "8"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bitwise(tmp_path):
   straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
   result = helpers.run_cli(_ARGS + [f"--workdir={straight}"])

@@ -24,6 +24,7 @@ def fsdp_run(tmp_path_factory):
   return config, workdir, state
 
 
+@pytest.mark.slow
 def test_params_really_sharded_under_fsdp(fsdp_run):
   _, _, state = fsdp_run
   kernel = state.params["encoder"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]   # [embed=96, mlp=384]
@@ -53,12 +54,14 @@ def step_runners():
   return runners, runners["1"].run()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp8", "2x2x2"])
 def test_sharded_steps_match_single_device(step_runners, mesh):
   runners, reference = step_runners
   helpers.assert_same_training(runners[mesh].run(), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp8", "2x2x2"])
 def test_mesh_equality_check_sees_gradient_scale(step_runners, mesh):
   """Negative control: x2 or x1/2 gradients on the sharded mesh fail the check above."""
@@ -66,6 +69,7 @@ def test_mesh_equality_check_sees_gradient_scale(step_runners, mesh):
   helpers.assert_check_sees_gradient_scale(runners[mesh], reference)
 
 
+@pytest.mark.slow
 def test_data_fsdp_tensor_mesh_shards_attention_and_mlp(step_runners):
   runners, _ = step_runners
   block = runners["2x2x2"].shardings.params["encoder"]["encoder"]["layer_0"]
@@ -74,6 +78,7 @@ def test_data_fsdp_tensor_mesh_shards_attention_and_mlp(step_runners):
   assert block["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(fsdp_run):
   config, workdir, state = fsdp_run
   mesh1 = helpers.single_device_mesh(config)
@@ -86,6 +91,7 @@ def test_restore_onto_a_different_mesh(fsdp_run):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_resume_with_incompatible_config_is_a_clear_error(fsdp_run):
   config, workdir, _ = fsdp_run
   changed = helpers.tiny_mae_config(**{"total_steps": 3, "model.decoder_width": 64})
@@ -113,6 +119,7 @@ def _assert_no_checkpoint_after(workdir, bad_step):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_without_saving_bad_state(tmp_path):
   config = _nan_config()
   with pytest.raises(loop.NonFiniteError, match=r"at step \d") as e:
@@ -122,6 +129,7 @@ def test_nonfinite_loss_stops_without_saving_bad_state(tmp_path):
   _assert_no_checkpoint_after(str(tmp_path), bad_step)
 
 
+@pytest.mark.slow
 def test_nonfinite_check_sees_checkpoints_after_the_bad_step(tmp_path, monkeypatch):
   """Negative control: with the loop's finiteness checks disabled (as if moved to the end of the
   run), checkpoints after the non-finite step exist and the check above fails."""
@@ -147,6 +155,7 @@ def mae_learning_run(workdir, seed=0):
   return [m["eval/loss"] for m in helpers.read_metrics(workdir) if "eval/loss" in m]
 
 
+@pytest.mark.slow
 def test_tiny_run_heldout_loss_drops_below_trivial(tmp_path):
   evals = mae_learning_run(str(tmp_path))
   assert len(evals) == 2

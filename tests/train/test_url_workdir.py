@@ -68,6 +68,7 @@ def bucket(tmp_path, monkeypatch):
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_url_workdir_writes_only_to_the_bucket(bucket, tmp_path, monkeypatch):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -122,6 +123,7 @@ def test_unsupported_url_scheme_is_refused(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
   """Folder datasets, manifests (relative paths) and the export writers work on URLs too."""
   cwd = tmp_path / "cwd"
@@ -148,6 +150,7 @@ def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
   assert sorted(os.listdir(cwd)) == []
 
 
+@pytest.mark.slow
 def test_sweep_bookkeeping_in_a_bucket(bucket, tmp_path, monkeypatch):
   """A stage's log, DONE marker and the sweep.json manifest of a sweep folder at a URL."""
   cwd = tmp_path / "cwd"
