@@ -12,7 +12,27 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
+
+
+# One tiny checkpoint per objective for the whole session (built lazily, once per test process):
+# the MAE one here serves the evaluation protocols and CLIP's LiT test; the CLIP one is in
+# tests/evaluate/test_zero_shot.py, its only user.
+
+def train_mae_ckpt(workdir, seed=0):
+  """4 steps of the shrunk tiny MAE with 2 encoder blocks into ``workdir`` (``tools/seed_spread.py``
+  varies ``seed``)."""
+  from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS above)
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_mae_config(total_steps=4, checkpoint_every=4, seed=seed, **{"model.depth": 2})
+  loop.train(config, workdir, helpers.single_device_mesh(config))
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def mae_ckpt(tmp_path_factory):
+  return train_mae_ckpt(str(tmp_path_factory.mktemp("mae_tiny")))

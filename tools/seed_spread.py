@@ -42,7 +42,7 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 from medfm_jax.evaluate import probe as probe_lib  # noqa: E402
-from tests.evaluate import conftest as eval_conftest  # noqa: E402
+from tests import conftest as tests_conftest  # noqa: E402
 from tests.evaluate import test_probe, test_protocols  # noqa: E402
 from tests.metrics import test_knn  # noqa: E402
 from tests.models import test_codebook  # noqa: E402
@@ -61,7 +61,7 @@ def _synthetic(workdir, seed):
 
 
 def _probe(workdir, seed):
-  ckpt = eval_conftest.train_mae_ckpt(os.path.join(workdir, "mae"), seed)
+  ckpt = tests_conftest.train_mae_ckpt(os.path.join(workdir, "mae"), seed)
   acc = lambda r: r["metrics"]["accuracy"]
   out = {"probe_acc": acc(test_protocols.linear_probe_run(os.path.join(workdir, "lp"), ckpt, seed)),
          "probe_acc@random_init": acc(test_protocols.linear_probe_run(os.path.join(workdir, "rand"),

@@ -35,6 +35,7 @@ from etils import epath
 from medfm_jax import storage
 from medfm_jax.data import decode
 from medfm_jax.data.decode import DataError
+from medfm_jax.errors import ConfigError
 
 ON_ERROR = ("raise", "skip")
 SPLIT_DIRS = ("train", "val", "validation", "test")
@@ -113,7 +114,8 @@ def select_split(entries: Sequence[Entry], split: str, fractions: Mapping[str, f
     chosen = [e for e, s in zip(entries, assign_splits(groups, fractions, seed)) if s == split]
     known = list(fractions)
   if split not in known:
-    raise ValueError(f"{where}: no split {split!r}; available: {', '.join(known)}")
+    raise ConfigError(f"{where}: no split {split!r} (data.train_split / data.eval_split); available: "
+                      f"{', '.join(known)}")
   return chosen
 
 

@@ -132,10 +132,6 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
 def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
   config, mesh, objective, data = trainer.config, trainer.mesh, trainer.objective, trainer.data
   step_fn, eval_fn = trainer.assembly.train_step, trainer.assembly.eval_step
-  eval_batches = pipeline.make_eval_batches(
-      data, data.eval_split, data.eval_batch_size, data.eval_examples,
-      jax.process_index(), jax.process_count(),
-      skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
   total, step = config.total_steps, trainer.start_step
   if step >= total:
     logging.info("run already complete at step %d (total_steps=%d)", step, total)
@@ -148,7 +144,11 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
       local = next(trainer.data_iterator)
       skipped[0] += pipeline.pop_skipped(local)
       return mesh_lib.to_global_batch(local, mesh)
-    batch = next_batch()
+    batch = next_batch()   # first: a bad train file is reported before the eval split is opened
+    eval_batches = pipeline.make_eval_batches(
+        data, data.eval_split, data.eval_batch_size, data.eval_examples,
+        jax.process_index(), jax.process_count(),
+        skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
     t0 = time.perf_counter()
     compiled = step_fn.lower(trainer.state, batch).compile()
     compile_s = time.perf_counter() - t0

@@ -8,7 +8,7 @@ import pytest
 from medfm_jax import config as config_lib
 from medfm_jax import objectives
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import assemble, loop, optim
+from medfm_jax.train import assemble, checkpoint, loop, optim
 from tests import helpers
 
 pytestmark = pytest.mark.xdist_group("clip")   # module fixtures compile multi-device steps once
@@ -47,12 +47,9 @@ def test_no_weight_decay_on_logit_scale_and_bias():
 
 
 @pytest.mark.slow
-def test_lit_locks_the_restored_image_tower(tmp_path):
+def test_lit_locks_the_restored_image_tower(mae_ckpt):
   """LiT: the image tower equals the MAE encoder after training steps (the text side moves)."""
-  mae_dir = tmp_path / "mae"
-  mae_cfg = helpers.tiny_mae_config(total_steps=1, checkpoint_every=1, **{"model.depth": 2})
-  loop.train(mae_cfg, str(mae_dir), helpers.single_device_mesh(mae_cfg))
-  from medfm_jax.train import checkpoint
+  mae_dir = mae_ckpt
   mae_encoder = checkpoint.restore_subtree(str(mae_dir), ("params", "encoder"))
   # LiT on the MAE encoder: the MAE tower has sin-cos positions, GELU, no ln_pre.
   config = helpers.tiny_clip_config(**{"objective.lit_init_from": str(mae_dir), "total_steps": 2,
