@@ -223,12 +223,12 @@ class StepRunner:
     self.config, self.mesh, self.objective = config, mesh, assembly.objective
     self.shardings = assembly.state_shardings   # of the TrainState
     self._initial = jax.device_get(assembly.init_state())
-    iterator = pipeline.make_train_iterator(config.data, config.batch_size, config.seed)
+    iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed)
     self._batch = next(iterator)
     if hasattr(iterator, "close"):
       iterator.close()
-    self._step = jax.jit(state_lib.make_train_step(GradScaled(assembly.objective), assembly.tx, config),
-                         donate_argnums=0, out_shardings=(self.shardings, None))
+    self._step = state_lib.jit_train_step(GradScaled(assembly.objective), assembly.tx, config,
+                                          assembly.abstract_state)
 
   def run(self, n=2, grad_scale=1.0) -> StepRun:
     rows = len(jax.tree.leaves(mesh_lib.drop_non_numeric(self._batch))[0])

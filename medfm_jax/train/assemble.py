@@ -49,7 +49,7 @@ class Assembly:
   def init_params(self):
     """The initial params alone (no optimizer state), in their shardings."""
     init = jax.jit(lambda: mesh_lib.unbox(self.objective.init(
-        _init_rng(self.config.seed), _one_example(self.abstract_batch))[0]),
+        state_lib.init_keys(self.config.seed)[0], _one_example(self.abstract_batch))[0]),
                    out_shardings=self.state_shardings.params)
     with mesh_lib.use_mesh(self.mesh):
       return init()
@@ -58,11 +58,6 @@ class Assembly:
     """The train step lowered on the abstract state and batch (for AOT compilation / planning)."""
     with mesh_lib.use_mesh(self.mesh):
       return self.train_step.lower(self.abstract_state, self.abstract_batch)
-
-
-def _init_rng(seed: int) -> jax.Array:
-  """The params' init key, as :func:`train.state.named_init` derives it."""
-  return jax.random.split(jax.random.PRNGKey(seed))[0]
 
 
 def _one_example(abstract_batch):

@@ -1,7 +1,8 @@
 """THE training loop, shared by every objective.
 
 config -> mesh -> the run's assembly (``train.assemble``) + data -> sharded state (fresh or
-restored) -> AOT-compiled step -> loop with metrics, evals, checkpoints. The loop knows nothing about any objective beyond ``Objective``.
+restored) -> AOT-compiled step -> loop with metrics, evals, checkpoints. The loop knows nothing
+about any objective beyond ``Objective``.
 """
 from __future__ import annotations
 

@@ -23,13 +23,18 @@ class TrainState:
   nonfinite_step: jax.Array   # first step whose loss/grads were NaN/Inf, -1 if none
 
 
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the params' init key, the train rng) of a run with ``seed``."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_rng, train_rng
+
+
 def named_init(objective: Objective, tx, seed: int, batch) -> TrainState:
   """The initial train state with logical axis names kept (``nn.Partitioned`` leaves) on the
   params, on the optimizer state that mirrors them (``tx.init`` runs on the named params) and on
   the objective state the objective names (e.g. the EMA teacher); counters, scalars and the rng
   carry none."""
-  rng = jax.random.PRNGKey(seed)
-  init_rng, train_rng = jax.random.split(rng)
+  init_rng, train_rng = init_keys(seed)
   params, extra = objective.init(init_rng, batch)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     extra=extra, rng=train_rng, nonfinite_step=jnp.full((), -1, jnp.int32))

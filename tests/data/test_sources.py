@@ -247,14 +247,19 @@ def test_config_validation_of_real_data_fields(tmp_path, field, value, match):
   assert "\n" not in str(e.value)
 
 
+def _train_on_manifest_cli(manifest, tmp_path):
+  """``python -m medfm_jax.main`` (tiny MAE, 16 px, batch 4) on a manifest split into 'train' only."""
+  return helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={tmp_path / 'run'}",
+                          "--config.data.source=manifest", f"--config.data.path={manifest}",
+                          "--config.data.splits=train:1", "--config.batch_size=4",
+                          "--config.data.image_size=16"])
+
+
 @pytest.mark.slow
 def test_cli_bad_file_exits_with_one_line(bad_folder, tmp_path):
   folder, _, paths = bad_folder
   manifest = _manifest(folder, [folder / "ok.png", paths["zero_byte"]] * 2, "cli")
-  result = helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={tmp_path / 'run'}",
-                            "--config.data.source=manifest", f"--config.data.path={manifest}",
-                            "--config.data.splits=train:1", "--config.batch_size=4",
-                            "--config.data.image_size=16"])
+  result = _train_on_manifest_cli(manifest, tmp_path)
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"medfm_jax: data error: {paths['zero_byte']}: empty file") and "Traceback" not in result.stderr
@@ -266,10 +271,7 @@ def test_cli_missing_eval_split_exits_with_one_line(bad_folder, tmp_path):
   line naming the path, the split and what is available, no traceback."""
   folder, _, _ = bad_folder
   manifest = _manifest(folder, [folder / "ok.png"] * 4, "only_train")
-  result = helpers.run_cli(["--config=configs/mae.py:tiny", f"--workdir={tmp_path / 'run'}",
-                            "--config.data.source=manifest", f"--config.data.path={manifest}",
-                            "--config.data.splits=train:1", "--config.batch_size=4",
-                            "--config.data.image_size=16"])
+  result = _train_on_manifest_cli(manifest, tmp_path)
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("medfm_jax: config error: data.path=") and "no split 'val'" in last, last
