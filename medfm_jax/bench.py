@@ -3,6 +3,7 @@ r"""Throughput benchmark of the jitted train step (not a test).
   python -m medfm_jax.bench --config=configs/mae.py:tiny
   python -m medfm_jax.bench --config=configs/mae.py:vit_b16,batch_size=8 --torch
   python -m medfm_jax.bench --config=configs/mae.py:tiny --data_only [--data_sources=phantoms,folder,dicom,tfds --data_workers=0,2]
+  python -m medfm_jax.bench --suite=gpu --out=DIR [--smoke] [--cases=mae_b16,...] [--deadline_s=S]
 
 Prints compile time, median step time, images/s (total and per device), TFLOP/s per device and
 MFU for the config's model and global batch on random inputs (data loading excluded; see
@@ -10,6 +11,9 @@ MFU for the config's model and global batch on random inputs (data loading exclu
 table of train-iterator images/s per source (phantoms, PNG folder, DICOM folder, TFDS
 array_record built from the PNGs; files written to a temp dir) and worker count). ``--torch`` times the same MAE model and batch in
 PyTorch eager (Hugging Face ``ViTMAEForPreTraining``) in the same process for comparison.
+``--suite=gpu`` runs the GPU benchmark suite (MAE B/16, attention and remat variants, XLA flags,
+CLIP B/16, DINOv2 L/14, PyTorch eager and compiled, the loader at 224 px) into one JSON-lines file
+and one Markdown table; see :mod:`medfm_jax.bench_suite`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medfm_jax import bench_torch
+from medfm_jax import bench_suite, bench_torch
 from medfm_jax.data import build, export, phantoms, pipeline
 from medfm_jax.models import vit
 from medfm_jax.parallel import mesh as mesh_lib
@@ -111,7 +115,21 @@ def data_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  if _SUITE.value:
+    if not _OUT.value:
+      raise app.UsageError("--suite=gpu needs --out=DIR")
+    try:
+      bench_suite.run_suite(_OUT.value, smoke=_SMOKE.value, cases=_CASES.value, steps=_STEPS.value,
+                            warmup=_WARMUP.value, deadline_s=_DEADLINE.value or float("inf"),
+                            child=_SUITE_CHILD.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    if not _SUITE_CHILD.value:
+      print(f"wrote {_OUT.value}/{bench_suite.JSONL} and {_OUT.value}/{bench_suite.TABLE}")
+    return
   config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required (or --suite=gpu --out=DIR)")
   desc = {"model": config.model.get("variant"), "objective": config.objective.get("name"),
           "image_size": config.data.image_size, "channels": config.data.channels,
           "batch_size": config.batch_size, "dtype": config.dtype, "backend": jax.default_backend()}
@@ -152,5 +170,10 @@ if __name__ == "__main__":
                                     "dicom = DICOM folder, tfds = array_record built from the PNGs).")
   _DATA_WORKERS = flags.DEFINE_list("data_workers", ["0", "2"], "--data_only: worker counts to time.")
   _DATA_EXAMPLES = flags.DEFINE_integer("data_examples", 512, "--data_only: files written per source.")
-  flags.mark_flags_as_required(["config"])
+  _SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "Run a benchmark suite instead of one config.")
+  _OUT = flags.DEFINE_string("out", None, "--suite: folder for bench_gpu.jsonl and bench_gpu.md.")
+  _SMOKE = flags.DEFINE_bool("smoke", False, "--suite: every case at tiny size (any backend).")
+  _CASES = flags.DEFINE_list("cases", None, f"--suite: cases to run (default all): {', '.join(bench_suite.CASE_NAMES)}.")
+  _DEADLINE = flags.DEFINE_float("deadline_s", 0.0, "--suite: skip cases that would start after this many seconds (0 = none).")
+  _SUITE_CHILD = flags.DEFINE_bool("suite_child", False, "Internal: one case in its own process.")
   app.run(main)

@@ -202,5 +202,5 @@ def test_bench_torch_smoke():
   from medfm_jax import bench_torch  # pylint: disable=import-outside-toplevel
   r = bench_torch.torch_mae_train_step_time("Mu/8", image_size=32, channels=1, batch_size=2, decoder_width=32,
                                             decoder_depth=1, decoder_heads=2, steps=2, warmup=1, threads=1)
-  assert set(r) == {"step_time_median_s", "images_per_s"}
+  assert set(r) == {"step_time_median_s", "images_per_s", "first_step_s"}
   assert r["step_time_median_s"] > 0 and r["images_per_s"] > 0
