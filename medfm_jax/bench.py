@@ -48,7 +48,8 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
   with mesh_lib.use_mesh(mesh):
     batch = mesh_lib.to_global_batch(local, mesh)
     t0 = time.perf_counter()
-    compiled = assembly.train_step.lower(state, batch).compile()
+    lowered = assembly.train_step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):
@@ -57,7 +58,7 @@ def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, 
       jax.block_until_ready(out["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - t0)
-  flops = telemetry.compiled_flops(compiled)
+  flops = telemetry.step_flops(lowered)
   median = statistics.median(times)
   n_dev = jax.device_count()
   tflops = flops / median / n_dev / 1e12

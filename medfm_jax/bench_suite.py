@@ -19,8 +19,8 @@ soon as it finishes (a run cut short keeps what it measured), then writes ``DIR/
   clip_b16               CLIP B/16 image and text towers, bf16
   dinov2_l14             DINOv2 ViT-L/14, 2 x 224 + 8 x 98 crops, iBOT + KoLeo, bf16
 
-Each JAX record: the batch, compile time, median step time, images/s, TFLOP/s (XLA's cost
-analysis of the compiled step), MFU against the device table's dense bf16 peak (H100/H200 SXM 989,
+Each JAX record: the batch, compile time, median step time, images/s, TFLOP/s (model FLOPs: XLA's
+cost analysis of the lowered step without remat and with XLA attention, ``telemetry.step_flops``), MFU against the device table's dense bf16 peak (H100/H200 SXM 989,
 A100 312; ``telemetry.PEAK_TFLOPS``), and memory: the compiled program's (arguments + temporaries
 + outputs - aliased) and the process's high-water mark where the backend reports it. Torch
 records carry the MFU at the FLOPs per image that XLA counts for mae_b16 and the ratio of
@@ -165,8 +165,16 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
   assembly = assemble.assemble(config, mesh)
   local = _sample_batch(config, batch_size)
   t0 = time.perf_counter()
-  compiled = assembly.lower().compile()
+  lowered = assembly.lower()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  hardware_flops = model_flops = telemetry.step_flops(lowered)
+  # MFU counts the model's FLOPs: no remat recomputation, and attention as XLA dots (a cuDNN
+  # flash-attention custom call is invisible to XLA's cost analysis).
+  if config.model.get("remat", "none") != "none" or config.model.get("attention_impl") != "xla":
+    plain = config.copy_and_resolve_references()
+    plain.model.remat, plain.model.attention_impl = "none", "xla"
+    model_flops = telemetry.step_flops(assemble.assemble(plain, mesh).lower())
   program = _program_bytes(compiled)
   if program > _device_bytes_limit():
     raise MemoryError(f"program needs {program / 2**30:.1f} GiB")
@@ -180,14 +188,14 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
       jax.block_until_ready(out["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - t0)
-  flops, n_dev = telemetry.compiled_flops(compiled), jax.device_count()
+  n_dev = jax.device_count()
   median = statistics.median(times)
-  tflops = flops / median / n_dev / 1e12
+  tflops = model_flops / median / n_dev / 1e12
   stats = jax.local_devices()[0].memory_stats() or {}
   del state, batch
   return {"batch_size": batch_size, "compile_s": compile_s, "step_time_median_s": median,
-          "images_per_s": batch_size / median, "gflop_per_image": flops / batch_size / 1e9,
-          "tflops_per_device": tflops,
+          "images_per_s": batch_size / median, "gflop_per_image": model_flops / batch_size / 1e9,
+          "hardware_gflop_per_image": hardware_flops / batch_size / 1e9, "tflops_per_device": tflops,
           "mfu": tflops / telemetry.peak_tflops_per_device(config.peak_tflops_per_device),
           "program_memory_gib": program / 2**30,
           "process_peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,

@@ -115,6 +115,38 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+_CUDNN_SEQ_MULTIPLE = 8
+
+
+def dot_product_attention(q, k, v, mask=None, is_causal: bool = False, implementation: str | None = None):
+  """``jax.nn.dot_product_attention`` on ``[batch, seq, heads, kv]``; with ``implementation='cudnn'``
+  for any sequence length and any mask.
+
+  cuDNN's flash kernel (as JAX 0.10-0.11 call it) refuses odd sequence lengths in training
+  (ViT-B/16 at 224 px has 197 tokens) and masks broadcast over queries ("Bias must have same seq
+  length as QKV"). So the cuDNN path pads the sequence to a multiple of 8, hides the padded keys
+  (by key lengths without a mask, else in a mask broadcast to ``[b, h, T, S]``) and drops the
+  padded queries' outputs.
+  """
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=implementation)
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  pad_t, pad_s = (-t) % _CUDNN_SEQ_MULTIPLE, (-s) % _CUDNN_SEQ_MULTIPLE
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  q, k, v = pad(q, pad_t), pad(k, pad_s), pad(v, pad_s)
+  if mask is None:
+    lengths = {"key_value_seq_lengths": jnp.full((b,), s, jnp.int32)} if pad_s else {}
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn", **lengths)
+  else:
+    full = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+    full = jnp.pad(full, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)), constant_values=False)
+    if pad_t:   # padded queries (dropped below) see key 0, so that no row is empty
+      full = full.at[:, :, t:, 0].set(True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=full, is_causal=is_causal, implementation="cudnn")
+  return out[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention: q/k/v kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``."""
   num_heads: int
@@ -132,8 +164,7 @@ class Attention(nn.Module):
                                      use_bias=self.qkv_bias, dtype=self.dtype, name=name)(x)
     q, k, v = proj("query"), proj("key"), proj("value")      # [batch, seq, heads, kv]
     q, k, v = (constrain(t, ("batch", "seq", "act_heads", "act_kv")) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                       implementation=self.implementation)
+    out = dot_product_attention(q, k, v, mask, is_causal, self.implementation)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
     y = DenseGeneral((d,), ("heads", "kv", "embed"), contract_dims=2, dtype=self.dtype, name="out")(out)
     return constrain(y, ("batch", "seq", "act_embed"))

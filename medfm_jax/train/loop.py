@@ -151,9 +151,10 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
         jax.process_index(), jax.process_count(),
         skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(trainer.state, batch).compile()
+    lowered = step_fn.lower(trainer.state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops = telemetry.compiled_flops(compiled)
+    flops = telemetry.step_flops(lowered)
     peak = telemetry.peak_tflops_per_device(config.peak_tflops_per_device)
     n_dev = jax.device_count()
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
