@@ -34,7 +34,9 @@ def test_gpu_suite_smoke_runs_every_case(tmp_path):
       assert r["compile_backend"] == ("aot_eager" if case.torch_compile else None)
     else:
       assert r["phantoms_over_consumption"] > 0 and r["folder_over_consumption"] > 0
-  assert by_case["mae_b16_remat_full"]["remat"] == "full"
+  full, plain = by_case["mae_b16_remat_full"], by_case["mae_b16"]
+  assert full["remat"] == "full" and full["gflop_per_image"] == pytest.approx(plain["gflop_per_image"])
+  assert full["hardware_gflop_per_image"] > 1.1 * full["gflop_per_image"]   # recomputation counted apart
   table = (out / bench_suite.TABLE).read_text().splitlines()
   assert table[0].startswith("Device: cpu")
   assert [row.split("|")[1].strip() for row in table[4:]] == list(bench_suite.CASE_NAMES)
