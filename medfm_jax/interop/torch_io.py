@@ -186,6 +186,16 @@ def run_vit(config, what: str, **allowed: tuple) -> dict[str, Any]:
                        channels=int(config.data.channels), layer_norm_eps=float(fields["layer_norm_eps"]))
 
 
+def as_family_cfg(config, marker: str, from_run: Callable, from_hf: Callable) -> dict[str, Any]:
+  """An importer's own config dict (it holds ``marker``) as is; a run config (``config.model`` and
+  ``config.objective``) via ``from_run``; anything else (HF config object, dict, path) via ``from_hf``."""
+  if isinstance(config, dict) and marker in config:
+    return config
+  if hasattr(config, "model") and hasattr(config, "objective"):
+    return from_run(config)
+  return from_hf(config)
+
+
 def invert(table: dict[str, str]) -> dict[str, str]:
   """``{hf: ours}`` -> ``{ours: hf}`` keeping the first HF name of each of ours."""
   out = {}
