@@ -52,10 +52,11 @@ def _t(x):
 def _ours(module, images, tokens, masked, patch_mask):
   """Everything HF's paired forward returns, computed with our methods."""
   img = module.encode_image(images)
-  txt = module.encode_text(tokens)
+  attn = tokens != 0                                     # HF's attention_mask
+  txt = module.encode_text(tokens, attention_mask=attn)
   img_m, img_m_pre = module.encode_image(images, patch_mask, return_pre_norm=True)
-  txt_m, txt_m_pre = module.encode_text(masked, return_pre_norm=True)
-  mm = module.fuse(img_m_pre, txt_m_pre, masked)
+  txt_m, txt_m_pre = module.encode_text(masked, return_pre_norm=True, attention_mask=attn)
+  mm = module.fuse(img_m_pre, txt_m_pre, masked, attention_mask=attn)
   _, mm_image, mm_text = flava.split_fused(mm, img.shape[1])
   return dict(image=img, text=txt, image_masked=img_m, text_masked=txt_m, mm_masked=mm,
               image_emb=module.image_embedding(img), text_emb=module.text_embedding(txt),
@@ -66,7 +67,9 @@ def _ours(module, images, tokens, masked, patch_mask):
 
 def _fused(module, images, tokens, patch_mask):
   img, img_pre = module.encode_image(images, patch_mask, return_pre_norm=True)
-  return img, module.fuse(img_pre, module.encode_text(tokens, return_pre_norm=True)[1], tokens)
+  attn = tokens != 0
+  return img, module.fuse(img_pre, module.encode_text(tokens, return_pre_norm=True, attention_mask=attn)[1],
+                          tokens, attention_mask=attn)
 
 
 def _check(ours, ref, name):
@@ -85,7 +88,7 @@ def test_pretraining_parity(hf, scan):
     ref_image = hf(pixel_values=pixels, bool_masked_pos=_t(patch_mask), return_loss=False)   # MIM
     ref_text = hf(input_ids=_t(tokens), input_ids_masked=_t(masked), attention_mask=attn,     # MLM
                   return_loss=False)
-  model, params = hf_flava.import_flava(hf, scan=scan)
+  model, params, _ = hf_flava.load(hf, scan=scan)
   with jax.default_matmul_precision("highest"):
     out = model.apply({"params": params}, images, tokens.astype(np.int32), masked.astype(np.int32),
                       patch_mask, method=_ours)
@@ -110,7 +113,7 @@ def test_pretraining_parity(hf, scan):
 def test_flava_model_import_and_export_round_trip(hf):
   images, tokens, _, patch_mask = _inputs(1)
   base = hf.flava                                          # a FlavaModel: no heads
-  model, params = hf_flava.import_flava(base)
+  model, params, _ = hf_flava.load(base)
   assert "mim_head" not in params and "image" in params
   attn = _t((tokens != 0).astype(np.int64))
   with torch.no_grad():
@@ -121,7 +124,7 @@ def test_flava_model_import_and_export_round_trip(hf):
   _check(mm, ref.multimodal_embeddings, "multimodal")
   _check(img, ref.image_embeddings, "image")
   # export -> a fresh HF model loads it strictly and reproduces the reference
-  _, full_params = hf_flava.import_flava(hf)
+  _, full_params, _ = hf_flava.load(hf)
   fresh = transformers.FlavaForPreTraining(hf.config).eval()
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in hf_flava.export_flava(full_params, hf.config).items()},
                         strict=True)
@@ -142,3 +145,26 @@ def test_bad_state_dict_lists_problems(hf):
   bad["multimodal_config"]["use_cls_token"] = False
   with pytest.raises(ValueError, match="use_cls_token=False"):
     hf_flava.config_from_hf(bad)
+
+
+def test_load_export_from_pretrained_round_trip(hf, tmp_path):
+  """load(HF directory, scanned) -> export -> FlavaForPreTraining.from_pretrained: no key missing,
+  unexpected or mismatched; the reloaded model reproduces our fused states and ITM / MMM-text logits
+  (padded texts, a patch mask); config_overrides carry the three towers."""
+  hf.save_pretrained(tmp_path / "src")
+  model, params, overrides = hf_flava.load(tmp_path / "src", scan=True)
+  assert overrides["model.multimodal.depth"] == 1 and overrides["model.image_vocab"] == IMAGE_VOCAB
+  hf_flava.export(params, tmp_path / "src", tmp_path / "out")
+  back, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  images, tokens, masked, patch_mask = _inputs(2)
+  with torch.no_grad():
+    ref = back.eval()(input_ids=_t(tokens), input_ids_masked=_t(masked), pixel_values=_t(images).permute(0, 3, 1, 2),
+                      attention_mask=_t((tokens != 0).astype(np.int64)), bool_masked_pos=_t(patch_mask),
+                      return_loss=False)
+  with jax.default_matmul_precision("highest"):
+    out = model.apply({"params": params}, images, tokens.astype(np.int32), masked.astype(np.int32),
+                      patch_mask, method=_ours)
+  for name, r in dict(mm_masked=ref.multimodal_masked_embeddings, itm=ref.itm_logits,
+                      mmm_text=ref.mmm_text_logits).items():
+    _check(out[name], r, name)
