@@ -79,11 +79,8 @@ def main(argv):
     raise app.UsageError("--workdir and --out are required")
   try:
     export_run(_WORKDIR.value, _OUT.value, _STEP.value, _FORMAT.value)
-  except ConfigError as e:
+  except (ConfigError, ckpt_lib.CheckpointError) as e:
     sys.stderr.write(f"medfm_jax: export error: {e}\n")
-    sys.exit(2)
-  except ckpt_lib.CheckpointError as e:
-    sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
     sys.exit(2)
 
 
