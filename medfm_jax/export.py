@@ -20,11 +20,10 @@ from absl import app, flags, logging
 
 from medfm_jax import objectives
 from medfm_jax.errors import ConfigError
-from medfm_jax.interop import hf_clip, hf_dinov2, hf_flava, hf_vitmae
+from medfm_jax.interop import FAMILIES
 from medfm_jax.storage import path as storage_path
 from medfm_jax.train import checkpoint as ckpt_lib
 
-FAMILIES = {"vitmae": hf_vitmae, "dinov2": hf_dinov2, "clip": hf_clip, "flava": hf_flava}
 FORMATS = ("hf",)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints/<step> directory).")

@@ -208,16 +208,13 @@ def config_overrides(hf_config) -> dict[str, Any]:
   run's own (``data.tokenizer``): its end-of-text id must be the HF model's for 'eot' pooling."""
   cfg = _as_cfg(hf_config)
   v, t, clip = cfg["vision"], cfg["text"], cfg["kind"] == "clip"
-  out = {"model.variant": torch_io.variant_name(v["width"], v["depth"], v["num_heads"], v["mlp_dim"],
-                                                v["patch_size"]),
-         "model.width": v["width"], "model.depth": v["depth"], "model.num_heads": v["num_heads"],
-         "model.mlp_dim": v["mlp_dim"], "model.layer_norm_eps": v["layer_norm_eps"],
-         "model.activation": v["activation"], "model.pos_embed": "learned", "model.ln_pre": clip,
-         "model.class_token": clip, "model.patch_embed": "patch", "model.cls_pool": "token",
-         "model.layer_scale_init": 0.0, "model.image_pool": "cls" if clip else "map",
-         "model.image_proj": clip, "model.text_proj_bias": not clip, "model.embed_dim": cfg["embed_dim"],
-         "data.image_size": v["image_size"], "data.channels": v["channels"],
-         "objective.loss": cfg["kind"]}
+  out = torch_io.vit_run_fields(
+      variant=torch_io.variant_name(v["width"], v["depth"], v["num_heads"], v["mlp_dim"], v["patch_size"]),
+      width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_dim=v["mlp_dim"],
+      layer_norm_eps=v["layer_norm_eps"], activation=v["activation"], pos_embed="learned", ln_pre=clip,
+      class_token=clip, image_pool="cls" if clip else "map", image_proj=clip, text_proj_bias=not clip,
+      embed_dim=cfg["embed_dim"]) | {"data.image_size": v["image_size"], "data.channels": v["channels"],
+                                     "objective.loss": cfg["kind"]}
   out |= {f"model.text.{k}": t[k] for k in ("width", "depth", "num_heads", "mlp_dim", "context_length",
                                             "vocab_size", "causal", "pooling", "activation",
                                             "layer_norm_eps", "mask_padding")}

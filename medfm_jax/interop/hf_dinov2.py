@@ -170,7 +170,8 @@ def config_overrides(hf_config, image_size: int | None = None) -> dict[str, Any]
   kw = vit_kwargs(hf_config, image_size)
   if not kw["qkv_bias"]:
     raise ValueError(f"{_WHAT} qkv_bias=False: our configs always build q/k/v biases; use build_vit")
-  return {f"model.{k}": kw[k] for k in _CONFIG_FIELDS} | {"data.image_size": kw["image_size"]}
+  return torch_io.vit_run_fields(**{k: kw[k] for k in _CONFIG_FIELDS}) | {
+      "data.image_size": kw["image_size"], "data.channels": _as_cfg(hf_config)["channels"]}
 
 
 def build_vit(hf_config, scan: bool = False, image_size: int | None = None, **overrides) -> vit.VisionTransformer:

@@ -228,12 +228,11 @@ def config_overrides(hf_config) -> dict[str, Any]:
   if cfg["decoder_mlp_dim"] != 4 * cfg["decoder_width"]:
     raise ValueError(f"{_WHAT} decoder_intermediate_size={cfg['decoder_mlp_dim']}: our MAE config needs "
                      f"4 x decoder_hidden_size = {4 * cfg['decoder_width']}")
-  return {"model.variant": vit_variant(cfg), "model.width": cfg["width"], "model.depth": cfg["depth"],
-          "model.num_heads": cfg["num_heads"], "model.mlp_dim": cfg["mlp_dim"],
-          "model.layer_norm_eps": cfg["layer_norm_eps"], "model.pos_embed": "sincos2d",
-          "model.decoder_width": cfg["decoder_width"], "model.decoder_depth": cfg["decoder_depth"],
-          "model.decoder_heads": cfg["decoder_heads"], "data.image_size": cfg["image_size"],
-          "data.channels": cfg["channels"]}
+  return torch_io.vit_run_fields(
+      variant=vit_variant(cfg), width=cfg["width"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+      mlp_dim=cfg["mlp_dim"], layer_norm_eps=cfg["layer_norm_eps"], pos_embed="sincos2d", activation="gelu",
+      decoder_width=cfg["decoder_width"], decoder_depth=cfg["decoder_depth"],
+      decoder_heads=cfg["decoder_heads"]) | {"data.image_size": cfg["image_size"], "data.channels": cfg["channels"]}
 
 
 def load(source, hf_config=None, scan: bool = False, **vit_kwargs) -> tuple[MaskedAutoencoder, dict, dict]:

@@ -172,6 +172,14 @@ _VIT_RUN_FIELDS = dict(pos_embed="sincos2d", layer_norm_eps=1e-6, layer_scale_in
 _VIT_EXPORTABLE = dict(patch_embed=("patch",), cls_pool=("token",), num_prompts=(0,), adapter_dim=(0,))
 
 
+def vit_run_fields(**fields) -> dict[str, Any]:
+  """``{"model.<field>": value}`` for a run config: a plain ViT (patch embedding, cls token output,
+  no LayerScale, registers, SwiGLU or pre-LN) with ``fields`` on top."""
+  plain = dict(patch_embed="patch", cls_pool="token", ln_pre=False, class_token=True, layer_scale_init=0.0,
+               num_registers=0, swiglu=False)
+  return {f"model.{k}": v for k, v in (plain | fields).items()}
+
+
 def run_vit(config, what: str, **allowed: tuple) -> dict[str, Any]:
   """The image encoder of a run config (``config.model`` at ``config.data``'s image shape) as a
   dict of sizes and options; one ValueError line when a field is outside ``allowed`` (``field=(values,)``)

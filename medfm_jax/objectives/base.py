@@ -49,6 +49,10 @@ class Objective(abc.ABC):
   # ``medfm_jax.interop`` family ('vitmae', 'dinov2', 'clip', 'flava') and the path of its params in
   # the saved train state (after :meth:`standalone_params`). None: not exportable.
   hf_export: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+  # True: the trainer writes ``config.init_from`` (one of our checkpoints or a public HF model) into
+  # the initial train state (``train.restore.init_from_values``: the whole model, or the source's
+  # image encoder into every ``image_encoders`` path). False: the objective reads it itself.
+  trainer_init_from: ClassVar[bool] = True
 
   def __init__(self, config, encoder_loader: EncoderLoader | None = None):
     """``objectives.build`` passes both; a subclass overriding ``__init__`` takes and forwards them."""

@@ -85,6 +85,7 @@ class SupervisedObjective(base.Objective):
   name = "supervised"
   image_encoders = {"backbone": ("params", "backbone")}
   hf_export = ("dinov2", ("params", "backbone"))   # the fine-tuned encoder (no head)
+  trainer_init_from = False                          # init_from: the backbone only, read in __init__
 
   @classmethod
   def check_config(cls, config):
