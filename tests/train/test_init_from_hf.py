@@ -132,3 +132,22 @@ def test_mismatch_is_one_line(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r"^init_from=.*model_type='bert'; supported .*$"):
     restore.adopt_architecture(helpers.tiny_mae_config(init_from=str(tmp_path / "odd")))
   assert interop.hf_family(str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_main_cli_starts_a_run_from_hf(tmp_path):
+  """``python -m medfm_jax.main --config.init_from=HF_DIR``: the run adopts the HF model's fields
+  (saved in its checkpoint config) and trains."""
+  hf = transformers.Dinov2Model(transformers.Dinov2Config(**_TOWER, image_size=24, patch_size=4, num_channels=1))
+  source = _save(hf, tmp_path / "dinov2")
+  workdir = tmp_path / "run"
+  result = helpers.run_cli([
+      "--config=configs/mae.py:tiny", f"--workdir={workdir}", f"--config.init_from={source}",
+      "--config.data.image_size=16", "--config.batch_size=8", "--config.total_steps=2",
+      "--config.warmup_steps=1", "--config.log_every=1", "--config.checkpoint_every=2",
+      "--config.eval_every=1000", "--config.data.eval_examples=16", "--config.data.eval_batch_size=8",
+      "--config.model.decoder_width=32", "--config.model.decoder_depth=1", "--config.model.decoder_heads=4"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = checkpoint.read_meta(str(workdir))["config"]
+  assert (saved["model"]["width"], saved["model"]["depth"], saved["model"]["pos_embed"]) == (32, 2, "learned")
+  assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(workdir)) if "loss" in m][-1])
