@@ -25,7 +25,6 @@ from medfm_jax.interop import torch_io
 from medfm_jax.models import clip as clip_model
 from medfm_jax.models import text, vit
 
-_NO_BIAS = "<no patch bias>"   # CLIP's patch convolution has no bias; ours does (mapped to zeros)
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh"}
 
@@ -95,31 +94,6 @@ def _block(hf: str, ours: tuple[str, ...], heads: int) -> list[torch_io.Entry]:
           + dense(f"{hf}.mlp.fc1", (*ours, "mlp", "fc1")) + dense(f"{hf}.mlp.fc2", (*ours, "mlp", "fc2")))
 
 
-def _packed_qkv(heads: int) -> tuple[torch_io.Entry, torch_io.Entry]:
-  """nn.MultiheadAttention ``in_proj_weight [3D, D]`` / ``in_proj_bias [3D]`` <-> our q/k/v."""
-  hf, ours = "vision_model.head.attention", ("map_head",)
-  return (torch_io.Entry(
-      (f"{hf}.in_proj_weight",), tuple((*ours, n, "kernel") for n in ("query", "key", "value")),
-      lambda w: tuple(torch_io.qkv_kernel(x, heads) for x in np.split(w, 3, axis=0)),
-      lambda *ks: (np.concatenate([torch_io.qkv_kernel_to_torch(k, heads) for k in ks]),)),
-          torch_io.Entry(
-      (f"{hf}.in_proj_bias",), tuple((*ours, n, "bias") for n in ("query", "key", "value")),
-      lambda b: tuple(x.reshape(heads, -1) for x in np.split(b, 3)),
-      lambda *bs: (np.concatenate([b.reshape(-1) for b in bs]),)))
-
-
-def _cls_and_positions(c, p, bias):
-  """HF class embedding ``[D]`` + positions ``[1 + n, D]`` -> our folded cls token, patch positions
-  and (zero) patch bias: CLIP's patch convolution has none."""
-  return (c + p[0])[None, None], p[1:][None], np.zeros_like(bias)
-
-
-def _cls_and_positions_to_hf(cls, pos, bias):
-  """Inverse: the cls position is zero (HF adds it to the class embedding) and our patch bias,
-  added to every patch token, is folded into their positions (exact)."""
-  return cls.reshape(-1), np.concatenate([np.zeros_like(cls[0]), pos[0] + bias], axis=0)
-
-
 def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
   v, t, clip = cfg["vision"], cfg["text"], cfg["kind"] == "clip"
   entry, norm, dense = torch_io.entry, torch_io.norm_entries, torch_io.dense_entries
@@ -129,10 +103,9 @@ def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
              torch_io.patch_kernel, functools.partial(torch_io.patch_kernel_to_torch, patch=v["patch_size"],
                                                       channels=v["channels"]))]
   if clip:   # cls + its position embedding folded into cls_token; patch positions -> pos_embed
-    bias = (*img, "patch_embed", "proj", "bias")
-    m.append(torch_io.Entry(
-        (f"{vm}.embeddings.class_embedding", f"{vm}.embeddings.position_embedding.weight", _NO_BIAS),
-        ((*img, "cls_token"), (*img, "pos_embed"), bias), _cls_and_positions, _cls_and_positions_to_hf))
+    m.append(torch_io.fold_cls_position(f"{vm}.embeddings.class_embedding",
+                                        f"{vm}.embeddings.position_embedding.weight", img, flat_cls=True,
+                                        bias_free=True))
     m += norm(f"{vm}.pre_layrnorm", (*img, "ln_pre"))
     m.append(entry("visual_projection.weight", ("image_projection", "kernel"), torch_io.transpose,
                    torch_io.transpose))
@@ -145,10 +118,8 @@ def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
                    lambda p: p[0]))
     heads, hf, ours = v["num_heads"], f"{vm}.head", ("map_head",)
     m.append(entry(f"{hf}.probe", (*ours, "probe")))
-    m += _packed_qkv(heads)
-    m.append(entry(f"{hf}.attention.out_proj.weight", (*ours, "out", "kernel"),
-                   lambda x: torch_io.out_kernel(x, heads), lambda k: torch_io.out_kernel_to_torch(k, heads)))
-    m.append(entry(f"{hf}.attention.out_proj.bias", (*ours, "out", "bias")))
+    m += torch_io.packed_qkv_entries(f"{hf}.attention.in_proj_weight", f"{hf}.attention.in_proj_bias", ours, heads)
+    m += torch_io.out_entries(f"{hf}.attention.out_proj", (*ours, "out"), heads)
     m += norm(f"{hf}.layernorm", (*ours, "norm"))
     m += dense(f"{hf}.mlp.fc1", (*ours, "mlp", "fc1")) + dense(f"{hf}.mlp.fc2", (*ours, "mlp", "fc2"))
     m += dense("text_model.head", ("text_projection",))
@@ -185,8 +156,8 @@ def _as_cfg(config) -> dict[str, Any]:
 def _normalize(state_dict: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:
   sd = {k.replace(".self_attn.out_proj.", ".self_attn.o_proj."): v for k, v in state_dict.items()
         if not k.endswith("position_ids")}                                    # buffers
-  if cfg["kind"] == "clip":   # a placeholder for the patch bias CLIP lacks (see _cls_and_positions)
-    sd[_NO_BIAS] = np.zeros((cfg["vision"]["width"],), np.float32)
+  if cfg["kind"] == "clip":   # a placeholder for the patch bias CLIP lacks (torch_io.fold_cls_position)
+    sd[torch_io.NO_PATCH_BIAS] = np.zeros((cfg["vision"]["width"],), np.float32)
   return sd
 
 
@@ -286,6 +257,5 @@ def export(params: dict, config, out_dir) -> str:
   config or a CLIP run config (options HF cannot express are refused in one line)."""
   cfg = _as_cfg(config)
   sd = torch_io.export_with_mapping(torch_io.from_param_tree(params), _mapping(cfg), f"export ({cfg['kind']})")
-  sd.pop(_NO_BIAS, None)
   sd = {k.replace(".self_attn.o_proj.", ".self_attn.out_proj."): v for k, v in sd.items()}
   return torch_io.write_hf(out_dir, sd, hf_config_dict(cfg))

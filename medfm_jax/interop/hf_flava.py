@@ -191,10 +191,7 @@ def _mapping(cfg: dict[str, Any], heads: bool) -> list[torch_io.Entry]:
   i, t = cfg["image"], cfg["text"]
   im, tm = "flava.image_model", "flava.text_model"
   n_types = int(t["type_vocab_size"])
-  m = [torch_io.Entry((f"{im}.embeddings.cls_token", f"{im}.embeddings.position_embeddings"),
-                      (("image", "cls_token"), ("image", "pos_embed")),
-                      lambda c, p: (c + p[:, :1], p[:, 1:]),
-                      lambda c, p: (c, np.concatenate([np.zeros_like(p[:, :1]), p], axis=1))),
+  m = [torch_io.fold_cls_position(f"{im}.embeddings.cls_token", f"{im}.embeddings.position_embeddings", ("image",)),
        entry(f"{im}.embeddings.mask_token", ("image", "mask_token")),
        entry(f"{im}.embeddings.patch_embeddings.projection.weight", ("image", "patch_embed", "proj", "kernel"),
              torch_io.patch_kernel, functools.partial(torch_io.patch_kernel_to_torch, patch=i["patch_size"],

@@ -317,6 +317,52 @@ def attention_entries(hf: str, ours: tuple[str, ...], heads: int, qkv_bias: bool
               entry(f"{hf}.o_proj.bias", (*ours, "out", "bias"))]
 
 
+def packed_qkv_entries(weight: str, bias: str | None, ours: tuple[str, ...], heads: int) -> list[Entry]:
+  """A packed q/k/v projection (``weight [3D, D]``, ``bias [3D]``: torch ``nn.MultiheadAttention``
+  ``in_proj_*``, timm ``attn.qkv``) <-> our per-head ``query`` / ``key`` / ``value`` under ``ours``."""
+  names = ("query", "key", "value")
+  m = [Entry((weight,), tuple((*ours, n, "kernel") for n in names),
+             lambda w: tuple(qkv_kernel(x, heads) for x in np.split(w, 3, axis=0)),
+             lambda *ks: (np.concatenate([qkv_kernel_to_torch(k, heads) for k in ks]),))]
+  if bias is not None:
+    m.append(Entry((bias,), tuple((*ours, n, "bias") for n in names),
+                   lambda b: tuple(x.reshape(heads, -1) for x in np.split(b, 3)),
+                   lambda *bs: (np.concatenate([b.reshape(-1) for b in bs]),)))
+  return m
+
+
+def out_entries(hf: str, ours: tuple[str, ...], heads: int) -> list[Entry]:
+  """An attention output Linear ``hf`` <-> our per-head ``out`` at ``ours``."""
+  return [entry(f"{hf}.weight", (*ours, "kernel"), lambda w: out_kernel(w, heads),
+                lambda k: out_kernel_to_torch(k, heads)),
+          entry(f"{hf}.bias", (*ours, "bias"))]
+
+
+NO_PATCH_BIAS = "<no patch bias>"   # placeholder input for a patch convolution without bias
+
+
+def fold_cls_position(cls_name: str, pos_name: str, ours: tuple[str, ...] = (), flat_cls: bool = False,
+                      bias_free: bool = False) -> Entry:
+  """A cls token + positions ``[(1,) 1 + n, D]`` that cover it <-> our ``cls_token`` (the sum: both
+  are added before any other op) and patch positions ``pos_embed [1, n, D]``; export writes a zero
+  cls position. ``flat_cls``: the torch cls token is ``[D]`` and the positions ``[1 + n, D]``
+  (CLIP, open_clip) instead of ``[1, 1, D]`` / ``[1, 1 + n, D]`` (timm, DINOv2, FLAVA).
+  ``bias_free``: the torch patch convolution has no bias (CLIP, open_clip): ours is imported as
+  zeros (the caller supplies ``NO_PATCH_BIAS`` in the state dict) and exported folded into the
+  patch positions (it is added to every patch token: exact)."""
+  bias = (*ours, "patch_embed", "proj", "bias")
+
+  def to_ours(c, p, *b):
+    p = p.reshape(1, -1, p.shape[-1])
+    return (c.reshape(1, 1, -1) + p[:, :1], p[:, 1:], *(np.zeros_like(x) for x in b))
+
+  def to_torch(c, p, *b):
+    pos = np.concatenate([np.zeros_like(p[:, :1]), p + (b[0] if b else 0)], axis=1)
+    return (c.reshape(-1), pos[0]) if flat_cls else (c, pos)
+  return Entry((cls_name, pos_name, *([NO_PATCH_BIAS] if bias_free else [])),
+               ((*ours, "cls_token"), (*ours, "pos_embed"), *([bias] if bias_free else [])), to_ours, to_torch)
+
+
 def fmt_names(names, limit: int = 20) -> str:
   names = sorted("/".join(n) if isinstance(n, tuple) else n for n in names)
   more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
