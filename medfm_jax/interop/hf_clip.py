@@ -144,6 +144,11 @@ def _expected_shapes_cached(key: str) -> dict:
   return torch_io.flat_shapes(lambda: nn.unbox(model.init(jax.random.key(0), images, tokens)["params"]))
 
 
+def expected_shapes(cfg: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of :func:`build_model`'s (unrolled) params for our family config."""
+  return _expected_shapes_cached(json.dumps(cfg, sort_keys=True))
+
+
 def _as_cfg(config) -> dict[str, Any]:
   """Our family config from itself, an HF config (object, dict, path) or a CLIP run config."""
   if isinstance(config, dict) and "kind" in config:
@@ -167,8 +172,7 @@ def convert(state_dict, hf_config=None, scan: bool = False) -> dict:
   or scanned). One ValueError lists every unused, missing or mis-shaped tensor."""
   state_dict, hf_config = torch_io.resolve_source(state_dict, hf_config, "HF CLIP/SigLIP")
   cfg = _as_cfg(hf_config)
-  expected = _expected_shapes_cached(json.dumps(cfg, sort_keys=True))
-  flat = torch_io.convert_with_mapping(_normalize(state_dict, cfg), _mapping(cfg), expected,
+  flat = torch_io.convert_with_mapping(_normalize(state_dict, cfg), _mapping(cfg), expected_shapes(cfg),
                                        f"convert ({cfg['kind']})")
   return torch_io.to_param_tree(flat, scan)
 

@@ -142,16 +142,17 @@ def resolve_source(source, hf_config, what: str) -> tuple[dict[str, np.ndarray],
   return as_numpy_state_dict(source), hf_config
 
 
-def write_hf(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], hf_config: dict[str, Any]) -> str:
-  """Writes ``config.json`` and ``model.safetensors`` (what ``from_pretrained`` reads) into
-  ``out_dir`` (created); returns it. No torch needed."""
+def write_hf(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], hf_config: dict[str, Any],
+             config_name: str = "config.json", weights_name: str = "model.safetensors") -> str:
+  """Writes ``config.json`` and ``model.safetensors`` (what ``from_pretrained`` reads; other names
+  for other libraries) into ``out_dir`` (created); returns it. No torch needed."""
   from safetensors.numpy import save_file  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  with open(os.path.join(out_dir, config_name), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
   save_file({k: np.array(v, order="C") for k, v in state_dict.items()},
-            os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+            os.path.join(out_dir, weights_name), metadata={"format": "pt"})
   return out_dir
 
 
