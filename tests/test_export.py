@@ -70,3 +70,23 @@ def test_lora_fine_tune_is_merged(tmp_path):
     base = backbone.apply({"params": params["backbone"]}, images)
   assert _max_diff(adapted, ref) <= 1e-5
   assert _max_diff(base, ref) > 1e-2
+
+
+@pytest.mark.slow
+def test_timm_format_exports_the_image_encoder(mae_ckpt, tmp_path):
+  """--format=timm: the tiny MAE run's encoder (fixed sin-cos positions written as timm's learned
+  ones) -> timm.create_model('local-dir:...') computes our tokens; open_clip refuses an MAE run."""
+  import timm  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  export.export_run(mae_ckpt, str(tmp_path), fmt="timm")
+  back = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+  config = ml_collections.ConfigDict(ckpt_lib.read_meta(mae_ckpt)["config"])
+  s, c = config.data.image_size, config.data.channels
+  images = np.random.default_rng(0).normal(size=(2, s, s, c)).astype(np.float32)
+  with torch.no_grad():
+    ref = back.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  params = ckpt_lib.restore_subtree(mae_ckpt, ("params", "encoder"))
+  with jax.default_matmul_precision("highest"):
+    ours = vit.vit_from_config(config).apply({"params": params}, images)
+  assert _max_diff(ours, ref) <= 1e-5
+  with pytest.raises(export.ConfigError, match=r"^--format=open_clip: only CLIP runs \(objective 'clip'\), not 'mae'$"):
+    export.export_run(mae_ckpt, str(tmp_path / "x"), fmt="open_clip")
