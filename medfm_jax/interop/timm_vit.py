@@ -159,8 +159,10 @@ def convert(sd: dict[str, np.ndarray], cfg: dict[str, Any], scan: bool = False, 
   return torch_io.to_param_tree(flat, scan)
 
 
-def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
-  """The run-config fields that build this encoder (``vit.vit_from_config``)."""
+def config_overrides(config) -> dict[str, Any]:
+  """The run-config fields that build this encoder (``vit.vit_from_config``); ``config``: our timm
+  config or a source :func:`load` takes."""
+  cfg = _as_cfg(config)
   kw = vit_kwargs(cfg)
   return torch_io.vit_run_fields(**{k: kw[k] for k in ("variant", "width", "depth", "num_heads", "mlp_dim",
                                                        "pos_embed", "layer_norm_eps", "layer_scale_init",

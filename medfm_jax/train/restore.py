@@ -87,7 +87,8 @@ def _takes_whole_model(objective_name: str, family: str) -> bool:
   """True when an HF model of ``family`` is the whole model of the objective (MAE from
   ViTMAEForPreTraining, CLIP from CLIPModel, ...); else only its image encoder is used."""
   export = objectives.resolve(objective_name).hf_export
-  return bool(export) and export[0] == family and interop.IMAGE_ENCODERS[family] != ()
+  same = interop.SAME_MODEL.get(family, family)
+  return bool(export) and export[0] == same and interop.IMAGE_ENCODERS[family] != ()
 
 
 def _set_field(config, key: str, value) -> None:
@@ -262,7 +263,8 @@ def init_from_values(objective, params, extra) -> dict[str, np.ndarray]:
     state = nn.unbox({"params": params, "extra": extra})
     values = {}
     for path, restored in _init_sources(objective, init_from).items():
-      fitted = fit_encoder(_subtree(state, path), restored, init_from)
+      with jax.ensure_compile_time_eval():   # called while init is traced: resample eagerly
+        fitted = fit_encoder(_subtree(state, path), restored, init_from)
       values |= {"/".join((*path, k)): v for k, v in fitted.items()}
     _INIT_VALUES[objective] = values
   return _INIT_VALUES[objective]

@@ -1,11 +1,15 @@
 """``init_from`` / ``objective.lit_init_from`` = a public Hugging Face model (tiny, random): the run
 adopts the model's fields, and its initial train state holds the imported weights (the position
 grid resampled to the run's image size) where the recipe puts them; heads stay fresh."""
+import json
+
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 
 from medfm_jax import interop, objectives
 from medfm_jax.interop import hf_clip, hf_dinov2, hf_vitmae
@@ -151,3 +155,32 @@ def test_main_cli_starts_a_run_from_hf(tmp_path):
   saved = checkpoint.read_meta(str(workdir))["config"]
   assert (saved["model"]["width"], saved["model"]["depth"], saved["model"]["pos_embed"]) == (32, 2, "learned")
   assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(workdir)) if "loss" in m][-1])
+
+
+def test_open_clip_and_timm_sources(tmp_path):
+  """An open_clip directory starts a CLIP run (the whole model); a timm ViT directory gives a DINO
+  run's student and teacher (its fields adopted, the positions resampled to the run's grid)."""
+  import open_clip  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  import timm  # pylint: disable=import-outside-toplevel
+  from medfm_jax.interop import openclip, timm_vit  # pylint: disable=import-outside-toplevel
+  model_cfg = dict(embed_dim=24, vision_cfg=dict(layers=2, width=32, head_width=16, mlp_ratio=2.0, patch_size=4,
+                                                 image_size=16),
+                   text_cfg=dict(context_length=80, vocab_size=300, width=32, heads=2, layers=1))
+  oc = open_clip.model.CLIP(embed_dim=24, vision_cfg=open_clip.model.CLIPVisionCfg(**model_cfg["vision_cfg"]),
+                            text_cfg=open_clip.model.CLIPTextCfg(**model_cfg["text_cfg"]))
+  (tmp_path / "oc").mkdir()
+  torch.save(oc.state_dict(), tmp_path / "oc" / "open_clip_pytorch_model.bin")
+  (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+  config = helpers.tiny_clip_config(init_from=str(tmp_path / "oc"), **{"data.channels": 3})
+  state = _initial_state(config)
+  assert config.model.text.pooling == "argmax" and config.model.activation == "gelu"
+  _assert_tree_equal(state.params, openclip.load(tmp_path / "oc")[1])
+  vit_model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=24, patch_size=4,
+                                embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, in_chans=1)
+  source = tmp_path / "timm"
+  timm_vit.export(timm_vit.load(vit_model)[1], vit_model, source)
+  config = helpers.tiny_dino_config(init_from=str(source))
+  state = _initial_state(config)
+  ref = restore.fit_encoder(nn.unbox(state.params["backbone"]), timm_vit.load(source)[1], "timm")
+  assert ref["pos_embed"].shape == (1, 16, 32)
+  _assert_tree_equal(state.extra["teacher"]["backbone"], traverse_util.unflatten_dict(ref, sep="/"), atol=1e-7)
