@@ -9,6 +9,12 @@ tower and the FLAVA image encoder ``params/image``.
 This lives in the train layer (it reads checkpoints); objectives get :func:`pretrained_encoder`
 handed in as their ``encoder_loader`` (``train.assemble.build_objective``) for ``init_from`` and LiT.
 
+``init_from`` (and LiT's tower) may also be a local public model (HF ``config.json`` with a supported
+``model_type``, open_clip, timm; ``interop.hf_family``): :func:`adopt_architecture` takes its model
+fields, :func:`pretrained_encoder` its image encoder, and for pretraining runs
+:func:`init_from_values` gives ``state.named_init`` the whole initial model (the objective's own
+family) or the image encoder for every ``image_encoders`` path (DINO: student and teacher).
+
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
 position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
 the model), scanned/unrolled block stacks are converted, new parameter-efficient parameters
@@ -232,11 +238,12 @@ def _init_sources(objective, init_from: str) -> dict[tuple[str, ...], Any]:
   objective's ``hf_export`` family, or our checkpoint of the same objective: its ``params`` and the
   image encoders kept in ``extra``, e.g. the DINO teacher), else the source's image encoder into
   every image encoder of the run (DINO: student and teacher; heads keep their fresh init)."""
-  cls, data = type(objective), objective.config.data
+  name, data = objective.config.objective.name, objective.config.data
+  cls = objectives.resolve(name)
   family = hf_family(init_from)
   if family is not None:
     tree = _load_hf(init_from, family, data.image_size)
-    if _takes_whole_model(cls.name or objective.config.objective.name, family):
+    if _takes_whole_model(name, family):
       return {cls.hf_export[1]: tree}
     encoder = _subtree(tree, interop.IMAGE_ENCODERS[family])
   elif objective_class(checkpoint_objective(init_from)[0], init_from) is cls:
@@ -257,7 +264,7 @@ def init_from_values(objective, params, extra) -> dict[str, np.ndarray]:
   (shapes of ``params`` / ``extra``, possibly abstract); {} without ``init_from`` or for
   objectives that read it themselves (``Objective.trainer_init_from`` False)."""
   init_from = objective.config.get("init_from")
-  if not init_from or not type(objective).trainer_init_from:
+  if not init_from or not objective.trainer_init_from:
     return {}
   if objective not in _INIT_VALUES:
     state = nn.unbox({"params": params, "extra": extra})

@@ -1,5 +1,6 @@
 """Parity with Hugging Face CLIPModel / SiglipModel: imported weights give the same image/text
 embeddings, logits and loss (float32, highest matmul precision) as the torch models."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -156,3 +157,41 @@ def test_load_sources_and_one_line_errors(tmp_path):
   with pytest.raises(ValueError, match=r"^[^\n]*unused HF tensors: text_model.extra; missing HF tensors: "
                                        r"text_projection.weight[^\n]*$"):
     hf_clip.load(sd, config)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_siglip"])
+def test_export_from_run_config(variant, tmp_path):
+  """A tiny CLIP / SigLIP run's model (byte tokenizer, random weights) exports from its run config
+  as the HF model that computes the same embeddings (texts padded by our tokenizer, HF given the
+  attention mask); the tiny recipe's conv stem and max-pooled cls slot are refused in one line."""
+  from medfm_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  from medfm_jax.objectives import clip as clip_objective  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  config = helpers.tiny_clip_config(variant)
+  tok = tokenizers.from_config(config.data)
+  with pytest.raises(ValueError, match=r"^cannot export to HF (clip|siglip): model.patch_embed='conv' \(allowed "
+                                       r"'patch'\); model.cls_pool='max' \(allowed 'token'\)[^\n]*$"):
+    hf_clip.cfg_from_run(config)
+  config.model.update(patch_embed="patch", cls_pool="token", layer_scale_init=0.0)
+  if variant == "tiny_siglip":
+    config.model.update(ln_pre=False, class_token=False, image_pool="map", image_proj=False, text_proj_bias=True,
+                        embed_dim=96)
+    config.model.text.update(causal=False, pooling="last")
+  model = clip_objective.build_model(config, tok)
+  images = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
+  tokens = np.stack([tok(t) for t in ("a small lesion", "normal chest", "fracture of the left rib")])
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), images, tokens)["params"])
+  params = jax.tree.map(lambda x: x + 0.02 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32),
+                        nn.unbox(params))
+  hf_clip.export(params, config, tmp_path)
+  cls = transformers.CLIPModel if variant == "tiny" else transformers.SiglipModel
+  back = cls.from_pretrained(tmp_path).eval()
+  mask = (tokens != tok.pad_id).astype(np.int64)
+  with torch.no_grad():
+    ref = back(input_ids=torch.from_numpy(tokens.astype(np.int64)), attention_mask=torch.from_numpy(mask),
+               pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  with jax.default_matmul_precision("highest"):
+    img, txt = model.apply({"params": params}, images, tokens, attention_mask=mask)
+  unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
+  np.testing.assert_allclose(unit(img), ref.image_embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(unit(txt), ref.text_embeds.numpy(), atol=1e-5)
