@@ -1,6 +1,7 @@
 """Parity with Hugging Face FlavaForPreTraining / FlavaModel: imported weights give the same hidden
 states, embeddings, contrastive logits and MIM / MLM / MMM / ITM logits (float32, highest matmul
 precision), with a patch mask and padded texts; export round-trips into HF."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -168,3 +169,30 @@ def test_load_export_from_pretrained_round_trip(hf, tmp_path):
   for name, r in dict(mm_masked=ref.multimodal_masked_embeddings, itm=ref.itm_logits,
                       mmm_text=ref.mmm_text_logits).items():
     _check(out[name], r, name)
+
+
+def test_export_from_run_config(tmp_path):
+  """A tiny FLAVA run's model (byte tokenizer, pixel MIM targets, random weights) exports from its
+  run config as the FlavaForPreTraining that computes the same fused states and ITM logits."""
+  from medfm_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  config = helpers.tiny_flava_config(**{"data.channels": 3})
+  tok = tokenizers.from_config(config.data)
+  model = flava.build_flava(config, tok)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens = np.stack([tok(t) for t in ("a small lesion", "normal chest")])
+  patch_mask = rng.random((2, 16)) < 0.4
+  params = nn.unbox(model.init(jax.random.key(0), images, tokens, patch_mask)["params"])
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.normal(size=x.shape).astype(np.float32), params)
+  hf_flava.export(params, config, tmp_path)
+  back = transformers.FlavaForPreTraining.from_pretrained(tmp_path).eval()
+  attn = (tokens != tok.pad_id).astype(np.int64)
+  with torch.no_grad():
+    ref = back(input_ids=_t(tokens.astype(np.int64)), input_ids_masked=_t(tokens.astype(np.int64)),
+               pixel_values=_t(images).permute(0, 3, 1, 2), attention_mask=_t(attn), bool_masked_pos=_t(patch_mask),
+               return_loss=False)
+  with jax.default_matmul_precision("highest"):
+    out = model.apply({"params": params}, images, tokens, patch_mask, attention_mask=attn)
+  _check(out["mm_hidden"], ref.multimodal_masked_embeddings, "mm")
+  _check(out["itm_logits"], ref.itm_logits, "itm")
