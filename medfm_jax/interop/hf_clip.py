@@ -1,13 +1,19 @@
-"""Hugging Face ``CLIPModel`` / ``SiglipModel`` -> ``medfm_jax`` :class:`ImageTextModel` weights.
+"""Hugging Face ``CLIPModel`` / ``SiglipModel`` <-> ``medfm_jax`` :class:`ImageTextModel` weights.
+
+``load(source)`` -> ``(module, params, config_overrides)``; ``export(params, config, out_dir)``
+writes what ``from_pretrained`` loads (a run config too: :func:`cfg_from_run`). Padding is the
+caller's ``attention_mask`` (``module.apply(..., attention_mask=...)``), never ``pad_token_id``
+(HF CLIP's default 1 is an ordinary vocabulary id).
 
 CLIP: ViT with ``ln_pre`` (``pre_layrnorm``), QuickGELU (or the config's activation), class
 embedding + its position embedding folded into our ``cls_token`` (the sum is what the model sees),
-patch convolution without bias (our patch bias is set to zero), ``post_layernorm`` = our final norm
+patch convolution without bias (our patch bias is imported as zero and exported folded into the
+patch positions), ``post_layernorm`` = our final norm
 (applied to every token; the cls row is identical), projections without bias, EOT pooling (first
 ``eos_token_id``; argmax of the ids for configs with the legacy ``eos_token_id == 2``), causal text
 attention. SigLIP: no cls token, attention-pooling head (``head.probe``, packed ``in_proj``), no
-image projection, text pooled at the last position with a biased head, bidirectional text attention
-without padding mask, ``logit_bias``. The mapping uses :mod:`medfm_jax.interop.torch_io`.
+image projection, text pooled at the last position with a biased head, bidirectional text attention,
+``logit_bias``. The mapping uses :mod:`medfm_jax.interop.torch_io`.
 """
 from __future__ import annotations
 
