@@ -1,5 +1,9 @@
 """Hugging Face ``ViTMAEForPreTraining`` <-> ``medfm_jax`` ``MaskedAutoencoder`` weight conversion.
 
+``load(source)`` -> ``(module, params, config_overrides)`` (an HF directory, weights file, state
+dict or torch module); ``export(params, config, out_dir)`` writes what
+``ViTMAEForPreTraining.from_pretrained`` loads (``config``: what ``load`` took, or an MAE run config).
+
 Layouts and the mapping machinery are shared with the other importers
 (:mod:`medfm_jax.interop.torch_io`). HF's fixed position embeddings are not parameters here (we
 compute sin-cos); conversion checks that they agree.
