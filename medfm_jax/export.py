@@ -76,12 +76,12 @@ def export_run(workdir: str, out: str, step: int | None = None, fmt: str = "hf")
   except ConfigError as e:
     raise ckpt_lib.CheckpointError(f"{workdir}: the checkpoint's {e}") from None
   exporter, keys = _target(cls, name, fmt)
-  if keys[0] == "params":
-    tree = {"params": cls.standalone_params(config, ckpt_lib.restore_subtree(path, ("params",)))}
+  if keys[0] == "params":   # training-time transforms folded in first (LoRA merged)
+    tree = cls.standalone_params(config, ckpt_lib.restore_subtree(path, ("params",)))
+    for k in keys[1:]:
+      tree = tree[k]
   else:
-    tree = {keys[0]: ckpt_lib.restore_subtree(path, keys)}
-  for k in keys:
-    tree = tree[k]
+    tree = ckpt_lib.restore_subtree(path, keys)
   try:
     exporter.export(tree, config, out)
   except ValueError as e:   # what the format cannot express, or params that do not fit it

@@ -90,3 +90,24 @@ def test_timm_format_exports_the_image_encoder(mae_ckpt, tmp_path):
   assert _max_diff(ours, ref) <= 1e-5
   with pytest.raises(export.ConfigError, match=r"^--format=open_clip: only CLIP runs \(objective 'clip'\), not 'mae'$"):
     export.export_run(mae_ckpt, str(tmp_path / "x"), fmt="open_clip")
+
+
+@pytest.mark.slow
+def test_dino_run_exports_its_teacher(tmp_path):
+  """A DINO run exports the teacher (extra/teacher/backbone), not the student: the tiny DINOv2
+  recipe's encoder (LayerScale, mask token) -> Dinov2Model.from_pretrained computes its tokens."""
+  config = helpers.tiny_dino_config("tiny_v2")
+  model = vit.vit_from_config(config)
+  images = np.random.default_rng(0).normal(size=(2, 16, 16, config.data.channels)).astype(np.float32)
+  teacher = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(0), images)["params"]))
+  student = jax.tree.map(lambda x: x + 1.0, teacher)
+  saver = ckpt_lib.Checkpointer(str(tmp_path / "run"), keep=1, async_save=False)
+  saver.save(2, {"params": {"backbone": student}, "extra": {"teacher": {"backbone": teacher}}}, None,
+             {"step": 2, "config": config.to_json_best_effort()})
+  saver.close()
+  export.export_run(str(tmp_path / "run"), str(tmp_path / "hf"), step=2)
+  back = transformers.Dinov2Model.from_pretrained(tmp_path / "hf").eval()
+  with torch.no_grad():
+    ref = back(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).last_hidden_state.numpy()
+  with jax.default_matmul_precision("highest"):
+    assert _max_diff(model.apply({"params": teacher}, images), ref) <= 1e-5
