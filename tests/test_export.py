@@ -1,6 +1,5 @@
 """``python -m medfm_jax.export``: a run's checkpoint -> a transformers directory whose model computes
 what ours computes (<= 1e-5, float32)."""
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -56,9 +55,8 @@ def test_lora_fine_tune_is_merged(tmp_path):
   config = helpers.tiny_eval_config("finetune", "lora")
   objective = objectives.build(config)
   images = np.random.default_rng(0).normal(size=(2, 16, 16, config.data.channels)).astype(np.float32)
-  params, _ = objective.init(jax.random.key(0), {"image": images})
-  params = jax.tree.map(np.asarray, dict(nn.unbox(params)))
-  params["lora"] = jax.tree.map(lambda x: x + 0.2, params["lora"])     # b = 0 at init: make it count
+  params = helpers.random_params(jax.eval_shape(objective.init, jax.random.key(0), {"image": images})[0],
+                                 std=0.2)   # random adapters (b = 0 at init would merge to nothing)
   ckpt_lib.export_params(str(tmp_path / "run"), 3, params, {"step": 3, "config": config.to_json_best_effort()})
   export.export_run(str(tmp_path / "run"), str(tmp_path / "hf"))
   back = transformers.Dinov2Model.from_pretrained(tmp_path / "hf").eval()
@@ -99,7 +97,7 @@ def test_dino_run_exports_its_teacher(tmp_path):
   config = helpers.tiny_dino_config("tiny_v2")
   model = vit.vit_from_config(config)
   images = np.random.default_rng(0).normal(size=(2, 16, 16, config.data.channels)).astype(np.float32)
-  teacher = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(0), images)["params"]))
+  teacher = helpers.random_params(jax.eval_shape(model.init, jax.random.key(0), images)["params"])
   student = jax.tree.map(lambda x: x + 1.0, teacher)
   saver = ckpt_lib.Checkpointer(str(tmp_path / "run"), keep=1, async_save=False)
   saver.save(2, {"params": {"backbone": student}, "extra": {"teacher": {"backbone": teacher}}}, None,

@@ -1,6 +1,5 @@
 """Parity with Hugging Face CLIPModel / SiglipModel: imported weights give the same image/text
 embeddings, logits and loss (float32, highest matmul precision) as the torch models."""
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -180,9 +179,7 @@ def test_export_from_run_config(variant, tmp_path):
   model = clip_objective.build_model(config, tok)
   images = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
   tokens = np.stack([tok(t) for t in ("a small lesion", "normal chest", "fracture of the left rib")])
-  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), images, tokens)["params"])
-  params = jax.tree.map(lambda x: x + 0.02 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32),
-                        nn.unbox(params))
+  params = helpers.random_params(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"])
   hf_clip.export(params, config, tmp_path)
   cls = transformers.CLIPModel if variant == "tiny" else transformers.SiglipModel
   back = cls.from_pretrained(tmp_path).eval()
@@ -191,7 +188,7 @@ def test_export_from_run_config(variant, tmp_path):
     ref = back(input_ids=torch.from_numpy(tokens.astype(np.int64)), attention_mask=torch.from_numpy(mask),
                pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
   with jax.default_matmul_precision("highest"):
-    img, txt = model.apply({"params": params}, images, tokens, attention_mask=mask)
+    img, txt = jax.jit(model.apply)({"params": params}, images, tokens, attention_mask=mask)
   unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
   np.testing.assert_allclose(unit(img), ref.image_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(unit(txt), ref.text_embeds.numpy(), atol=1e-5)

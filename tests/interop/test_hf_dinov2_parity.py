@@ -269,13 +269,13 @@ def test_export_from_run_config(tmp_path):
   refused in one line."""
   from configs import dino  # pylint: disable=import-outside-toplevel
   from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
   c = dino.get_config("tiny")
   c.model.update(pos_embed="sincos2d", layer_scale_init=0.0, depth=2)
   c.data.image_size, c.data.channels = 16, 1
   model = vit.vit_from_config(c)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
-                        model.init(jax.random.key(2), images)["params"])
+  params = helpers.random_params(jax.eval_shape(model.init, jax.random.key(2), images)["params"])
   hf_dinov2.export(params, c, tmp_path)
   back = _from_pretrained(tmp_path)
   with torch.no_grad():

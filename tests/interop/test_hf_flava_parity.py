@@ -10,6 +10,7 @@ import transformers
 
 from medfm_jax.interop import hf_flava
 from medfm_jax.models import flava
+from tests.helpers import random_params
 
 VOCAB, CONTEXT, IMAGE_VOCAB, B, L = 60, 16, 40, 3, 10
 _TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -183,8 +184,7 @@ def test_export_from_run_config(tmp_path):
   images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   tokens = np.stack([tok(t) for t in ("a small lesion", "normal chest")])
   patch_mask = rng.random((2, 16)) < 0.4
-  params = nn.unbox(model.init(jax.random.key(0), images, tokens, patch_mask)["params"])
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.normal(size=x.shape).astype(np.float32), params)
+  params = random_params(jax.eval_shape(model.init, jax.random.key(0), images, tokens, patch_mask)["params"])
   hf_flava.export(params, config, tmp_path)
   back = transformers.FlavaForPreTraining.from_pretrained(tmp_path).eval()
   attn = (tokens != tok.pad_id).astype(np.int64)
@@ -193,6 +193,6 @@ def test_export_from_run_config(tmp_path):
                pixel_values=_t(images).permute(0, 3, 1, 2), attention_mask=_t(attn), bool_masked_pos=_t(patch_mask),
                return_loss=False)
   with jax.default_matmul_precision("highest"):
-    out = model.apply({"params": params}, images, tokens, patch_mask, attention_mask=attn)
+    out = jax.jit(model.apply)({"params": params}, images, tokens, patch_mask, attention_mask=attn)
   _check(out["mm_hidden"], ref.multimodal_masked_embeddings, "mm")
   _check(out["itm_logits"], ref.itm_logits, "itm")
