@@ -35,7 +35,10 @@ setup(
         "dicom": DICOM,
         "text": TEXT,
         "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT],
-        "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
+        # open_clip / timm: reference implementations of the interop parity tests (open_clip
+        # brings torchvision, which must be the build matching torch).
+        "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "timm>=1.0.20,<2",
+                   "open_clip_torch>=3.0,<4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },
 )

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.load_size = 0          # target of data.resize (0 = image_size)
   c.data.on_error = "raise"     # raise | skip (skipped files -> WORKDIR/skipped_files.txt, metric data/skipped)
 
+  # Start from pretrained weights: one of our workdirs/checkpoints or a local Hugging Face model
+  # directory / weights file (ViTMAEForPreTraining, Dinov2Model, CLIPModel, SiglipModel, FLAVA);
+  # its model fields replace config.model's (docs/interop.md). '' = random init.
+  c.init_from = ""
   c.model = ml_collections.ConfigDict()
   c.objective = ml_collections.ConfigDict()
   return c

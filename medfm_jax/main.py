@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from medfm_jax import config as config_lib
 from medfm_jax.data import decode
 from medfm_jax.parallel import distributed
-from medfm_jax.train import checkpoint, loop
+from medfm_jax.train import checkpoint, loop, restore
 from medfm_jax import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
@@ -62,8 +62,9 @@ def main(argv, hooks=()):
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    restore.adopt_architecture(config)     # model fields of config.init_from (ours or HF)
     config_lib.validate(config, workdir)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
   logging.info("config:\n%s", config)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +62,18 @@ def tiny_eval_config(protocol, variant="tiny", allow_new=(), **overrides):
   c.batch_size, c.total_steps, c.warmup_steps = 16, 4, 1
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
   return override(c, overrides, allow_new)
+
+
+def random_params(abstract, seed=0, std=0.05):
+  """Numpy float32 params shaped like the (boxed) ``abstract`` tree, without compiling an init:
+  norm scales ``1 + std * N(0, 1)``, every other leaf ``std * N(0, 1)`` (non-trivial everywhere,
+  for parity tests)."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, leaf):
+    x = std * rng.normal(size=leaf.shape).astype(np.float32)
+    return x + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else x
+  return jax.tree_util.tree_map_with_path(one, nn.unbox(abstract))
 
 
 def override(c, overrides, allow_new=()):

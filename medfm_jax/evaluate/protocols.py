@@ -52,7 +52,7 @@ def check_config(config) -> None:
         f"fewshot.shots={c.fewshot.shots}, fewshot.seeds={c.fewshot.seeds}: must be > 0")
   check(c.fewshot.classifier in FEWSHOT_CLASSIFIERS,
         f"fewshot.classifier={c.fewshot.classifier!r}: allowed {FEWSHOT_CLASSIFIERS}")
-  if c.init_from and c.protocol != "zero_shot":
+  if c.init_from and c.protocol != "zero_shot" and restore.hf_family(c.init_from) is None:
     name, _ = restore.checkpoint_objective(c.init_from)
     restore.encoder_path(name, c.encoder_weights, c.init_from)
 

@@ -5,12 +5,12 @@ Usage (offline; a Hub snapshot directory holding ``config.json`` and ``model.saf
 downloaded beforehand; their ``config.json`` says ``image_size=518``)::
 
     from medfm_jax.interop import hf_dinov2
-    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-small", image_size=224)
+    model, params, overrides = hf_dinov2.load("/ckpts/dinov2-small", image_size=224)
     tokens = model.apply({"params": params}, images)   # images [b, 224, 224, 3] (NHWC, HF-normalised)
     cls = tokens[:, 0]              # = HF pooler_output; tokens = HF last_hidden_state
     # Big models: scanned encoder, bfloat16 compute; fields for our configs (e.g. a DINO run):
-    model, params = hf_dinov2.load_hf_dinov2("/ckpts/dinov2-giant", scan=True, dtype=jnp.bfloat16)
-    overrides = hf_dinov2.config_overrides("/ckpts/dinov2-giant")   # {"model.width": 1536, ...}
+    model, params, overrides = hf_dinov2.load("/ckpts/dinov2-giant", scan=True, dtype=jnp.bfloat16)
+    # overrides: the fields for our configs, {"model.width": 1536, ..., "data.image_size": 518}
 
 Equivalences (exact, float32 parity <= 1e-5 in tests/interop/test_hf_dinov2_parity.py):
 
@@ -44,12 +44,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from medfm_jax.interop import torch_io
-from medfm_jax.models import vit
+from medfm_jax.models import layers, vit
 
 __all__ = ["config_from_hf", "vit_kwargs", "config_overrides", "build_vit", "normalize_hf_names", "convert_dinov2",
-           "export_dinov2", "load_hf_dinov2", "hf_resize_pos_grid", "swiglu_hidden"]
+           "export_dinov2", "load", "export", "hf_config_dict", "cfg_from_run", "hf_resize_pos_grid", "swiglu_hidden"]
 
 _WHAT = "HF Dinov2"
 _HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
@@ -91,7 +92,8 @@ def config_from_hf(hf_config, image_size: int | None = None) -> dict[str, Any]:
              layer_norm_eps=float(c["layer_norm_eps"]), hidden_act=c["hidden_act"], qkv_bias=bool(c["qkv_bias"]),
              layerscale_value=float(c["layerscale_value"]), swiglu=swiglu, registers=registers,
              num_registers=int(raw.get("num_register_tokens", 0) or 0),
-             mask_token=registers or bool(c["use_mask_token"]), head_dim=raw.get("head_dim"))
+             mask_token=registers or bool(c["use_mask_token"]), head_dim=raw.get("head_dim"),
+             mlp_ratio=c["mlp_ratio"], pos_embed="learned")
   _check_supported(cfg)
   return cfg
 
@@ -109,14 +111,39 @@ def _check_supported(cfg: dict[str, Any]) -> None:
     raise ValueError(f"unsupported {_WHAT} config: " + "; ".join(problems))
 
 
-def _as_cfg(hf_config_or_cfg, image_size: int | None = None) -> dict[str, Any]:
-  if isinstance(hf_config_or_cfg, dict) and "hf_image_size" in hf_config_or_cfg:
-    cfg = dict(hf_config_or_cfg)
-    if image_size:
-      cfg["image_size"] = int(image_size)
-    _check_supported(cfg)
-    return cfg
-  return config_from_hf(hf_config_or_cfg, image_size)
+def _mlp_ratio(width: int, mlp_dim: int, swiglu: bool) -> int:
+  """HF's (integer) ``mlp_ratio`` giving ``mlp_dim``; one ValueError line when none does."""
+  for r in range(1, 17):
+    if (swiglu_hidden(width, r) if swiglu else width * r) == mlp_dim:
+      return r
+  raise ValueError(f"cannot export to {_WHAT}: model.mlp_dim={mlp_dim} is no {'SwiGLU ' if swiglu else ''}"
+                   f"hidden size HF derives from width {width} and an integer mlp_ratio")
+
+
+def cfg_from_run(config) -> dict[str, Any]:
+  """Our DINOv2 config of a run config's image encoder (DINO teacher, a fine-tuned backbone); one
+  ValueError line for what ``Dinov2Model`` cannot express. Fixed sin-cos positions are exported as
+  the learned ones they equal at the run's image size; no LayerScale is exported as LayerScale 1."""
+  v = torch_io.run_vit(config, _WHAT, ln_pre=(False,), class_token=(True,),
+                       activation=tuple(_ACTIVATIONS.values()))
+  ratio = _mlp_ratio(v["width"], v["mlp_dim"], v["swiglu"])
+  cfg = {k: v[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "channels",
+                           "layer_norm_eps", "swiglu", "num_registers")}
+  return cfg | dict(hf_image_size=v["image_size"], hidden_act=torch_io.invert(_ACTIVATIONS)[v["activation"]],
+                    qkv_bias=True, layerscale_value=float(v["layer_scale_init"]) or 1.0, mlp_ratio=ratio,
+                    registers=v["num_registers"] > 0, mask_token=True, head_dim=None,
+                    pos_embed=v["pos_embed"])
+
+
+def _as_cfg(config, image_size: int | None = None) -> dict[str, Any]:
+  """Our DINOv2 config from itself, an HF config (object, dict, path) or a run config, built for
+  ``image_size`` (default: the source's)."""
+  cfg = dict(torch_io.as_family_cfg(config, "hf_image_size", cfg_from_run,
+                                    lambda c: config_from_hf(c, image_size)))
+  if image_size:
+    cfg["image_size"] = int(image_size)
+  _check_supported(cfg)
+  return cfg
 
 
 def vit_kwargs(hf_config, image_size: int | None = None) -> dict[str, Any]:
@@ -143,7 +170,8 @@ def config_overrides(hf_config, image_size: int | None = None) -> dict[str, Any]
   kw = vit_kwargs(hf_config, image_size)
   if not kw["qkv_bias"]:
     raise ValueError(f"{_WHAT} qkv_bias=False: our configs always build q/k/v biases; use build_vit")
-  return {f"model.{k}": kw[k] for k in _CONFIG_FIELDS} | {"data.image_size": kw["image_size"]}
+  return torch_io.vit_run_fields(**{k: kw[k] for k in _CONFIG_FIELDS}) | {
+      "data.image_size": kw["image_size"], "data.channels": _as_cfg(hf_config)["channels"]}
 
 
 def build_vit(hf_config, scan: bool = False, image_size: int | None = None, **overrides) -> vit.VisionTransformer:
@@ -294,15 +322,6 @@ def _expected_shapes(cfg):
   return _expected_shapes_cached(tuple(sorted(cfg.items())))
 
 
-def _resolve(source, hf_config):
-  if hf_config is None:
-    hf_config = source if isinstance(source, (str, os.PathLike)) else getattr(source, "config", None)
-    if hf_config is None:
-      raise ValueError(f"{_WHAT}: pass hf_config (a config object, dict or config.json path) with a "
-                       f"bare state dict")
-  return torch_io.as_numpy_state_dict(source), hf_config
-
-
 def convert_dinov2(source, hf_config=None, scan: bool = False, image_size: int | None = None) -> dict:
   """HF ``Dinov2Model`` / ``Dinov2WithRegistersModel`` weights -> our ``VisionTransformer`` params.
 
@@ -312,7 +331,7 @@ def convert_dinov2(source, hf_config=None, scan: bool = False, image_size: int |
   shaped like ``build_vit(hf_config, scan, image_size).init(...)``; raises one ValueError naming
   every unused / missing / mis-shaped tensor.
   """
-  state_dict, hf_config = _resolve(source, hf_config)
+  state_dict, hf_config = torch_io.resolve_source(source, hf_config, _WHAT)
   cfg = _as_cfg(hf_config, image_size)
   sd = normalize_hf_names(state_dict)
   expected = _expected_shapes(cfg)
@@ -339,10 +358,43 @@ def export_dinov2(params: dict, hf_config, image_size: int | None = None) -> dic
   return out
 
 
-def load_hf_dinov2(source, hf_config=None, scan: bool = False, image_size: int | None = None,
-                   **overrides) -> tuple[vit.VisionTransformer, dict]:
-  """``(model, params)`` from an HF checkpoint directory (offline: ``config.json`` + weights), a torch
-  module or a state dict (then pass ``hf_config``); see the module docstring for an example."""
-  state_dict, hf_config = _resolve(source, hf_config)
+def load(source, hf_config=None, scan: bool = False, image_size: int | None = None,
+         **overrides) -> tuple[vit.VisionTransformer, dict, dict]:
+  """``(module, params, config_overrides)`` from an HF ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+  directory, weights file, state dict (with ``hf_config``) or torch module, built for
+  ``image_size`` (default HF's); ``overrides`` (dtype, remat, ...) go to ``VisionTransformer``.
+  ``config_overrides`` is None for models our run configs cannot build (``qkv_bias=False``)."""
+  state_dict, hf_config = torch_io.resolve_source(source, hf_config, _WHAT)
   cfg = _as_cfg(hf_config, image_size)
-  return build_vit(cfg, scan, **overrides), convert_dinov2(state_dict, cfg, scan)
+  fields = config_overrides(cfg) if cfg["qkv_bias"] else None
+  return build_vit(cfg, scan, **overrides), convert_dinov2(state_dict, cfg, scan), fields
+
+
+def hf_config_dict(config) -> dict[str, Any]:
+  """The HF ``config.json`` (``Dinov2Config``, or ``Dinov2WithRegistersConfig`` with registers) of
+  our config, at its ``image_size``."""
+  c = _as_cfg(config)
+  out = dict(model_type="dinov2", architectures=["Dinov2Model"], hidden_size=c["width"],
+             num_hidden_layers=c["depth"], num_attention_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+             hidden_act=c["hidden_act"], layer_norm_eps=c["layer_norm_eps"], image_size=c["image_size"],
+             patch_size=c["patch_size"], num_channels=c["channels"], qkv_bias=c["qkv_bias"],
+             layerscale_value=c["layerscale_value"], use_swiglu_ffn=c["swiglu"])
+  if c["registers"]:
+    out.update(model_type="dinov2_with_registers", architectures=["Dinov2WithRegistersModel"],
+               num_register_tokens=c["num_registers"])
+  return out
+
+
+def export(params: dict, config, out_dir) -> str:
+  """Writes ``config.json`` + ``model.safetensors`` that ``Dinov2Model`` (or
+  ``Dinov2WithRegistersModel``) ``.from_pretrained`` loads, at our image size. ``config``: what
+  :func:`load` took, our config or a run config (see :func:`cfg_from_run`)."""
+  cfg = _as_cfg(config)
+  flat = traverse_util.flatten_dict(vit.unstack_layers(nn.unbox(params)))
+  if cfg.get("pos_embed") == "sincos2d":     # our fixed positions, written as HF's learned ones
+    g = cfg["image_size"] // cfg["patch_size"]
+    flat[("pos_embed",)] = layers.sincos_2d(cfg["width"], g, g)[None]
+  for i in range(cfg["depth"]):              # no LayerScale = LayerScale 1
+    for ls in ("ls1", "ls2"):
+      flat.setdefault(("encoder", f"layer_{i}", ls, "gamma"), np.ones((cfg["width"],), np.float32))
+  return torch_io.write_hf(out_dir, export_dinov2(traverse_util.unflatten_dict(flat), cfg), hf_config_dict(cfg))

@@ -4,8 +4,8 @@ Usage (offline; a model object, or a Hub snapshot directory such as ``facebook/f
 downloaded beforehand)::
 
     from medfm_jax.interop import hf_flava
-    model, params = hf_flava.import_flava(transformers.FlavaForPreTraining.from_pretrained(path))
-    model, params = hf_flava.load_hf_flava("/ckpts/flava-full", scan=True)
+    model, params, overrides = hf_flava.load(transformers.FlavaForPreTraining.from_pretrained(path))
+    model, params, overrides = hf_flava.load("/ckpts/flava-full", scan=True)
     out = model.apply({"params": params}, images, tokens)   # images NHWC, HF-normalised
 
 Equivalences (float32 parity <= 1e-5 in tests/interop/test_hf_flava_parity.py):
@@ -15,8 +15,9 @@ Equivalences (float32 parity <= 1e-5 in tests/interop/test_hf_flava_parity.py):
   added before any other op); ``bool_masked_pos`` = our ``patch_mask`` (mask token swapped in
   before position embeddings). Import at the resolution you run (no run-time resampling here).
 * Text: ``token_type_embeddings[0]`` (HF's default all-zero token types) folded into our
-  ``pos_embed``; ``embeddings.LayerNorm`` = our ``embed_norm``; HF ``attention_mask`` = our padding
-  mask (``tokens != pad_token_id``), applied to the text tower and, as keys, the fusion encoder.
+  ``pos_embed``; ``embeddings.LayerNorm`` = our ``embed_norm``; HF ``attention_mask`` = our
+  ``attention_mask`` argument (never derived from ``pad_token_id``), applied to the text tower and,
+  as keys, the fusion encoder.
 * Fusion: HF feeds ``image_to_mm_projection`` / ``text_to_mm_projection`` the towers' last hidden
   states *before* their final LN (``hidden_states[-1]``) = our ``encode_*(..., return_pre_norm=True)``.
 * Heads: ``*_head.transform.{dense,LayerNorm}`` + ``decoder`` = our ``{dense,norm,decoder}``; the
@@ -55,10 +56,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medfm_jax.data import tokenizers
 from medfm_jax.interop import torch_io
 from medfm_jax.models import flava, text, vit
 
-__all__ = ["config_from_hf", "build_model", "convert_flava", "export_flava", "import_flava", "load_hf_flava"]
+__all__ = ["load", "export", "config_overrides", "hf_config_dict", "cfg_from_run", "config_from_hf", "build_model",
+           "convert_flava", "export_flava"]
 
 _WHAT = "HF FLAVA"
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -110,8 +113,38 @@ def config_from_hf(hf_config) -> dict[str, Any]:
   return cfg
 
 
-def _as_cfg(hf_config) -> dict[str, Any]:
-  return hf_config if isinstance(hf_config, dict) and "mm" in hf_config else config_from_hf(hf_config)
+def cfg_from_run(config) -> dict[str, Any]:
+  """Our FLAVA config of a FLAVA run config; one ValueError line for what HF FLAVA cannot express."""
+  hf_act = torch_io.invert(_ACTIVATIONS)
+  v = torch_io.run_vit(config, _WHAT, pos_embed=("learned",), layer_scale_init=(0.0,), num_registers=(0,),
+                       swiglu=(False,), ln_pre=(False,), class_token=(True,), activation=tuple(hf_act))
+  m, t = config.model, text.text_size(config.model.text)
+  mm = m.multimodal
+  torch_io.check_exportable(
+      {"model.text.causal": t.causal, "model.text.pooling": t.pooling, "model.text.activation": t.activation,
+       "model.text.embed_norm": bool(m.text.get("embed_norm", False)),
+       "model.multimodal.activation": mm.get("activation", "gelu")},
+      {"model.text.causal": (False,), "model.text.pooling": ("cls",), "model.text.activation": tuple(hf_act),
+       "model.text.embed_norm": (True,), "model.multimodal.activation": tuple(hf_act)}, _WHAT)
+  tower = lambda width, depth, heads, mlp, act, eps: dict(
+      hidden_size=int(width), num_hidden_layers=int(depth), num_attention_heads=int(heads),
+      intermediate_size=int(mlp), hidden_act=hf_act[act], layer_norm_eps=float(eps), qkv_bias=True)
+  image = tower(v["width"], v["depth"], v["num_heads"], v["mlp_dim"], v["activation"], v["layer_norm_eps"]) | dict(
+      image_size=v["image_size"], patch_size=v["patch_size"], num_channels=v["channels"],
+      vocab_size=flava.image_vocab_from_config(config))
+  txt = tower(t.width, t.depth, t.num_heads, t.mlp_dim, t.activation, t.layer_norm_eps) | dict(
+      vocab_size=t.vocab_size, type_vocab_size=2, max_position_embeddings=t.context_length,
+      pad_token_id=tokenizers.from_config(config.data).pad_id)
+  fused = tower(mm.width, mm.depth, mm.num_heads, mm.mlp_dim, mm.get("activation", "gelu"),
+                mm.get("layer_norm_eps", 1e-12)) | dict(use_cls_token=True)
+  scale = float((config.get("objective") or {}).get("init_logit_scale", 2.6592))
+  return dict(image=image, text=txt, mm=fused, embed_dim=int(m.embed_dim), itm_width=int(mm.width),
+              logit_scale_init=scale)
+
+
+def _as_cfg(config) -> dict[str, Any]:
+  """Our FLAVA config from itself, an HF config (object, dict, path) or a FLAVA run config."""
+  return torch_io.as_family_cfg(config, "mm", cfg_from_run, config_from_hf)
 
 
 def build_model(hf_config, scan: bool = False, **overrides) -> flava.Flava:
@@ -129,7 +162,7 @@ def build_model(hf_config, scan: bool = False, **overrides) -> flava.Flava:
   tower = text.TextTransformer(
       width=w, depth=d, num_heads=h, mlp_dim=mlp, context_length=int(t["max_position_embeddings"]),
       vocab_size=int(t["vocab_size"]), causal=False, pooling="cls", eot_id=-1, pad_id=t["pad_token_id"],
-      mask_padding=True, activation=_ACTIVATIONS[t["hidden_act"]], layer_norm_eps=float(t["layer_norm_eps"]),
+      mask_padding=False, activation=_ACTIVATIONS[t["hidden_act"]], layer_norm_eps=float(t["layer_norm_eps"]),
       embed_norm=True, scan=scan)
   w, d, h, mlp = sizes(m)
   kwargs = dict(mm_width=w, mm_depth=d, mm_heads=h, mm_mlp_dim=mlp, embed_dim=cfg["embed_dim"],
@@ -158,10 +191,7 @@ def _mapping(cfg: dict[str, Any], heads: bool) -> list[torch_io.Entry]:
   i, t = cfg["image"], cfg["text"]
   im, tm = "flava.image_model", "flava.text_model"
   n_types = int(t["type_vocab_size"])
-  m = [torch_io.Entry((f"{im}.embeddings.cls_token", f"{im}.embeddings.position_embeddings"),
-                      (("image", "cls_token"), ("image", "pos_embed")),
-                      lambda c, p: (c + p[:, :1], p[:, 1:]),
-                      lambda c, p: (c, np.concatenate([np.zeros_like(p[:, :1]), p], axis=1))),
+  m = [torch_io.fold_cls_position(f"{im}.embeddings.cls_token", f"{im}.embeddings.position_embeddings", ("image",)),
        entry(f"{im}.embeddings.mask_token", ("image", "mask_token")),
        entry(f"{im}.embeddings.patch_embeddings.projection.weight", ("image", "patch_embed", "proj", "kernel"),
              torch_io.patch_kernel, functools.partial(torch_io.patch_kernel_to_torch, patch=i["patch_size"],
@@ -214,7 +244,8 @@ def convert_flava(source, hf_config=None, scan: bool = False) -> dict:
   unrolled or scanned). ``source``: a torch module (its ``.config`` is used), a state dict, or a
   checkpoint file / HF directory (its ``config.json``); ``hf_config`` overrides. One ValueError
   names every unused / missing / mis-shaped tensor."""
-  state_dict, cfg = _resolve(source, hf_config)
+  state_dict, hf_config = torch_io.resolve_source(source, hf_config, _WHAT)
+  cfg = _as_cfg(hf_config)
   sd, heads = _normalize({k: v for k, v in state_dict.items() if not k.startswith("image_codebook.")
                           and not k.endswith(("position_ids", "token_type_ids"))})
   width = int(cfg["image"]["hidden_size"])
@@ -246,22 +277,49 @@ def export_flava(params: dict, hf_config) -> dict[str, np.ndarray]:
   return out if heads else {k[len("flava."):]: v for k, v in out.items()}
 
 
-def _resolve(source, hf_config):
-  if hf_config is None:
-    hf_config = source if isinstance(source, (str, os.PathLike)) else getattr(source, "config", None)
-    if hf_config is None:
-      raise ValueError(f"{_WHAT}: pass hf_config (a config object, dict or config.json path) with a "
-                       "bare state dict")
-  return torch_io.as_numpy_state_dict(source), _as_cfg(hf_config)
+def config_overrides(hf_config) -> dict[str, Any]:
+  """The run-config fields that make ``configs/flava.py`` build this model."""
+  cfg = _as_cfg(hf_config)
+  i, t, m = cfg["image"], cfg["text"], cfg["mm"]
+  sizes = lambda c: dict(width=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]),
+                         num_heads=int(c["num_attention_heads"]), mlp_dim=int(c["intermediate_size"]))
+  image = sizes(i) | dict(variant=torch_io.variant_name(*sizes(i).values(), i["patch_size"]), pos_embed="learned",
+                          layer_norm_eps=float(i["layer_norm_eps"]), activation=_ACTIVATIONS[i["hidden_act"]],
+                          mask_token=True, embed_dim=cfg["embed_dim"], image_vocab=int(i["vocab_size"]))
+  text_fields = sizes(t) | dict(context_length=int(t["max_position_embeddings"]), vocab_size=int(t["vocab_size"]),
+                                causal=False, pooling="cls", activation=_ACTIVATIONS[t["hidden_act"]],
+                                layer_norm_eps=float(t["layer_norm_eps"]), embed_norm=True)
+  mm = sizes(m) | dict(layer_norm_eps=float(m["layer_norm_eps"]), activation=_ACTIVATIONS[m["hidden_act"]])
+  return ({f"model.{k}": v for k, v in image.items()} | {f"model.text.{k}": v for k, v in text_fields.items()}
+          | {f"model.multimodal.{k}": v for k, v in mm.items()}
+          | {"data.image_size": i["image_size"], "data.channels": int(i["num_channels"]),
+             "objective.init_logit_scale": cfg["logit_scale_init"]})
 
 
-def load_hf_flava(source, hf_config=None, scan: bool = False, **overrides) -> tuple[flava.Flava, dict]:
-  """``(model, params)`` from an HF checkpoint directory (offline), a torch module or a state dict
-  (then pass ``hf_config``)."""
-  state_dict, cfg = _resolve(source, hf_config)
-  return build_model(cfg, scan, **overrides), convert_flava(state_dict, cfg, scan)
+def load(source, hf_config=None, scan: bool = False, **overrides) -> tuple[flava.Flava, dict, dict]:
+  """``(module, params, config_overrides)`` from an HF ``FlavaForPreTraining`` / ``FlavaModel``
+  directory, weights file, state dict (with ``hf_config``) or torch module; ``overrides`` (dtype, ...)
+  go to the Flava constructor. Padding: pass HF's ``attention_mask`` to the text methods."""
+  state_dict, hf_config = torch_io.resolve_source(source, hf_config, _WHAT)
+  cfg = _as_cfg(hf_config)
+  return build_model(cfg, scan, **overrides), convert_flava(state_dict, cfg, scan), config_overrides(cfg)
 
 
-def import_flava(hf_model, scan: bool = False, **overrides) -> tuple[flava.Flava, dict]:
-  """``(Flava module, params)`` from an HF ``FlavaForPreTraining`` or ``FlavaModel`` object."""
-  return load_hf_flava(hf_model, hf_model.config, scan, **overrides)
+def hf_config_dict(config) -> dict[str, Any]:
+  """The HF ``config.json`` (``FlavaConfig``, no DALL-E codebook) of our FLAVA config."""
+  cfg = _as_cfg(config)
+  return dict(model_type="flava", architectures=["FlavaForPreTraining"], image_config=dict(cfg["image"]),
+              text_config=dict(cfg["text"]), multimodal_config=dict(cfg["mm"]), hidden_size=cfg["itm_width"],
+              projection_dim=cfg["embed_dim"], logit_scale_init_value=cfg["logit_scale_init"], init_codebook=False)
+
+
+def export(params: dict, config, out_dir) -> str:
+  """Writes ``config.json`` + ``model.safetensors`` that ``FlavaForPreTraining.from_pretrained``
+  (``FlavaModel`` for params without heads) loads. ``config``: what :func:`load` took, our FLAVA
+  config or a FLAVA run config."""
+  cfg = _as_cfg(config)
+  sd = export_flava(params, cfg)
+  hf = hf_config_dict(cfg)
+  if not any(k.startswith("flava.") for k in sd):
+    hf["architectures"] = ["FlavaModel"]
+  return torch_io.write_hf(out_dir, sd, hf)

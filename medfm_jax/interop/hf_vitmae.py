@@ -1,5 +1,9 @@
 """Hugging Face ``ViTMAEForPreTraining`` <-> ``medfm_jax`` ``MaskedAutoencoder`` weight conversion.
 
+``load(source)`` -> ``(module, params, config_overrides)`` (an HF directory, weights file, state
+dict or torch module); ``export(params, config, out_dir)`` writes what
+``ViTMAEForPreTraining.from_pretrained`` loads (``config``: what ``load`` took, or an MAE run config).
+
 Layouts and the mapping machinery are shared with the other importers
 (:mod:`medfm_jax.interop.torch_io`). HF's fixed position embeddings are not parameters here (we
 compute sin-cos); conversion checks that they agree.
@@ -22,7 +26,7 @@ from medfm_jax.interop.torch_io import load_torch_state_dict
 from medfm_jax.models import layers, vit
 from medfm_jax.models.mae import MaskedAutoencoder
 
-__all__ = ["load_torch_state_dict", "config_from_hf", "vit_variant", "build_mae",
+__all__ = ["load", "export", "config_overrides", "hf_config_dict", "cfg_from_run", "load_torch_state_dict", "config_from_hf", "vit_variant", "build_mae",
            "normalize_hf_names", "convert_vitmae", "export_vitmae", "ENCODER_POS_EMBED",
            "DECODER_POS_EMBED"]
 
@@ -32,6 +36,7 @@ DECODER_POS_EMBED = "decoder.decoder_pos_embed"
 # transformers 4.x name -> current name, applied in order (mirrors transformers' conversion_mapping).
 _LEGACY_RENAMES = (
     (r"^vit\.encoder\.layer\.", "vit.layers."),
+    (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),   # transformers 5 save_pretrained
     (r"\.attention\.attention\.query\.", ".attention.q_proj."),
     (r"\.attention\.attention\.key\.", ".attention.k_proj."),
     (r"\.attention\.attention\.value\.", ".attention.v_proj."),
@@ -40,6 +45,7 @@ _LEGACY_RENAMES = (
     (r"\.output\.dense\.", ".mlp.fc2."),
 )
 
+_WHAT = "HF ViTMAE"
 _HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                     hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                     qkv_bias=True, decoder_num_attention_heads=16, decoder_hidden_size=512,
@@ -67,10 +73,22 @@ def config_from_hf(hf_config) -> dict[str, Any]:
       norm_pix_loss=bool(c["norm_pix_loss"]), hidden_act=c["hidden_act"], qkv_bias=bool(c["qkv_bias"]))
 
 
-def _as_cfg(hf_config_or_cfg) -> dict[str, Any]:
-  if isinstance(hf_config_or_cfg, dict) and "decoder_width" in hf_config_or_cfg:
-    return hf_config_or_cfg
-  return config_from_hf(hf_config_or_cfg)
+def cfg_from_run(config) -> dict[str, Any]:
+  """Our MAE config of an MAE run config; one ValueError line for what ViTMAE cannot express."""
+  v = torch_io.run_vit(config, _WHAT, pos_embed=("sincos2d",), layer_scale_init=(0.0,), num_registers=(0,),
+                       activation=("gelu",), swiglu=(False,), ln_pre=(False,), class_token=(True,),
+                       mask_token=(False,))
+  m, o = config.model, config.objective
+  return {k: v[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "channels",
+                            "layer_norm_eps")} | dict(
+      decoder_width=int(m.decoder_width), decoder_depth=int(m.decoder_depth),
+      decoder_heads=int(m.decoder_heads), decoder_mlp_dim=4 * int(m.decoder_width),
+      mask_ratio=float(o.mask_ratio), norm_pix_loss=bool(o.norm_pix_loss), hidden_act="gelu", qkv_bias=True)
+
+
+def _as_cfg(config) -> dict[str, Any]:
+  """Our MAE config from itself, an HF config (object, dict, path) or an MAE run config."""
+  return torch_io.as_family_cfg(config, "decoder_width", cfg_from_run, config_from_hf)
 
 
 def _check_supported(cfg: dict[str, Any]) -> None:
@@ -170,7 +188,8 @@ def _expected_shapes(cfg):
 
 def convert_vitmae(state_dict: dict[str, Any], hf_config, scan: bool = False,
                    check_pos_embed: bool = True, pos_embed_atol: float = 1e-5) -> dict:
-  """HF ``ViTMAEForPreTraining`` state dict -> our ``MaskedAutoencoder`` params (numpy float32).
+  """HF ``ViTMAEForPreTraining`` state dict (or module / checkpoint path) -> our ``MaskedAutoencoder``
+  params (numpy float32).
 
   The tree equals ``nn.unbox(build_mae(hf_config, scan).init(...)['params'])`` in structure and shapes.
   Raises ValueError listing unused HF tensors, unfilled params and shape mismatches; with
@@ -178,7 +197,7 @@ def convert_vitmae(state_dict: dict[str, Any], hf_config, scan: bool = False,
   """
   cfg = _as_cfg(hf_config)
   _check_supported(cfg)
-  sd = normalize_hf_names(state_dict)
+  sd = normalize_hf_names(torch_io.as_numpy_state_dict(state_dict))
   consumed, bad = [], []
   for name, ref in _pos_embeds(cfg).items():
     if name not in sd:
@@ -203,3 +222,47 @@ def export_vitmae(params: dict, hf_config, include_pos_embed: bool = True) -> di
   if include_pos_embed:
     out.update(_pos_embeds(cfg))
   return out
+
+
+def config_overrides(hf_config) -> dict[str, Any]:
+  """The run-config fields that make ``configs/mae.py`` build this model (RETFound-style continued
+  pretraining); one ValueError line for what our MAE config cannot express."""
+  cfg = _as_cfg(hf_config)
+  _check_supported(cfg)
+  if cfg["decoder_mlp_dim"] != 4 * cfg["decoder_width"]:
+    raise ValueError(f"{_WHAT} decoder_intermediate_size={cfg['decoder_mlp_dim']}: our MAE config needs "
+                     f"4 x decoder_hidden_size = {4 * cfg['decoder_width']}")
+  return torch_io.vit_run_fields(
+      variant=vit_variant(cfg), width=cfg["width"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+      mlp_dim=cfg["mlp_dim"], layer_norm_eps=cfg["layer_norm_eps"], pos_embed="sincos2d", activation="gelu",
+      decoder_width=cfg["decoder_width"], decoder_depth=cfg["decoder_depth"],
+      decoder_heads=cfg["decoder_heads"]) | {"data.image_size": cfg["image_size"], "data.channels": cfg["channels"]}
+
+
+def load(source, hf_config=None, scan: bool = False, **vit_kwargs) -> tuple[MaskedAutoencoder, dict, dict]:
+  """``(module, params, config_overrides)`` from an HF ``ViTMAEForPreTraining`` directory, weights
+  file, state dict (with ``hf_config``) or torch module; ``vit_kwargs`` go to the encoder.
+  ``config_overrides`` is None for models our run configs cannot build (a decoder MLP other than 4x)."""
+  state_dict, hf_config = torch_io.resolve_source(source, hf_config, _WHAT)
+  cfg = _as_cfg(hf_config)
+  fields = config_overrides(cfg) if cfg["decoder_mlp_dim"] == 4 * cfg["decoder_width"] else None
+  return build_mae(cfg, scan, **vit_kwargs), convert_vitmae(state_dict, cfg, scan), fields
+
+
+def hf_config_dict(config) -> dict[str, Any]:
+  """The HF ``config.json`` (``ViTMAEConfig``) of our MAE config."""
+  c = _as_cfg(config)
+  return dict(model_type="vit_mae", architectures=["ViTMAEForPreTraining"], hidden_size=c["width"],
+              num_hidden_layers=c["depth"], num_attention_heads=c["num_heads"], intermediate_size=c["mlp_dim"],
+              hidden_act="gelu", layer_norm_eps=c["layer_norm_eps"], image_size=c["image_size"],
+              patch_size=c["patch_size"], num_channels=c["channels"], qkv_bias=True,
+              decoder_hidden_size=c["decoder_width"], decoder_num_hidden_layers=c["decoder_depth"],
+              decoder_num_attention_heads=c["decoder_heads"], decoder_intermediate_size=c["decoder_mlp_dim"],
+              mask_ratio=c["mask_ratio"], norm_pix_loss=c["norm_pix_loss"])
+
+
+def export(params: dict, config, out_dir) -> str:
+  """Writes ``config.json`` + ``model.safetensors`` that ``ViTMAEForPreTraining.from_pretrained``
+  loads. ``config``: what :func:`load` took, our MAE config or an MAE run config."""
+  cfg = _as_cfg(config)
+  return torch_io.write_hf(out_dir, export_vitmae(params, cfg), hf_config_dict(cfg))

@@ -121,6 +121,98 @@ def as_numpy_state_dict(source) -> dict[str, np.ndarray]:
   return out
 
 
+def resolve_source(source, hf_config, what: str) -> tuple[dict[str, np.ndarray], Any]:
+  """``load(source, hf_config)``'s inputs -> ``(numpy state dict, HF config)``.
+
+  ``source``: an HF model directory (its ``config.json``), a weights file (``config.json`` next to
+  it), a torch module (its ``.config``) or a state dict; ``hf_config`` (object, dict or
+  ``config.json`` path) overrides the config found with the source and is needed for a bare state
+  dict or a file with no ``config.json`` beside it.
+  """
+  if hf_config is None:
+    if isinstance(source, (str, os.PathLike)):
+      path = os.fspath(source)
+      beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+      hf_config = beside if os.path.isfile(beside) else None
+    else:
+      hf_config = getattr(source, "config", None)
+    if hf_config is None:
+      raise ValueError(f"{what}: no config.json with {source if isinstance(source, (str, os.PathLike)) else type(source).__name__!r}; "
+                       "pass hf_config= (a config object, dict or config.json path)")
+  return as_numpy_state_dict(source), hf_config
+
+
+def write_hf(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], hf_config: dict[str, Any],
+             config_name: str = "config.json", weights_name: str = "model.safetensors") -> str:
+  """Writes ``config.json`` and ``model.safetensors`` (what ``from_pretrained`` reads; other names
+  for other libraries) into ``out_dir`` (created); returns it. No torch needed."""
+  from safetensors.numpy import save_file  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, config_name), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  save_file({k: np.array(v, order="C") for k, v in state_dict.items()},
+            os.path.join(out_dir, weights_name), metadata={"format": "pt"})
+  return out_dir
+
+
+def check_exportable(fields: dict[str, Any], allowed: dict[str, tuple], what: str) -> None:
+  """One ValueError line naming every ``fields[k]`` not in ``allowed[k]`` (options the target
+  format cannot express, e.g. the conv stem or ``cls_pool`` other than ``token``)."""
+  bad = [f"{k}={fields[k]!r} (allowed {', '.join(map(repr, allowed[k]))})" for k in allowed
+         if k in fields and fields[k] not in allowed[k]]
+  if bad:
+    raise ValueError(f"cannot export to {what}: " + "; ".join(bad))
+
+
+# The ViT fields of a run config (``config.model``) and their defaults (models.vit.vit_from_config).
+_VIT_RUN_FIELDS = dict(pos_embed="sincos2d", layer_norm_eps=1e-6, layer_scale_init=0.0, num_registers=0,
+                       activation="gelu", swiglu=False, mask_token=False, ln_pre=False, class_token=True,
+                       patch_embed="patch", cls_pool="token", num_prompts=0, adapter_dim=0)
+# What no exported format expresses: the conv stem, a pooled cls slot, prompts, adapters.
+_VIT_EXPORTABLE = dict(patch_embed=("patch",), cls_pool=("token",), num_prompts=(0,), adapter_dim=(0,))
+
+
+def vit_run_fields(**fields) -> dict[str, Any]:
+  """``{"model.<field>": value}`` for a run config: a plain ViT (patch embedding, cls token output,
+  no LayerScale, registers, SwiGLU or pre-LN) with ``fields`` on top."""
+  plain = dict(patch_embed="patch", cls_pool="token", ln_pre=False, class_token=True, layer_scale_init=0.0,
+               num_registers=0, swiglu=False)
+  return {f"model.{k}": v for k, v in (plain | fields).items()}
+
+
+def run_vit(config, what: str, **allowed: tuple) -> dict[str, Any]:
+  """The image encoder of a run config (``config.model`` at ``config.data``'s image shape) as a
+  dict of sizes and options; one ValueError line when a field is outside ``allowed`` (``field=(values,)``)
+  or is an option no export format has (conv stem, ``cls_pool`` other than 'token', prompts, adapters)."""
+  m = config.model
+  fields = {k: m.get(k, d) for k, d in _VIT_RUN_FIELDS.items()}
+  check_exportable({f"model.{k}": v for k, v in fields.items()},
+                   {f"model.{k}": v for k, v in (_VIT_EXPORTABLE | allowed).items()}, what)
+  size = vit.size_from_config(m)
+  return fields | dict(width=size.width, depth=size.depth, num_heads=size.num_heads, mlp_dim=size.mlp_dim,
+                       patch_size=size.patch_size, image_size=int(config.data.image_size),
+                       channels=int(config.data.channels), layer_norm_eps=float(fields["layer_norm_eps"]))
+
+
+def as_family_cfg(config, marker: str, from_run: Callable, from_hf: Callable) -> dict[str, Any]:
+  """An importer's own config dict (it holds ``marker``) as is; a run config (``config.model`` and
+  ``config.objective``) via ``from_run``; anything else (HF config object, dict, path) via ``from_hf``."""
+  if isinstance(config, dict) and marker in config:
+    return config
+  if hasattr(config, "model") and hasattr(config, "objective"):
+    return from_run(config)
+  return from_hf(config)
+
+
+def invert(table: dict[str, str]) -> dict[str, str]:
+  """``{hf: ours}`` -> ``{ours: hf}`` keeping the first HF name of each of ours."""
+  out = {}
+  for hf, ours in table.items():
+    out.setdefault(ours, hf)
+  return out
+
+
 def read_hf_config(hf_config, what: str) -> dict[str, Any]:
   """An HF config object, its dict, or a ``config.json`` path / model directory -> a plain dict."""
   if isinstance(hf_config, (str, os.PathLike)):
@@ -226,6 +318,52 @@ def attention_entries(hf: str, ours: tuple[str, ...], heads: int, qkv_bias: bool
               entry(f"{hf}.o_proj.bias", (*ours, "out", "bias"))]
 
 
+def packed_qkv_entries(weight: str, bias: str | None, ours: tuple[str, ...], heads: int) -> list[Entry]:
+  """A packed q/k/v projection (``weight [3D, D]``, ``bias [3D]``: torch ``nn.MultiheadAttention``
+  ``in_proj_*``, timm ``attn.qkv``) <-> our per-head ``query`` / ``key`` / ``value`` under ``ours``."""
+  names = ("query", "key", "value")
+  m = [Entry((weight,), tuple((*ours, n, "kernel") for n in names),
+             lambda w: tuple(qkv_kernel(x, heads) for x in np.split(w, 3, axis=0)),
+             lambda *ks: (np.concatenate([qkv_kernel_to_torch(k, heads) for k in ks]),))]
+  if bias is not None:
+    m.append(Entry((bias,), tuple((*ours, n, "bias") for n in names),
+                   lambda b: tuple(x.reshape(heads, -1) for x in np.split(b, 3)),
+                   lambda *bs: (np.concatenate([b.reshape(-1) for b in bs]),)))
+  return m
+
+
+def out_entries(hf: str, ours: tuple[str, ...], heads: int) -> list[Entry]:
+  """An attention output Linear ``hf`` <-> our per-head ``out`` at ``ours``."""
+  return [entry(f"{hf}.weight", (*ours, "kernel"), lambda w: out_kernel(w, heads),
+                lambda k: out_kernel_to_torch(k, heads)),
+          entry(f"{hf}.bias", (*ours, "bias"))]
+
+
+NO_PATCH_BIAS = "<no patch bias>"   # placeholder input for a patch convolution without bias
+
+
+def fold_cls_position(cls_name: str, pos_name: str, ours: tuple[str, ...] = (), flat_cls: bool = False,
+                      bias_free: bool = False) -> Entry:
+  """A cls token + positions ``[(1,) 1 + n, D]`` that cover it <-> our ``cls_token`` (the sum: both
+  are added before any other op) and patch positions ``pos_embed [1, n, D]``; export writes a zero
+  cls position. ``flat_cls``: the torch cls token is ``[D]`` and the positions ``[1 + n, D]``
+  (CLIP, open_clip) instead of ``[1, 1, D]`` / ``[1, 1 + n, D]`` (timm, DINOv2, FLAVA).
+  ``bias_free``: the torch patch convolution has no bias (CLIP, open_clip): ours is imported as
+  zeros (the caller supplies ``NO_PATCH_BIAS`` in the state dict) and exported folded into the
+  patch positions (it is added to every patch token: exact)."""
+  bias = (*ours, "patch_embed", "proj", "bias")
+
+  def to_ours(c, p, *b):
+    p = p.reshape(1, -1, p.shape[-1])
+    return (c.reshape(1, 1, -1) + p[:, :1], p[:, 1:], *(np.zeros_like(x) for x in b))
+
+  def to_torch(c, p, *b):
+    pos = np.concatenate([np.zeros_like(p[:, :1]), p + (b[0] if b else 0)], axis=1)
+    return (c.reshape(-1), pos[0]) if flat_cls else (c, pos)
+  return Entry((cls_name, pos_name, *([NO_PATCH_BIAS] if bias_free else [])),
+               ((*ours, "cls_token"), (*ours, "pos_embed"), *([bias] if bias_free else [])), to_ours, to_torch)
+
+
 def fmt_names(names, limit: int = 20) -> str:
   names = sorted("/".join(n) if isinstance(n, tuple) else n for n in names)
   more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -283,7 +421,7 @@ def export_with_mapping(flat: dict[tuple[str, ...], np.ndarray], mapping: list[E
       continue
     used.update(e.ours)
     ys = e.to_hf(*(flat[p] for p in e.ours))
-    out.update({n: np.ascontiguousarray(y, np.float32) for n, y in zip(e.hf, ys)})
+    out.update({n: np.array(y, np.float32, order="C") for n, y in zip(e.hf, ys)})  # keeps 0-d
   unused = set(flat) - used
   if missing or unused:
     raise ValueError(f"{what}: missing params: {fmt_names(missing) or '-'}; "

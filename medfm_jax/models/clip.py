@@ -86,9 +86,12 @@ class ImageTextModel(nn.Module):
     out = self.image_projection(pooled) if self.image_proj else pooled
     return constrain(out.astype(jnp.float32), ("batch", None))
 
-  def encode_text(self, tokens, deterministic: bool = True):
-    out = self.text_projection(self.text(tokens, deterministic=deterministic))
+  def encode_text(self, tokens, deterministic: bool = True, attention_mask=None):
+    """``attention_mask [b, L]`` (nonzero = real token): see ``text.TextTransformer``."""
+    out = self.text_projection(self.text(tokens, deterministic=deterministic,
+                                         attention_mask=attention_mask))
     return constrain(out.astype(jnp.float32), ("batch", None))
 
-  def __call__(self, images, tokens, deterministic: bool = True):
-    return self.encode_image(images, deterministic), self.encode_text(tokens, deterministic)
+  def __call__(self, images, tokens, deterministic: bool = True, attention_mask=None):
+    return (self.encode_image(images, deterministic),
+            self.encode_text(tokens, deterministic, attention_mask))

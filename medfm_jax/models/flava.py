@@ -149,9 +149,12 @@ class Flava(nn.Module):
     return self.image(images, deterministic=deterministic, patch_mask=patch_mask,
                       return_pre_norm=return_pre_norm)
 
-  def encode_text(self, tokens, deterministic: bool = True, return_pre_norm: bool = False):
-    """``tokens [b, L]`` -> final-LN'd states ``[b, L, Dt]``; ``return_pre_norm`` as encode_image."""
-    _, x, pre = self.text(tokens, deterministic=deterministic, return_pre_norm=True)
+  def encode_text(self, tokens, deterministic: bool = True, return_pre_norm: bool = False,
+                  attention_mask=None):
+    """``tokens [b, L]`` -> final-LN'd states ``[b, L, Dt]``; ``return_pre_norm`` as encode_image;
+    ``attention_mask [b, L]`` (nonzero = real token): the padding (see ``text.TextTransformer``)."""
+    _, x, pre = self.text(tokens, deterministic=deterministic, return_pre_norm=True,
+                          attention_mask=attention_mask)
     return (x, pre) if return_pre_norm else x
 
   def image_embedding(self, image_hidden):
@@ -161,15 +164,19 @@ class Flava(nn.Module):
   def text_embedding(self, text_hidden):
     return constrain(self.text_projection(text_hidden[:, 0]).astype(jnp.float32), ("batch", None))
 
-  def fuse(self, image_hidden, text_hidden, tokens, deterministic: bool = True):
+  def fuse(self, image_hidden, text_hidden, tokens, deterministic: bool = True, attention_mask=None):
     """``[mm_cls, image_to_mm(image_hidden), text_to_mm(text_hidden)]`` -> ``[b, 1+(1+N)+L, Dm]``.
 
     Pass the towers' pre-final-LN states for FLAVA / HF behaviour (see the module docstring).
-    Text keys where ``tokens == text.pad_id`` are masked (when the text tower masks padding).
+    Masked text keys: ``attention_mask == 0`` when given, else ``tokens == text.pad_id`` when the
+    text tower masks padding.
     """
     b, n_img = image_hidden.shape[:2]
     x = jnp.concatenate([self.image_to_mm(image_hidden), self.text_to_mm(text_hidden)], axis=1)
-    text_keys = (tokens != self.text.pad_id) if self.text.mask_padding else jnp.ones(tokens.shape, bool)
+    if attention_mask is not None:
+      text_keys = attention_mask.astype(bool)
+    else:
+      text_keys = (tokens != self.text.pad_id) if self.text.mask_padding else jnp.ones(tokens.shape, bool)
     key_mask = jnp.concatenate([jnp.ones((b, n_img), bool), text_keys], axis=1)
     return self.multimodal(x.astype(self.dtype), key_mask, deterministic)
 
@@ -193,14 +200,14 @@ class Flava(nn.Module):
     """The raw (unclamped) logit scale, a float32 scalar."""
     return self.logit_scale
 
-  def __call__(self, images, tokens, patch_mask=None, deterministic: bool = True):
+  def __call__(self, images, tokens, patch_mask=None, deterministic: bool = True, attention_mask=None):
     """One pass through every part (creates all params at init): a dict with ``image_hidden``,
     ``text_hidden``, ``mm_hidden``, ``image_embedding``, ``text_embedding``, ``mim_logits``,
     ``mlm_logits``, ``mmm_image_logits`` (patch rows), ``mmm_text_logits`` (text rows),
     ``itm_logits``, ``logit_scale``."""
     image_hidden, image_pre = self.encode_image(images, patch_mask, deterministic, return_pre_norm=True)
-    text_hidden, text_pre = self.encode_text(tokens, deterministic, return_pre_norm=True)
-    mm = self.fuse(image_pre, text_pre, tokens, deterministic)
+    text_hidden, text_pre = self.encode_text(tokens, deterministic, True, attention_mask)
+    mm = self.fuse(image_pre, text_pre, tokens, deterministic, attention_mask)
     _, mm_image, mm_text = split_fused(mm, image_hidden.shape[1])
     return dict(image_hidden=image_hidden, text_hidden=text_hidden, mm_hidden=mm,
                 image_embedding=self.image_embedding(image_hidden),

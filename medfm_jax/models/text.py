@@ -59,11 +59,13 @@ VARIANTS = {
 
 
 def pool_tokens(x: jnp.ndarray, tokens: jnp.ndarray, pooling: str, eot_id: int,
-                pad_id: int) -> jnp.ndarray:
-  """``x [b, L, d]`` -> ``[b, d]`` by ``pooling`` (see the module docstring)."""
+                pad_id: int, attention_mask=None) -> jnp.ndarray:
+  """``x [b, L, d]`` -> ``[b, d]`` by ``pooling`` (see the module docstring); 'mean' averages the
+  positions ``attention_mask [b, L]`` keeps (default: ``tokens != pad_id``)."""
   b, length = tokens.shape
   if pooling == "mean":
-    keep = (tokens != pad_id).astype(x.dtype)[..., None]
+    keep = (tokens != pad_id) if attention_mask is None else attention_mask.astype(bool)
+    keep = keep.astype(x.dtype)[..., None]
     return (x * keep).sum(1) / jnp.maximum(keep.sum(1), 1)
   if pooling == "cls":
     return x[:, 0]
@@ -102,9 +104,11 @@ class TextTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True, return_tokens: bool = False,
-               return_pre_norm: bool = False):
+               return_pre_norm: bool = False, attention_mask=None):
     """``return_pre_norm``: ``(pooled, tokens, pre_norm_tokens)`` with the last block's output
-    before the final LN (FLAVA feeds those to its fusion encoder)."""
+    before the final LN (FLAVA feeds those to its fusion encoder). ``attention_mask [b, L]``
+    (nonzero = a real token, as HF's): the padding keys; without it, ``mask_padding`` masks
+    ``tokens == pad_id`` (our tokenizers' dedicated pad id) and otherwise nothing is masked."""
     if self.pooling not in POOLINGS:
       raise ValueError(f"model.text.pooling={self.pooling!r}: allowed {POOLINGS}")
     b, length = tokens.shape
@@ -118,14 +122,17 @@ class TextTransformer(nn.Module):
     x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
     if self.embed_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="embed_norm")(x)
-    mask = (tokens != self.pad_id)[:, None, None, :] if self.mask_padding else None
+    if attention_mask is not None:
+      mask = attention_mask.astype(bool)[:, None, None, :]
+    else:
+      mask = (tokens != self.pad_id)[:, None, None, :] if self.mask_padding else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.layer_norm_eps,
                 activation=self.activation, dtype=self.dtype, remat=self.remat, scan=self.scan,
                 attention_impl=self.attention_impl, causal=self.causal,
                 name="encoder")(x, deterministic, mask)
     pre_norm = x
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
-    pooled = pool_tokens(x, tokens, self.pooling, self.eot_id, self.pad_id)
+    pooled = pool_tokens(x, tokens, self.pooling, self.eot_id, self.pad_id, attention_mask)
     if return_pre_norm:
       return pooled, x, pre_norm
     return (pooled, x) if return_tokens else pooled

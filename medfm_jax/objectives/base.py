@@ -45,6 +45,14 @@ class Objective(abc.ABC):
   # True for objectives with a text tower (``embed_split``, ``embed_texts``): their checkpoints
   # zero-shot classify (``python -m medfm_jax.evaluate`` protocol 'zero_shot').
   image_text: ClassVar[bool] = False
+  # What ``python -m medfm_jax.export --format=hf`` writes for this objective's checkpoints: the
+  # ``medfm_jax.interop`` family ('vitmae', 'dinov2', 'clip', 'flava') and the path of its params in
+  # the saved train state (after :meth:`standalone_params`). None: not exportable.
+  hf_export: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+  # True: the trainer writes ``config.init_from`` (one of our checkpoints or a public HF model) into
+  # the initial train state (``train.restore.init_from_values``: the whole model, or the source's
+  # image encoder into every ``image_encoders`` path). False: the objective reads it itself.
+  trainer_init_from: ClassVar[bool] = True
 
   def __init__(self, config, encoder_loader: EncoderLoader | None = None):
     """``objectives.build`` passes both; a subclass overriding ``__init__`` takes and forwards them."""
@@ -56,6 +64,13 @@ class Objective(abc.ABC):
     """The run's ``config.data`` resolved (``data.spec.resolve``, shared with the trainer's
     pipelines): multi-crop, patch masks, tokenizer, MLM, mixing, splits."""
     return data_spec.resolve(self.config.data)
+
+  @classmethod
+  def standalone_params(cls, config, params):
+    """``params`` with training-time transforms folded in (LoRA merged), as a plain model uses them.
+    Default: unchanged."""
+    del config
+    return params
 
   @classmethod
   def check_config(cls, config) -> None:

@@ -112,6 +112,7 @@ class ClipObjective(ImageTextObjective):
   ``config.data``: tokenizer, tokenizer_path, context_length."""
   name = "clip"
   image_encoders = {"image": ("params", "image")}
+  hf_export = ("clip", ("params",))
 
   @classmethod
   def check_config(cls, config):

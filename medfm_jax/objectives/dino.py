@@ -80,6 +80,7 @@ class DinoObjective(base.Objective):
   objective needs them)."""
   name = "dino"
   image_encoders = {"teacher": ("extra", "teacher", "backbone"), "student": ("params", "backbone")}
+  hf_export = ("dinov2", ("extra", "teacher", "backbone"))
 
   @classmethod
   def check_config(cls, config):

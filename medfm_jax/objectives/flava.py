@@ -69,6 +69,7 @@ class FlavaObjective(ImageTextObjective):
 
   name = "flava"
   image_encoders = {"image": ("params", "image")}
+  hf_export = ("flava", ("params",))
 
   @classmethod
   def check_config(cls, config):

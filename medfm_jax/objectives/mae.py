@@ -23,6 +23,7 @@ class MaeObjective(base.Objective):
   fields + decoder_width, decoder_depth, decoder_heads."""
   name = "mae"
   image_encoders = {"encoder": ("params", "encoder")}
+  hf_export = ("vitmae", ("params",))
 
   @classmethod
   def check_config(cls, config):

@@ -49,6 +49,13 @@ def class_names(data_cfg) -> tuple[str, ...]:
   return tuple(table[label])
 
 
+
+def _lora_spec(o) -> lora.LoraSpec | None:
+  """The LoRA spec of ``config.objective`` (None unless ``scheme == 'lora'``)."""
+  if o.scheme != "lora":
+    return None
+  return lora.LoraSpec(o.lora_rank, float(o.lora_alpha), bool(o.lora_rslora), tuple(o.lora_targets))
+
 class Classifier(nn.Module):
   """``images [b, H, W, C]`` -> logits ``[b, num_classes]`` float32."""
   backbone: vit.VisionTransformer
@@ -77,6 +84,8 @@ class SupervisedObjective(base.Objective):
   ``config.init_from``, ``config.encoder_weights``."""
   name = "supervised"
   image_encoders = {"backbone": ("params", "backbone")}
+  hf_export = ("dinov2", ("params", "backbone"))   # the fine-tuned encoder (no head)
+  trainer_init_from = False                          # init_from: the backbone only, read in __init__
 
   @classmethod
   def check_config(cls, config):
@@ -107,8 +116,7 @@ class SupervisedObjective(base.Objective):
     backbone = vit.vit_from_config(config)
     self.model = Classifier(backbone, heads.ClassifierHead(
         self.num_classes, o.pool, o.head_init_std, backbone.layer_norm_eps, backbone.dtype))
-    self.lora_spec = lora.LoraSpec(o.lora_rank, float(o.lora_alpha), bool(o.lora_rslora),
-                                   tuple(o.lora_targets)) if o.scheme == "lora" else None
+    self.lora_spec = _lora_spec(o)
     self._pretrained = None
     if config.get("init_from"):
       self._pretrained = self.pretrained_encoder(self.model.backbone, config.init_from,
@@ -152,10 +160,15 @@ class SupervisedObjective(base.Objective):
 
   def export(self, params):
     """Plain classifier params (LoRA merged in float32; no adapter tree) for a standalone checkpoint."""
-    if self.lora_spec is None:
+    return self.standalone_params(self.config, params)
+
+  @classmethod
+  def standalone_params(cls, config, params):
+    """``{backbone, head}`` with LoRA adapters (``params/lora``) merged into the backbone."""
+    spec = _lora_spec(config.objective)
+    if spec is None:
       return {"backbone": params["backbone"], "head": params["head"]}
-    return {"backbone": lora.merge(params["backbone"], params["lora"], self.lora_spec),
-            "head": params["head"]}
+    return {"backbone": lora.merge(params["backbone"], params["lora"], spec), "head": params["head"]}
 
   def _ce(self, logits, labels, smoothing: float = 0.0):
     targets = optax.smooth_labels(jax.nn.one_hot(labels, self.num_classes), smoothing) if smoothing \

@@ -9,6 +9,12 @@ tower and the FLAVA image encoder ``params/image``.
 This lives in the train layer (it reads checkpoints); objectives get :func:`pretrained_encoder`
 handed in as their ``encoder_loader`` (``train.assemble.build_objective``) for ``init_from`` and LiT.
 
+``init_from`` (and LiT's tower) may also be a local public model (HF ``config.json`` with a supported
+``model_type``, open_clip, timm; ``interop.hf_family``): :func:`adopt_architecture` takes its model
+fields, :func:`pretrained_encoder` its image encoder, and for pretraining runs
+:func:`init_from_values` gives ``state.named_init`` the whole initial model (the objective's own
+family) or the image encoder for every ``image_encoders`` path (DINO: student and teacher).
+
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
 position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
 the model), scanned/unrolled block stacks are converted, new parameter-efficient parameters
@@ -18,6 +24,7 @@ the model), scanned/unrolled block stacks are converted, new parameter-efficient
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from medfm_jax import objectives
+from medfm_jax import interop, objectives
 from medfm_jax.errors import ConfigError
 from medfm_jax.models import layers, vit
 from medfm_jax.peft.lora import path_str
@@ -74,11 +81,61 @@ def encoder_path(objective: str, weights: str, init_from: str) -> tuple[str, ...
   return tuple(towers[name])
 
 
+def hf_family(init_from: str) -> str | None:
+  """The ``interop`` family of an HF model directory / weights file; None for our checkpoints."""
+  try:
+    return interop.hf_family(init_from)
+  except ValueError as e:
+    raise CheckpointError(f"init_from={init_from!r}: {e}") from None
+
+
+def _takes_whole_model(objective_name: str, family: str) -> bool:
+  """True when an HF model of ``family`` is the whole model of the objective (MAE from
+  ViTMAEForPreTraining, CLIP from CLIPModel, ...); else only its image encoder is used."""
+  export = objectives.resolve(objective_name).hf_export
+  same = interop.SAME_MODEL.get(family, family)
+  return bool(export) and export[0] == same and interop.IMAGE_ENCODERS[family] != ()
+
+
+def _set_field(config, key: str, value) -> None:
+  node, *parents = config, *key.split(".")[:-1]
+  for p in parents:
+    if p not in node:
+      return
+    node = node[p]
+  leaf = key.rsplit(".", 1)[-1]
+  if leaf in node:
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def _adopt_hf(config, source: str, family: str, encoder_only: bool = False) -> None:
+  """The HF model's fields (its family's ``config_overrides``) into ``config``: all ``model.*``
+  (and the objective's loss) when it is the run's whole model, else the encoder's ``ARCH_FIELDS``;
+  ``data.channels`` always. ``data.image_size`` stays the run's (positions are resampled)."""
+  try:
+    fields = interop.FAMILIES[family].config_overrides(source)
+  except ValueError as e:
+    raise CheckpointError(f"init_from={source!r}: {e}") from None
+  whole = not encoder_only and _takes_whole_model(config.objective.name, family)
+  for key, value in fields.items():
+    encoder_field = key.startswith("model.") and key[len("model."):] in ARCH_FIELDS
+    if key == "data.channels" or encoder_field or (whole and key.startswith(("model.", "objective."))):
+      _set_field(config, key, value)
+
+
 def adopt_architecture(config) -> dict:
   """Copies the encoder architecture (``ARCH_FIELDS``) of ``config.init_from``'s checkpoint into
-  ``config.model`` (fields the eval config has); returns the checkpoint's config. No-op without
-  ``init_from``."""
+  ``config.model`` (fields the config has); returns the checkpoint's config. An HF model directory
+  or file (also as ``objective.lit_init_from``) gives its fields instead (:func:`_adopt_hf`) and
+  returns {}. No-op without either."""
+  lit = (config.get("objective") or {}).get("lit_init_from")
+  if lit and (lit_family := hf_family(lit)) is not None:    # LiT tower from an HF model
+    _adopt_hf(config, lit, lit_family, encoder_only=True)
   if not config.get("init_from"):
+    return {}
+  family = hf_family(config.init_from)
+  if family is not None:
+    _adopt_hf(config, config.init_from, family)
     return {}
   _, saved = checkpoint_objective(config.init_from)
   for k in ARCH_FIELDS:
@@ -120,7 +177,7 @@ def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
   if _is_stacked(want) != _is_stacked(_flat(restored)):
     restored = vit.stack_layers(restored) if _is_stacked(want) else vit.unstack_layers(restored)
   have = {k: np.asarray(v) for k, v in _flat(restored).items()
-          if k.rsplit("/", 1)[-1] not in PRETRAIN_ONLY}
+          if k in want or k.rsplit("/", 1)[-1] not in PRETRAIN_ONLY}
   is_new = lambda k: any(part in NEW_PEFT_KEYS for part in k.split("/"))
   out = {}
   for k, leaf in want.items():
@@ -149,5 +206,72 @@ def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default
   images = jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
                                 jnp.float32)
   abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
-  restored, _ = load_encoder(init_from, weights)
+  family = hf_family(init_from)
+  if family is not None:
+    restored = _subtree(_load_hf(init_from, family, data_cfg.image_size), interop.IMAGE_ENCODERS[family])
+  else:
+    restored, _ = load_encoder(init_from, weights)
   return fit_encoder(abstract, restored, init_from)
+
+
+def _subtree(tree, keys: tuple[str, ...]):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def _load_hf(source: str, family: str, image_size: int) -> dict:
+  """The params of an HF model (unrolled, numpy); DINOv2's positions resampled to ``image_size``
+  with HF's own rule (other families' by :func:`fit_encoder`)."""
+  kwargs = {"image_size": image_size} if family == "dinov2" else {}
+  try:
+    _, params, _ = interop.FAMILIES[family].load(source, **kwargs)
+  except ValueError as e:
+    raise CheckpointError(f"init_from={source!r}: {e}") from None
+  logging.info("loaded the HF %s model %s", family, source)
+  return params
+
+
+def _init_sources(objective, init_from: str) -> dict[tuple[str, ...], Any]:
+  """Train-state path -> the restored subtree that initialises it, for a pretraining run's
+  ``init_from``: the whole model when the source is the run's own kind (an HF model of the
+  objective's ``hf_export`` family, or our checkpoint of the same objective: its ``params`` and the
+  image encoders kept in ``extra``, e.g. the DINO teacher), else the source's image encoder into
+  every image encoder of the run (DINO: student and teacher; heads keep their fresh init)."""
+  name, data = objective.config.objective.name, objective.config.data
+  cls = objectives.resolve(name)
+  family = hf_family(init_from)
+  if family is not None:
+    tree = _load_hf(init_from, family, data.image_size)
+    if _takes_whole_model(name, family):
+      return {cls.hf_export[1]: tree}
+    encoder = _subtree(tree, interop.IMAGE_ENCODERS[family])
+  elif objective_class(checkpoint_objective(init_from)[0], init_from) is cls:
+    extra = {p: ckpt_lib.restore_subtree(init_from, p) for p in cls.image_encoders.values() if p[0] == "extra"}
+    return {("params",): ckpt_lib.restore_subtree(init_from, ("params",))} | extra
+  else:
+    encoder, _ = load_encoder(init_from)
+  if not cls.image_encoders:
+    raise CheckpointError(f"init_from={init_from!r}: objective {cls.__name__} declares no image encoder to initialise")
+  return {path: encoder for path in cls.image_encoders.values()}
+
+
+_INIT_VALUES = weakref.WeakKeyDictionary()   # objective -> {state path: array} (read once per run)
+
+
+def init_from_values(objective, params, extra) -> dict[str, np.ndarray]:
+  """``{'params/...' or 'extra/...': array}`` from ``config.init_from`` fitted to the fresh state
+  (shapes of ``params`` / ``extra``, possibly abstract); {} without ``init_from`` or for
+  objectives that read it themselves (``Objective.trainer_init_from`` False)."""
+  init_from = objective.config.get("init_from")
+  if not init_from or not objective.trainer_init_from:
+    return {}
+  if objective not in _INIT_VALUES:
+    state = nn.unbox({"params": params, "extra": extra})
+    values = {}
+    for path, restored in _init_sources(objective, init_from).items():
+      with jax.ensure_compile_time_eval():   # called while init is traced: resample eagerly
+        fitted = fit_encoder(_subtree(state, path), restored, init_from)
+      values |= {"/".join((*path, k)): v for k, v in fitted.items()}
+    _INIT_VALUES[objective] = values
+  return _INIT_VALUES[objective]

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medfm_jax.objectives import base as objectives_base
 from medfm_jax.objectives.base import Objective
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import optim
+from medfm_jax.train import optim, restore
 
 
 @flax.struct.dataclass
@@ -36,6 +37,9 @@ def named_init(objective: Objective, tx, seed: int, batch) -> TrainState:
   carry none."""
   init_rng, train_rng = init_keys(seed)
   params, extra = objective.init(init_rng, batch)
+  if values := restore.init_from_values(objective, params, extra):   # config.init_from
+    state = objectives_base.overwrite_params({"params": params, "extra": extra}, values)
+    params, extra = state["params"], state["extra"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     extra=extra, rng=train_rng, nonfinite_step=jnp.full((), -1, jnp.int32))
 

@@ -81,7 +81,7 @@ def _apply(model, params, images, patch_mask=None):
 def test_forward_parity(case):
   """last_hidden_state and pooler_output (each case with its own encoder layout, unrolled or scanned)."""
   scan = CASES[case["name"]]["scan"]
-  model, params = hf_dinov2.load_hf_dinov2(case["model"], scan=scan)
+  model, params, _ = hf_dinov2.load(case["model"], scan=scan)
   assert "layers" in params["encoder"] if scan else "layer_1" in params["encoder"]
   assert model.num_registers == CASES[case["name"]].get("num_register_tokens", 0)
   # One forward: the images unmasked, then with HF's bool_masked_pos as our patch_mask (both put the
@@ -100,7 +100,7 @@ def test_forward_parity(case):
 def test_other_resolution(case):
   """Position grid resampled at import with HF's rule: parity with HF run at ``other_size``."""
   s = CASES[case["name"]]["other_size"]
-  model, params = hf_dinov2.load_hf_dinov2(case["model"], image_size=s)
+  model, params, _ = hf_dinov2.load(case["model"], image_size=s)
   assert model.image_size == s
   assert _max_diff(_apply(model, params, _nhwc(case["pixels_other"])), case["hidden_other"]) <= ATOL
 
@@ -186,7 +186,7 @@ def test_hub_directory_and_legacy_names(tmp_path):
     np.testing.assert_array_equal(loaded[k].numpy(), v, err_msg=k)
   ref = hf_dinov2.convert_dinov2(model)
   classifier = {"classifier.weight": np.zeros((3, 96), np.float32)}  # task head: dropped
-  for params in (hf_dinov2.load_hf_dinov2(str(tmp_path / "current"))[1], hf_dinov2.convert_dinov2(legacy_dir),
+  for params in (hf_dinov2.load(str(tmp_path / "current"))[1], hf_dinov2.convert_dinov2(legacy_dir),
                  hf_dinov2.convert_dinov2(legacy | classifier, model.config)):
     jax.tree.map(np.testing.assert_array_equal, params, ref)
 
@@ -228,7 +228,8 @@ def test_config_overrides_build_the_same_encoder():
   c = dino.get_config("tiny")
   for key, value in hf_dinov2.config_overrides(config).items():
     section, field = key.split(".")
-    c[section][field] = value
+    if field in c[section]:
+      c[section][field] = value
   ours = vit.vit_from_config(c)
   ref = hf_dinov2.build_vit(config, attention_impl=ours.attention_impl)
   for field in ("size", "image_size", "pos_embed", "layer_norm_eps", "layer_scale_init", "num_registers",
@@ -236,3 +237,51 @@ def test_config_overrides_build_the_same_encoder():
     assert getattr(ours, field) == getattr(ref, field), field
   with pytest.raises(ValueError, match="qkv_bias=False"):
     hf_dinov2.config_overrides({**config.to_dict(), "qkv_bias": False})
+
+
+def _from_pretrained(path):
+  cls = transformers.AutoModel
+  model, info = cls.from_pretrained(path, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  return model.eval()
+
+
+def test_load_export_from_pretrained_round_trip(case, tmp_path):
+  """load(HF directory) -> export -> AutoModel.from_pretrained (Dinov2Model or
+  Dinov2WithRegistersModel): the reloaded model gives our tokens with and without a patch mask."""
+  case["model"].save_pretrained(tmp_path / "src")
+  model, params, overrides = hf_dinov2.load(tmp_path / "src", scan=CASES[case["name"]]["scan"])
+  assert overrides is None if "swiglu" in case["name"] else overrides["model.num_registers"] == 4  # qkv_bias=False
+  hf_dinov2.export(params, tmp_path / "src", tmp_path / "out")
+  back = _from_pretrained(tmp_path / "out")
+  assert type(back) is type(case["model"])
+  with torch.no_grad():
+    ref, ref_masked = back(case["pixels"]), back(case["pixels"], bool_masked_pos=case["masked"])
+  ours = _apply(model, params, _nhwc(case["pixels"]))
+  ours_masked = _apply(model, params, _nhwc(case["pixels"]), jnp.asarray(case["masked"].numpy()))
+  assert _max_diff(ours, ref.last_hidden_state) <= ATOL
+  assert _max_diff(ours_masked, ref_masked.last_hidden_state) <= ATOL
+
+
+def test_export_from_run_config(tmp_path):
+  """A DINO run's encoder with fixed sin-cos positions and no LayerScale (both beyond HF's defaults)
+  exports as the HF model that computes the same tokens; the conv stem and a pooled cls slot are
+  refused in one line."""
+  from configs import dino  # pylint: disable=import-outside-toplevel
+  from medfm_jax.models import vit  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  c = dino.get_config("tiny")
+  c.model.update(pos_embed="sincos2d", layer_scale_init=0.0, depth=2)
+  c.data.image_size, c.data.channels = 16, 1
+  model = vit.vit_from_config(c)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  params = helpers.random_params(jax.eval_shape(model.init, jax.random.key(2), images)["params"])
+  hf_dinov2.export(params, c, tmp_path)
+  back = _from_pretrained(tmp_path)
+  with torch.no_grad():
+    ref = back(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())).last_hidden_state
+  assert _max_diff(_apply(model, params, images), ref) <= ATOL
+  c.model.update(patch_embed="conv", cls_pool="max")
+  with pytest.raises(ValueError, match=r"^cannot export to HF Dinov2: model.patch_embed='conv' \(allowed 'patch'\); "
+                                       r"model.cls_pool='max' \(allowed 'token'\)$"):
+    hf_dinov2.export(params, c, tmp_path)

@@ -204,3 +204,24 @@ def test_bench_torch_smoke():
                                             decoder_depth=1, decoder_heads=2, steps=2, warmup=1, threads=1)
   assert set(r) == {"step_time_median_s", "images_per_s", "first_step_s"}
   assert r["step_time_median_s"] > 0 and r["images_per_s"] > 0
+
+
+def test_load_export_from_pretrained_round_trip(case, tmp_path):
+  """load(HF directory, scanned) -> export -> ViTMAEForPreTraining.from_pretrained: no key missing
+  or unexpected, and the reloaded torch model gives our predictions and loss (<= 1e-5) on the same
+  noise; config_overrides name the sizes."""
+  case["model"].save_pretrained(tmp_path / "src")
+  model, params, overrides = hf_vitmae.load(tmp_path / "src", scan=True)
+  assert overrides["model.decoder_width"] == case["config"].decoder_hidden_size
+  assert overrides["data.channels"] == case["config"].num_channels
+  hf_vitmae.export(params, tmp_path / "src", tmp_path / "out")
+  back, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert back.config.norm_pix_loss and back.config.layer_norm_eps == case["config"].layer_norm_eps
+  with torch.no_grad():
+    ref = back.eval()(case["pixels"], noise=case["noise"])
+  images = jnp.asarray(case["pixels"].numpy().transpose(0, 2, 3, 1))
+  out = model.apply({"params": params}, images, jnp.asarray(case["noise"].numpy()), 0.75)
+  loss = mae.mae_loss(images, out["pred"], out["mask"], case["config"].patch_size, norm_pix_loss=True)
+  assert _max_diff(out["pred"], ref.logits.numpy()) <= ATOL
+  assert abs(float(loss) - ref.loss.item()) <= ATOL

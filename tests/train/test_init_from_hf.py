@@ -1,0 +1,186 @@
+"""``init_from`` / ``objective.lit_init_from`` = a public Hugging Face model (tiny, random): the run
+adopts the model's fields, and its initial train state holds the imported weights (the position
+grid resampled to the run's image size) where the recipe puts them; heads stay fresh."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from medfm_jax import interop, objectives
+from medfm_jax.interop import hf_clip, hf_dinov2, hf_vitmae
+from medfm_jax.models import layers
+from medfm_jax.train import assemble, checkpoint, restore
+from tests import helpers
+
+_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _save(model, path, fixed=()):
+  """Every parameter but the ``fixed`` ones perturbed (HF inits some to 0/1), then save_pretrained."""
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name not in fixed:
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+  model.save_pretrained(path)
+  return str(path)
+
+
+def _initial_state(config):
+  restore.adopt_architecture(config)
+  run = assemble.assemble(config, helpers.single_device_mesh(config))
+  return jax.tree.map(np.asarray, run.init_state())
+
+
+def _assert_tree_equal(ours, ref, atol=0.0):
+  flat_ref = {restore.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(ref)}
+  flat = {restore.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(ours)}
+  assert flat.keys() == flat_ref.keys()
+  for k, x in flat.items():
+    np.testing.assert_allclose(x, flat_ref[k], rtol=0, atol=atol, err_msg=k)
+
+
+def test_mae_continued_pretraining_from_vitmae(tmp_path):
+  """RETFound: encoder and decoder (mask token included) from ViTMAEForPreTraining; the run's
+  sizes come from the HF config."""
+  hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+      **_TOWER, image_size=16, patch_size=4, num_channels=1, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+      decoder_num_attention_heads=4, decoder_intermediate_size=128))
+  with torch.no_grad():   # HF's fixed sin-cos positions (transformers 5 random init leaves zeros)
+    hf.vit.embeddings.position_embeddings.copy_(torch.from_numpy(layers.sincos_2d(32, 4, 4, cls_token=True)[None]))
+    hf.decoder.decoder_pos_embed.copy_(torch.from_numpy(layers.sincos_2d(32, 4, 4, cls_token=True)[None]))
+  source = _save(hf, tmp_path / "mae", fixed=(hf_vitmae.ENCODER_POS_EMBED, hf_vitmae.DECODER_POS_EMBED))
+  config = helpers.tiny_mae_config(init_from=source)
+  state = _initial_state(config)
+  assert (config.model.width, config.model.depth, config.model.decoder_width) == (32, 2, 32)
+  _assert_tree_equal(state.params, hf_vitmae.load(source)[1])
+
+
+def test_dinov2_teacher_and_student_from_dinov2_model(tmp_path):
+  """DINOv2 continued pretraining: student and teacher backbones from Dinov2Model, positions
+  resampled from HF's 6x6 grid to the run's 4x4 with HF's rule; the DINO head stays fresh."""
+  hf = transformers.Dinov2Model(transformers.Dinov2Config(**_TOWER, image_size=24, patch_size=4, num_channels=3))
+  source = _save(hf, tmp_path / "dinov2")
+  config = helpers.tiny_dino_config(init_from=source)
+  config.data.channels = 1                       # taken from the source
+  state = _initial_state(config)
+  assert config.data.channels == 3 and config.model.variant.endswith("/4") and config.data.image_size == 16
+  ref = hf_dinov2.load(source, image_size=16)[1]
+  ref.pop("mask_token")                           # the tiny DINO run has no iBOT mask token
+  _assert_tree_equal(state.params["backbone"], ref)
+  _assert_tree_equal(state.extra["teacher"]["backbone"], ref)
+  fresh = _initial_state(helpers.tiny_dino_config(**{"model.width": 32, "model.depth": 2, "model.num_heads": 2,
+                                                     "model.mlp_dim": 64, "data.channels": 3}))
+  _assert_tree_equal(state.params["head"], fresh.params["head"])
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_and_siglip_fine_tuning_from_hf(kind, tmp_path):
+  """BiomedCLIP-style: every CLIPModel / SiglipModel weight into the run (the loss, the towers'
+  sizes, pooling and heads adopted); the run tokenizer's end-of-text id is the HF one."""
+  vision = dict(_TOWER, image_size=16, patch_size=4, num_channels=1)
+  text = dict(_TOWER, vocab_size=300, max_position_embeddings=80, eos_token_id=258)
+  if kind == "clip":
+    hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=24))
+  else:
+    hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=dict(text, projection_size=32)))
+  source = _save(hf, tmp_path / kind)
+  config = helpers.tiny_clip_config(init_from=source)
+  state = _initial_state(config)
+  assert config.objective.loss == kind and config.model.patch_embed == "patch"
+  _assert_tree_equal(state.params, hf_clip.load(source)[1])
+
+
+def test_lit_with_an_hf_dinov2_tower(tmp_path):
+  """LiT: the locked image tower from Dinov2Model (its fields adopted into model.*)."""
+  hf = transformers.Dinov2Model(transformers.Dinov2Config(**_TOWER, image_size=16, patch_size=4, num_channels=1))
+  source = _save(hf, tmp_path / "dinov2")
+  config = helpers.tiny_clip_config(**{"objective.lit_init_from": source})
+  state = _initial_state(config)
+  ref = hf_dinov2.load(source)[1]
+  ref.pop("mask_token")
+  _assert_tree_equal(state.params["image"], ref)
+
+
+def test_finetune_from_hf_encoder(tmp_path):
+  """Evaluation / fine-tuning: the CLIP vision tower of an HF CLIPModel as the backbone, with its
+  positions resampled to the run's 8x8 grid (fit_encoder)."""
+  hf = transformers.CLIPModel(transformers.CLIPConfig(
+      vision_config=dict(_TOWER, image_size=16, patch_size=4, num_channels=1),
+      text_config=dict(_TOWER, vocab_size=50, max_position_embeddings=8), projection_dim=24))
+  source = _save(hf, tmp_path / "clip")
+  config = helpers.tiny_eval_config("finetune", init_from=source, **{"data.image_size": 32})
+  restore.adopt_architecture(config)
+  assert config.model.ln_pre and config.model.width == 32
+  objective = objectives.build(config, encoder_loader=restore.pretrained_encoder)
+  image = hf_clip.load(source)[1]["image"]
+  fitted = objective._pretrained   # pylint: disable=protected-access
+  assert fitted["pos_embed"].shape == (1, 64, 32)
+  np.testing.assert_array_equal(fitted["encoder/layer_1/mlp/fc2/kernel"], image["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"])
+
+
+def test_mismatch_is_one_line(tmp_path):
+  """A source the run cannot take: one line naming the problem."""
+  hf = transformers.Dinov2Model(transformers.Dinov2Config(**_TOWER, image_size=16, patch_size=4, qkv_bias=False))
+  source = _save(hf, tmp_path / "dinov2")
+  config = helpers.tiny_dino_config(init_from=source)
+  with pytest.raises(checkpoint.CheckpointError, match=r"^init_from=.*qkv_bias=False[^\n]*$"):
+    restore.adopt_architecture(config)
+  (tmp_path / "odd").mkdir()
+  (tmp_path / "odd" / "config.json").write_text('{"model_type": "bert"}')
+  with pytest.raises(checkpoint.CheckpointError, match=r"^init_from=.*model_type='bert'; supported .*$"):
+    restore.adopt_architecture(helpers.tiny_mae_config(init_from=str(tmp_path / "odd")))
+  assert interop.hf_family(str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_main_cli_starts_a_run_from_hf(tmp_path):
+  """``python -m medfm_jax.main --config.init_from=HF_DIR``: the run adopts the HF model's fields
+  (saved in its checkpoint config) and trains."""
+  hf = transformers.Dinov2Model(transformers.Dinov2Config(**_TOWER, image_size=24, patch_size=4, num_channels=1))
+  source = _save(hf, tmp_path / "dinov2")
+  workdir = tmp_path / "run"
+  result = helpers.run_cli([
+      "--config=configs/mae.py:tiny", f"--workdir={workdir}", f"--config.init_from={source}",
+      "--config.data.image_size=16", "--config.batch_size=8", "--config.total_steps=2",
+      "--config.warmup_steps=1", "--config.log_every=1", "--config.checkpoint_every=2",
+      "--config.eval_every=1000", "--config.data.eval_examples=16", "--config.data.eval_batch_size=8",
+      "--config.model.decoder_width=32", "--config.model.decoder_depth=1", "--config.model.decoder_heads=4"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = checkpoint.read_meta(str(workdir))["config"]
+  assert (saved["model"]["width"], saved["model"]["depth"], saved["model"]["pos_embed"]) == (32, 2, "learned")
+  assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(workdir)) if "loss" in m][-1])
+
+
+def test_open_clip_and_timm_sources(tmp_path):
+  """An open_clip directory starts a CLIP run (the whole model); a timm ViT directory gives a DINO
+  run's student and teacher (its fields adopted, the positions resampled to the run's grid)."""
+  import open_clip  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  import timm  # pylint: disable=import-outside-toplevel
+  from medfm_jax.interop import openclip, timm_vit  # pylint: disable=import-outside-toplevel
+  model_cfg = dict(embed_dim=24, vision_cfg=dict(layers=2, width=32, head_width=16, mlp_ratio=2.0, patch_size=4,
+                                                 image_size=16),
+                   text_cfg=dict(context_length=80, vocab_size=300, width=32, heads=2, layers=1))
+  oc = open_clip.model.CLIP(embed_dim=24, vision_cfg=open_clip.model.CLIPVisionCfg(**model_cfg["vision_cfg"]),
+                            text_cfg=open_clip.model.CLIPTextCfg(**model_cfg["text_cfg"]))
+  (tmp_path / "oc").mkdir()
+  torch.save(oc.state_dict(), tmp_path / "oc" / "open_clip_pytorch_model.bin")
+  (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+  config = helpers.tiny_clip_config(init_from=str(tmp_path / "oc"), **{"data.channels": 3})
+  state = _initial_state(config)
+  assert config.model.text.pooling == "argmax" and config.model.activation == "gelu"
+  _assert_tree_equal(state.params, openclip.load(tmp_path / "oc")[1])
+  vit_model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=24, patch_size=4,
+                                embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, in_chans=1)
+  source = tmp_path / "timm"
+  timm_vit.export(timm_vit.load(vit_model)[1], vit_model, source)
+  config = helpers.tiny_dino_config(init_from=str(source))
+  state = _initial_state(config)
+  ref = restore.fit_encoder(nn.unbox(state.params["backbone"]), timm_vit.load(source)[1], "timm")
+  assert ref["pos_embed"].shape == (1, 16, 32)
+  _assert_tree_equal(state.extra["teacher"]["backbone"], traverse_util.unflatten_dict(ref, sep="/"), atol=1e-7)
