@@ -39,6 +39,6 @@ setup(
         # brings torchvision, which must be the build matching torch).
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "timm>=1.0.20,<2",
                    "open_clip_torch>=3.0,<4"],
-        "gpu": ["jax[cuda12]>=0.7,<0.11"],
+        "gpu": ["jax[cuda12]>=0.7,<0.11", "torch>=2.4", "transformers>=4.50,<6"],   # torch: the GPU suite's PyTorch side
     },
 )
