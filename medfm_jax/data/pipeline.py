@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags, logging
 
 from medfm_jax.data import masking, mixing, phantoms, phantoms3d, sources, text_masking, transforms
-from medfm_jax.data import volumes
+from medfm_jax.data import volume_sources, volumes
 from medfm_jax.data import spec as spec_lib
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
 from medfm_jax.data.spec import SKIPPED_KEY, SOURCES, DataSpec  # noqa: F401  (re-exported)
@@ -60,6 +60,8 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   if spec.volume is not None and spec.source == "phantoms":
     return phantoms3d.VolumePhantomSource(split, spec.volume.source_size, seed=0,
                                           num_examples=num_examples)
+  if spec.volume is not None:
+    return volume_sources.make_volume_source(spec, split, num_examples, skip_log)
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
                                   seed=0, num_examples=num_examples)
