@@ -317,6 +317,47 @@ class VolumeFileSource(sources.RobustSource):
     return f"VolumeFileSource({self.name}, {len(self)} volumes, on_error={self.on_error!r})"
 
 
+class TfdsVolumeSource(sources.RobustSource):
+  """A volume dataset written by ``python -m medfm_jax.data.build --volume`` (array_record, read
+  through ``tfds.data_source`` without TensorFlow); volumes are stored already canonical and
+  resampled."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None, on_error: str = "raise",
+               skip_log: str | None = None):
+    import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
+    try:
+      ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"data.name={name!r} split={split!r} data_dir={data_dir!r}: cannot open the "
+                       f"TFDS dataset ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    features = ds.dataset_info.features
+    if "label_map" not in features or "spacing" not in features:
+      raise ValueError(f"data.name={name!r}: not a volume dataset (build it with "
+                       "python -m medfm_jax.data.build --volume)")
+    super().__init__(len(ds), on_error, skip_log)
+    self._ds, self.name = ds, f"{name}/{split}"
+    self.class_names = tuple(features["label"].names)
+    self.modality_names = tuple(features["modality"].names)
+
+  def _load(self, index: int) -> dict:
+    where = f"{self.name}[{index}]"
+    try:
+      raw = self._ds[index]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(where, f"cannot read record ({type(e).__name__}: {e})") from None
+    out = {"image": np.asarray(raw["image"], np.float32), "spacing": np.asarray(raw["spacing"], np.float32),
+           "label": np.int32(raw["label"]), "finding": np.int32(raw["label"]),
+           "modality": np.int32(raw["modality"]), "caption": sources._text(raw["caption"]),  # pylint: disable=protected-access
+           "patient_id": sources._text(raw["patient_id"]), "path": sources._text(raw["path"]) or where,  # pylint: disable=protected-access
+           "index": np.int64(index)}
+    if np.size(raw["label_map"]):
+      out["label_map"] = np.asarray(raw["label_map"], np.uint8)
+    return out
+
+  def __repr__(self) -> str:
+    return f"TfdsVolumeSource({self.name}, {len(self)} volumes, on_error={self.on_error!r})"
+
+
 @functools.lru_cache(maxsize=8)
 def _listing(kind: str, path: str, on_error: str) -> tuple[tuple[VolumeEntry, ...], tuple[str, ...]]:
   if kind == "folder":
@@ -329,9 +370,15 @@ def _listing(kind: str, path: str, on_error: str) -> tuple[tuple[VolumeEntry, ..
 
 def make_volume_source(spec, split: str, num_examples: int | None = None,
                        skip_log: str | None = None) -> VolumeFileSource:
-  """``spec.source`` folder | manifest with ``spec.volume`` set -> the volume source of ``split``."""
+  """``spec.source`` folder | manifest | tfds with ``spec.volume`` set -> the volume source of
+  ``split``."""
+  if spec.source == "tfds":
+    source = TfdsVolumeSource(spec.name, split, spec.data_dir, spec.on_error, skip_log)
+    if num_examples is not None:
+      source.num_examples = min(int(num_examples), len(source))
+    return source
   if spec.source not in ("folder", "manifest"):
-    raise ConfigError(f"data.source={spec.source!r} with data.volume: allowed phantoms, folder, manifest")
+    raise ConfigError(f"data.source={spec.source!r} with data.volume: allowed phantoms, folder, manifest, tfds")
   entries, classes = _listing(spec.source, spec.path, spec.on_error)
   modalities = sources.class_names_of([e.modality for e in entries if e.modality])
   entries = sources.select_split(entries, split, sources.parse_splits(spec.splits), spec.split_seed,

@@ -162,3 +162,36 @@ def test_folder_layout_nifti_and_dicom_series(tmp_path):
   for i in range(3):
     np.testing.assert_array_equal(src[i]["image"][..., 0], VOL)
     assert int(src[i]["label"]) == (0 if i == 0 else 1)
+
+
+@pytest.mark.slow
+def test_build_volume_mode_writes_array_record_the_tfds_source_reads(tmp_path):
+  """``python -m medfm_jax.data.build --volume`` on a manifest (a NIfTI with a label map, a DICOM
+  series, a bad file skipped) -> array_record read back by data.source='tfds' + data.volume."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  _write_nibabel(tmp_path / "a.nii.gz", _nifti_array())
+  _write_nibabel(tmp_path / "a_seg.nii.gz", LAB.astype(np.uint8).transpose(2, 1, 0)[::-1, ::-1, :])
+  _write_series(tmp_path / "s", VOL)
+  (tmp_path / "bad.nii").write_bytes(b"junk")
+  manifest = _manifest(tmp_path, [
+      {"path": "a.nii.gz", "label_map": "a_seg.nii.gz", "label": "x", "modality": "CT", "split": "train"},
+      {"path": "s", "label": "y", "split": "train"},
+      {"path": "bad.nii", "label": "y", "split": "train"}])
+  env = dict(os.environ, PYTHONPATH=helpers.REPO)
+  run = subprocess.run([sys.executable, "-m", "medfm_jax.data.build", "--volume", "--source=manifest",
+                        f"--path={manifest}", f"--out={tmp_path / 'tfds'}", "--name=vol", "--on_error=skip"],
+                       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert '"skipped": 1' in run.stdout and '"train": 2' in run.stdout
+  c = common.base_config().data
+  c.source, c.name, c.data_dir, c.channels, c.image_size = "tfds", "vol:1.0.0", str(tmp_path / "tfds"), 1, 8
+  c.volume = {"size": 8, "labels": False}
+  src = pipeline.make_source(c, "train")
+  records = [src[0], src[1]]
+  assert [r["path"].endswith(p) for r, p in zip(records, ("a.nii.gz", "s"))] == [True, True]
+  for r in records:
+    np.testing.assert_array_equal(r["image"][..., 0], VOL)
+    np.testing.assert_allclose(r["spacing"], SPACING, rtol=1e-5)
+  np.testing.assert_array_equal(records[0]["label_map"], LAB)
+  assert "label_map" not in records[1] and src.class_names == ("x", "y")
+  assert next(pipeline.make_train_iterator(c, 2, seed=0))["image"].shape == (2, 8, 8, 8, 1)
