@@ -132,8 +132,10 @@ class Encoder(nn.Module):
   causal: bool = False                # causal self-attention (text towers)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True, mask=None):
-    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend)."""
+  def __call__(self, x, deterministic: bool = True, mask=None, collect: tuple[int, ...] = ()):
+    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend).
+    ``collect``: block indices whose outputs are also returned, ``(x, [outputs])`` (UNETR skips;
+    a scanned stack then keeps every block's output as the scan's per-step result)."""
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
@@ -146,20 +148,24 @@ class Encoder(nn.Module):
         raise ValueError(f"model.remat={self.remat!r}: allowed {REMATS}")
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[self.remat], static_argnums=(3,))
     if not self.scan:
+      hidden = []
       for i in range(self.depth):
         x = block_cls(**block_kwargs, name=f"layer_{i}")(x, float(rates[i]), deterministic, mask)
-      return x
+        hidden.append(x)
+      return (x, [hidden[i] for i in collect]) if collect else x
+    keep = bool(collect)
 
     class ScanBody(nn.Module):
       @nn.compact
       def __call__(self, carry, rate, deterministic, mask):
-        return block_cls(**block_kwargs, name="block")(carry, rate, deterministic, mask), None
+        y = block_cls(**block_kwargs, name="block")(carry, rate, deterministic, mask)
+        return y, (y if keep else None)
 
     scanned = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic, mask)
-    return x
+    x, hidden = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic, mask)
+    return (x, [hidden[i] for i in collect]) if collect else x
 
 
 def stack_layers(params: dict, prefix: str = "layer_") -> dict:
@@ -327,9 +333,10 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, keep_ids=None, deterministic: bool = True, patch_mask=None,
-               return_pre_norm: bool = False):
+               return_pre_norm: bool = False, return_hidden: tuple[int, ...] = ()):
     """``return_pre_norm``: also return the last block's output before the final LN (FLAVA feeds
-    those states to its fusion encoder): ``(tokens, pre_norm_tokens)``."""
+    those states to its fusion encoder): ``(tokens, pre_norm_tokens)``. ``return_hidden``: block
+    indices whose outputs (before any norm) are returned too: ``(tokens, [hidden])`` (UNETR)."""
     size = self.size
     b, *spatial, _ = images.shape
     if len(spatial) not in (2, 3):
@@ -360,11 +367,15 @@ class VisionTransformer(nn.Module):
     x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
                 self.scan, self.attention_impl, self.qkv_bias, self.adapter_dim, self.adapter_where,
-                name="encoder")(x, deterministic)
+                name="encoder")(x, deterministic, collect=tuple(return_hidden))
+    if return_hidden:
+      x, hidden = x
     pre_norm = x
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     x = self._pool_into_cls(x)
+    if return_hidden:
+      return x, hidden
     return (x, pre_norm) if return_pre_norm else x
 
   def _pool_into_cls(self, x):
