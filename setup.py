@@ -41,7 +41,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT, *VOLUME],
         # Test references; SimpleITK writes NIfTI / DICOM series with another library than ours.
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "SimpleITK>=2.3",
-                   "monai>=1.4"],,
+                   "monai>=1.4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },
 )
