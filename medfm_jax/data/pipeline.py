@@ -57,6 +57,8 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   file that skipped bad records are appended to with ``data.on_error='skip'``.
   """
   spec = spec_lib.resolve(data)
+  if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split:
+    num_examples = spec.volume.train_volumes      # few-shot: the first N labelled volumes
   if spec.volume is not None and spec.source == "phantoms":
     return phantoms3d.VolumePhantomSource(split, spec.volume.source_size, seed=0,
                                           num_examples=num_examples)

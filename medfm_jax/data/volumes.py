@@ -46,6 +46,7 @@ class VolumeSpec:
   jitter: tuple[float, float] = (0.1, 0.1)       # intensity x U(1 +- s) + U(+- t), after the z-score
   labels: bool = False                           # batches carry ``label_map`` int32 [D, H, W]
   phantom_size: tuple[int, int, int] = ()        # source 'phantoms': rendered size (() = size)
+  train_volumes: int = 0                         # few-shot: the first N train volumes (0 = all)
 
   @classmethod
   def from_config(cls, raw) -> "VolumeSpec":
@@ -59,7 +60,7 @@ class VolumeSpec:
         percentiles=tuple(float(v) for v in get("percentiles", cls.percentiles)),
         foreground_prob=float(get("foreground_prob", cls.foreground_prob)),
         jitter=tuple(float(v) for v in get("jitter", cls.jitter)),
-        labels=bool(get("labels", cls.labels)),
+        labels=bool(get("labels", cls.labels)), train_volumes=int(get("train_volumes", 0) or 0),
         phantom_size=_triple(get("phantom_size"), "data.volume.phantom_size") if get("phantom_size") else ())
     if spec.intensity not in INTENSITY:
       raise ValueError(f"data.volume.intensity={spec.intensity!r}: allowed {INTENSITY}")
@@ -73,6 +74,8 @@ class VolumeSpec:
       raise ValueError(f"data.volume.percentiles={spec.percentiles}: need 0 <= low < high <= 100")
     if not 0 <= spec.foreground_prob <= 1:
       raise ValueError(f"data.volume.foreground_prob={spec.foreground_prob}: allowed [0, 1]")
+    if spec.train_volumes < 0:
+      raise ValueError(f"data.volume.train_volumes={spec.train_volumes}: must be >= 0 (0 = all)")
     if len(spec.jitter) != 2 or min(spec.jitter) < 0:
       raise ValueError(f"data.volume.jitter={spec.jitter}: expected (scale, shift) >= 0")
     return spec

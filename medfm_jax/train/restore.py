@@ -144,10 +144,11 @@ def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
 
 def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default") -> dict[str, np.ndarray]:
   """The encoder restored from ``init_from`` (:func:`load_encoder`) fitted to ``module``'s params
-  at ``data_cfg``'s image shape (:func:`fit_encoder`): path -> array, for
+  at ``data_cfg``'s image (or ``data.volume``) shape (:func:`fit_encoder`): path -> array, for
   ``objectives.base.overwrite_params``. This is the ``encoder_loader`` objectives are built with."""
-  images = jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
-                                jnp.float32)
+  volume = vit.volume_size_from_config(data_cfg)   # 3D encoders: the data.volume crop
+  spatial = volume or (data_cfg.image_size, data_cfg.image_size)
+  images = jax.ShapeDtypeStruct((1, *spatial, data_cfg.channels), jnp.float32)
   abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
   restored, _ = load_encoder(init_from, weights)
   return fit_encoder(abstract, restored, init_from)
