@@ -36,7 +36,7 @@ from medfm_jax.train.checkpoint import CheckpointError
 # Encoder architecture fields copied from the checkpoint's config (model.*) into the eval config.
 ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
                "layer_scale_init", "num_registers", "activation", "swiglu", "ln_pre", "patch_embed",
-               "cls_pool")
+               "cls_pool", "patch_3d")
 # Parameters that only pretraining uses (iBOT mask token): dropped without complaint.
 PRETRAIN_ONLY = ("mask_token",)
 # Parameters a fine-tuning model adds on top of a pretrained encoder: fresh init is expected.
