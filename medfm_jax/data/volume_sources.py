@@ -29,6 +29,7 @@ optional ``label_map`` (a NIfTI label map on the same grid), ``label``, ``captio
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import gzip
@@ -222,7 +223,6 @@ def read_volume_manifest(path: str, on_error: str = "raise") -> list[VolumeEntry
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
   else:
-    import csv  # pylint: disable=g-import-not-at-top
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
   base, entries = manifest.parent, []
   resolve = lambda p: p if not p or storage.is_url(p) or os.path.isabs(p) else str(base / p)

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 INTENSITY = ("auto", "ct", "mr", "none")
 CT_CLIPS = ("window", "percentile")
@@ -189,7 +190,6 @@ def resample(volume: np.ndarray, spacing: Sequence[float], target: Sequence[floa
   """Resamples ``volume [D, H, W(, C)]`` from ``spacing`` to ``target`` spacing (mm, z y x):
   ``order=1`` trilinear (images), ``order=0`` nearest (label maps). Voxel centres are aligned on
   the volume's first corner (the field of view is kept, the size rounded)."""
-  from scipy import ndimage  # heavy import, only volume sources need it; pylint: disable=g-import-not-at-top
   spacing, target = np.asarray(spacing, np.float64), np.asarray(target, np.float64)
   if np.allclose(spacing, target):
     return volume

@@ -22,7 +22,7 @@ from medfm_jax.evaluate import features, probe, sliding_window
 from medfm_jax.metrics import classification, knn
 from medfm_jax.metrics import segmentation as seg_metrics
 from medfm_jax.models import heads
-from medfm_jax.objectives import clip, supervised
+from medfm_jax.objectives import clip, mae3d, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import assemble, loop, restore
@@ -222,7 +222,6 @@ def _segment3d(config, mesh, workdir):
   through the shared trainer from ``init_from`` (or random init), then segments whole volumes of
   ``data.eval_split`` with sliding windows: Dice and HD95 per structure; writes
   WORKDIR/segment3d.png (orthogonal slices: image | label map | prediction)."""
-  from medfm_jax.objectives import mae3d  # the PNG writer; pylint: disable=g-import-not-at-top
   state = loop.train(config, os.path.join(workdir, "segment3d"), mesh)
   objective, _ = assemble.build_objective(config)
   params = jax.device_get(state.params)

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medfm_jax.data import phantoms, phantoms3d
 from medfm_jax.data.phantoms3d import VolumePhantomSource
@@ -63,7 +64,6 @@ def test_ct_is_in_hounsfield_units_and_mri_is_nonnegative(records):
 
 def test_lesions_are_visible_against_their_surroundings(records):
   """The lesion label marks voxels whose intensity differs from the tissue right around them."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   contrasts = []
   for r in records:
     lesion = r["label_map"] == phantoms3d.LESION

@@ -1,12 +1,15 @@
 """Volume sources on files other writers made: NIfTI by nibabel and by SimpleITK, DICOM series by
 pydicom (shuffled files, sagittal orientation); canonical LPS frame, spacing, labels, bad files."""
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from configs import common
-from medfm_jax.data import phantoms3d, pipeline, volume_sources, volumes
+from medfm_jax.data import export, phantoms3d, pipeline, volume_sources, volumes
 from medfm_jax.data.decode import DataError
 from tests import helpers
 
@@ -65,8 +68,7 @@ def _write_series(folder, volume, *, shuffle_seed=0, sagittal=True, slope=1.0, i
   """A pydicom-written series of ``volume`` (canonical z, y, x). Sagittal: one file per x
   (normal +L), rows running inferior (-z), columns running posterior (+y); files in a shuffled
   order with unrelated names; SliceThickness deliberately wrong."""
-  from pydicom.uid import generate_uid  # pylint: disable=g-import-not-at-top
-  from medfm_jax.data import export  # pylint: disable=g-import-not-at-top
+  from pydicom.uid import generate_uid  # the 'dicom' extra; pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   series, study = generate_uid(), generate_uid()
   sz, sy, sx = SPACING
@@ -94,7 +96,7 @@ def test_dicom_series_sorted_by_position_with_spacing_from_geometry(tmp_path):
 
 def test_dicom_uneven_slices_are_one_line_errors(tmp_path):
   _write_series(tmp_path / "s", VOL)
-  import pydicom  # pylint: disable=g-import-not-at-top
+  import pydicom  # the 'dicom' extra; pylint: disable=g-import-not-at-top
   victim = sorted(os.listdir(tmp_path / "s"))[0]
   ds = pydicom.dcmread(tmp_path / "s" / victim)
   ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 0.3, 0.0, float(ds.ImagePositionPatient[2])]
@@ -106,7 +108,6 @@ def test_dicom_uneven_slices_are_one_line_errors(tmp_path):
 
 
 def _manifest(root, rows, name="m.jsonl"):
-  import json  # pylint: disable=g-import-not-at-top
   path = root / name
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return str(path)
@@ -168,7 +169,6 @@ def test_folder_layout_nifti_and_dicom_series(tmp_path):
 def test_build_volume_mode_writes_array_record_the_tfds_source_reads(tmp_path):
   """``python -m medfm_jax.data.build --volume`` on a manifest (a NIfTI with a label map, a DICOM
   series, a bad file skipped) -> array_record read back by data.source='tfds' + data.volume."""
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   _write_nibabel(tmp_path / "a.nii.gz", _nifti_array())
   _write_nibabel(tmp_path / "a_seg.nii.gz", LAB.astype(np.uint8).transpose(2, 1, 0)[::-1, ::-1, :])
   _write_series(tmp_path / "s", VOL)
