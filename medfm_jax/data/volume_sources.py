@@ -306,7 +306,7 @@ class VolumeFileSource(sources.RobustSource):
       record = load_volume(e, self.spacing)
     except DataError:
       raise
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError) as err:   # e.g. resampling a degenerate grid
       raise DataError(e.path, f"{type(err).__name__}: {err}") from None
     label = self._labels.get(e.label, -1)
     return {**record, "label": np.int32(label), "finding": np.int32(label),
