@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
          "pylibjpeg-rle>=2.0", "pyjpegls>=1.3"]
 
+# 3D volumes: NIfTI (DICOM series use the DICOM extra).
+VOLUME = ["nibabel>=5"]
+
 # Caption tokenizers: HF tokenizer.json files and sentencepiece models (the byte tokenizer needs none).
 TEXT = ["tokenizers>=0.20", "sentencepiece>=0.2"]
 
@@ -34,11 +37,13 @@ setup(
     extras_require={
         "dicom": DICOM,
         "text": TEXT,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT],
-        # open_clip / timm: reference implementations of the interop parity tests (open_clip
-        # brings torchvision, which must be the build matching torch).
+        "volume": VOLUME,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT, *VOLUME],
+        # Test references. open_clip / timm: interop parity (open_clip brings torchvision, which
+        # must be the build matching torch); SimpleITK writes NIfTI / DICOM series with another
+        # library than ours; MONAI: UNETR and sliding-window parity.
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "timm>=1.0.20,<2",
-                   "open_clip_torch>=3.0,<4"],
+                   "open_clip_torch>=3.0,<4", "SimpleITK>=2.3", "monai>=1.4"],
         "gpu": ["jax[cuda12]>=0.7,<0.11", "torch>=2.4", "transformers>=4.50,<6"],   # torch: the GPU suite's PyTorch side
     },
 )

@@ -35,7 +35,7 @@ LAYERS = (("errors", "storage"), ("parallel",), ("data",), ("models",), ("peft",
 ENTRY_POINTS = len(LAYERS)   # the layer of any top-level module not listed above
 # Third-party modules that may be imported inside a function: optional extras (setup.py) or heavy
 # imports only some code paths need.
-LOCAL_IMPORTS_ALLOWED = ("torch", "transformers", "safetensors", "pydicom", "tensorflow_datasets",
+LOCAL_IMPORTS_ALLOWED = ("torch", "transformers", "safetensors", "pydicom", "nibabel", "tensorflow_datasets",
                          "array_record", "tokenizers", "sentencepiece", "kubernetes", "tensorboardX",
                          "jax._src")
 

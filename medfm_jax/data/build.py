@@ -16,7 +16,19 @@ source (``--window``, ``--channels``, ``--resize``/``--size``); ``--window=full 
 keeps 16-bit pixels unchanged. Without explicit splits (manifest ``split`` column, or
 ``ROOT/<split>/`` folders) examples are split by patient: no patient in two splits. The train
 split's per-channel mean/std (of pixel / max value) are written to ``medfm_stats.json`` and
-printed as config overrides. The output is written locally (records are streamed, one shard in
+printed as config overrides.
+
+Volume mode (``--volume``): NIfTI files / DICOM series of a folder or manifest (see
+``data.volume_sources``; ``--spacing=z,y,x`` resamples), or ``--source=phantoms`` 3D phantoms
+(``--image_size`` per side), are written as float32 ``image [D, H, W, 1]`` (modality values, the
+canonical LPS frame), ``label_map`` uint8 ``[D, H, W]`` (``[0, 0, 0]`` when the entry has none),
+``spacing`` float32 [3] (zlib-compressed tensors), with the same label/modality/caption fields;
+``data.source='tfds'`` with ``data.volume`` set reads them back::
+
+  python -m medfm_jax.data.build --volume --source=manifest --path=/data/ct.csv --spacing=2,1,1 \
+      --out=/data/tfds --name=ct3d
+
+The output is written locally (records are streamed, one shard in
 memory at a time); copy ``OUT/NAME`` to a bucket to stream it on a pod
 (``data.data_dir=gs://...``).
 """
@@ -33,7 +45,7 @@ from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from medfm_jax import storage
-from medfm_jax.data import decode, export, phantoms, sources
+from medfm_jax.data import decode, export, phantoms, phantoms3d, sources, volume_sources
 from medfm_jax.data.decode import DataError
 
 SOURCES = ("folder", "manifest", "phantoms")
@@ -141,6 +153,97 @@ def _phantom_examples(split: str, n: int, image_size: int, channels: int) -> Ite
                   f"phantom-{split}-{i}", f"phantoms/{split}/{i}")
 
 
+def volume_features(class_names: Sequence[str], modality_names: Sequence[str]):
+  """The TFDS FeaturesDict of a volume dataset (``--volume``)."""
+  import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
+  tensor = lambda shape, dtype: tfds.features.Tensor(shape=shape, dtype=dtype, encoding="zlib")
+  return tfds.features.FeaturesDict({
+      "image": tensor((None, None, None, 1), np.float32),
+      "label_map": tensor((None, None, None), np.uint8),
+      "spacing": tensor((3,), np.float32),
+      "label": tfds.features.ClassLabel(names=list(class_names) or ["unlabeled"]),
+      "modality": tfds.features.ClassLabel(names=list(modality_names) or ["unknown"]),
+      "caption": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "path": tfds.features.Text(),
+  })
+
+
+def _write_records(out_dir: str, name: str, split: str, records: Iterator[dict], feats,
+                   shard_size: int):
+  """Streams feature dicts of one split into array_record shards; returns its SplitInfo."""
+  import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
+  tmp = lambda i: os.path.join(out_dir, f".{name}-{split}.{i:05d}.tmp")
+  lengths, num_bytes, writer = [], 0, None
+  for example in records:
+    if writer is None or lengths[-1] == shard_size:
+      if writer is not None:
+        writer.close()
+      writer = ArrayRecordWriter(tmp(len(lengths)), "group_size:1")
+      lengths.append(0)
+    record = feats.serialize_example(example)
+    writer.write(record)
+    lengths[-1] += 1
+    num_bytes += len(record)
+  if writer is None:
+    raise ValueError(f"split {split!r} has no examples")
+  writer.close()
+  for i in range(len(lengths)):
+    os.replace(tmp(i), os.path.join(out_dir, f"{name}-{split}.array_record-{i:05d}-of-{len(lengths):05d}"))
+  return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=None)
+
+
+def _volume_records(source, skip_log: str, on_error: str, phantom: bool = False) -> Iterator[dict]:
+  """Feature dicts of every record of a volume source; bad files raise or are skipped (logged)."""
+  for i in range(len(source)):
+    try:
+      r = source[i] if phantom else source._load(i)  # pylint: disable=protected-access
+    except DataError as e:
+      if on_error == "raise":
+        raise
+      logging.warning("skipping bad data: %s", e)
+      with open(skip_log, "a", encoding="utf-8") as f:
+        f.write(f"{e.path}\t{e.reason}\n")
+      continue
+    yield {"image": r["image"].astype(np.float32),
+           "label_map": r.get("label_map", np.zeros((0, 0, 0), np.uint8)).astype(np.uint8),
+           "spacing": np.asarray(r["spacing"], np.float32),
+           "label": int(r["finding"]) if phantom else max(int(r["label"]), 0),
+           "modality": int(r["modality"]), "caption": r["caption"],
+           "patient_id": r.get("patient_id", f"phantom-{i}"), "path": r.get("path", f"phantoms3d/{i}")}
+
+
+def build_volumes(source: str, out_dir: str, name: str, *, path: str, splits: str, split_seed: int,
+                  spacing: tuple[float, ...], on_error: str, shard_size: int, image_size: int,
+                  num_examples: str, skip_log: str):
+  """Volume mode of :func:`build`: -> the split infos and features written to ``out_dir``."""
+  if source == "phantoms":
+    counts = sources.parse_splits_counts(num_examples)
+    class_names = phantoms.FINDINGS
+    modality_names = phantoms.MODALITIES
+    split_records = {s: _volume_records(phantoms3d.VolumePhantomSource(s, image_size, num_examples=n),
+                                        skip_log, on_error, phantom=True) for s, n in counts.items()}
+  else:
+    if source == "folder":
+      entries, class_names = volume_sources.list_volume_folder(path, on_error)
+    else:
+      entries = volume_sources.read_volume_manifest(path, on_error)
+      class_names = sources.class_names_of([e.label for e in entries if e.label])
+    if not any(e.split for e in entries):
+      groups = [e.patient_id or e.path for e in entries]
+      entries = [dataclasses.replace(e, split=s) for e, s in
+                 zip(entries, sources.assign_splits(groups, sources.parse_splits(splits), split_seed))]
+    modality_names = sources.class_names_of([e.modality for e in entries if e.modality])
+    split_records = {}
+    for split in sorted({e.split for e in entries}, key=lambda s: (s != "train", s)):
+      src = volume_sources.VolumeFileSource([e for e in entries if e.split == split], class_names,
+                                            spacing, name=f"{path}[{split}]", modality_names=modality_names)
+      split_records[split] = _volume_records(src, skip_log, on_error)
+  feats = volume_features(class_names, modality_names)
+  return [_write_records(out_dir, name, split, records, feats, shard_size)
+          for split, records in split_records.items()], feats
+
+
 def _count_lines(path: str) -> int:
   if not os.path.exists(path):
     return 0
@@ -152,7 +255,8 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
           splits: str = "train:0.9,val:0.05,test:0.05", split_seed: int = 0,
           channels: int = 1, window: str = "auto", resize: str = "none", size: int = 0,
           bit_depth: int = 8, on_error: str = "raise", shard_size: int = 10_000,
-          image_size: int = 64, num_examples: str = "train:1000,val:100,test:100") -> dict:
+          image_size: int = 64, num_examples: str = "train:1000,val:100,test:100",
+          volume: bool = False, spacing: str = "") -> dict:
   """Builds the dataset; returns ``{"dir", "splits": {split: n}, "stats", "skipped"}``."""
   if source not in SOURCES:
     raise ValueError(f"--source={source!r}: allowed {', '.join(SOURCES)}")
@@ -171,7 +275,18 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
   skip_log = os.path.join(out_dir, "skipped_files.txt")
   max_value = 255.0 if bit_depth == 8 else 65535.0
   stats = _Stats()
-  if source == "phantoms":
+  if volume:
+    try:
+      spacing_mm = tuple(float(v) for v in spacing.split(",")) if spacing else ()
+    except ValueError:
+      spacing_mm = (0.0,)
+    if spacing_mm and (len(spacing_mm) != 3 or min(spacing_mm) <= 0):
+      raise ValueError(f"--spacing={spacing!r}: expected three positive mm values z,y,x")
+    infos, feats = build_volumes(source, out_dir, name, path=path, splits=splits, split_seed=split_seed,
+                                 spacing=spacing_mm, on_error=on_error, shard_size=shard_size,
+                                 image_size=image_size, num_examples=num_examples, skip_log=skip_log)
+    split_examples = {}
+  elif source == "phantoms":
     counts = {k: int(v) for k, v in sources.parse_splits_counts(num_examples).items()}
     class_names, modality_names = phantoms.FINDINGS, phantoms.MODALITIES
     split_examples = {s: _phantom_examples(s, n, image_size, channels) for s, n in counts.items()}
@@ -194,8 +309,9 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
       src = sources.FileSource([e for e in entries if e.split == split], class_names, preprocess,
                                name=f"{path}[{split}]", modality_names=modality_names)
       split_examples[split] = _file_examples(src, on_error, skip_log)
-  feats = features(channels, bit_depth, class_names, modality_names)
-  infos = [write_split(out_dir, name, split, examples, feats, shard_size,
+  if not volume:
+    feats = features(channels, bit_depth, class_names, modality_names)
+  infos = infos if volume else [write_split(out_dir, name, split, examples, feats, shard_size,
                        stats if split == "train" else None, max_value)
            for split, examples in split_examples.items()]
   import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
@@ -218,7 +334,7 @@ def main(argv):
                    channels=_CHANNELS.value, window=_WINDOW.value, resize=_RESIZE.value,
                    size=_SIZE.value, bit_depth=int(_BIT_DEPTH.value), on_error=_ON_ERROR.value,
                    shard_size=_SHARD_SIZE.value, image_size=_IMAGE_SIZE.value,
-                   num_examples=_NUM_EXAMPLES.value)
+                   num_examples=_NUM_EXAMPLES.value, volume=_VOLUME.value, spacing=_SPACING.value)
   except ValueError as e:   # DataError included: one line naming the file or flag
     sys.stderr.write(f"medfm_jax.data.build: error: {e}\n")
     sys.exit(2)
@@ -252,5 +368,7 @@ if __name__ == "__main__":
   _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Phantom resolution.")
   _NUM_EXAMPLES = flags.DEFINE_string("num_examples", "train:1000,val:100,test:100",
                                       "Phantom examples per split.")
+  _VOLUME = flags.DEFINE_bool("volume", False, "3D volumes (NIfTI / DICOM series / 3D phantoms).")
+  _SPACING = flags.DEFINE_string("spacing", "", "Volume mode: target spacing 'z,y,x' mm ('' = keep).")
   flags.mark_flags_as_required(["source", "out", "name"])
   app.run(main)

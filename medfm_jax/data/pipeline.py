@@ -33,7 +33,8 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, mixing, phantoms, sources, text_masking, transforms
+from medfm_jax.data import masking, mixing, phantoms, phantoms3d, sources, text_masking, transforms
+from medfm_jax.data import volume_sources, volumes
 from medfm_jax.data import spec as spec_lib
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
 from medfm_jax.data.spec import SKIPPED_KEY, SOURCES, DataSpec  # noqa: F401  (re-exported)
@@ -56,6 +57,13 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   file that skipped bad records are appended to with ``data.on_error='skip'``.
   """
   spec = spec_lib.resolve(data)
+  if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split:
+    num_examples = spec.volume.train_volumes      # few-shot: the first N labelled volumes
+  if spec.volume is not None and spec.source == "phantoms":
+    return phantoms3d.VolumePhantomSource(split, spec.volume.source_size, seed=0,
+                                          num_examples=num_examples)
+  if spec.volume is not None:
+    return volume_sources.make_volume_source(spec, split, num_examples, skip_log)
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
                                   seed=0, num_examples=num_examples)
@@ -202,6 +210,44 @@ class _TrainTransform(grain.transforms.Map):
     return out if self.masked is None else self.masked(out, rng, element[0])
 
 
+def modality_names(source) -> tuple[str, ...]:
+  """Names of a source's modality indices (phantoms: ``phantoms.MODALITIES``)."""
+  return tuple(getattr(source, "modality_names", phantoms.MODALITIES))
+
+
+@dataclasses.dataclass(frozen=True)
+class _VolumeTrainTransform(grain.transforms.Map):
+  """(position, index) -> normalised, cropped, flipped, jittered volume (picklable)."""
+  source: Any
+  seed: int
+  volume: volumes.VolumeTransform
+
+  def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    record, rng = _record_and_rng(self.source, self.seed, element)
+    return {**self.volume(record, rng), **_labels(record)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _VolumeEvalTransform(grain.transforms.Map):
+  """Global position -> centre-cropped, normalised volume with ``mask`` (padding rows: zeros)."""
+  source: Any
+  num_examples: int
+  channels: int
+  volume: volumes.VolumeTransform
+
+  def map(self, position: int) -> dict[str, np.ndarray]:
+    spec = self.volume.spec
+    if position >= self.num_examples:
+      out = {"image": np.zeros((*spec.size, self.channels), np.float32), "modality": np.int32(0),
+             "finding": np.int32(0), "mask": np.bool_(False)}
+      if spec.labels:
+        out["label_map"] = np.zeros(spec.size, np.int32)
+      return out
+    record = self.source[int(position)]
+    return {**self.volume(record, None), "modality": np.int32(record["modality"]),
+            "finding": np.int32(record["finding"]), "mask": np.bool_(True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class _MultiCropTransform(grain.transforms.Map):
   """(position, index) -> normalised DINO ``global``/``local`` views (picklable)."""
@@ -260,7 +306,10 @@ def make_train_iterator(data: DataSpec, global_batch_size: int, seed: int, proce
   local = _local_batch_size(global_batch_size, process_count, "batch_size")
   source = (make_source(spec, spec.train_split, skip_log=skip_log) if source is None
             else source)
-  if spec.multicrop is None:
+  if spec.volume is not None:
+    transform = _VolumeTrainTransform(source=source, seed=_seed32(seed), volume=volumes.VolumeTransform(
+        spec.volume, modality_names(source), spec.flip, train=True))
+  elif spec.multicrop is None:
     transform = _TrainTransform(
         source=source, seed=_seed32(seed), image_size=spec.image_size, crop_scale=spec.crop_scale,
         crop_ratio=spec.crop_ratio, flip=spec.flip, mean=spec.mean, std=spec.std,
@@ -343,10 +392,15 @@ def make_eval_batches(data: DataSpec, split: str, batch_size: int, num_examples:
     raise ValueError(f"data.eval_examples={num_examples} must be in [1, {len(source)}] "
                      f"(size of split {split!r})")
   num_batches = math.ceil(num_examples / batch_size)
-  transform = _EvalTransform(
-      source=source, num_examples=int(num_examples), image_size=spec.image_size,
-      channels=spec.channels, mean=spec.mean, std=spec.std, text=spec.tokenizer,
-      masked=masked_inputs(spec))
+  if spec.volume is not None:
+    transform = _VolumeEvalTransform(source=source, num_examples=int(num_examples),
+                                     channels=spec.channels, volume=volumes.VolumeTransform(
+                                         spec.volume, modality_names(source), train=False))
+  else:
+    transform = _EvalTransform(
+        source=source, num_examples=int(num_examples), image_size=spec.image_size,
+        channels=spec.channels, mean=spec.mean, std=spec.std, text=spec.tokenizer,
+        masked=masked_inputs(spec))
   ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
   return EvalBatches(ds, _read_options(spec))

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfm_jax.data import decode, masking, mixing, text_masking, tokenizers, transforms
+from medfm_jax.data import decode, masking, mixing, text_masking, tokenizers, transforms, volumes
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
 SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
@@ -78,6 +78,7 @@ class DataSpec:
   tokenizer: tokenizers.CaptionTokenizer | None = None   # adds ``tokens`` (context length inside)
   mlm: text_masking.MLMSpec | None = None                # adds ``mlm_tokens`` / ``mlm_labels``
   mix: tuple[float, float, float] | None = None          # (paired, image, text) ratios
+  volume: volumes.VolumeSpec | None = None               # 3D crops replace 2D ``image``
 
   @classmethod
   def from_config(cls, data_cfg) -> "DataSpec":
@@ -99,6 +100,17 @@ class DataSpec:
       raise ValueError(f"data.{'mlm' if _on(mlm_cfg) else 'mix'} needs a data.tokenizer "
                        f"(allowed {tokenizers.KINDS})")
     mix = mixing.parse_ratios(mix_cfg) if _on(mix_cfg) else None
+    volume = get("volume")
+    if _on(volume):
+      if not hasattr(volume, "keys"):
+        raise ValueError(f"data.volume={volume!r} must be a dict of volume fields or None")
+      volume = volumes.VolumeSpec.from_config(volume)
+      extras = [k for k, v in (("multicrop", multicrop), ("patch_masks", patch_masks),
+                               ("tokenizer", text), ("mix", mix)) if v is not None]
+      if extras:
+        raise ValueError(f"data.volume is set: data.{extras[0]} is 2-D only (turn it off)")
+    else:
+      volume = None
     mlm = text_masking.MLMSpec.from_config(mlm_cfg, text.tokenizer()) if _on(mlm_cfg) else None
     floats = lambda key: tuple(float(v) for v in get(key, getattr(cls, key)))
     return cls(
@@ -116,7 +128,7 @@ class DataSpec:
         eval_examples=int(get("eval_examples", cls.eval_examples)),
         eval_batch_size=int(get("eval_batch_size", cls.eval_batch_size)),
         label=get("label", cls.label), multicrop=multicrop, patch_masks=patch_masks,
-        tokenizer=text, mlm=mlm, mix=mix)
+        tokenizer=text, mlm=mlm, mix=mix, volume=volume)
 
   @property
   def context_length(self) -> int | None:
@@ -160,6 +172,11 @@ class DataSpec:
       out["local"] = s((m.num_local, m.local_size, m.local_size, c), np.float32)
       if self.patch_masks is not None:
         out["global_masks"] = s((m.num_global, self.patch_masks.num_patches), np.bool_)
+      return out
+    if self.volume is not None:
+      out["image"] = s((*self.volume.size, c), np.float32)
+      if self.volume.labels:
+        out["label_map"] = s(self.volume.size, np.int32)
       return out
     out["image"] = s((self.image_size, self.image_size, c), np.float32)
     if self.tokenizer is not None:

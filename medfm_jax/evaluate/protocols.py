@@ -17,15 +17,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.errors import check
-from medfm_jax.evaluate import features, probe
+from medfm_jax.data import pipeline, volumes
+from medfm_jax.evaluate import features, probe, sliding_window
 from medfm_jax.metrics import classification, knn
+from medfm_jax.metrics import segmentation as seg_metrics
 from medfm_jax.models import heads
-from medfm_jax.objectives import clip, supervised
+from medfm_jax.objectives import clip, mae3d, supervised
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import assemble, loop, restore
 
-PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot")
+PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment3d")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 
 
@@ -174,6 +176,70 @@ def _zero_shot(config, mesh=None):
           "split": d.eval_split, "metrics": summary, "retrieval": out}
 
 
+def segment_volumes(objective, params, config, split: str, num_volumes: int, segment_cfg):
+  """Whole-volume sliding-window segmentation of the first ``num_volumes`` of ``split``: ->
+  (per-structure mean Dice / HD95 over volumes, [(image, label map, prediction)] of the first
+  volumes for pictures). Volumes are normalised like the eval crops, then predicted in windows of
+  ``data.volume.size`` (``segment_cfg``: overlap, mode, sigma_scale, batch_size)."""
+  spec = objective.data
+  source = pipeline.make_source(spec, split)
+  if not 0 < num_volumes <= len(source):
+    raise EvalError(f"data.eval_examples={num_volumes}: must be in [1, {len(source)}] (volumes of {split!r})")
+  names = pipeline.modality_names(source)
+  predict = objective.predict_fn(params)
+  per_volume, shown = [], []
+  for i in range(num_volumes):
+    record = source[i]
+    if "label_map" not in record:
+      raise EvalError(f"segment3d: volume {record.get('path', i)} of split {split!r} has no label map")
+    m = int(record["modality"])
+    image = volumes.normalize_intensity(record["image"], volumes.scheme_for(
+        spec.volume.intensity, names[m] if m < len(names) else ""), spec.volume)
+    probs = sliding_window.sliding_window_inference(
+        image[None], spec.volume.size, predict, segment_cfg.overlap, segment_cfg.mode,
+        segment_cfg.sigma_scale, segment_cfg.batch_size)[0]
+    pred = probs.argmax(-1)
+    per_volume.append(seg_metrics.per_structure(pred, record["label_map"], objective.structures,
+                                                record.get("spacing", (1.0, 1.0, 1.0))))
+    if len(shown) < 4:
+      shown.append((image, record["label_map"], pred))
+  metrics = {}
+  for name in objective.structures[1:]:
+    for key in ("dice", "hd95"):
+      values = np.asarray([v[name][key] for v in per_volume], np.float64)
+      finite = values[np.isfinite(values)]
+      metrics[f"{key}_{name}"] = float(finite.mean()) if finite.size else float("nan")
+      if key == "hd95":
+        metrics[f"hd95_{name}_missed"] = int(np.isinf(values).sum())
+  dices = [metrics[f"dice_{n}"] for n in objective.structures[1:] if np.isfinite(metrics[f"dice_{n}"])]
+  metrics["mean_dice"] = float(np.mean(dices)) if dices else float("nan")
+  metrics["num_examples"] = num_volumes
+  return metrics, shown
+
+
+def _segment3d(config, mesh, workdir):
+  """Fine-tunes the seg3d objective (few-shot: ``data.volume.train_volumes`` labelled volumes)
+  through the shared trainer from ``init_from`` (or random init), then segments whole volumes of
+  ``data.eval_split`` with sliding windows: Dice and HD95 per structure; writes
+  WORKDIR/segment3d.png (orthogonal slices: image | label map | prediction)."""
+  state = loop.train(config, os.path.join(workdir, "segment3d"), mesh)
+  objective, _ = assemble.build_objective(config)
+  params = jax.device_get(state.params)
+  metrics, shown = segment_volumes(objective, params, config, config.data.eval_split,
+                                   config.data.eval_examples, config.segment3d)
+  if jax.process_index() == 0 and shown:
+    side = min(min(x.shape[:3]) for x, _, _ in shown)
+    crop = lambda a: a[:side, :side, :side]
+    mae3d.write_orthogonal_slices([np.stack([crop(x) for x, _, _ in shown])],
+                                  os.path.join(workdir, "segment3d.png"),
+                                  labels=[np.stack([crop(l) for _, l, _ in shown]),
+                                          np.stack([crop(p) for _, _, p in shown])])
+  return {"protocol": "segment3d", "init_from": config.init_from, "label": "label_map",
+          "split": config.data.eval_split, "metrics": metrics,
+          "train_volumes": config.data.volume.get("train_volumes", 0),
+          "steps": int(jax.device_get(state.step))}
+
+
 def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs ``config.protocol``; returns the results dict (see :mod:`report`)."""
   protocol = config.protocol
@@ -181,6 +247,8 @@ def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
     raise EvalError(f"protocol={protocol!r}: allowed {PROTOCOLS}")
   if protocol == "zero_shot":
     return _zero_shot(config, mesh)
+  if protocol == "segment3d":
+    return _segment3d(config, mesh or mesh_lib.make_mesh(config.mesh), workdir)
   names = supervised.class_names(config.data)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   logging.info("eval %s of %s on %s (%s)", protocol, config.init_from or "random init",

@@ -15,7 +15,18 @@ def _fmt(x) -> str:
 
 
 def markdown(results: dict) -> str:
-  """Summary (metric per row; few-shot: mean ± std over seeds) and per-class table."""
+  """Summary (metric per row; few-shot: mean ± std over seeds) and per-class table; segment3d:
+  Dice and HD95 per structure."""
+  if results["protocol"] == "segment3d":
+    m = results["metrics"]
+    names = [k[len("dice_"):] for k in m if k.startswith("dice_")]
+    lines = [f"# segment3d on {results['split']} ({m['num_examples']} volumes, "
+             f"{results.get('train_volumes') or 'all'} labelled train volumes)", "",
+             f"init_from: `{results['init_from'] or 'random init'}`", "",
+             f"mean Dice: {_fmt(m['mean_dice'])}", "", "| structure | Dice | HD95 (mm) | HD95 missed |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {_fmt(m[f'dice_{n}'])} | {_fmt(m[f'hd95_{n}'])} | {m[f'hd95_{n}_missed']} |" for n in names]
+    return "\n".join(lines) + "\n"
   lines = [f"# {results['protocol']} on {results['label']} ({results['split']}, "
            f"{results['metrics']['num_examples']} examples)", "",
            f"init_from: `{results['init_from'] or 'random init'}`", "", "| metric | value |", "|---|---|"]

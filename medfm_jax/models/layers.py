@@ -300,6 +300,33 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np
   return emb.astype(np.float32)
 
 
+def sincos_3d(dim: int, grid_d: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+  """Fixed 3-D sin-cos position embedding ``[(1+)grid_d*grid_h*grid_w, dim]``.
+
+  The 2-D convention extended by one axis: ``2*(dim//6)`` channels each encode the w, h and d
+  index (in that order); any remaining ``dim % 6`` channels are zero. Patches are in (d, h, w)
+  row-major order; an optional leading all-zero row stands for the cls token.
+  """
+  e = 2 * (dim // 6)
+  if e == 0:
+    raise ValueError(f"3-D sin-cos embedding dim must be >= 6, got {dim}")
+  d, h, w = np.meshgrid(np.arange(grid_d), np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  emb = np.concatenate([sincos_1d(e, w), sincos_1d(e, h), sincos_1d(e, d),
+                        np.zeros((d.size, dim - 3 * e))], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def sincos_nd(dim: int, grid: tuple[int, ...], cls_token: bool = False) -> np.ndarray:
+  """:func:`sincos_2d` or :func:`sincos_3d` by the number of grid axes."""
+  if len(grid) == 2:
+    return sincos_2d(dim, *grid, cls_token=cls_token)
+  if len(grid) == 3:
+    return sincos_3d(dim, *grid, cls_token=cls_token)
+  raise ValueError(f"sin-cos position embedding for a {len(grid)}-D grid {grid}: allowed 2-D or 3-D")
+
+
 def gather_tokens(x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
   """``x[b, ids[b, i]]`` for ``x [b, n, d]``, ``ids [b, m]`` -> ``[b, m, d]``, as a one-hot matmul.
 
@@ -310,13 +337,16 @@ def gather_tokens(x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("bmn,bnd->bmd", onehot, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def interpolate_pos_embed(pos: jnp.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int],
+def interpolate_pos_embed(pos: jnp.ndarray, old_hw: tuple[int, ...], new_hw: tuple[int, ...],
                           num_prefix: int = 1) -> jnp.ndarray:
-  """Bicubically resizes learned patch position embeddings ``[1, prefix+h*w, d]`` to a new grid."""
+  """Resizes learned patch position embeddings ``[1, prefix+prod(old grid), d]`` to a new 2-D
+  (bicubic) or 3-D (tricubic) grid; prefix tokens are kept."""
   if tuple(old_hw) == tuple(new_hw):
     return pos
+  if len(old_hw) != len(new_hw):
+    raise ValueError(f"position embedding grid {tuple(old_hw)} cannot be resized to {tuple(new_hw)}")
   prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
   d = grid.shape[-1]
   grid = grid.reshape(1, *old_hw, d)
-  grid = jax.image.resize(grid, (1, *new_hw, d), method="bicubic")
+  grid = jax.image.resize(grid, (1, *new_hw, d), method="bicubic" if len(new_hw) == 2 else "tricubic")
   return jnp.concatenate([prefix, grid.reshape(1, -1, d).astype(pos.dtype)], axis=1)

@@ -5,19 +5,26 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from medfm_jax.models import layers, vit
 from medfm_jax.models.layers import constrain
 
 
-def random_masking(noise: jnp.ndarray, mask_ratio: float):
+def num_kept(length: int, mask_ratio: float, block: int = 1) -> int:
+  """Patches kept of ``length`` at ``mask_ratio``, a whole number of blocks of ``block`` patches."""
+  return int(length // block * (1 - mask_ratio)) * block
+
+
+def random_masking(noise: jnp.ndarray, mask_ratio: float, block: int = 1):
   """Argsort masking. ``noise [b, L]`` -> ``(keep_ids [b, n_keep], mask [b, L], restore_ids [b, L])``.
 
-  Keeps the ``int(L * (1 - mask_ratio))`` patches with the smallest noise; ``mask`` is 1 for removed
-  patches in the original patch order.
+  Keeps the :func:`num_kept` patches with the smallest noise; ``mask`` is 1 for removed patches in
+  the original patch order. Block masking: patches of one block share their noise (see
+  :func:`block_noise`) and ``block`` patches per block makes whole blocks kept or masked.
   """
   b, length = noise.shape
-  n_keep = int(length * (1 - mask_ratio))
+  n_keep = num_kept(length, mask_ratio, block)
   shuffle_ids = jnp.argsort(noise, axis=1)
   restore_ids = jnp.argsort(shuffle_ids, axis=1)
   keep_ids = shuffle_ids[:, :n_keep]
@@ -26,12 +33,22 @@ def random_masking(noise: jnp.ndarray, mask_ratio: float):
   return keep_ids, mask, restore_ids
 
 
+def block_noise(noise_blocks: jnp.ndarray, grid: tuple[int, ...], block: tuple[int, ...]) -> jnp.ndarray:
+  """Per-block noise ``[b, prod(grid / block)]`` -> per-patch noise ``[b, prod(grid)]`` (every patch
+  of a block of ``block`` patches per axis gets its block's value; patches in row-major order)."""
+  coarse = tuple(g // k for g, k in zip(grid, block))
+  x = noise_blocks.reshape(noise_blocks.shape[0], *coarse)
+  for axis, k in enumerate(block):
+    x = jnp.repeat(x, k, axis=axis + 1)
+  return x.reshape(noise_blocks.shape[0], -1)
+
+
 class MaeDecoder(nn.Module):
   """Embeds visible tokens, fills mask tokens, unshuffles, adds sin-cos positions, predicts pixels."""
   width: int
   depth: int
   num_heads: int
-  patch_dim: int                      # p*p*c
+  patch_dim: int                      # p*p*c (volumes: pd*ph*pw*c)
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   remat: str = "none"
@@ -41,7 +58,8 @@ class MaeDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, latent, restore_ids, grid_hw):
-    """``latent [b, 1+n_keep, d_enc]`` (cls first) -> per-patch predictions ``[b, L, patch_dim]``."""
+    """``latent [b, 1+n_keep, d_enc]`` (cls first) -> per-patch predictions ``[b, L, patch_dim]``;
+    ``grid_hw``: the 2-D or 3-D token grid (its sin-cos position embedding)."""
     x = layers.DenseGeneral((self.width,), ("embed", "mlp"), dtype=self.dtype, name="embed")(latent)
     b, length = restore_ids.shape
     mask_token = layers.param_with_axes(self, "mask_token", nn.initializers.normal(0.02),
@@ -50,7 +68,7 @@ class MaeDecoder(nn.Module):
     patches = jnp.concatenate([x[:, 1:], fill], axis=1)
     patches = layers.gather_tokens(patches, restore_ids)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    x = x + jnp.asarray(layers.sincos_2d(self.width, *grid_hw, cls_token=True))[None].astype(self.dtype)
+    x = x + jnp.asarray(layers.sincos_nd(self.width, tuple(grid_hw), cls_token=True))[None].astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     x = vit.Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.layer_norm_eps,
                     dtype=self.dtype, remat=self.remat, scan=self.scan,
@@ -61,7 +79,11 @@ class MaeDecoder(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
-  """``__call__(images, noise, mask_ratio)`` -> dict(pred [b, L, p*p*c] float32, mask [b, L])."""
+  """``__call__(images, noise, mask_ratio)`` -> dict(pred [b, L, p*p*c] float32, mask [b, L]).
+
+  Volumes ``[b, D, H, W, c]`` work alike (3-D patches of the encoder, pred ``[b, L, pd*ph*pw*c]``);
+  ``mask_block`` patches per block (e.g. 8 = 2x2x2 patches) keeps or masks whole blocks.
+  """
   encoder: vit.VisionTransformer
   decoder_width: int = 512
   decoder_depth: int = 8
@@ -69,15 +91,15 @@ class MaskedAutoencoder(nn.Module):
   decoder_mlp_dim: int | None = None  # default 4 x decoder_width
 
   @nn.compact
-  def __call__(self, images, noise, mask_ratio: float, deterministic: bool = True):
+  def __call__(self, images, noise, mask_ratio: float, deterministic: bool = True, mask_block: int = 1):
     enc = self.encoder
-    p = enc.size.patch_size
-    grid = (images.shape[1] // p, images.shape[2] // p)
-    keep_ids, mask, restore_ids = random_masking(noise, mask_ratio)
+    patch = enc.patch_shape(images.ndim - 2)
+    grid = vit.patch_grid(images.shape[1:-1], patch)
+    keep_ids, mask, restore_ids = random_masking(noise, mask_ratio, mask_block)
     latent = self.encoder(images, keep_ids=keep_ids, deterministic=deterministic)
     decoder = MaeDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
-                         p * p * images.shape[-1], enc.layer_norm_eps, enc.dtype, enc.remat, enc.scan,
-                         self.decoder_mlp_dim, enc.attention_impl, name="decoder")
+                         int(np.prod(patch)) * images.shape[-1], enc.layer_norm_eps, enc.dtype,
+                         enc.remat, enc.scan, self.decoder_mlp_dim, enc.attention_impl, name="decoder")
     pred = decoder(latent, restore_ids, grid)
     return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}
 
@@ -90,15 +112,17 @@ def normalize_patches(patches, eps: float = 1e-6):
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
-def patch_losses(images, pred, patch_size: int, norm_pix_loss: bool = True):
-  """Per-patch MSE ``[b, L]`` against (optionally per-patch normalised, unbiased var) pixels."""
-  target = vit.patchify(images.astype(jnp.float32), patch_size)
+def patch_losses(images, pred, patch_size: int | tuple[int, ...], norm_pix_loss: bool = True):
+  """Per-patch MSE ``[b, L]`` against (optionally per-patch normalised, unbiased var) pixels;
+  ``patch_size`` a tuple: volumes (:func:`vit.patchify_any`)."""
+  patch = patch_size if isinstance(patch_size, tuple) else (patch_size, patch_size)
+  target = vit.patchify_any(images.astype(jnp.float32), patch)
   if norm_pix_loss:
     target = normalize_patches(target)
   return jnp.square(pred - target).mean(-1)
 
 
-def mae_loss(images, pred, mask, patch_size: int, norm_pix_loss: bool = True):
-  """Mean per-patch MSE over the masked patches only."""
+def mae_loss(images, pred, mask, patch_size: int | tuple[int, ...], norm_pix_loss: bool = True):
+  """Mean per-patch MSE over the masked patches only (= the MSE over masked pixels / voxels)."""
   per_patch = patch_losses(images, pred, patch_size, norm_pix_loss)
   return (per_patch * mask).sum() / mask.sum()

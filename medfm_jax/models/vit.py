@@ -28,6 +28,7 @@ VARIANTS = {
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
     "g": (1536, 40, 24, 6144),    # DINOv2 giant
+    "PrimusM": (864, 16, 12, 3456),   # Primus-M (Wald et al., 2025), the OpenMind 3D encoder
 }
 
 
@@ -64,6 +65,46 @@ def unpatchify(x: jnp.ndarray, patch: int, grid_hw: tuple[int, int], channels: i
   return x.reshape(b, gh * patch, gw * patch, channels)
 
 
+def patchify3d(volumes: jnp.ndarray, patch: tuple[int, int, int]) -> jnp.ndarray:
+  """``[b, D, H, W, c] -> [b, gd*gh*gw, pd*ph*pw*c]``, patches (d, h, w) row-major, voxels in
+  (pd, ph, pw, c) order."""
+  b, d, h, w, c = volumes.shape
+  pd, ph, pw = patch
+  x = volumes.reshape(b, d // pd, pd, h // ph, ph, w // pw, pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, (d // pd) * (h // ph) * (w // pw), pd * ph * pw * c)
+
+
+def unpatchify3d(x: jnp.ndarray, patch: tuple[int, int, int], grid: tuple[int, int, int],
+                 channels: int) -> jnp.ndarray:
+  """Inverse of :func:`patchify3d`."""
+  (pd, ph, pw), (gd, gh, gw) = patch, grid
+  x = x.reshape(x.shape[0], gd, gh, gw, pd, ph, pw, channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(x.shape[0], gd * pd, gh * ph, gw * pw, channels)
+
+
+def patchify_any(x: jnp.ndarray, patch: tuple[int, ...]) -> jnp.ndarray:
+  """:func:`patchify` of images (``len(patch) == 2``, square) or :func:`patchify3d` of volumes."""
+  if len(patch) == 3:
+    return patchify3d(x, patch)
+  return patchify(x, patch[0])
+
+
+def unpatchify_any(x: jnp.ndarray, patch: tuple[int, ...], grid: tuple[int, ...], channels: int):
+  """Inverse of :func:`patchify_any`."""
+  if len(patch) == 3:
+    return unpatchify3d(x, patch, grid, channels)
+  return unpatchify(x, patch[0], grid, channels)
+
+
+def patch_grid(spatial: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
+  """Token grid of an input with spatial shape ``spatial``; one-line error when not divisible."""
+  if any(s % p for s, p in zip(spatial, patch)):
+    raise ValueError(f"input size {'x'.join(map(str, spatial))} is not divisible by the patch size "
+                     f"{'x'.join(map(str, patch))}")
+  return tuple(s // p for s, p in zip(spatial, patch))
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -91,8 +132,10 @@ class Encoder(nn.Module):
   causal: bool = False                # causal self-attention (text towers)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True, mask=None):
-    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend)."""
+  def __call__(self, x, deterministic: bool = True, mask=None, collect: tuple[int, ...] = ()):
+    """``mask``: optional bool attention mask broadcastable to ``[b, heads, q, k]`` (True = attend).
+    ``collect``: block indices whose outputs are also returned, ``(x, [outputs])`` (UNETR skips;
+    a scanned stack then keeps every block's output as the scan's per-step result)."""
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
@@ -105,20 +148,24 @@ class Encoder(nn.Module):
         raise ValueError(f"model.remat={self.remat!r}: allowed {REMATS}")
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[self.remat], static_argnums=(3,))
     if not self.scan:
+      hidden = []
       for i in range(self.depth):
         x = block_cls(**block_kwargs, name=f"layer_{i}")(x, float(rates[i]), deterministic, mask)
-      return x
+        hidden.append(x)
+      return (x, [hidden[i] for i in collect]) if collect else x
+    keep = bool(collect)
 
     class ScanBody(nn.Module):
       @nn.compact
       def __call__(self, carry, rate, deterministic, mask):
-        return block_cls(**block_kwargs, name="block")(carry, rate, deterministic, mask), None
+        y = block_cls(**block_kwargs, name="block")(carry, rate, deterministic, mask)
+        return y, (y if keep else None)
 
     scanned = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic, mask)
-    return x
+    x, hidden = scanned(name="layers")(x, jnp.asarray(rates, jnp.float32), deterministic, mask)
+    return (x, [hidden[i] for i in collect]) if collect else x
 
 
 def stack_layers(params: dict, prefix: str = "layer_") -> dict:
@@ -148,14 +195,19 @@ def unstack_layers(params: dict, prefix: str = "layer_") -> dict:
 
 
 class PatchEmbed(nn.Module):
-  """Non-overlapping patch projection as one matmul over patchified pixels (= a stride-p conv)."""
-  patch_size: int
+  """Non-overlapping patch projection as one matmul over patchified pixels (= a stride-p conv).
+
+  ``patch_size``: an int (square 2-D patches of ``[b, H, W, c]`` images) or a (pd, ph, pw) tuple
+  (cubic or anisotropic 3-D patches of ``[b, D, H, W, c]`` volumes).
+  """
+  patch_size: int | tuple[int, ...]
   width: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
-    x = patchify(images, self.patch_size)
+    patch = self.patch_size
+    x = patchify_any(images, patch) if isinstance(patch, tuple) else patchify(images, patch)
     x = constrain(x, ("batch", "seq", None))
     return layers.DenseGeneral((self.width,), ("patch", "embed"), dtype=self.dtype,
                                name="proj")(x)
@@ -193,7 +245,7 @@ class ConvStem(nn.Module):
 
 PATCH_EMBEDS = ("patch", "conv")
 CLS_POOLS = ("token", "max", "mean")
-POS_EMBEDS = ("sincos2d", "learned")
+POS_EMBEDS = ("sincos2d", "sincos3d", "learned")
 
 
 def conv_stem_depth(patch_size: int, width: int) -> int:
@@ -208,6 +260,11 @@ def conv_stem_depth(patch_size: int, width: int) -> int:
 class VisionTransformer(nn.Module):
   """ViT encoder. ``__call__(images, keep_ids=None)`` -> ``[b, prefix + n_kept, width]`` after the final LN.
 
+  Volumes: ``images [b, D, H, W, c]`` are cut into 3-D patches (cubic ``variant`` patch size, or
+  ``patch_3d``), tokens in (d, h, w) row-major order, with 3-D position embeddings
+  (``pos_embed='sincos3d'`` or 'learned' on the ``volume_size`` grid, resampled tricubically);
+  the blocks, scan, remat and sharding are the 2-D ones. Only ``patch_embed='patch'``.
+
   ``keep_ids [b, n_kept]`` selects which patch tokens enter the blocks (MAE); position embeddings
   are added before selection. Prefix tokens: cls, then ``num_registers`` register tokens.
   ``patch_mask [b, n]`` (True = masked; needs ``mask_token=True``) replaces those patch embeddings
@@ -215,7 +272,11 @@ class VisionTransformer(nn.Module):
   """
   variant: str = "B/16"
   image_size: int = 224                # grid the learned position embedding is created for
-  pos_embed: str = "sincos2d"          # 'sincos2d' (fixed) | 'learned'
+  pos_embed: str = "sincos2d"          # 'sincos2d' | 'sincos3d' (fixed) | 'learned'
+  # Volumes: the (d, h, w) patch shape (None: cubic, the variant's patch size) and the
+  # (D, H, W) input the learned position embedding is created for (None: image_size cubed).
+  patch_3d: tuple[int, int, int] | None = None
+  volume_size: tuple[int, int, int] | None = None
   layer_norm_eps: float = 1e-6
   drop_path: float = 0.0
   layer_scale_init: float = 0.0
@@ -257,6 +318,13 @@ class VisionTransformer(nn.Module):
     """Tokens before the patch tokens in the output: cls, registers, prompts."""
     return int(self.class_token) + self.num_registers + self.num_prompts
 
+  def patch_shape(self, ndim: int) -> tuple[int, ...]:
+    """Patch shape for inputs with ``ndim`` spatial axes (2: images, 3: volumes)."""
+    p = self.size.patch_size
+    if ndim == 3:
+      return tuple(self.patch_3d) if self.patch_3d else (p, p, p)
+    return (p, p)
+
   @property
   def size(self) -> ViTSize:
     overrides = {k: getattr(self, k) for k in ("width", "depth", "num_heads", "mlp_dim")
@@ -265,16 +333,18 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, keep_ids=None, deterministic: bool = True, patch_mask=None,
-               return_pre_norm: bool = False):
+               return_pre_norm: bool = False, return_hidden: tuple[int, ...] = ()):
     """``return_pre_norm``: also return the last block's output before the final LN (FLAVA feeds
-    those states to its fusion encoder): ``(tokens, pre_norm_tokens)``."""
+    those states to its fusion encoder): ``(tokens, pre_norm_tokens)``. ``return_hidden``: block
+    indices whose outputs (before any norm) are returned too: ``(tokens, [hidden])`` (UNETR)."""
     size = self.size
-    p = size.patch_size
-    b, h, w, _ = images.shape
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
-    grid = (h // p, w // p)
-    x = self._embed_patches(images.astype(self.dtype), p, size.width)
+    b, *spatial, _ = images.shape
+    if len(spatial) not in (2, 3):
+      raise ValueError(f"input of shape {images.shape}: expected [b, H, W, c] images or "
+                       "[b, D, H, W, c] volumes")
+    patch = self.patch_shape(len(spatial))
+    grid = patch_grid(tuple(spatial), patch)
+    x = self._embed_patches(images.astype(self.dtype), patch, size.width)
     if self.mask_token:
       token = layers.param_with_axes(self, "mask_token", nn.initializers.zeros, (1, 1, size.width),
                                      (None, None, "embed"))
@@ -297,11 +367,15 @@ class VisionTransformer(nn.Module):
     x = Encoder(size.depth, size.num_heads, size.mlp_dim, self.layer_norm_eps, self.drop_path,
                 self.layer_scale_init, self.activation, self.swiglu, self.dtype, self.remat,
                 self.scan, self.attention_impl, self.qkv_bias, self.adapter_dim, self.adapter_where,
-                name="encoder")(x, deterministic)
+                name="encoder")(x, deterministic, collect=tuple(return_hidden))
+    if return_hidden:
+      x, hidden = x
     pre_norm = x
     if self.final_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     x = self._pool_into_cls(x)
+    if return_hidden:
+      return x, hidden
     return (x, pre_norm) if return_pre_norm else x
 
   def _pool_into_cls(self, x):
@@ -317,11 +391,15 @@ class VisionTransformer(nn.Module):
     return constrain(jnp.concatenate([pooled[:, None], x[:, 1:]], axis=1), ("batch", "seq", "act_embed"))
 
   def _embed_patches(self, images, patch, width):
-    """``[b, H, W, c] -> [b, (H/p)*(W/p), width]`` by the configured patch embedding."""
+    """``[b, H, W, c] -> [b, (H/p)*(W/p), width]`` (or volumes -> ``[b, gd*gh*gw, width]``) by
+    the configured patch embedding."""
     if self.patch_embed == "patch":
-      return PatchEmbed(patch, width, self.dtype, name="patch_embed")(images)
+      return PatchEmbed(patch if len(patch) == 3 else patch[0], width, self.dtype,
+                        name="patch_embed")(images)
     if self.patch_embed == "conv":
-      return ConvStem(patch, width, self.dtype, name="patch_embed")(images)
+      if len(patch) == 3:
+        raise ValueError("model.patch_embed='conv' is 2-D only; volumes use 'patch'")
+      return ConvStem(patch[0], width, self.dtype, name="patch_embed")(images)
     raise ValueError(f"model.patch_embed={self.patch_embed!r}: allowed {PATCH_EMBEDS}")
 
   def _token(self, name, width, batch, n=1):
@@ -330,14 +408,20 @@ class VisionTransformer(nn.Module):
     return jnp.broadcast_to(tok, (batch, n, width))
 
   def _position_embedding(self, grid, width):
-    """Patch position embeddings ``[1, gh*gw, width]`` (the cls token gets none / zeros)."""
-    if self.pos_embed == "sincos2d":
-      return jnp.asarray(layers.sincos_2d(width, *grid))[None]
+    """Patch position embeddings ``[1, prod(grid), width]`` (the cls token gets none / zeros)."""
+    if self.pos_embed in ("sincos2d", "sincos3d"):
+      if int(self.pos_embed[6]) != len(grid):
+        raise ValueError(f"model.pos_embed={self.pos_embed!r} does not fit a {len(grid)}-D input; "
+                         f"use 'sincos{len(grid)}d' or 'learned'")
+      return jnp.asarray(layers.sincos_nd(width, grid))[None]
     if self.pos_embed == "learned":
-      g0 = self.image_size // self.size.patch_size
+      if len(grid) == 3:
+        g0 = patch_grid(tuple(self.volume_size or (self.image_size,) * 3), self.patch_shape(3))
+      else:
+        g0 = (self.image_size // self.size.patch_size,) * 2
       pos = layers.param_with_axes(self, "pos_embed", nn.initializers.normal(0.02),
-                                   (1, g0 * g0, width), (None, None, "embed"))
-      return layers.interpolate_pos_embed(pos, (g0, g0), grid, num_prefix=0)
+                                   (1, int(np.prod(g0)), width), (None, None, "embed"))
+      return layers.interpolate_pos_embed(pos, g0, grid, num_prefix=0)
     raise ValueError(f"model.pos_embed={self.pos_embed!r}: allowed {POS_EMBEDS}")
 
 
@@ -382,4 +466,24 @@ def vit_from_config(config) -> VisionTransformer:
       num_prompts=m.get("num_prompts", 0), adapter_dim=m.get("adapter_dim", 0),
       adapter_where=m.get("adapter_where", "both"), ln_pre=m.get("ln_pre", False),
       class_token=m.get("class_token", True), patch_embed=m.get("patch_embed", "patch"),
-      cls_pool=m.get("cls_pool", "token"))
+      cls_pool=m.get("cls_pool", "token"), patch_3d=patch_3d_from_config(m),
+      volume_size=volume_size_from_config(config.data))
+
+
+def patch_3d_from_config(model_cfg) -> tuple[int, int, int] | None:
+  """``model.patch_3d`` as a (pd, ph, pw) tuple (None when unset / empty: cubic patches)."""
+  raw = model_cfg.get("patch_3d")
+  if not raw:
+    return None
+  shape = tuple(int(p) for p in raw)
+  if len(shape) != 3 or min(shape) <= 0:
+    raise ValueError(f"model.patch_3d={tuple(raw)}: expected three positive ints (pd, ph, pw)")
+  return shape
+
+
+def volume_size_from_config(data_cfg) -> tuple[int, int, int] | None:
+  """The (D, H, W) crop of ``data.volume.size`` (an int = cubic); None without ``data.volume``."""
+  volume = data_cfg.get("volume")
+  if not volume or not volume.get("size"):
+    return None
+  return tuple(int(v) for v in np.broadcast_to(np.asarray(volume["size"]), (3,)))

@@ -44,6 +44,8 @@ class MaeObjective(base.Objective):
     self.model = mae_model.MaskedAutoencoder(vit.vit_from_config(config), m.decoder_width,
                                              m.decoder_depth, m.decoder_heads)
     self.patch = vit.parse_variant(m.variant).patch_size
+    self.patch_shape = (self.patch, self.patch)   # per spatial axis (volumes: 3 axes)
+    self.mask_block = 1                           # patches masked together (whole blocks)
     self.mask_ratio = config.objective.mask_ratio
     self.norm_pix = config.objective.norm_pix_loss
     # Built once so every eval reuses the compiled program; replicated outputs are readable on
@@ -57,38 +59,41 @@ class MaeObjective(base.Objective):
   def _forward(self, params, images, rng, deterministic=True):
     noise_rng, drop_rng = jax.random.split(rng)
     return self.model.apply({"params": params}, images, self._noise(noise_rng, images), self.mask_ratio,
-                            deterministic=deterministic, rngs={"dropout": drop_rng})
+                            deterministic=deterministic, mask_block=self.mask_block,
+                            rngs={"dropout": drop_rng})
 
   def init(self, rng, batch):
     images = batch["image"]
-    variables = self.model.init({"params": rng}, images, self._noise(rng, images), self.mask_ratio)
+    variables = self.model.init({"params": rng}, images, self._noise(rng, images), self.mask_ratio,
+                                mask_block=self.mask_block)
     return variables["params"], {}
 
   def loss(self, params, extra, batch, rng, step):
     images = batch["image"]
     out = self._forward(params, images, rng, deterministic=False)
-    loss = mae_model.mae_loss(images, out["pred"], out["mask"], self.patch, self.norm_pix)
+    loss = mae_model.mae_loss(images, out["pred"], out["mask"], self.patch_shape, self.norm_pix)
     return loss, ({"mask_fraction": out["mask"].mean()}, extra)
 
   def eval_metrics(self, params, extra, batch, rng):
     images = batch["image"]
     out = self._forward(params, images, jax.random.PRNGKey(_EVAL_NOISE_SEED))
-    per_patch = mae_model.patch_losses(images, out["pred"], self.patch, self.norm_pix)
+    per_patch = mae_model.patch_losses(images, out["pred"], self.patch_shape, self.norm_pix)
     per_example = (per_patch * out["mask"]).sum(1) / out["mask"].sum(1)
     return {"loss": base.masked_sum(per_example, batch["mask"])}
 
   def reconstruct(self, params, images):
-    """-> (masked input, reconstruction with visible patches pasted back), both ``[b, H, W, C]``."""
+    """-> (masked input, reconstruction with visible patches pasted back), both shaped like
+    ``images`` (``[b, H, W, C]``, volumes ``[b, D, H, W, C]``)."""
     out = self._forward(params, images, jax.random.PRNGKey(_EVAL_NOISE_SEED))
-    target = vit.patchify(images.astype(jnp.float32), self.patch)
+    target = vit.patchify_any(images.astype(jnp.float32), self.patch_shape)
     pred = out["pred"]
     if self.norm_pix:   # undo the per-patch normalisation with the true patch statistics
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
     m = out["mask"][..., None]
-    grid = (images.shape[1] // self.patch, images.shape[2] // self.patch)
-    unpatch = lambda x: vit.unpatchify(x, self.patch, grid, images.shape[-1])
+    grid = vit.patch_grid(images.shape[1:-1], self.patch_shape)
+    unpatch = lambda x: vit.unpatchify_any(x, self.patch_shape, grid, images.shape[-1])
     return unpatch(target * (1 - m)), unpatch(target * (1 - m) + pred * m)
 
   def _recon_columns_fn(self, params, images):

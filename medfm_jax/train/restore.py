@@ -43,7 +43,7 @@ from medfm_jax.train.checkpoint import CheckpointError
 # Encoder architecture fields copied from the checkpoint's config (model.*) into the eval config.
 ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
                "layer_scale_init", "num_registers", "activation", "swiglu", "ln_pre", "patch_embed",
-               "cls_pool")
+               "cls_pool", "patch_3d")
 # Parameters that only pretraining uses (iBOT mask token): dropped without complaint.
 PRETRAIN_ONLY = ("mask_token",)
 # Parameters a fine-tuning model adds on top of a pretrained encoder: fresh init is expected.
@@ -201,10 +201,11 @@ def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
 
 def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default") -> dict[str, np.ndarray]:
   """The encoder restored from ``init_from`` (:func:`load_encoder`) fitted to ``module``'s params
-  at ``data_cfg``'s image shape (:func:`fit_encoder`): path -> array, for
+  at ``data_cfg``'s image (or ``data.volume``) shape (:func:`fit_encoder`): path -> array, for
   ``objectives.base.overwrite_params``. This is the ``encoder_loader`` objectives are built with."""
-  images = jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
-                                jnp.float32)
+  volume = vit.volume_size_from_config(data_cfg)   # 3D encoders: the data.volume crop
+  spatial = volume or (data_cfg.image_size, data_cfg.image_size)
+  images = jax.ShapeDtypeStruct((1, *spatial, data_cfg.channels), jnp.float32)
   abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
   family = hf_family(init_from)
   if family is not None:

@@ -1,0 +1,74 @@
+r"""3D MAE pretraining of a volumetric ViT (the OpenMind / nnssl recipe: Primus encoder, 75% of
+the volume masked in 16^3 blocks, MSE on the masked voxels).
+
+Tiny CPU run on the embedded 3D phantoms (CT-like and MRI-like volumes):
+
+  python -m medfm_jax.main --config=configs/mae3d.py:tiny --workdir=runs/mae3d_tiny
+
+Published size (Primus-M: 8^3 patches, width 864, 16 layers, 12 heads; 160^3 crops):
+
+  python -m medfm_jax.main --config=configs/mae3d.py:primus_m --workdir=gs://BUCKET/mae3d \
+      --config.data.source=manifest --config.data.path=gs://BUCKET/volumes.csv
+  python -m medfm_jax.plan --config=configs/mae3d.py:primus_m --devices=64 --chip=v5p
+
+Variants: tiny | primus_m; append ``,key=value`` pairs to override fields.
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  (config files are loaded by path)
+from configs import mae  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+  variant, overrides = common.parse_arg(arg, default_variant="tiny")
+  c = mae.get_config("vit_b16")            # the MAE fields; the recipe below replaces the values
+  c.objective.name = "mae3d"
+  c.objective.mask_ratio = 0.75
+  c.objective.mask_block = 16             # voxels per masked block side (int or (z, y, x))
+  c.objective.norm_pix_loss = False       # nnssl: MSE on the raw (z-scored) voxels
+  c.objective.recon_examples = 4
+  c.model.pos_embed = "sincos3d"
+  c.model.patch_3d = ()                   # () = cubic patches of model.variant's size
+  c.data.channels = 1
+  c.data.crop_scale = (1.0, 1.0)          # 2-D crop fields are unused with data.volume
+  c.data.volume = ml_collections.ConfigDict(dict(
+      size=(160, 160, 160), spacing=(), intensity="auto", ct_clip="window",
+      ct_window=(-200.0, 300.0), percentiles=(0.5, 99.5), foreground_prob=0.0,
+      jitter=(0.1, 0.1), labels=False, phantom_size=()))
+  # OpenMind Primus-M MAE: batch 8 of 160^3, AdamW, lr 3e-4 (no batch scaling), 1000 "epochs" of
+  # 250 steps, warmup 5%.
+  c.model.variant = "PrimusM/8"
+  c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 384, 4, 6
+  c.batch_size, c.lr, c.lr_scaling = 8, 3e-4, "none"
+  c.weight_decay = 0.05
+  c.total_steps, c.warmup_steps = 250_000, 12_500
+  c.data.image_size = 160
+  c.data.num_workers = 12
+  c.model.remat = "full"
+  c.model.scan = True
+  c.dtype = "bfloat16"
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
+  c.data.eval_examples, c.data.eval_batch_size = 16, 8
+
+  if variant == "tiny":
+    c.model.variant = "Mu/4"
+    c.model.depth = 4
+    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 48, 1, 4
+    c.data.volume.size = (32, 32, 32)
+    c.data.volume.phantom_size = (40, 40, 40)
+    c.objective.mask_block = 8
+    c.data.image_size = 32
+    c.data.num_workers = 0
+    c.data.eval_examples, c.data.eval_batch_size = 16, 8
+    c.batch_size, c.lr, c.lr_scaling = 8, 1e-3, "none"
+    c.total_steps, c.warmup_steps = 200, 20
+    c.model.remat, c.model.scan, c.dtype = "none", False, "float32"
+    c.log_every, c.eval_every, c.checkpoint_every = 20, 100, 100
+  elif variant != "primus_m":
+    raise ValueError(f"configs/mae3d.py: unknown variant {variant!r}; allowed: tiny, primus_m")
+  common.apply_overrides(c, overrides)
+  return c

@@ -1,0 +1,44 @@
+"""3D segmentation objective: Dice + CE, per-structure hard Dice, few-shot volumes, config checks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import seg3d as seg3d_config
+from medfm_jax import config as config_lib
+from medfm_jax.data import pipeline
+from medfm_jax.objectives import seg3d
+from tests import helpers
+
+
+def test_dice_ce_loss_values():
+  labels = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 4, 4, 4)))
+  perfect = 50.0 * jax.nn.one_hot(labels, 3)
+  loss, metrics = seg3d.dice_ce_loss(perfect, labels, 3)
+  assert float(loss) < 1e-4 and float(metrics["soft_dice"]) > 0.9999
+  uniform = jnp.zeros((2, 4, 4, 4, 3))
+  loss, metrics = seg3d.dice_ce_loss(uniform, labels, 3, dice_weight=0.0)
+  np.testing.assert_allclose(loss, np.log(3), rtol=1e-6)
+  # Soft Dice of uniform probabilities: 2 * (n_c / 3) / (N / 3 + n_c) per foreground class.
+  n = np.array([(np.asarray(labels) == c).sum() for c in (1, 2)], np.float64)
+  expected = np.mean(2 * n / 3 / (labels.size / 3 + n))
+  np.testing.assert_allclose(metrics["soft_dice"], expected, rtol=1e-4)
+
+
+def test_hard_dice_per_example():
+  labels = jnp.asarray([[[[1, 1], [0, 0]]], [[[0, 0], [0, 0]]]])
+  pred = jnp.asarray([[[[1, 0], [0, 0]]], [[[0, 0], [0, 0]]]])
+  d, present = seg3d.hard_dice(pred, labels, 1)
+  np.testing.assert_allclose(d, [2 / 3, 0.0])
+  assert list(np.asarray(present)) == [True, False]
+
+
+def test_few_shot_train_volumes_and_config_errors():
+  c = seg3d_config.get_config("tiny")
+  config_lib.validate(c, None, 1)
+  assert len(pipeline.make_source(c.data, "train")) == 8 and len(pipeline.make_source(c.data, "val")) == 500
+  for key, value, message in (("objective.num_classes", 3, r"^objective.structures=.*needs objective.num_classes=3"),
+                              ("data.volume.labels", False, r"^objective.name='seg3d' needs data.volume with labels"),
+                              ("model.patch_3d", (4, 4, 2), r"^model.patch_3d=\(4, 4, 2\): the UNETR decoder needs cubic")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(helpers.override(seg3d_config.get_config("tiny"), {key: value}), None, 1)
