@@ -66,12 +66,14 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   data_iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count(),
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
-  latest = checkpointer.latest_step() if checkpointer else None
-  if latest is None:
+  restored = None
+  if checkpointer is not None:
+    with mesh_lib.use_mesh(assembly.mesh):
+      restored = checkpointer.restore_latest(assembly.abstract_state, data_iterator)
+  if restored is None:
     state, start = assembly.init_state(), 0
   else:
-    with mesh_lib.use_mesh(assembly.mesh):
-      state = checkpointer.restore(latest, assembly.abstract_state, data_iterator)
+    state = restored[1]
     start = int(jax.device_get(state.step))
   return Trainer(assembly, workdir, data_iterator, state, start)
 
