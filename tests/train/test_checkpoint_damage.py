@@ -13,8 +13,8 @@ from medfm_jax.train import checkpoint as ckpt_lib
 
 
 def _state(step):
-  """A small train-state-like tree; 'w' is incompressible (orbax stores it raw)."""
-  w = jax.random.normal(jax.random.PRNGKey(step), (64, 64))
+  """A small train-state-like tree."""
+  w = jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * step
   return {"w": w, "b": {"count": jnp.full((8,), step, jnp.int32)}}
 
 
@@ -55,7 +55,7 @@ def _damage(step_dir, kind):
   elif kind == "garbled_array_file":       # read back without error by orbax: the fingerprint
     big = _array_files(step_dir)[-1]
     data = bytearray(open(big, "rb").read())
-    data[len(data) // 3:len(data) // 3 + 64] = bytes(range(64))
+    data[len(data) // 4:len(data) // 4 + 64] = bytes(range(64))
     open(big, "wb").write(bytes(data))
   elif kind == "missing_state_item":
     shutil.rmtree(os.path.join(step_dir, "state"))
