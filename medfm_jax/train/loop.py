@@ -17,6 +17,7 @@ from absl import logging
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
 from medfm_jax.data import spec as data_spec
+from medfm_jax.parallel import distributed
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import assemble as assemble_lib
 from medfm_jax.train import checkpoint as ckpt_lib
@@ -162,6 +163,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
+    distributed.barrier("medfm_jax_train_step_compiled")   # first collectives start together
     if step == 0:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
     progress = telemetry.Progress(step, total)

@@ -17,8 +17,9 @@ _ARGS = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--confi
          "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
          "--config.eval_every=3", "--config.checkpoint_every=3",
          "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
-# The 2-process run puts its data axis across the processes (DCN) and fsdp inside each.
-_MULTI = ["--config.mesh.data=1", "--config.mesh.dcn.data=2"]
+# The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
+# the data axis (DCN), and mesh.fsdp=2 stays inside each.
+_MULTI = []
 _SINGLE = ["--config.mesh.data=2"]
 
 
@@ -33,6 +34,7 @@ def test_two_processes_match_one(tmp_path):
   wall = time.perf_counter() - t0
   assert result.returncode == 0, result.stdout[-4000:]
   assert "[1] " in result.stdout and "process 1 of 2, 2 local / 4 global devices (cpu; explicit)" in result.stdout
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in result.stdout
   print(f"2-process run: {wall:.1f}s wall")
 
   result = helpers.run_cli(_ARGS + _SINGLE + [f"--workdir={single}"],
@@ -70,3 +72,20 @@ def test_launcher_dry_run_prints_one_command_per_process():
     assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 ")
     assert line.endswith(f" -m medfm_jax.main --config=configs/mae.py:tiny '--workdir=/tmp/w x' "
                          f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}")
+
+
+
+@pytest.mark.slow
+def test_a_mesh_that_does_not_fit_is_one_line_per_process_before_any_write(tmp_path):
+  """2 processes with 1 device each cannot hold mesh.fsdp=2 inside a process (mesh.dcn, by
+  default, spans the processes): one config-error line from each, no traceback, nothing written."""
+  bad = tmp_path / "bad"
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=1",
+       "--timeout=300", "--", *_ARGS, f"--workdir={bad}"],      # _ARGS sets mesh.fsdp=2
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=360)
+  assert result.returncode == 2, result.stdout[-4000:]
+  errors = [line for line in result.stdout.splitlines() if "medfm_jax: config error: " in line]
+  assert len(errors) == 2, result.stdout[-4000:]
+  assert all("fixed axes (2) do not divide the 1 devices per slice" in e for e in errors), errors
+  assert "Traceback" not in result.stdout and not bad.exists()
