@@ -82,6 +82,9 @@ def main(argv, hooks=()):
   except config_lib.ConfigError as e:   # found once the data is opened (e.g. a missing split)
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
+  except loop.Preempted as e:
+    sys.stderr.write(f"medfm_jax: {e}\n")
+    sys.exit(0)
   except loop.NonFiniteError as e:
     sys.stderr.write(f"medfm_jax: {e}\n")
     sys.exit(3)

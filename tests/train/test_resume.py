@@ -1,6 +1,12 @@
-"""kill -9 mid-run, re-run the same command: the result is bitwise the uninterrupted run's."""
+"""kill -9, SIGTERM/SIGINT or a damaged checkpoint mid-run, re-run the same command: the result is
+bitwise the uninterrupted run's."""
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -73,3 +79,70 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_bitwise(tmp_path, s
   assert f"step 8 in {damaged}/checkpoints is damaged and skipped" in result.stderr
   assert "restored step 6" in result.stderr
   _assert_same_params(straight_params, _final_params(damaged))
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  """Until metrics.jsonl logs ``step`` (or the process ends)."""
+  deadline = time.monotonic() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.monotonic() < deadline and proc.poll() is None:
+    if os.path.exists(path) and any(m.get("step", 0) >= step and "loss" in m
+                                    for m in helpers.read_metrics(workdir)):
+      return
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_current_step_and_the_rerun_is_bitwise(tmp_path, straight, signum):
+  """A signal at a random moment after step 1 (0.4 s per step; no periodic checkpoint in the run):
+  exit 0 with one line, a checkpoint at the step it stopped after; the same command resumes with
+  no step lost and ends with the uninterrupted run's parameters."""
+  _, straight_params = straight
+  workdir = str(tmp_path / "preempted")
+  args = _ARGS + ["--config.checkpoint_every=1000", f"--workdir={workdir}"]
+  env = dict(os.environ, PYTHONPATH=helpers.REPO)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  proc = subprocess.Popen([sys.executable, "-m", "tests.crash_main", "--sleep_per_step=0.4", *args],
+                          cwd=helpers.REPO, env=env, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 1, proc)
+  delay = random.Random().uniform(0.0, 2.0)      # steps 2..6 at 0.4 s each
+  print(f"{signal.Signals(signum).name} {delay:.2f}s after step 1")
+  time.sleep(delay)
+  proc.send_signal(signum)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  line = [l for l in stderr.splitlines() if l.startswith("medfm_jax: ")]
+  assert len(line) == 1 and line[0].startswith(f"medfm_jax: {signal.Signals(signum).name}: "
+                                               "stopped after step "), stderr[-3000:]
+  stopped = int(line[0].split("stopped after step ")[1].split()[0])
+  assert line[0].endswith(f"saved it to {workdir}/checkpoints/{stopped}; run the same command "
+                          "to resume")
+  assert 1 <= stopped < 8 and ckpt_lib.Checkpointer(workdir).latest_step() == stopped
+  logged = [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m]
+  assert logged == list(range(1, stopped + 1))          # metrics flushed up to the saved step
+
+  result = helpers.run_cli(args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"restored step {stopped}" in result.stderr
+  logged = [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m]
+  assert logged == list(range(1, 9))                    # no step lost, none repeated
+  _assert_same_params(straight_params, _final_params(workdir))
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once():
+  code = ("import os, signal, time\n"
+          "from medfm_jax.train import loop\n"
+          "with loop.StopSignals() as stop:\n"
+          "  os.kill(os.getpid(), signal.SIGTERM)\n"
+          "  time.sleep(0.1)\n"
+          "  assert stop.requested() and stop.name == 'SIGTERM'\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(5)\n"
+          "print('not reached')\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+  assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+  assert "medfm_jax: second SIGINT: exiting now, without saving" in result.stderr
+  assert "not reached" not in result.stdout
