@@ -34,11 +34,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax/grain from the progress log (warnings still pass)."""
+  """Drops INFO chatter of orbax/grain from the progress log (warnings still pass, orbax's errors
+  without their tracebacks: a failed checkpoint save reaches the user as one line from here)."""
 
   def filter(self, record):
     noisy = ("orbax", "grain")
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+    if not any(n in record.pathname for n in noisy):
+      return True
+    if "orbax" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return record.levelno >= pylogging.WARNING
 
 
 def _save_config(config, workdir: str) -> None:

@@ -13,6 +13,7 @@ ones to ``WORKDIR/checkpoints_damaged/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -83,17 +84,36 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None   # the step of the save in flight (for its error)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator=None, meta: dict | None = None) -> None:
+    """Starts saving ``step`` (async unless disabled). A save that fails (permission denied, disk
+    full, bucket unreachable) raises CheckpointError naming the step and path, here or, for an
+    async save, at the next save or :meth:`wait`; the earlier steps stay as they were."""
     meta = dict(meta or {}, fingerprint=fingerprint(state))
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()                    # the previous async save's error names that step
+    with self._save_errors():
+      self._pending = step
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax/tensorstore/fsspec raise many kinds; pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise CheckpointError(f"cannot save step {step} to {self.directory / str(step)} "
+                            f"({_reason(e)}); earlier checkpoints are intact, the same command "
+                            "resumes from the newest") from e
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs).
@@ -167,11 +187,14 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:

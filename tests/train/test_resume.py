@@ -146,3 +146,25 @@ def test_second_signal_exits_at_once():
   assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
   assert "medfm_jax: second SIGINT: exiting now, without saving" in result.stderr
   assert "not reached" not in result.stdout
+
+
+@pytest.mark.slow
+def test_failing_save_is_one_line_and_earlier_checkpoints_resume_bitwise(tmp_path, straight):
+  """After step 4 no file may grow past 16 KiB (RLIMIT_FSIZE: writes fail with EFBIG, as on a
+  full disk): the save of step 6 stops the run with one line naming the step and path; step 3
+  stays intact and the same command (disk 'freed') resumes from it to the uninterrupted result."""
+  _, straight_params = straight
+  workdir = str(tmp_path / "full")
+  args = _ARGS + ["--config.async_checkpointing=False", f"--workdir={workdir}"]
+  result = helpers.run_cli(args + ["--file_size_limit_at_step=4"], module="tests.crash_main")
+  assert result.returncode == 2, result.stderr[-3000:]
+  ours = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax: ")]
+  assert len(ours) == 1, result.stderr[-3000:]
+  last = ours[0]
+  assert last.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {workdir}/checkpoints/6 "
+                         "(OSError: [Errno 27] File too large); earlier checkpoints are intact"), last
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == 3
+  result = helpers.run_cli(args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "restored step 3" in result.stderr
+  _assert_same_params(straight_params, _final_params(workdir))
