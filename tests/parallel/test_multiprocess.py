@@ -1,6 +1,7 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
 train exactly like one process with 4 devices on the same global batches."""
 import os
+import signal
 import pytest
 import subprocess
 import sys
@@ -89,3 +90,55 @@ def test_a_mesh_that_does_not_fit_is_one_line_per_process_before_any_write(tmp_p
   assert len(errors) == 2, result.stdout[-4000:]
   assert all("fixed axes (2) do not divide the 1 devices per slice" in e for e in errors), errors
   assert "Traceback" not in result.stdout and not bad.exists()
+
+
+def _child_with(parent_pid, needle):
+  """The pid of the child process of ``parent_pid`` whose command line contains ``needle``."""
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode()
+    except OSError:
+      continue
+    if ppid == parent_pid and needle in cmdline:
+      return int(pid)
+  return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: both processes stop after the same step, save it jointly and
+  exit 0; process 0 names the other process's signal."""
+  workdir = tmp_path / "preempted"
+  args = [a for a in _ARGS if "total_steps" not in a and "checkpoint_every" not in a]
+  proc = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, "--config.total_steps=200", "--config.checkpoint_every=1000",
+       f"--workdir={workdir}"],
+      cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 600
+  while time.monotonic() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and any(
+        "loss" in m and m["step"] >= 2 for m in helpers.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  victim = _child_with(proc.pid, "--process_id=1")
+  assert victim is not None
+  os.kill(victim, signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+  lines = {i: [l for l in out.splitlines() if l.startswith(f"[{i}] medfm_jax: ")] for i in (0, 1)}
+  assert len(lines[0]) == 1 and len(lines[1]) == 1, out[-4000:]
+  assert lines[1][0].startswith("[1] medfm_jax: SIGTERM: stopped after step ")
+  assert lines[0][0].startswith("[0] medfm_jax: a signal on another process: stopped after step ")
+  steps = {int(lines[i][0].split("stopped after step ")[1].split()[0]) for i in (0, 1)}
+  assert len(steps) == 1, lines
+  step = steps.pop()
+  assert 2 <= step < 200
+  assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
