@@ -119,3 +119,22 @@ def test_fingerprint_does_not_depend_on_the_sharding():
   y = x.copy()
   y[3, 5] = np.nextafter(y[3, 5], np.float32(np.inf))          # one bit of one element
   assert fp != ckpt_lib.fingerprint({"x": jax.device_put(y)})
+
+
+def test_other_process_count_is_one_line_and_not_treated_as_damage(two_steps, tmp_path):
+  """A checkpoint whose iterator states come from 2 processes, resumed by 1 (this test)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_steps, workdir)
+  for step in ("1", "2"):
+    data = os.path.join(workdir, "checkpoints", step, "data")
+    state = open(os.path.join(data, "process_0-of-1.json")).read()
+    os.remove(os.path.join(data, "process_0-of-1.json"))
+    for i in range(2):
+      open(os.path.join(data, f"process_{i}-of-2.json"), "w").write(state)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.Checkpointer(workdir).restore_latest(_abstract(), _iterator())
+  assert str(e.value) == (f"checkpoint {workdir}/checkpoints/2 was written by 2 process(es) and "
+                          "this run has 1: resuming on another process count is not supported "
+                          "yet; rerun with the original process count, or start a new --workdir "
+                          "with --config.init_from pointing at this one")
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
