@@ -122,10 +122,15 @@ class Checkpointer:
     differ from the fingerprint saved with them; whatever orbax raises if it cannot be read.
     """
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    remapped = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      remapped = self._remapped_data_state(step, data_iterator)
+      if remapped is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     _check_matches(self.directory / str(step) / "state", abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if remapped is not None:
+      data_iterator.set_state(remapped)
     saved = (restored["meta"] or {}).get("fingerprint")
     if saved is not None:      # checkpoints of older versions have none
       got = fingerprint(restored["state"])
@@ -135,6 +140,32 @@ class Checkpointer:
                                      f"{', '.join(bad[:3]) or 'leaf set'}{' ...' if len(bad) > 3 else ''}")
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def _remapped_data_state(self, step: int, data_iterator) -> dict | None:
+    """None if the step's data-iterator states come from this run's process count; else the state
+    that continues the global stream here. Every process consumes one local batch per step and
+    the global batches do not depend on the process count, so in-process iterators
+    (``{"next_index": k}``, data.num_workers=0) map to the same position; per-worker states are
+    a CheckpointError (one line). A missing ``data`` item is damage, reported by the restore."""
+    data_dir = self.directory / str(step) / "data"
+    files = [p for p in data_dir.iterdir() if "-of-" in p.name] if data_dir.is_dir() else []
+    counts = {p.name.rsplit("-of-", 1)[1].split(".")[0] for p in files}
+    if len(counts) != 1 or int(next(iter(counts))) == jax.process_count():
+      return None
+    states = [json.loads(storage.read_text(p)) for p in files]
+    ours = data_iterator.get_state()
+    if (all(isinstance(st, dict) and set(st) == {"next_index"} for st in states + [ours])
+        and len({st["next_index"] for st in states}) == 1):
+      logging.warning("checkpoint: step %d was written by %d process(es), this run has %d: the "
+                      "data stream continues at batch %d", step, len(files), jax.process_count(),
+                      states[0]["next_index"])
+      return dict(states[0])
+    raise CheckpointError(
+        f"checkpoint {self.directory / str(step)} was written by {len(files)} process(es) and "
+        f"this run has {jax.process_count()}: resuming on another process count needs "
+        "data.num_workers=0 in both runs (per-worker iterator states cannot be remapped); rerun "
+        "with the original process count, or start a new --workdir with --config.init_from "
+        "pointing at this one")
 
   def restore_latest(self, abstract_state, data_iterator=None):
     """``(step, state)`` of the newest readable checkpoint (``data_iterator`` restored with it),

@@ -121,20 +121,35 @@ def test_fingerprint_does_not_depend_on_the_sharding():
   assert fp != ckpt_lib.fingerprint({"x": jax.device_put(y)})
 
 
-def test_other_process_count_is_one_line_and_not_treated_as_damage(two_steps, tmp_path):
-  """A checkpoint whose iterator states come from 2 processes, resumed by 1 (this test)."""
-  workdir = str(tmp_path / "run")
-  shutil.copytree(two_steps, workdir)
+def _as_two_processes(workdir, state_of=lambda state: state):
   for step in ("1", "2"):
     data = os.path.join(workdir, "checkpoints", step, "data")
     state = open(os.path.join(data, "process_0-of-1.json")).read()
     os.remove(os.path.join(data, "process_0-of-1.json"))
     for i in range(2):
-      open(os.path.join(data, f"process_{i}-of-2.json"), "w").write(state)
+      open(os.path.join(data, f"process_{i}-of-2.json"), "w").write(state_of(state))
+
+
+def test_other_process_count_continues_the_global_stream(two_steps, tmp_path):
+  """Iterator states of 2 processes (in-process iterators: the same next_index), resumed by 1:
+  the stream continues at the same global batch."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_steps, workdir)
+  _as_two_processes(workdir)
+  it = _iterator()
+  step, state = ckpt_lib.Checkpointer(workdir).restore_latest(_abstract(), it)
+  assert step == 2 and np.array_equal(state["w"], _state(2)["w"])
+  np.testing.assert_array_equal(next(it), [4, 5])        # batch 2, as the 2 processes would
+
+
+def test_other_process_count_with_worker_states_is_one_line_not_damage(two_steps, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_steps, workdir)
+  _as_two_processes(workdir, lambda state: '{"workers_state": {}, "iterations_to_skip": {}}')
   with pytest.raises(ckpt_lib.CheckpointError) as e:
     ckpt_lib.Checkpointer(workdir).restore_latest(_abstract(), _iterator())
-  assert str(e.value) == (f"checkpoint {workdir}/checkpoints/2 was written by 2 process(es) and "
-                          "this run has 1: resuming on another process count is not supported "
-                          "yet; rerun with the original process count, or start a new --workdir "
-                          "with --config.init_from pointing at this one")
+  assert str(e.value).startswith(f"checkpoint {workdir}/checkpoints/2 was written by 2 process(es) "
+                                 "and this run has 1: resuming on another process count needs "
+                                 "data.num_workers=0")
+  assert "\n" not in str(e.value)
   assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
