@@ -142,3 +142,33 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_on_two(tmp_path):
+  """1 process x 4 devices, killed after step 3 (checkpoint 2), resumed by 2 processes x 2
+  devices: the data stream continues at batch 2 and step 3 ends with the uninterrupted
+  1-process parameters within float tolerance."""
+  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
+      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
+  four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={straight}"], env_extra=four)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={moved}", "--crash_at_step=3"],
+                           env_extra=four, module="tests.crash_main")
+  assert result.returncode == -9 and ckpt_lib.Checkpointer(moved).latest_step() == 2
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, f"--workdir={moved}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  assert result.returncode == 0, result.stdout[-4000:]
+  assert "written by 1 process(es), this run has 2: the data stream continues at batch 2" in result.stdout
+  loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}
+  np.testing.assert_allclose(loss(moved)[3], loss(straight)[3], rtol=0, atol=1e-5)
+  a = ckpt_lib.restore_params(os.path.join(straight, "checkpoints", "3"))
+  b = ckpt_lib.restore_params(os.path.join(moved, "checkpoints", "3"))
+  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  print(f"1 -> 2 processes: max |param diff| {max(diffs):.2e}")
+  assert max(diffs) <= 1e-5
