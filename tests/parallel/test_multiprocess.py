@@ -1,6 +1,8 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
-train exactly like one process with 4 devices on the same global batches."""
+train exactly like one process with 4 devices on the same global batches; the default mesh.dcn,
+a mesh that does not fit, SIGTERM to one process, and resume on another process count."""
 import os
+import shutil
 import signal
 import pytest
 import subprocess
@@ -171,4 +173,32 @@ def test_checkpoint_of_one_process_resumes_on_two(tmp_path):
   diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
   print(f"1 -> 2 processes: max |param diff| {max(diffs):.2e}")
+  assert max(diffs) <= 1e-5
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_on_one(tmp_path):
+  """2 processes x 2 devices to step 3 (checkpoints 2 and 3); step 3 removed (as if killed
+  before it), then 1 process x 4 devices resumes from 2: step 3 within float tolerance."""
+  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
+      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
+  two = str(tmp_path / "two")
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, f"--workdir={two}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  assert result.returncode == 0, result.stdout[-4000:]
+  want = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
+  loss3 = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
+  shutil.rmtree(os.path.join(two, "checkpoints", "3"))
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={two}"],
+                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "written by 2 process(es), this run has 1: the data stream continues at batch 2" in result.stderr
+  got = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
+  redone = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
+  np.testing.assert_allclose(redone[-1], loss3[0], rtol=0, atol=1e-5)
+  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+           for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)]
+  print(f"2 -> 1 processes: max |param diff| {max(diffs):.2e}")
   assert max(diffs) <= 1e-5
