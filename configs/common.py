@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 = fill
   # Across slices (TPU multi-slice; processes elsewhere): mesh axis = in-slice size x dcn size.
-  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # data=-1: every slice/process on the data axis (1 on one process); all 1: span every device.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.peak_tflops_per_device = 0.0  # 0 = look up the device table
 
   c.log_every = 50

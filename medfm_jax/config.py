@@ -135,12 +135,19 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   _validate_data_spec(c, size.patch_size)
 
   # Mesh and batch (parallel/mesh.py).
+  here = num_devices == jax.device_count()
   try:
-    granules = mesh_lib.dcn_granules(jax.devices()) if num_devices == jax.device_count() else (1, True)
+    granules = mesh_lib.dcn_granules(jax.devices()) if here else (1, True)
     ici, dcn = mesh_lib.resolve_hybrid_shape(c.mesh, num_devices, granules[0], not granules[1])
     shape = {a: ici[a] * dcn[a] for a in mesh_lib.MESH_AXES}
   except ValueError as e:
     raise ConfigError(str(e).replace("mesh=", "mesh.{data,fsdp,tensor}=")) from None
+  if here:   # arranging the devices can still fail (physical topology): say so before any write
+    try:
+      mesh_lib.make_mesh(c.mesh)
+    except (ValueError, AssertionError, NotImplementedError) as e:
+      raise ConfigError(f"mesh={dict(shape)} (mesh.dcn={dcn}): cannot arrange the "
+                        f"{num_devices} devices: {' '.join(str(e).split())}") from None
   _check(size.num_heads % shape["tensor"] == 0 and size.mlp_dim % shape["tensor"] == 0,
          f"mesh.tensor={shape['tensor']}: must divide the heads ({size.num_heads}) and MLP width "
          f"({size.mlp_dim}) of model.variant={m.variant!r}")

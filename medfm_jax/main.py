@@ -34,11 +34,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax/grain from the progress log (warnings still pass)."""
+  """Drops INFO chatter of orbax/grain from the progress log (warnings still pass, orbax's errors
+  without their tracebacks: a failed checkpoint save reaches the user as one line from here)."""
 
   def filter(self, record):
     noisy = ("orbax", "grain")
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+    if not any(n in record.pathname for n in noisy):
+      return True
+    if "orbax" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return record.levelno >= pylogging.WARNING
 
 
 def _save_config(config, workdir: str) -> None:
@@ -83,6 +88,9 @@ def main(argv, hooks=()):
   except config_lib.ConfigError as e:   # found once the data is opened (e.g. a missing split)
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
+  except loop.Preempted as e:
+    sys.stderr.write(f"medfm_jax: {e}\n")
+    sys.exit(0)
   except loop.NonFiniteError as e:
     sys.stderr.write(f"medfm_jax: {e}\n")
     sys.exit(3)

@@ -6,8 +6,11 @@
 intensity window -> MONOCHROME1 inversion -> channels (1, or replicated/luma to 3) -> resize.
 
 The file content decides the decoder and must agree with the extension (a ``.png`` holding JPEG
-bytes is an error, never silently reinterpreted). Every failure raises :class:`DataError` with
-one line ``PATH: reason``.
+bytes is an error, never silently reinterpreted). DICOM is recognised first, by the ``DICM``
+marker at offset 128 (the preamble before it may hold a TIFF header: a legal dual-format file);
+a file without preamble/meta header (it starts with a group 0002/0008 element) is read with
+pydicom's ``force``. Every failure, whatever raised it, is a :class:`DataError` with one line
+``PATH: reason``.
 
 DICOM (pydicom): stored values -> modality values with RescaleSlope/RescaleIntercept (per frame
 for enhanced multi-frame files), VOI window from ``data.window`` (a preset, ``center,width``, the
@@ -59,15 +62,30 @@ class Decoded:
   invert: bool = False                          # DICOM MONOCHROME1
 
 
+# First 2 bytes of a DICOM dataset without the 128-byte preamble: group 0002 (meta header) or
+# 0008 (identifying elements), little or big endian.
+_BARE_DICOM_GROUPS = (b"\x02\x00", b"\x00\x02", b"\x08\x00", b"\x00\x08")
+
+
+def has_preamble(head: bytes) -> bool:
+  """Whether the bytes carry the DICOM ``DICM`` marker at offset 128."""
+  return head[128:132] == b"DICM"
+
+
 def sniff(head: bytes) -> str | None:
-  """Format of a file from its first 132 bytes: png | jpeg | tiff | dicom | None."""
+  """Format of a file from its first 132 bytes: png | jpeg | tiff | dicom | None.
+
+  The DICOM marker wins over the other signatures (a DICOM preamble may be a TIFF header).
+  """
+  if has_preamble(head):
+    return "dicom"
   if head.startswith(b"\x89PNG\r\n\x1a\n"):
     return "png"
   if head.startswith(b"\xff\xd8\xff"):
     return "jpeg"
   if head[:4] in (b"II*\x00", b"MM\x00*"):
     return "tiff"
-  if head[128:132] == b"DICM":
+  if head[:2] in _BARE_DICOM_GROUPS:
     return "dicom"
   return None
 
@@ -103,11 +121,16 @@ def decode(data: bytes, path: str = "<bytes>", frame: int = 0,
   ``path`` names the data in errors (and gives the extension checked against the content).
   """
   fmt = check_format(data, path, check_extension)
-  if fmt == "dicom":
-    return _decode_dicom(data, path, frame)
-  if frame:
-    raise DataError(path, f"frame {frame} requested from a single-frame {fmt.upper()} file")
-  return Decoded(_decode_pillow(data, path, fmt))
+  try:
+    if fmt == "dicom":
+      return _decode_dicom(data, path, frame)
+    if frame:
+      raise DataError(path, f"frame {frame} requested from a single-frame {fmt.upper()} file")
+    return Decoded(_decode_pillow(data, path, fmt))
+  except DataError:
+    raise
+  except Exception as e:  # pydicom raises ValueError (malformed values), AttributeError, ...
+    raise DataError(path, f"cannot decode {fmt.upper()} ({type(e).__name__}: {e})") from None
 
 
 def _open(path: str):
@@ -210,12 +233,42 @@ def _syntax_problem(uid: str) -> str | None:
   return None
 
 
+# (implicit VR, little endian) -> the transfer syntax of uncompressed data in that encoding.
+_ENCODING_SYNTAX = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+                    (False, False): "1.2.840.10008.1.2.2"}
+
+
 def _read_dataset(data: bytes, path: str, stop_before_pixels: bool = False):
+  """The pydicom dataset of ``data``: files without preamble/meta header are read with ``force``
+  (pydicom guesses the encoding from the first element)."""
   import pydicom  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   try:
-    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels,
+                           force=not has_preamble(data))
   except Exception as e:
     raise DataError(path, f"cannot parse DICOM ({type(e).__name__}: {e})") from None
+
+
+def _transfer_syntax(ds, path: str) -> str:
+  """The file's transfer syntax; without a meta header, the one of the encoding pydicom read
+  (uncompressed data only: compressed pixel data without a syntax names no codec)."""
+  from pydicom.dataset import FileMetaDataset  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
+  meta = getattr(ds, "file_meta", None)
+  uid = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+  if uid:
+    return uid
+  if ds["PixelData"].is_undefined_length:
+    raise DataError(path, "compressed (encapsulated) pixel data but no transfer syntax (the file "
+                    "has no meta header), so the codec is unknown; rewrite it with a meta header "
+                    "(e.g. dcmconv or gdcmconv)")
+  uid = _ENCODING_SYNTAX.get(tuple(ds.original_encoding))
+  if uid is None:
+    raise DataError(path, "no transfer syntax and an unknown encoding; rewrite the file with a "
+                    "meta header")
+  if meta is None:
+    ds.file_meta = meta = FileMetaDataset()
+  meta.TransferSyntaxUID = uid
+  return uid
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99")
@@ -247,10 +300,10 @@ def _decode_dicom(data: bytes, path: str, frame: int) -> Decoded:
   from pydicom.pixels import pixel_array  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   ds = _read_dataset(data, path)
   if "PixelData" not in ds:
-    raise DataError(path, "DICOM file has no pixel data")
-  meta = getattr(ds, "file_meta", None)
-  uid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-  problem = _syntax_problem(uid) if uid and uid not in _NATIVE_LE else None
+    how = "" if has_preamble(data) else " (no 'DICM' marker at offset 128; read without one)"
+    raise DataError(path, f"DICOM file has no pixel data{how}")
+  uid = _transfer_syntax(ds, path)
+  problem = _syntax_problem(uid) if uid not in _NATIVE_LE else None
   if problem:
     raise DataError(path, problem)
   frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -286,15 +339,16 @@ def dicom_info(path: str) -> DicomInfo:
   import pydicom  # optional: the 'dicom' extra; pylint: disable=g-import-not-at-top
   try:
     with _open(path) as f:
-      check_format(f.read(132), path)
+      head = f.read(132)
+      check_format(head, path)
       f.seek(0)
-      ds = pydicom.dcmread(f, stop_before_pixels=True)
+      ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_preamble(head))
+      return DicomInfo(int(ds.get("NumberOfFrames", 1) or 1), str(ds.get("PatientID", "") or ""),
+                       str(ds.get("Modality", "") or ""))
   except DataError:
     raise
-  except Exception as e:
+  except Exception as e:  # OSError, pydicom's InvalidDicomError, ValueError of a malformed value
     raise DataError(path, f"cannot parse DICOM header ({type(e).__name__}: {e})") from None
-  return DicomInfo(int(ds.get("NumberOfFrames", 1) or 1), str(ds.get("PatientID", "") or ""),
-                   str(ds.get("Modality", "") or ""))
 
 
 def dicom_syntax_support() -> list[tuple[str, str, bool]]:

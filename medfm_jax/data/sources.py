@@ -251,6 +251,14 @@ def skip_log_path(workdir: str, process_index: int = 0) -> str:
   return str(storage.path(workdir) / name)
 
 
+def _data_error(path: str, error: Exception) -> DataError:
+  """``error`` raised on the data of ``path`` as a DataError (ValueErrors name their field)."""
+  if isinstance(error, DataError):
+    return error
+  return DataError(path, str(error) if isinstance(error, ValueError)
+                   else f"{type(error).__name__}: {error}")
+
+
 class RobustSource:
   """Base: index -> record with the ``on_error`` policy around ``_load`` (subclasses)."""
   name = "source"
@@ -311,8 +319,8 @@ class FileSource(RobustSource):
     decoded = decode.decode(decode.read_file(e.path), e.path, e.frame)
     try:
       image = self.preprocess(decoded)
-    except ValueError as err:
-      raise DataError(e.path, str(err)) from None
+    except Exception as err:  # any failure on a file's pixels is that file's data error
+      raise _data_error(e.path, err) from None
     label = self._labels.get(e.label, -1)
     return {"image": image, "label": np.int32(label), "finding": np.int32(label),
             "modality": np.int32(self._modalities.get(e.modality, 0)), "caption": e.caption,
@@ -370,8 +378,10 @@ class TfdsSource(RobustSource):
       decoded = (decode.decode(pixels, where, check_extension=False) if isinstance(pixels, bytes)
                  else decode.Decoded(np.asarray(pixels).reshape(*np.shape(pixels)[:2], -1)))
       image = self.preprocess(decoded)
-    except ValueError as e:
-      raise e if isinstance(e, DataError) else DataError(where, str(e)) from None
+    except DataError:
+      raise
+    except Exception as e:  # any failure on a record's pixels is that record's data error
+      raise _data_error(where, e) from None
     label = int(raw.get(label_key, -1))
     modality = raw.get("modality", 0)
     return {"image": image, "label": np.int32(label), "finding": np.int32(label),

@@ -127,3 +127,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind, choice.mode)
   return choice
+
+
+def barrier(name: str, timeout_s: float = 900.0) -> None:
+  """Waits until every process reaches ``name`` (no-op with one process), through the
+  coordination service rather than a device collective: processes whose compiles finish minutes
+  apart (loaded hosts) then start their first collective together, within gloo's fixed 30 s
+  context set-up deadline."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the coordination client; pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None or not hasattr(client, "wait_at_barrier"):
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -77,9 +77,14 @@ def dcn_granules(devices: Sequence[Any]) -> tuple[int, bool]:
   return len({d.process_index for d in devices}), True
 
 
+# mesh.dcn when the config has none: the slices (or processes) all on the data axis, as MaxText's
+# dcn_data_parallelism=-1.
+DEFAULT_DCN = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
 def _dcn_config(mesh_cfg) -> dict[str, int]:
   dcn = mesh_cfg.get("dcn") if hasattr(mesh_cfg, "get") else None
-  return {a: int((dcn or {}).get(a, 1)) for a in MESH_AXES}
+  return {a: int((dcn if dcn is not None else DEFAULT_DCN).get(a, 1)) for a in MESH_AXES}
 
 
 def resolve_hybrid_shape(mesh_cfg, num_devices: int, num_granules: int = 1,
@@ -88,21 +93,30 @@ def resolve_hybrid_shape(mesh_cfg, num_devices: int, num_granules: int = 1,
 
   ``mesh.{data,fsdp,tensor}`` are sizes inside one slice (``num_devices / num_granules``
   devices); ``mesh.dcn.{data,fsdp,tensor}`` are sizes across slices (or across processes where
-  there are no slices), with product ``num_granules``. With all DCN sizes 1 (the default) the
-  in-slice axes span every device, which several TPU slices do not allow.
+  there are no slices), with product ``num_granules``; the default ``data=-1`` puts them all on
+  the data axis. With all DCN sizes 1 (explicitly) the in-slice axes span every device, which
+  several TPU slices do not allow.
   """
   dcn_cfg = _dcn_config(mesh_cfg)
   if all(n == 1 for n in dcn_cfg.values()):
     if granules_are_slices and num_granules > 1:
       raise ValueError(f"mesh.dcn={dcn_cfg}: the devices span {num_granules} slices; set "
                        f"mesh.dcn.{{data,fsdp,tensor}} with product {num_granules} "
-                       f"(e.g. mesh.dcn.data={num_granules})")
+                       f"(e.g. mesh.dcn.data=-1, the default)")
     return resolve_mesh_shape(mesh_cfg, num_devices), dcn_cfg
   dcn = resolve_mesh_shape(dcn_cfg, num_granules, field="mesh.dcn", unit="slices or processes")
   if num_devices % num_granules:
     raise ValueError(f"mesh.dcn={dcn}: {num_granules} slices/processes do not split the "
                      f"{num_devices} devices evenly")
-  return resolve_mesh_shape(mesh_cfg, num_devices // num_granules, unit="devices per slice"), dcn
+  try:
+    ici = resolve_mesh_shape(mesh_cfg, num_devices // num_granules, unit="devices per slice")
+  except ValueError as e:
+    if num_granules == 1:
+      raise
+    raise ValueError(f"{e} (mesh.dcn={dcn} spans the {num_granules} "
+                     f"{'slices' if granules_are_slices else 'processes'}; mesh.dcn.data=1 with "
+                     f"processes lets mesh.{{data,fsdp,tensor}} span all devices)") from None
+  return ici, dcn
 
 
 def device_array(ici: dict[str, int], dcn: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
@@ -119,7 +133,8 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.shar
   """A (data, fsdp, tensor) mesh over all devices of all processes (Auto axis types); hybrid
   ICI x DCN when ``mesh.dcn`` spans several slices or processes."""
   devices = list(devices) if devices is not None else jax.devices()
-  ici, dcn = resolve_hybrid_shape(mesh_cfg, len(devices), *dcn_granules(devices))
+  granules, are_processes = dcn_granules(devices)
+  ici, dcn = resolve_hybrid_shape(mesh_cfg, len(devices), granules, not are_processes)
   axis_types = (AxisType.Auto,) * 3
   if math.prod(dcn.values()) > 1:
     return jax.sharding.Mesh(device_array(ici, dcn, devices), MESH_AXES, axis_types=axis_types)

@@ -4,9 +4,16 @@ restore (a checkpoint written on one mesh restores onto any other), partial rest
 Layout: ``WORKDIR/checkpoints/<step>/{state, data, meta}``; ``WORKDIR`` is a local path or a bucket
 URL (orbax reads and writes URLs directly). Orbax writes each step into a temporary directory and
 commits it when complete, so a crash mid-save never leaves a readable partial step.
+
+Damage after the commit (a truncated or garbled array file, a missing item, bad metadata) is found
+on resume: ``meta`` holds a :func:`fingerprint` of the state's arrays (orbax stores incompressible
+float chunks raw and would read garbled bytes back without complaint), and
+:meth:`Checkpointer.restore_latest` falls back to the newest readable step, moving the damaged
+ones to ``WORKDIR/checkpoints_damaged/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -19,9 +26,53 @@ from etils import epath
 
 from medfm_jax import storage
 
+_CHUNK = 1 << 20   # elements per host chunk of the fingerprint
+
 
 class CheckpointError(ValueError):
   """A checkpoint path or content a user supplied cannot be used."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A committed checkpoint step cannot be read back intact."""
+
+
+def _owned_blocks(x) -> list[np.ndarray]:
+  """The blocks of ``x`` this process counts: its addressable shards of replica 0 (together, over
+  all processes, every element once), or the whole value on process 0 for host values."""
+  if isinstance(x, jax.Array):
+    return [np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0]
+  return [np.asarray(x)] if jax.process_index() == 0 else []
+
+
+def fingerprint(tree) -> dict[str, list[int]]:
+  """``path -> [sum of words, sum of squared words]`` mod 2**32 of every leaf, where the words are
+  the elements' raw bits as unsigned integers of the dtype's width. Exact integer sums, so the
+  same for any sharding, mesh or process count; a changed element changes them."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = np.zeros((len(leaves), 2), np.uint64)
+  for i, (_, x) in enumerate(leaves):
+    for block in _owned_blocks(x):
+      words = np.ascontiguousarray(block).reshape(-1)
+      words = words.view(f"u{words.dtype.itemsize}") if words.dtype.itemsize <= 8 else words.view("u8")
+      for start in range(0, words.size, _CHUNK):
+        w = words[start:start + _CHUNK].astype(np.uint64)
+        sums[i, 0] += w.sum(dtype=np.uint64)    # uint64 arrays wrap silently: exact mod 2**64
+        sums[i, 1] += (w * w).sum(dtype=np.uint64)
+  sums = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only multi-process runs; pylint: disable=g-import-not-at-top
+    sums = np.asarray(multihost_utils.process_allgather(sums)).astype(np.uint64).sum(0)
+    sums = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): [int(a), int(b)]
+          for (p, _), (a, b) in zip(leaves, sums, strict=True)}
+
+
+def _reason(error: BaseException, limit: int = 160) -> str:
+  """One short line for an exception (TensorStore messages run to pages)."""
+  text = " ".join(str(error).split())
+  text = text.split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 class Checkpointer:
@@ -33,33 +84,148 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None   # the step of the save in flight (for its error)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator=None, meta: dict | None = None) -> None:
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+    """Starts saving ``step`` (async unless disabled). A save that fails (permission denied, disk
+    full, bucket unreachable) raises CheckpointError naming the step and path, here or, for an
+    async save, at the next save or :meth:`wait`; the earlier steps stay as they were."""
+    meta = dict(meta or {}, fingerprint=fingerprint(state))
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()                    # the previous async save's error names that step
+    with self._save_errors():
+      self._pending = step
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
 
+  @contextlib.contextmanager
+  def _save_errors(self):
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax/tensorstore/fsspec raise many kinds; pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise CheckpointError(f"cannot save step {step} to {self.directory / str(step)} "
+                            f"({_reason(e)}); earlier checkpoints are intact, the same command "
+                            "resumes from the newest") from e
+
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs).
+
+    CheckpointError if the step does not fit the config; DamagedCheckpointError if its arrays
+    differ from the fingerprint saved with them; whatever orbax raises if it cannot be read.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    remapped = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      remapped = self._remapped_data_state(step, data_iterator)
+      if remapped is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     _check_matches(self.directory / str(step) / "state", abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if remapped is not None:
+      data_iterator.set_state(remapped)
+    saved = (restored["meta"] or {}).get("fingerprint")
+    if saved is not None:      # checkpoints of older versions have none
+      got = fingerprint(restored["state"])
+      bad = sorted(k for k in saved if got.get(k) != saved[k])
+      if bad or set(got) != set(saved):
+        raise DamagedCheckpointError(f"array data differ from the fingerprint saved with them: "
+                                     f"{', '.join(bad[:3]) or 'leaf set'}{' ...' if len(bad) > 3 else ''}")
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
 
+  def _remapped_data_state(self, step: int, data_iterator) -> dict | None:
+    """None if the step's data-iterator states come from this run's process count; else the state
+    that continues the global stream here. Every process consumes one local batch per step and
+    the global batches do not depend on the process count, so in-process iterators
+    (``{"next_index": k}``, data.num_workers=0) map to the same position; per-worker states are
+    a CheckpointError (one line). A missing ``data`` item is damage, reported by the restore."""
+    data_dir = self.directory / str(step) / "data"
+    files = [p for p in data_dir.iterdir() if "-of-" in p.name] if data_dir.is_dir() else []
+    counts = {p.name.rsplit("-of-", 1)[1].split(".")[0] for p in files}
+    if len(counts) != 1 or int(next(iter(counts))) == jax.process_count():
+      return None
+    states = [json.loads(storage.read_text(p)) for p in files]
+    ours = data_iterator.get_state()
+    if (all(isinstance(st, dict) and set(st) == {"next_index"} for st in states + [ours])
+        and len({st["next_index"] for st in states}) == 1):
+      logging.warning("checkpoint: step %d was written by %d process(es), this run has %d: the "
+                      "data stream continues at batch %d", step, len(files), jax.process_count(),
+                      states[0]["next_index"])
+      return dict(states[0])
+    raise CheckpointError(
+        f"checkpoint {self.directory / str(step)} was written by {len(files)} process(es) and "
+        f"this run has {jax.process_count()}: resuming on another process count needs "
+        "data.num_workers=0 in both runs (per-worker iterator states cannot be remapped); rerun "
+        "with the original process count, or start a new --workdir with --config.init_from "
+        "pointing at this one")
+
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """``(step, state)`` of the newest readable checkpoint (``data_iterator`` restored with it),
+    or None if there is none.
+
+    A step that cannot be read (truncated/garbled array file, missing item, bad metadata) is
+    skipped with a warning naming it, and moved to ``WORKDIR/checkpoints_damaged/<step>`` once an
+    older step restored (so that the resumed run can save that step again). CheckpointError
+    (one line naming the directory) if steps exist but none is readable, or if the newest
+    readable one does not fit the config.
+    """
+    steps = sorted(self.manager.all_steps(read=True), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except CheckpointError:
+        raise
+      except Exception as e:  # orbax/tensorstore/grain raise many kinds; pylint: disable=broad-except
+        damaged.append((step, _reason(e)))
+        logging.warning("checkpoint: step %d in %s is damaged and skipped (%s)", step,
+                        self.directory, damaged[-1][1])
+        continue
+      if damaged:
+        self._set_aside([s for s, _ in damaged])
+        logging.warning("checkpoint: resuming from step %d; damaged newer step(s) %s moved to %s",
+                        step, ", ".join(str(s) for s, _ in damaged), self._damaged_dir)
+      return step, state
+    if damaged:
+      raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(
+          f"step {s}: {r}" for s, r in damaged) + "; move the directory away to start afresh")
+    return None
+
+  @property
+  def _damaged_dir(self) -> epath.Path:
+    return self.directory.parent / "checkpoints_damaged"
+
+  def _set_aside(self, steps) -> None:
+    """Moves damaged steps out of the manager's directory (process 0), then re-reads it."""
+    if jax.process_index() == 0:
+      self._damaged_dir.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = self._damaged_dir / str(step)
+        if target.exists():
+          target.rmtree()
+        (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # only multi-process runs; pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("medfm_jax_checkpoint_set_aside")
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:
@@ -70,7 +236,10 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
 def _check_matches(state_dir: epath.Path, abstract_state) -> None:
   """Raises CheckpointError naming missing/unexpected keys and shape mismatches, before reading."""
   with ocp.PyTreeCheckpointer() as ckptr:
-    stored = _shapes_by_path(ckptr.metadata(state_dir).item_metadata.tree)
+    metadata = ckptr.metadata(state_dir).item_metadata
+  if metadata is None:
+    raise DamagedCheckpointError(f"{state_dir}: no readable array metadata (_METADATA)")
+  stored = _shapes_by_path(metadata.tree)
   problems = mismatch_report(stored, _shapes_by_path(abstract_state))
   if problems:
     raise CheckpointError(f"checkpoint {state_dir.parent} does not fit this config's train "

@@ -7,16 +7,21 @@ about any objective beyond ``Objective``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import pipeline
 from medfm_jax.data import spec as data_spec
+from medfm_jax.parallel import distributed
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import assemble as assemble_lib
 from medfm_jax.train import checkpoint as ckpt_lib
@@ -26,6 +31,58 @@ from medfm_jax.train import telemetry
 
 class NonFiniteError(RuntimeError):
   """Loss or gradients became NaN/Inf; the bad state was not saved."""
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT stopped the run after a step; that step's checkpoint is committed."""
+
+  def __init__(self, signal_name: str, step: int, directory: str):
+    self.signal_name, self.step, self.directory = signal_name, step, directory
+    super().__init__(f"{signal_name}: stopped after step {step} and saved it to {directory}; "
+                     "run the same command to resume")
+
+
+class StopSignals:
+  """SIGTERM/SIGINT handlers for the run: the first signal asks the loop to stop after the
+  current step (``requested``); a second one exits at once. Installed only on the main thread;
+  the previous handlers come back on exit."""
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      os.write(2, f"medfm_jax: second {signal.Signals(signum).name}: exiting now, without "
+                  "saving\n".encode())
+      os._exit(128 + signum)
+    self.received = signum
+    logging.warning("%s received: finishing the current step, then saving a checkpoint "
+                    "(send it again to exit at once)", signal.Signals(signum).name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self) -> bool:
+    """Whether any process got a signal; with several processes every one calls this at the
+    same step and all get the same answer (a tiny all-gather), so they stop at the same step."""
+    flag = self.received is not None
+    if jax.process_count() > 1:
+      flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+    return flag
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
 
 
 # Called as ``hook(step, state)`` after every train step (``step`` = steps done), before that
@@ -66,12 +123,14 @@ def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = Non
   data_iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed,
                                                jax.process_index(), jax.process_count(),
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
-  latest = checkpointer.latest_step() if checkpointer else None
-  if latest is None:
+  restored = None
+  if checkpointer is not None:
+    with mesh_lib.use_mesh(assembly.mesh):
+      restored = checkpointer.restore_latest(assembly.abstract_state, data_iterator)
+  if restored is None:
     state, start = assembly.init_state(), 0
   else:
-    with mesh_lib.use_mesh(assembly.mesh):
-      state = checkpointer.restore(latest, assembly.abstract_state, data_iterator)
+    state = restored[1]
     start = int(jax.device_get(state.step))
   return Trainer(assembly, workdir, data_iterator, state, start)
 
@@ -119,9 +178,10 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
   trainer = writer = None
   try:
-    trainer = setup(config, workdir, checkpointer, mesh)
-    writer = telemetry.MetricWriter(workdir)
-    return _run(trainer, checkpointer, writer, hooks)
+    with StopSignals() as stop:
+      trainer = setup(config, workdir, checkpointer, mesh)
+      writer = telemetry.MetricWriter(workdir)
+      return _run(trainer, checkpointer, writer, hooks, stop)
   finally:
     checkpointer.close()
     if writer is not None:
@@ -130,7 +190,8 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
       trainer.data_iterator.close()
 
 
-def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
+def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
+         stop: StopSignals | None = None) -> state_lib.TrainState:
   config, mesh, objective, data = trainer.config, trainer.mesh, trainer.objective, trainer.data
   step_fn, eval_fn = trainer.assembly.train_step, trainer.assembly.eval_step
   total, step = config.total_steps, trainer.start_step
@@ -160,6 +221,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
     logging.info("compiled train step in %.1fs: %.3g GFLOP/step on %d devices, mesh %s",
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
+    distributed.barrier("medfm_jax_train_step_compiled")   # first collectives start together
     if step == 0:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
     progress = telemetry.Progress(step, total)
@@ -192,10 +254,18 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = ())
       t0 = time.perf_counter()
       if step % config.eval_every == 0 or step == total:
         _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
-      if step % config.checkpoint_every == 0 or step == total:
+      saved = step % config.checkpoint_every == 0 or step == total
+      if saved:
         _check_finite(trainer.state)
         checkpointer.save(step, trainer.state, trainer.data_iterator,
                           {"step": step, "config": config.to_json_best_effort()})
+      if stop is not None and stop.requested():
+        _check_finite(trainer.state)
+        if not saved:
+          checkpointer.save(step, trainer.state, trainer.data_iterator,
+                            {"step": step, "config": config.to_json_best_effort()})
+        checkpointer.wait()
+        raise Preempted(stop.name, step, str(checkpointer.directory / str(step)))
       progress.exclude(time.perf_counter() - t0)
       if step < total:   # after the save, so the saved iterator state starts at this batch
         batch = next_batch()

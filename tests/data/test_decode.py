@@ -1,11 +1,16 @@
-"""Decoding real files (PNG, JPEG, 16-bit PNG/TIFF, DICOM) with known pixels; windowing vs pydicom."""
+"""Decoding real files (PNG, JPEG, 16-bit PNG/TIFF, DICOM) with known pixels; windowing vs pydicom;
+DICOM files from other writers (pydicom's bundled test files)."""
 import io
+import pathlib
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from PIL import Image
 from pydicom import uid as uids
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_windowing
 
 from medfm_jax.data import decode, export, transforms
@@ -153,3 +158,98 @@ def test_native_fast_path_masks_bits_above_high_bit_like_pydicom(tmp_path, signe
     got = _decode_file(path, f).pixels[..., 0]
     np.testing.assert_array_equal(got, pydicom.pixels.pixel_array(path, index=f))
     np.testing.assert_array_equal(got, vals[f])
+
+
+# pydicom's bundled test files: written by dcmtk, GDCM, vendor CT/MR/CR/RT systems and pydicom,
+# with and without meta header, uncompressed (implicit/explicit VR, big endian) and compressed
+# (RLE, JPEG, JPEG-LS, JPEG 2000, deflate). Read from the package folder (get_testdata_files would
+# try to download pydicom-data).
+FOREIGN = pathlib.Path(pydicom.data.__file__).parent / "test_files"
+# The refused files, other than those without pixel data (DICOMDIR, SR, RT plan/struct, ECG, ...),
+# and why (pydicom cannot decode them either).
+FOREIGN_REFUSED = {
+    "no_meta.dcm": "not a PNG/JPEG/TIFF/DICOM file",          # starts with 0x20: no element
+    "JPEG-lossy.dcm": "libjpeg error code '-1038'",           # 12-bit JPEG Extended, damaged scan
+    "JPEG2000-embedded-sequence-delimiter.dcm": "failed to read the header",
+    "MR_truncated.dcm": "pixel data has 8130 bytes, expected 8192",
+    "badVR.dcm": "invalid literal for int() with base 10: '1A'",   # NumberOfFrames (IS) = '1A'
+    "meta_missing_tsyntax.dcm": "'Bits Allocated'",           # pixel data without image module
+    "nested_priv_SQ.dcm": "'Bits Allocated'",
+}
+
+
+def _pydicom_reference(path):
+  """pydicom's frame 0 (modality values for grayscale), or None if pydicom cannot decode it."""
+  try:
+    ds = pydicom.dcmread(path, force=True)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    ref = pydicom.pixels.pixel_array(ds, index=0 if frames > 1 else None)
+    return apply_modality_lut(ref, ds)[..., None] if ref.ndim == 2 else ref
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def test_foreign_dicom_files_decode_like_pydicom_or_refuse_in_one_line():
+  files = sorted(p for p in FOREIGN.rglob("*") if p.is_file() and p.suffix in ("", ".dcm"))
+  decoded, refused = [], {}
+  for p in files:
+    ref = _pydicom_reference(p)
+    try:
+      got = _decode_file(p).pixels
+    except decode.DataError as e:
+      msg = str(e)
+      assert msg.startswith(f"{p}: ") and "\n" not in msg, msg
+      assert ref is None, f"pydicom decodes {p.name} but it was refused: {msg}"
+      if "no pixel data" not in msg and p.name != "README":
+        refused[p.name] = e.reason
+      continue
+    assert ref is not None and got.shape == ref.shape, p.name
+    np.testing.assert_allclose(got, ref, rtol=1e-6, err_msg=p.name)
+    decoded.append(p.relative_to(FOREIGN).as_posix())
+  assert sorted(refused) == sorted(FOREIGN_REFUSED)
+  for name, reason in refused.items():
+    assert FOREIGN_REFUSED[name] in reason, (name, reason)
+  # TIFF header in the preamble (dual-format files), big endian, implicit VR, vendor CR/CT/MR.
+  assert {"CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
+          "examples_rgb_color.dcm", "SC_rgb_dcmtk_+eb+cr.dcm", "SC_rgb_gdcm_KY.dcm",
+          "dicomdirtests/77654033/CR1/6154"} <= set(decoded)
+  assert len(decoded) >= 80
+
+
+@pytest.mark.parametrize("layout", ["implicit_le", "explicit_le", "explicit_be", "meta_no_preamble"])
+def test_dicom_without_preamble_or_meta_reads_with_force(layout):
+  """CT_small.dcm rewritten as a bare dataset (no preamble, no meta header) or a meta header
+  without preamble, as older writers and some PACS exports store them."""
+  ds = pydicom.dcmread(FOREIGN / "CT_small.dcm")
+  want = _decode_file(FOREIGN / "CT_small.dcm").pixels
+  buf = io.BytesIO()
+  if layout == "meta_no_preamble":
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()[132:]
+  else:
+    implicit, little = {"implicit_le": (True, True), "explicit_le": (False, True),
+                        "explicit_be": (False, False)}[layout]
+    if not little:
+      ds.PixelData = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder(">")).tobytes()
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    pydicom.dcmwrite(buf, ds, implicit_vr=implicit, little_endian=little, enforce_file_format=False)
+    data = buf.getvalue()
+  assert data[128:132] != b"DICM"
+  np.testing.assert_array_equal(decode.decode(data, "1.2.840.99").pixels, want)   # no extension
+  np.testing.assert_array_equal(decode.decode(data, "ct.dcm").pixels, want)
+
+
+def test_dicom_marker_wins_over_tiff_preamble_and_bare_data_is_refused_in_one_line():
+  data = (FOREIGN / "CT_small.dcm").read_bytes()
+  assert data[:4] == b"II*\x00" and decode.sniff(data[:132]) == "dicom"
+  with pytest.raises(decode.DataError, match="content is DICOM but the extension '.tif'"):
+    decode.decode(data, "ct.tif")
+  ds = pydicom.dcmread(FOREIGN / "CT_small.dcm")
+  ds.preamble, ds.file_meta = None, FileMetaDataset()
+  ds.PixelData = encapsulate([b"\0" * 64])      # compressed pixels but no syntax to name the codec
+  ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+  buf = io.BytesIO()
+  pydicom.dcmwrite(buf, ds, implicit_vr=False, little_endian=True, enforce_file_format=False)
+  with pytest.raises(decode.DataError, match="no transfer syntax") as e:
+    decode.decode(buf.getvalue(), "c.dcm")
+  assert str(e.value).startswith("c.dcm: ") and "\n" not in str(e.value)

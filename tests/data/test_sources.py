@@ -1,8 +1,10 @@
 """Folder and manifest sources on real files the tests write: labels, frames, splits, bad data."""
 import json
 import os
+import pathlib
 
 import numpy as np
+import pydicom.data
 import pytest
 from pydicom import uid as uids
 
@@ -154,12 +156,17 @@ def _bad_file(folder, kind):
   elif kind == "unsupported_syntax":
     path = folder / "video.dcm"
     export.write_dicom_encapsulated(str(path), [b"\0" * 64], uids.MPEG4HP41, 16, 16)
+  elif kind == "malformed_value":   # RescaleIntercept (DS) '-10x4': pydicom raises ValueError
+    path = folder / "malformed.dcm"
+    export.write_dicom(str(path), np.zeros((16, 16), np.int16), intercept=-1024.0)
+    path.write_bytes(path.read_bytes().replace(b"DS\x06\x00-1024 ", b"DS\x06\x00-10x4 ", 1))
   return str(path)
 
 
 BAD_KINDS = {"corrupt": "cannot decode image", "truncated": "cannot decode image",
              "zero_byte": "empty file", "wrong_extension": "content is PNG but the extension",
-             "not_an_image": "unsupported file extension", "unsupported_syntax": "MPEG-4"}
+             "not_an_image": "unsupported file extension", "unsupported_syntax": "MPEG-4",
+             "malformed_value": "could not convert string to float: '-10x4'"}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +226,8 @@ def test_skip_counts_reach_the_train_batches(bad_folder):
 
 def test_bad_file_error_crosses_worker_processes_intact(bad_folder):
   folder, _, paths = bad_folder
-  manifest = _manifest(folder, [folder / "ok.png", paths["zero_byte"]], "workers")
+  kind = "malformed_value"    # pydicom's ValueError, raised in the worker, arrives as a DataError
+  manifest = _manifest(folder, [folder / "ok.png", paths[kind]], "workers")
   it = pipeline.make_train_iterator(_cfg(source="manifest", path=manifest, splits="train:1",
                                          num_workers=1), 2, seed=0)
   try:
@@ -227,7 +235,25 @@ def test_bad_file_error_crosses_worker_processes_intact(bad_folder):
       next(it)
   finally:
     it.close()
-  assert str(e.value) == f"{paths['zero_byte']}: empty file (0 bytes)"
+  assert str(e.value).startswith(f"{paths[kind]}: ") and BAD_KINDS[kind] in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_malformed_header_value_is_a_data_error_when_listing(tmp_path):
+  """pydicom's badVR.dcm (dcmtk; NumberOfFrames, an IS, is '1A'): one line naming the file with
+  on_error=raise, read and skipped with on_error=skip."""
+  bad = tmp_path / "bad.dcm"
+  bad.write_bytes((pathlib.Path(pydicom.data.__file__).parent / "test_files" / "badVR.dcm").read_bytes())
+  _png(tmp_path / "ok.png", value=5)
+  manifest = _manifest(tmp_path, [bad, tmp_path / "ok.png"], "m")
+  with pytest.raises(pipeline.DataError) as e:
+    pipeline.make_source(_cfg(source="manifest", path=manifest, splits="train:1"), "train")
+  assert str(e.value).startswith(f"{bad}: ") and "'1A'" in str(e.value) and "\n" not in str(e.value)
+  log = str(tmp_path / "skipped_files.txt")
+  src = pipeline.make_source(_cfg(source="manifest", path=manifest, splits="train:1",
+                                  on_error="skip"), "train", skip_log=log)
+  assert src[0]["skipped"] == 1 and src[0]["image"][0, 0, 0] == 5
+  assert open(log).read().startswith(f"{bad}\t")
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -61,7 +61,7 @@ def test_processes_are_the_dcn_units_without_slices():
 
 @pytest.mark.parametrize("mesh, message", [
     ({"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}},
-     "the devices span 4 slices; set mesh.dcn.{data,fsdp,tensor} with product 4 (e.g. mesh.dcn.data=4)"),
+     "the devices span 4 slices; set mesh.dcn.{data,fsdp,tensor} with product 4 (e.g. mesh.dcn.data=-1, the default)"),
     ({"data": -1, "fsdp": 1, "tensor": 1, "dcn": {"data": 3, "fsdp": 1, "tensor": 1}},
      "mesh.dcn={'data': 3, 'fsdp': 1, 'tensor': 1}: product 3 != number of slices or processes 4"),
     ({"data": 3, "fsdp": 1, "tensor": 1, "dcn": {"data": 4, "fsdp": 1, "tensor": 1}},
@@ -71,6 +71,26 @@ def test_bad_hybrid_shapes_name_the_field(mesh, message):
   with pytest.raises(ValueError) as e:
     mesh_lib.resolve_hybrid_shape(mesh, 32, 4, True)
   assert message in str(e.value)
+
+
+def test_dcn_fills_with_the_processes_or_slices_by_default_and_explicit_values_win():
+  default = mae.get_config("tiny").mesh                          # data=-1, dcn.data=-1
+  assert mesh_lib.resolve_hybrid_shape(default, 8, 1, False) == (
+      {"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1})
+  for granules, slices in ((2, False), (4, True)):               # processes, or TPU slices
+    ici, dcn = mesh_lib.resolve_hybrid_shape(default, 8, granules, slices)
+    assert dcn == {"data": granules, "fsdp": 1, "tensor": 1}
+    assert ici == {"data": 8 // granules, "fsdp": 1, "tensor": 1}
+  no_dcn = {"data": 1, "fsdp": -1, "tensor": 1}                  # a mesh dict without dcn
+  assert mesh_lib.resolve_hybrid_shape(no_dcn, 8, 2, False)[1]["data"] == 2
+  explicit = mae.get_config("tiny,mesh.dcn.data=1,mesh.fsdp=8").mesh   # processes: span all
+  assert mesh_lib.resolve_hybrid_shape(explicit, 8, 2, False) == (
+      {"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1})
+  over_fsdp = mae.get_config("tiny,mesh.dcn.data=1,mesh.dcn.fsdp=-1").mesh
+  assert mesh_lib.resolve_hybrid_shape(over_fsdp, 8, 2, False)[1] == {"data": 1, "fsdp": 2, "tensor": 1}
+  with pytest.raises(ValueError) as e:                         # fsdp=8 does not fit 4 per process
+    mesh_lib.resolve_hybrid_shape(mae.get_config("tiny,mesh.fsdp=8").mesh, 8, 2, False)
+  assert "4 devices per slice" in str(e.value) and "mesh.dcn.data=1" in str(e.value)
 
 
 def test_config_validation_checks_dcn_on_this_host():

@@ -1,6 +1,9 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
-train exactly like one process with 4 devices on the same global batches."""
+train exactly like one process with 4 devices on the same global batches; the default mesh.dcn,
+a mesh that does not fit, SIGTERM to one process, and resume on another process count."""
 import os
+import shutil
+import signal
 import pytest
 import subprocess
 import sys
@@ -17,8 +20,9 @@ _ARGS = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--confi
          "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
          "--config.eval_every=3", "--config.checkpoint_every=3",
          "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
-# The 2-process run puts its data axis across the processes (DCN) and fsdp inside each.
-_MULTI = ["--config.mesh.data=1", "--config.mesh.dcn.data=2"]
+# The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
+# the data axis (DCN), and mesh.fsdp=2 stays inside each.
+_MULTI = []
 _SINGLE = ["--config.mesh.data=2"]
 
 
@@ -33,6 +37,7 @@ def test_two_processes_match_one(tmp_path):
   wall = time.perf_counter() - t0
   assert result.returncode == 0, result.stdout[-4000:]
   assert "[1] " in result.stdout and "process 1 of 2, 2 local / 4 global devices (cpu; explicit)" in result.stdout
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in result.stdout
   print(f"2-process run: {wall:.1f}s wall")
 
   result = helpers.run_cli(_ARGS + _SINGLE + [f"--workdir={single}"],
@@ -70,3 +75,130 @@ def test_launcher_dry_run_prints_one_command_per_process():
     assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 ")
     assert line.endswith(f" -m medfm_jax.main --config=configs/mae.py:tiny '--workdir=/tmp/w x' "
                          f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}")
+
+
+
+@pytest.mark.slow
+def test_a_mesh_that_does_not_fit_is_one_line_per_process_before_any_write(tmp_path):
+  """2 processes with 1 device each cannot hold mesh.fsdp=2 inside a process (mesh.dcn, by
+  default, spans the processes): one config-error line from each, no traceback, nothing written."""
+  bad = tmp_path / "bad"
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=1",
+       "--timeout=300", "--", *_ARGS, f"--workdir={bad}"],      # _ARGS sets mesh.fsdp=2
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=360)
+  assert result.returncode == 2, result.stdout[-4000:]
+  errors = [line for line in result.stdout.splitlines() if "medfm_jax: config error: " in line]
+  assert len(errors) == 2, result.stdout[-4000:]
+  assert all("fixed axes (2) do not divide the 1 devices per slice" in e for e in errors), errors
+  assert "Traceback" not in result.stdout and not bad.exists()
+
+
+def _child_with(parent_pid, needle):
+  """The pid of the child process of ``parent_pid`` whose command line contains ``needle``."""
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode()
+    except OSError:
+      continue
+    if ppid == parent_pid and needle in cmdline:
+      return int(pid)
+  return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: both processes stop after the same step, save it jointly and
+  exit 0; process 0 names the other process's signal."""
+  workdir = tmp_path / "preempted"
+  args = [a for a in _ARGS if "total_steps" not in a and "checkpoint_every" not in a]
+  proc = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, "--config.total_steps=200", "--config.checkpoint_every=1000",
+       f"--workdir={workdir}"],
+      cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 600
+  while time.monotonic() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and any(
+        "loss" in m and m["step"] >= 2 for m in helpers.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  victim = _child_with(proc.pid, "--process_id=1")
+  assert victim is not None
+  os.kill(victim, signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+  lines = {i: [l for l in out.splitlines() if l.startswith(f"[{i}] medfm_jax: ")] for i in (0, 1)}
+  assert len(lines[0]) == 1 and len(lines[1]) == 1, out[-4000:]
+  assert lines[1][0].startswith("[1] medfm_jax: SIGTERM: stopped after step ")
+  assert lines[0][0].startswith("[0] medfm_jax: a signal on another process: stopped after step ")
+  steps = {int(lines[i][0].split("stopped after step ")[1].split()[0]) for i in (0, 1)}
+  assert len(steps) == 1, lines
+  step = steps.pop()
+  assert 2 <= step < 200
+  assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_on_two(tmp_path):
+  """1 process x 4 devices, killed after step 3 (checkpoint 2), resumed by 2 processes x 2
+  devices: the data stream continues at batch 2 and step 3 ends with the uninterrupted
+  1-process parameters within float tolerance."""
+  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
+      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
+  four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={straight}"], env_extra=four)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={moved}", "--crash_at_step=3"],
+                           env_extra=four, module="tests.crash_main")
+  assert result.returncode == -9 and ckpt_lib.Checkpointer(moved).latest_step() == 2
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, f"--workdir={moved}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  assert result.returncode == 0, result.stdout[-4000:]
+  assert "written by 1 process(es), this run has 2: the data stream continues at batch 2" in result.stdout
+  loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}
+  np.testing.assert_allclose(loss(moved)[3], loss(straight)[3], rtol=0, atol=1e-5)
+  a = ckpt_lib.restore_params(os.path.join(straight, "checkpoints", "3"))
+  b = ckpt_lib.restore_params(os.path.join(moved, "checkpoints", "3"))
+  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  print(f"1 -> 2 processes: max |param diff| {max(diffs):.2e}")
+  assert max(diffs) <= 1e-5
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_on_one(tmp_path):
+  """2 processes x 2 devices to step 3 (checkpoints 2 and 3); step 3 removed (as if killed
+  before it), then 1 process x 4 devices resumes from 2: step 3 within float tolerance."""
+  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
+      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
+  two = str(tmp_path / "two")
+  result = subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, f"--workdir={two}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  assert result.returncode == 0, result.stdout[-4000:]
+  want = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
+  loss3 = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
+  shutil.rmtree(os.path.join(two, "checkpoints", "3"))
+  result = helpers.run_cli(args + _SINGLE + [f"--workdir={two}"],
+                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "written by 2 process(es), this run has 1: the data stream continues at batch 2" in result.stderr
+  got = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
+  redone = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
+  np.testing.assert_allclose(redone[-1], loss3[0], rtol=0, atol=1e-5)
+  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+           for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)]
+  print(f"2 -> 1 processes: max |param diff| {max(diffs):.2e}")
+  assert max(diffs) <= 1e-5
