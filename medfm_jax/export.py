@@ -29,14 +29,6 @@ from medfm_jax.train import checkpoint as ckpt_lib
 
 FORMATS = ("hf", "open_clip", "timm")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints/<step> directory).")
-_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: a transformers directory (config.json, "
-                            "model.safetensors); open_clip: a CLIP run for open_clip.create_model('local-dir:DIR'); "
-                            "timm: the run's image encoder for timm.create_model('local-dir:DIR').")
-_OUT = flags.DEFINE_string("out", None, "Output directory (created).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-
-
 def checkpoint_path(workdir: str, step: int | None) -> str:
   """The checkpoint of ``workdir`` at ``step`` (None: the latest)."""
   if step is None:
@@ -103,4 +95,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module (tests, other CLIs
+  # such as medfm_jax.main with its own --workdir) never clashes with their flags.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (or its checkpoints/<step> directory).")
+  _FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: a transformers directory (config.json, "
+                              "model.safetensors); open_clip: a CLIP run for open_clip.create_model('local-dir:DIR'); "
+                              "timm: the run's image encoder for timm.create_model('local-dir:DIR').")
+  _OUT = flags.DEFINE_string("out", None, "Output directory (created).")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
   app.run(main)
