@@ -35,7 +35,7 @@ setup(
         "dicom": DICOM,
         "text": TEXT,
         "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT],
-        "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
+        "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "segment-anything==1.0"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
     },
 )

@@ -67,6 +67,12 @@ def full_config(cfg: dict[str, Any] | None = None, **overrides) -> dict[str, Any
     if k not in DEFAULTS:
       raise ValueError(f"SAM config field {k!r} is unknown; allowed: {', '.join(sorted(DEFAULTS))}")
     out[k] = tuple(v) if k == "global_attn_indexes" else v
+  c, rate = out["prompt_dim"], out["attention_downsample_rate"]
+  if out["width"] % out["num_heads"]:
+    raise ValueError(f"SAM width={out['width']} is not divisible by num_heads={out['num_heads']}")
+  if c % 8 or c % rate or (c // rate) % out["decoder_heads"] or c % out["decoder_heads"]:
+    raise ValueError(f"SAM prompt_dim={c} must be divisible by 8, and prompt_dim and prompt_dim / "
+                     f"attention_downsample_rate ({rate}) by decoder_heads={out['decoder_heads']}")
   return out
 
 
