@@ -49,7 +49,7 @@ class SegmentAnything(nn.Module):
     return self.image_encoder(images, deterministic=deterministic)
 
   def predict(self, image_embeddings, points=None, labels=None, boxes=None, masks=None,
-              multimask_output: bool = True):
+              multimask_output: bool | None = True):
     sparse, dense = self.prompt_encoder(points, labels, boxes, masks, batch_size=image_embeddings.shape[0])
     return self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense, multimask_output)
 

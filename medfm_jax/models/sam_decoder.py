@@ -130,7 +130,8 @@ class ConvTranspose2x2(nn.Module):
 class SamMaskDecoder(nn.Module):
   """``(image_embeddings [B, h, w, C], image_pe [h, w, C], sparse [B, M, T, C], dense [B, M | 1, h, w, C])``
   -> ``(mask logits [B, M, K, 4h, 4w], iou [B, M, K])``; ``K = num_multimask_outputs`` with
-  ``multimask_output`` (mask tokens 1..), else 1 (mask token 0)."""
+  ``multimask_output`` True (mask tokens 1..), 1 with False (mask token 0), and all
+  ``num_multimask_outputs + 1`` with None (training picks per example)."""
   transformer_dim: int = 256
   num_multimask_outputs: int = 3
   depth: int = 2
@@ -143,7 +144,7 @@ class SamMaskDecoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool = True):
+  def __call__(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool | None = True):
     b, h, w, c = image_embeddings.shape
     m = sparse.shape[1]
     n_masks = self.num_multimask_outputs + 1
@@ -168,5 +169,5 @@ class SamMaskDecoder(nn.Module):
     masks = jnp.einsum("bkc,byxc->bkyx", hyper, x).reshape(b, m, n_masks, 4 * h, 4 * w)
     iou = Mlp(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, self.dtype,
               name="iou_head")(iou_out).reshape(b, m, n_masks)
-    sel = slice(1, None) if multimask_output else slice(0, 1)
+    sel = slice(None) if multimask_output is None else slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, :, sel].astype(jnp.float32), iou[:, :, sel].astype(jnp.float32)
