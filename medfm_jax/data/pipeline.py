@@ -59,8 +59,9 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
                                   seed=0, num_examples=num_examples, masks=spec.segment is not None)
-  if spec.segment is not None:
-    raise ValueError(f"data.segment: masks come from the phantoms only so far, not data.source={spec.source!r}")
+  if spec.segment is not None and spec.source not in ("phantoms", "manifest"):
+    raise ValueError(f"data.segment: masks come from the phantoms or a manifest's 'mask' column, "
+                     f"not data.source={spec.source!r}")
   if spec.source in SOURCES:
     return sources.make_file_source(spec, split, num_examples, skip_log)
   raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
@@ -206,12 +207,19 @@ class _TrainTransform(grain.transforms.Map):
 
 def _segmentation_example(record: dict, rng: np.random.Generator, segment: prompts.PromptSpec,
                           image_size: int, flip: bool) -> tuple[np.ndarray, dict]:
-  """(image uint8 [S, S, C], target + prompts) of a record with masks, flipped with the image."""
+  """(image uint8 [S, S, C], target + prompts) of a record with masks, flipped with the image;
+  other sizes are centre-cropped to a square and resized (masks by nearest neighbour)."""
   image = record["image"]
-  if image.shape[:2] != (image_size, image_size) or record["masks"].shape[:2] != image.shape[:2]:
+  if "masks" not in record:
     raise DataError(record.get("path", f"record {record.get('index', '?')}"),
-                    f"data.segment needs images and masks at data.image_size={image_size}, got "
-                    f"{image.shape[:2]} and {record['masks'].shape[:2]}")
+                    "data.segment: the record has no mask (manifests: a 'mask' column)")
+  if image.shape[:2] != (image_size, image_size):
+    h, w = image.shape[:2]
+    side = min(h, w)
+    idx = lambda n, off: (off + (np.arange(image_size) + 0.5) * side / image_size).astype(np.int64)
+    rows, cols = idx(h, (h - side) // 2), idx(w, (w - side) // 2)
+    record = {**record, "masks": record["masks"][rows][:, cols], "lesion_ids": record["lesion_ids"][rows][:, cols]}
+    image = transforms.center_resize(image, image_size)
   if flip and rng.random() < 0.5:
     record = {**record, "masks": record["masks"][:, ::-1], "lesion_ids": record["lesion_ids"][:, ::-1]}
     image = image[:, ::-1]

@@ -61,3 +61,29 @@ def test_pipeline_batches_carry_targets_and_prompts():
     np.testing.assert_array_equal(inside, [1, 1, 0])
   evals = list(pipeline.make_eval_batches(spec, "val", 8, 10))
   assert len(evals) == 2 and not evals[1]["mask"][2:].any() and not evals[1]["target"][2:].any()
+
+
+def test_manifest_mask_column(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rows = ["path,label,mask"]
+  for i in range(4):
+    img = np.full((40, 60), 30, np.uint8)
+    ids = np.zeros((40, 60), np.uint8)
+    ids[10:20, 25 + i:35 + i] = 1          # object 1 (bright in the image)
+    ids[25:30, 40:50] = 2                  # object 2
+    img[ids > 0] = 220
+    Image.fromarray(img).save(tmp_path / f"im{i}.png")
+    Image.fromarray(ids).save(tmp_path / f"m{i}.png")
+    rows.append(f"im{i}.png,a,m{i}.png")
+  (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+  data = dict(source="manifest", path=str(tmp_path / "data.csv"), image_size=32, channels=1, flip=False,
+              splits="train:1.0", segment=dict(classes=("lesion",), jitter=0.0))
+  batch = next(pipeline.make_train_iterator(spec_lib.resolve(data), 4, seed=0))
+  for i in range(4):   # the target is one object, and the (resampled) image is bright there
+    t, img = batch["target"][i] > 0, batch["image"][i, ..., 0]
+    mid = (img.max() + img.min()) / 2
+    assert t.sum() > 5 and (img[t] > mid).mean() > 0.8 and (img[~t] > mid).mean() < 0.2
+    ys, xs = np.nonzero(t)
+    np.testing.assert_array_equal(batch["box"][i], [xs.min(), ys.min(), xs.max(), ys.max()])
+  with pytest.raises(ValueError, match="data.segment: masks come from"):
+    pipeline.make_source(spec_lib.resolve({**data, "source": "folder"}), "train")
