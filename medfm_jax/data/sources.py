@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from absl import logging
 from etils import epath
+from PIL import Image
 
 from medfm_jax import storage
 from medfm_jax.data import decode
@@ -332,7 +333,6 @@ def read_mask(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
   """A PNG label map -> the phantoms' mask record fields: ``lesion_ids`` (the objects 1..k),
   ``masks`` [H, W, 3] (objects, the whole image as 'body', no organ); resized to ``shape`` by
   nearest neighbour when the image was resized."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
     with Image.open(io.BytesIO(decode.read_file(path))) as im:
       ids = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
