@@ -26,11 +26,17 @@ encoder from any of our checkpoints with an image encoder (MAE, DINO, CLIP image
 """
 from __future__ import annotations
 
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from PIL import Image
 
+from medfm_jax import storage
+from medfm_jax.data import phantoms
 from medfm_jax.errors import check, config_errors
 from medfm_jax.interop import sam as sam_io
 from medfm_jax.models import sam as sam_lib
@@ -278,6 +284,9 @@ class SamObjective(base.Objective):
     mask = batch["mask"]
     dice, iou = hard_scores(self.predict_box(params, batch["image"], batch["box"]), batch["target"])
     out = {"dice_box": base.masked_sum(dice, mask), "iou_box": base.masked_sum(iou, mask)}
+    for k, name in enumerate(phantoms.MASK_CLASSES):   # per target class
+      if name in self.data.segment.classes and len(self.data.segment.classes) > 1:
+        out[f"dice_box/{name}"] = base.masked_sum(dice, mask & (batch["target_class"] == k))
     if self.recipe == "sam":
       p = self.effective_params(params)
       v = {"params": p}
@@ -292,3 +301,37 @@ class SamObjective(base.Objective):
       _, scores, _ = self._rounds(p, forced, rng, deterministic=True)
       out[f"dice_{self.rounds}_rounds"] = base.masked_sum(scores[-1][0], mask)
     return out
+
+  def eval_artifacts(self, params, extra, batch, rng, workdir, step):
+    """``WORKDIR/overlays/step_N.png``: up to 8 eval images with the target (green) and the
+    box-prompted prediction (red), the box in blue."""
+    del extra, rng
+    n = min(8, batch["image"].shape[0])
+    pred = np.asarray(self.predict_box(params, batch["image"][:n], batch["box"][:n]) > 0)
+    if jax.process_index() != 0:
+      return
+    d = self.config.data
+    img = np.asarray(batch["image"][:n], np.float32) * np.asarray(d.std, np.float32) + np.asarray(d.mean, np.float32)
+    png = io.BytesIO()
+    Image.fromarray(overlay_grid(img, np.asarray(batch["target"][:n]) > 0.5, pred,
+                                 np.asarray(batch["box"][:n]))).save(png, "PNG")
+    storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", png.getvalue())
+
+
+def overlay_grid(images, targets, preds, boxes, scale: int = 4) -> np.ndarray:
+  """Images in [0, 1] ``[n, H, W, C]`` with target (green), prediction (red) and box (blue)
+  outlines, side by side, enlarged ``scale`` times -> uint8 ``[H*s, n*W*s, 3]``."""
+  def edge(m):
+    m = np.kron(m, np.ones((scale, scale), bool))
+    return m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+  tiles = []
+  for img, t, p, b in zip(images, targets, preds, boxes):
+    rgb = np.repeat(np.clip(img, 0, 1), 3 // img.shape[-1], -1)[..., :3]
+    rgb = np.kron(rgb, np.ones((scale, scale, 1))) * 0.8
+    box = np.zeros(t.shape, bool)
+    x0, y0, x1, y1 = np.clip(np.round(b).astype(int), 0, [t.shape[1] - 1, t.shape[0] - 1] * 2)
+    box[y0:y1 + 1, x0:x1 + 1] = True
+    for m, color in ((box, (0.2, 0.4, 1.0)), (t, (0.1, 1.0, 0.1)), (p, (1.0, 0.1, 0.1))):
+      rgb[edge(m)] = color
+    tiles.append(rgb)
+  return (np.concatenate(tiles, axis=1) * 255).astype(np.uint8)

@@ -79,3 +79,16 @@ def test_config_errors():
     config_lib.validate(c)
   with pytest.raises(ConfigError, match="sam_checkpoint needs objective.encoder='vitdet'"):
     config_lib.validate(sam_config.get_config("tiny,objective.sam_checkpoint='x.pth'"))
+
+
+def test_overlay_grid_outlines():
+  t = np.zeros((2, 8, 8), bool)
+  t[:, 2:6, 2:6] = True
+  p = np.zeros_like(t)
+  p[1, 0:3, 0:3] = True
+  grid = sam.overlay_grid(np.full((2, 8, 8, 1), 0.5), t, p, np.array([[2, 2, 5, 5], [1, 1, 6, 6]], np.float32), 2)
+  assert grid.shape == (16, 32, 3) and grid.dtype == np.uint8
+  green = (grid[..., 1] > 200) & (grid[..., 0] < 100)
+  red = (grid[..., 0] > 200) & (grid[..., 1] < 100)
+  assert green[:, :16].any() and not red[:, :16].any() and red[:, 16:].any()
+  assert green[4, 4 + 2] and not green[8, 8]     # the target's outline, not its inside
