@@ -49,8 +49,9 @@ class SegmentAnything(nn.Module):
     return self.image_encoder(images, deterministic=deterministic)
 
   def predict(self, image_embeddings, points=None, labels=None, boxes=None, masks=None,
-              multimask_output: bool | None = True):
-    sparse, dense = self.prompt_encoder(points, labels, boxes, masks, batch_size=image_embeddings.shape[0])
+              multimask_output: bool | None = True, pad_points: bool | None = None):
+    sparse, dense = self.prompt_encoder(points, labels, boxes, masks, batch_size=image_embeddings.shape[0],
+                                        pad_points=pad_points)
     return self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense, multimask_output)
 
   def __call__(self, images, points=None, labels=None, boxes=None, masks=None, multimask_output: bool = True,

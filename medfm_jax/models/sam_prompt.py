@@ -102,7 +102,9 @@ class SamPromptEncoder(nn.Module):
     x = self.mask_conv3(x)
     return x.reshape(b, m, *x.shape[1:])
 
-  def __call__(self, points=None, labels=None, boxes=None, masks=None, batch_size: int | None = None):
+  def __call__(self, points=None, labels=None, boxes=None, masks=None, batch_size: int | None = None,
+               pad_points: bool | None = None):
+    """``pad_points``: append a "not a point" token to the points; None = SAM's rule (when no box)."""
     if points is not None and labels is None:
       raise ValueError("point prompts need labels")
     sparse_in = [x.shape[:2] for x in (points, boxes) if x is not None]
@@ -115,7 +117,7 @@ class SamPromptEncoder(nn.Module):
     c = self.embed_dim
     sparse = [jnp.zeros((*bm, 0, c), jnp.float32)]
     if points is not None:
-      sparse.append(self.embed_points(points, labels, pad=boxes is None))
+      sparse.append(self.embed_points(points, labels, pad=boxes is None if pad_points is None else pad_points))
     if boxes is not None:
       sparse.append(self.embed_boxes(boxes))
     sparse = jnp.concatenate(sparse, axis=2).astype(self.dtype)

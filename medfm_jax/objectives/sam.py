@@ -215,8 +215,10 @@ class SamObjective(base.Objective):
     return o.get("focal_weight", 20.0) * focal_loss(up, target) + o.get("dice_weight", 1.0) * dice_loss(up, target)
 
   def _first_prompt(self, batch, rng):
-    """Round-0 prompt as points: the box corners (labels 2, 3) or one positive point and a
-    'not a point' token, per example (``objective.box_prob``). -> points, labels, is_box."""
+    """Round-0 prompt as two tokens, per example (``objective.box_prob``): the box corners (labels
+    2, 3: the same tokens as a box prompt) or one positive point and SAM's 'not a point' padding.
+    Encoded with ``pad_points=False``, so each matches SAM's own encoding of that prompt (later
+    clicks are appended; token order does not matter to the decoder). -> points, labels, is_box."""
     b = batch["box"].shape[0]
     if self.recipe == "medsam":
       is_box = jnp.ones((b,), bool)
@@ -238,7 +240,7 @@ class SamObjective(base.Objective):
     target = batch["target"]
     points, labels, is_box = self._first_prompt(batch, first_rng)
     logits, iou_pred = self.model.apply(v, emb, points[:, None], labels[:, None], multimask_output=None,
-                                        method="predict")
+                                        pad_points=False, method="predict")
     logits, iou_pred = logits[:, 0], iou_pred[:, 0]                          # [B, K+1, h, w], [B, K+1]
     up = self._upsample(logits)
     per_mask = self._mask_loss(up, target[:, None])                         # [B, K+1]
@@ -256,7 +258,7 @@ class SamObjective(base.Objective):
       points = jnp.concatenate([points, click[:, None]], axis=1)
       labels = jnp.concatenate([labels, click_label[:, None]], axis=1)
       logits, iou_pred = self.model.apply(v, emb, points[:, None], labels[:, None], masks=prev[:, None],
-                                          multimask_output=False, method="predict")
+                                          multimask_output=False, pad_points=False, method="predict")
       chosen, iou_pred = logits[:, 0, 0], iou_pred[:, 0, 0]
       up = self._upsample(chosen)
       actual = jax.lax.stop_gradient(hard_scores(up, target)[1])
@@ -293,7 +295,8 @@ class SamObjective(base.Objective):
       emb = self.model.apply(v, batch["image"], method="embed_image")
       pts = jnp.concatenate([batch["points"][:, :1], jnp.zeros_like(batch["points"][:, :1])], axis=1)
       lab = jnp.broadcast_to(jnp.array([1, -1], jnp.int32), pts.shape[:2])
-      logits, iou_pred = self.model.apply(v, emb, pts[:, None], lab[:, None], multimask_output=True, method="predict")
+      logits, iou_pred = self.model.apply(v, emb, pts[:, None], lab[:, None], multimask_output=True,
+                                          pad_points=False, method="predict")
       best = jnp.argmax(iou_pred[:, 0], -1)
       chosen = jnp.take_along_axis(logits[:, 0], best[:, None, None, None], axis=1)[:, 0]
       out["dice_point"] = base.masked_sum(hard_scores(self._upsample(chosen), batch["target"])[0], mask)

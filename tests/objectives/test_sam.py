@@ -92,3 +92,17 @@ def test_overlay_grid_outlines():
   red = (grid[..., 0] > 200) & (grid[..., 1] < 100)
   assert green[:, :16].any() and not red[:, :16].any() and red[:, 16:].any()
   assert green[4, 4 + 2] and not green[8, 8]     # the target's outline, not its inside
+
+
+def test_training_prompts_encode_as_sam_prompts():
+  """Round-0 tokens (pad_points=False) equal SAM's encoding of a box, and of one point + padding."""
+  enc = sam_prompt.SamPromptEncoder(16, (4, 4), (32, 32), 8)
+  box = jnp.array([[[3.0, 5.0, 20.0, 27.0]]])
+  point = jnp.array([[[[7.0, 9.0]]]])
+  params = jax.jit(lambda b: enc.init(jax.random.key(0), boxes=b))(box)
+  run = jax.jit(lambda p, pts, lab: enc.apply(p, pts, lab, pad_points=False)[0])
+  sam_box = jax.jit(lambda p, b: enc.apply(p, boxes=b)[0])(params, box)
+  sam_point = jax.jit(lambda p, pts: enc.apply(p, pts, jnp.ones((1, 1, 1), jnp.int32))[0])(params, point)
+  np.testing.assert_allclose(run(params, box.reshape(1, 1, 2, 2), jnp.array([[[2, 3]]])), sam_box, atol=1e-6)
+  np.testing.assert_allclose(run(params, jnp.concatenate([point, jnp.zeros_like(point)], 2), jnp.array([[[1, -1]]])),
+                             sam_point, atol=1e-6)
