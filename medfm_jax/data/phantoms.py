@@ -27,6 +27,10 @@ MODALITIES = ("ct", "mri", "cxr", "histology")
 FINDINGS = ("none", "single_lesion", "multiple_lesions", "elongated_lesion",
             "calcification", "ring_enhancing")
 SPLITS = {"train": 0, "val": 1, "test": 2}
+# Binary masks of ``render_phantom(..., with_masks=True)`` (channels of ``masks``): every lesion of
+# the finding; the body outline (CT body, MRI head, CXR thorax, histology tissue without lumens);
+# one organ per modality (CT liver, MRI brain, CXR lungs, histology nuclei).
+MASK_CLASSES = ("lesion", "body", "organ")
 SPLIT_SIZES = {"train": 100_000, "val": 2_000, "test": 2_000}
 
 MODALITY_NAMES = {"ct": "Abdominal CT", "mri": "Brain MRI", "cxr": "Chest X-ray",
@@ -69,20 +73,27 @@ def _smooth_basis(size: int, n: int = 6) -> np.ndarray:
 
 
 class _Shapes:
-  """Accumulates ellipses (cx, cy, a, b, theta) with per-map intensity deltas."""
+  """Accumulates ellipses (cx, cy, a, b, theta) with per-map intensity deltas.
+
+  ``tag`` names the mask an ellipse belongs to ("body", "organ", "-body" to cut it out of the body,
+  or the lesion instance number); it does not change the image.
+  """
 
   def __init__(self, num_maps: int = 1):
     self.num_maps = num_maps
     self.rows: list[tuple[float, ...]] = []  # cx, cy, a, b, theta, *values
+    self.tags: list[str | int | None] = []
 
-  def add(self, cx, cy, a, b, theta, value) -> None:
+  def add(self, cx, cy, a, b, theta, value, tag: str | int | None = None) -> None:
     value = tuple(value) if isinstance(value, tuple) else (value,) * self.num_maps
     self.rows.append((cx, cy, a, b, theta, *value))
+    self.tags.append(tag)
 
 
 def _render_shapes(anatomy: _Shapes, lesions: _Shapes, affine: np.ndarray, shift: np.ndarray,
-                   size: int) -> np.ndarray:
-  """Sums soft-edged ellipse masks times their values -> [num_maps, size*size].
+                   size: int, return_masks: bool = False):
+  """Sums soft-edged ellipse masks times their values -> [num_maps, size*size] (and, with
+  ``return_masks``, each ellipse's soft mask [n, size*size]).
 
   ``anatomy`` is mapped by ``x -> affine @ x + shift``; ``lesions`` are in
   image coordinates already. Each ellipse is the quadratic form
@@ -117,7 +128,8 @@ def _render_shapes(anatomy: _Shapes, lesions: _Shapes, affine: np.ndarray, shift
   masks = 1 - coeffs @ grid
   masks *= sharp[:, None]
   np.clip(masks, 0, 1, out=masks)
-  return rows[:, 5:].T.astype(np.float32) @ masks
+  maps = rows[:, 5:].T.astype(np.float32) @ masks
+  return (maps, masks) if return_masks else maps
 
 
 def _sample_in(rng: np.random.Generator, region: tuple[float, float, float, float]) -> np.ndarray:
@@ -139,10 +151,10 @@ def _ct(rng: np.random.Generator):
   a, b = u(0.78, 0.92), u(0.55, 0.7)
   fat = u(0.04, 0.11)
   v_fat = u(0.22, 0.34)
-  s.add(0, 0.02, a, b, 0, v_fat)                                   # body (fat)
+  s.add(0, 0.02, a, b, 0, v_fat, tag="body")                       # body (fat)
   s.add(0, 0.02, a - fat, b - fat, 0, u(0.2, 0.3))                  # muscle / viscera
   s.add(-0.38 + u(-.05, .05), -0.12 + u(-.05, .05), u(.25, .34), u(.19, .27),
-        u(-0.4, 0.1), u(0.04, 0.12))                                # liver
+        u(-0.4, 0.1), u(0.04, 0.12), tag="organ")                   # liver
   s.add(0.45 + u(-.04, .04), -0.1 + u(-.05, .05), u(.1, .16), u(.07, .11),
         u(0.3, 0.9), u(0.03, 0.09))                                 # spleen
   kv = u(0.07, 0.15)
@@ -172,10 +184,10 @@ def _mri(rng: np.random.Generator):
     scalp, skull, csf, gm, wm = u(.35, .5), u(.04, .1), u(.8, .95), u(.5, .6), u(.33, .43)
   a, b = u(0.64, 0.76), u(0.8, 0.92)
   t1, t2, t3 = u(.04, .06), u(.07, .09), u(.095, .115)
-  s.add(0, 0, a, b, 0, scalp)
+  s.add(0, 0, a, b, 0, scalp, tag="body")                             # head
   s.add(0, 0, a - t1, b - t1, 0, skull - scalp)
   s.add(0, 0, a - t2, b - t2, 0, csf - skull)
-  s.add(0, 0, a - t3, b - t3, 0, gm - csf)
+  s.add(0, 0, a - t3, b - t3, 0, gm - csf, tag="organ")               # brain
   ia, ib = a - t3, b - t3
   for side in (-1, 1):
     s.add(side * ia * 0.52, 0.02, ia * u(.38, .44), ib * u(.68, .76), side * u(-.08, .08), wm - gm)
@@ -189,14 +201,14 @@ def _mri(rng: np.random.Generator):
 def _cxr(rng: np.random.Generator):
   s = _Shapes()
   u = rng.uniform
-  s.add(0, 0.1, u(0.9, 1.0), 1.15, 0, u(0.35, 0.45))                 # thorax soft tissue
+  s.add(0, 0.1, u(0.9, 1.0), 1.15, 0, u(0.35, 0.45), tag="body")     # thorax soft tissue
   s.add(0, 0.97, 0.95, u(0.3, 0.4), 0, u(0.1, 0.2))                 # abdomen below diaphragm
   lung_v = -u(0.2, 0.3)
   la, lb = u(0.23, 0.3), u(0.48, 0.6)
   regions = []
   for side in (-1, 1):
     cx, cy = side * u(0.36, 0.42), -0.05 + u(-0.04, 0.04)
-    s.add(cx, cy, la, lb, -side * u(0.04, 0.12), lung_v)
+    s.add(cx, cy, la, lb, -side * u(0.04, 0.12), lung_v, tag="organ")      # lungs
     regions.append((cx, cy, la * 0.8, lb * 0.8))
   s.add(0, 0, u(.08, .11), 0.95, 0, u(0.1, 0.18))                   # spine / mediastinum
   s.add(0.1 + u(-.05, .05), 0.3 + u(-.04, .04), u(.26, .34), u(.2, .26),
@@ -213,11 +225,11 @@ def _histology(rng: np.random.Generator):
   s = _Shapes(num_maps=2)  # (haematoxylin, eosin) stain concentrations
   u = rng.uniform
   e_base = u(0.7, 1.3)
-  s.add(0, 0, 3.0, 3.0, 0, (0.0, e_base))                           # stroma everywhere
+  s.add(0, 0, 3.0, 3.0, 0, (0.0, e_base), tag="body")               # stroma everywhere
   for _ in range(rng.integers(0, 4)):                               # lumens / fat
     p = rng.uniform(-1, 1, 2)
     r = u(0.08, 0.25)
-    s.add(p[0], p[1], r, r * u(0.5, 1.0), u(0, np.pi), (-0.05, -e_base))
+    s.add(p[0], p[1], r, r * u(0.5, 1.0), u(0, np.pi), (-0.05, -e_base), tag="-body")
   return s, [(0.0, 0.0, 0.8, 0.8)], 1.0
 
 
@@ -278,21 +290,21 @@ def _lesions(rng: np.random.Generator, finding: str, modality: str, regions,
 
   if finding == "single_lesion":
     p, r = centre(), u(0.09, 0.2)
-    s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(u(0.25, 0.45)))
+    s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(u(0.25, 0.45)), tag=1)
     return s, f"a {_size_word(r)} lesion in the {_location_word(p)}"
   if finding == "multiple_lesions":
     k, mag, bright = int(rng.integers(3, 6)), u(0.25, 0.45), rng.random() < p_bright
     ps, rs = [], []
-    for _ in range(k):
+    for i in range(k):
       p, r = centre(), u(0.05, 0.1)
-      s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(mag, bright))
+      s.add(p[0], p[1], r, r * u(0.75, 1.0), u(0, np.pi), value(mag, bright), tag=i + 1)
       ps.append(p)
       rs.append(r)
     size, where = _size_word(float(np.mean(rs))), _location_word(np.mean(ps, 0))
     return s, f"multiple {size} lesions in the {where}"
   if finding == "elongated_lesion":
     p, a = centre(), u(0.18, 0.3)
-    s.add(p[0], p[1], a, a / u(2.5, 4.0), u(0, np.pi), value(u(0.25, 0.45)))
+    s.add(p[0], p[1], a, a / u(2.5, 4.0), u(0, np.pi), value(u(0.25, 0.45)), tag=1)
     return s, f"an elongated {_size_word(a)} lesion in the {_location_word(p)}"
   if finding == "calcification":
     p, k = centre(), int(rng.integers(1, 4))
@@ -300,7 +312,7 @@ def _lesions(rng: np.random.Generator, finding: str, modality: str, regions,
       q = p + (rng.uniform(-0.07, 0.07, 2) if i else 0)
       r = u(0.03, 0.05)
       s.add(q[0], q[1], r, r * u(0.7, 1.0), u(0, np.pi),
-            (u(2.5, 3.5), -0.3) if histo else u(0.7, 1.0))
+            (u(2.5, 3.5), -0.3) if histo else u(0.7, 1.0), tag=1)
     noun = "a small calcification" if k == 1 else "small calcifications"
     return s, f"{noun} in the {_location_word(p)}"
   if finding == "ring_enhancing":
@@ -308,11 +320,11 @@ def _lesions(rng: np.random.Generator, finding: str, modality: str, regions,
     wall, aspect, th = r * u(0.28, 0.4), u(0.8, 1.0), u(0, np.pi)
     rim, core = u(0.35, 0.5), u(0.05, 0.2)
     if histo:
-      s.add(p[0], p[1], r, r * aspect, th, (rim * 2.5, -rim))
-      s.add(p[0], p[1], r - wall, (r - wall) * aspect, th, (-rim * 2.5 - 0.3, rim))
+      s.add(p[0], p[1], r, r * aspect, th, (rim * 2.5, -rim), tag=1)
+      s.add(p[0], p[1], r - wall, (r - wall) * aspect, th, (-rim * 2.5 - 0.3, rim), tag=1)
     else:
-      s.add(p[0], p[1], r, r * aspect, th, rim)
-      s.add(p[0], p[1], r - wall, (r - wall) * aspect, th, -rim - core)
+      s.add(p[0], p[1], r, r * aspect, th, rim, tag=1)
+      s.add(p[0], p[1], r - wall, (r - wall) * aspect, th, -rim - core, tag=1)
     return s, f"a {_size_word(r)} ring-enhancing lesion in the {_location_word(p)}"
   raise ValueError(f"unknown finding {finding!r}; allowed: {', '.join(FINDINGS)}")
 
@@ -326,11 +338,14 @@ def _rng(seed: Sequence[int], stream: int) -> np.random.Generator:
 
 
 def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
-                   image_size: int = 64, channels: int = 1) -> tuple[np.ndarray, str]:
-  """Renders one phantom -> (uint8 [H, W, channels], caption).
+                   image_size: int = 64, channels: int = 1, with_masks: bool = False):
+  """Renders one phantom -> (uint8 [H, W, channels], caption), plus with ``with_masks`` a dict
+  ``masks`` uint8 [H, W, len(MASK_CLASSES)] (0/1 per :data:`MASK_CLASSES`) and ``lesion_ids``
+  uint8 [H, W] (0 outside lesions, else the lesion's number 1..k; a calcification cluster is one).
 
   Anatomy, noise and contrast come from ``seed`` alone and lesions from a
   separate stream, so two findings with the same seed share the same anatomy.
+  Masks are the ellipses' interiors at the half-way level of their soft edge.
   """
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -352,12 +367,14 @@ def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
                               dtype=np.float32)
   lesions, phrase = _lesions(_rng(seed, 2), finding_name, mod_name, regions, p_bright,
                              affine, shift)
-  maps = _render_shapes(shapes, lesions, affine, shift, image_size)
+  maps, soft = _render_shapes(shapes, lesions, affine, shift, image_size, return_masks=True)
   basis = _smooth_basis(image_size)
   field = (basis @ bias_g @ basis.T).ravel()
 
+  nuclei = None
   if mod_name == "histology":
-    h = maps[0] + _nuclei(rng, image_size) * u(0.6, 1.0)
+    nuclei = _nuclei(rng, image_size)
+    h = maps[0] + nuclei * u(0.6, 1.0)
     e = maps[1] * (1 + 0.2 * field)
     od_h = _OD_H * rng.uniform(0.8, 1.2, 3).astype(np.float32)
     od_e = _OD_E * rng.uniform(0.8, 1.2, 3).astype(np.float32)
@@ -377,19 +394,38 @@ def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
   if img.shape[0] != channels:
     img = np.repeat(img, channels, axis=0)
   caption = f"{MODALITY_NAMES[mod_name]} with {phrase}."
-  return np.ascontiguousarray(img.transpose(1, 2, 0)), caption
+  image = np.ascontiguousarray(img.transpose(1, 2, 0))
+  if not with_masks:
+    return image, caption
+  return image, caption, _masks(soft >= 0.5, shapes.tags + lesions.tags, nuclei, image_size)
+
+
+def _masks(inside: np.ndarray, tags: list, nuclei: np.ndarray | None, size: int) -> dict[str, np.ndarray]:
+  """Per-ellipse interiors ``[n, size*size]`` and their tags -> ``masks`` / ``lesion_ids`` (see render_phantom)."""
+  def union(tag):
+    rows = [i for i, t in enumerate(tags) if t == tag]
+    return inside[rows].any(axis=0) if rows else np.zeros(size * size, bool)
+  body = union("body") & ~union("-body")
+  organ = nuclei > 0.5 if nuclei is not None else union("organ")
+  ids = np.zeros(size * size, np.uint8)
+  for i, t in enumerate(tags):
+    if isinstance(t, int):
+      ids[inside[i]] = t
+  masks = np.stack([ids > 0, body, organ], axis=-1).astype(np.uint8)
+  return {"masks": masks.reshape(size, size, len(MASK_CLASSES)), "lesion_ids": ids.reshape(size, size)}
 
 
 class PhantomSource:
   """Random-access source of phantom records (grain RandomAccessDataSource).
 
   Records: ``image`` uint8 [H, W, C], ``modality`` int32, ``finding`` int32,
-  ``caption`` str, ``index`` int64. Record ``i`` of a split is a pure function
+  ``caption`` str, ``index`` int64; with ``masks=True`` also ``masks`` uint8 [H, W, 3] and
+  ``lesion_ids`` uint8 [H, W] (:func:`render_phantom`). Record ``i`` of a split is a pure function
   of ``(seed, split, i)``; modality and finding are drawn uniformly.
   """
 
   def __init__(self, split: str = "train", image_size: int = 64, channels: int = 1,
-               seed: int = 0, num_examples: int | None = None):
+               seed: int = 0, num_examples: int | None = None, masks: bool = False):
     if split not in SPLITS:
       raise ValueError(f"phantoms: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if channels not in (1, 3):
@@ -398,6 +434,7 @@ class PhantomSource:
       raise ValueError(f"phantoms: image_size must be >= 8, got {image_size}")
     self.split, self.image_size, self.channels = split, int(image_size), int(channels)
     self.seed = int(seed)
+    self.masks = bool(masks)
     self.num_examples = int(SPLIT_SIZES[split] if num_examples is None else num_examples)
 
   def __len__(self) -> int:
@@ -412,13 +449,15 @@ class PhantomSource:
     labels = _rng(key, 0)
     modality = int(labels.integers(len(MODALITIES)))
     finding = int(labels.integers(len(FINDINGS)))
-    image, caption = render_phantom(modality, finding, key, self.image_size, self.channels)
-    return {"image": image, "modality": np.int32(modality), "finding": np.int32(finding),
-            "caption": caption, "index": np.int64(index)}
+    out = render_phantom(modality, finding, key, self.image_size, self.channels, with_masks=self.masks)
+    record = {"image": out[0], "modality": np.int32(modality), "finding": np.int32(finding),
+              "caption": out[1], "index": np.int64(index)}
+    return {**record, **out[2]} if self.masks else record
 
   def __repr__(self) -> str:
     return (f"PhantomSource(split={self.split!r}, image_size={self.image_size}, "
-            f"channels={self.channels}, seed={self.seed}, num_examples={self.num_examples})")
+            f"channels={self.channels}, seed={self.seed}, num_examples={self.num_examples}"
+            f"{', masks=True' if self.masks else ''})")
 
 
 def benchmark_phantoms(image_size: int = 64, channels: int = 1, n: int = 2000) -> float:

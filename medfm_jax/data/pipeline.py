@@ -33,7 +33,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from medfm_jax.data import masking, mixing, phantoms, phantoms3d, sources, text_masking, transforms
+from medfm_jax.data import masking, mixing, phantoms, phantoms3d, prompts, sources, text_masking, transforms
 from medfm_jax.data import volume_sources, volumes
 from medfm_jax.data import spec as spec_lib
 from medfm_jax.data.decode import DataError  # noqa: F401  (re-exported for callers)
@@ -66,7 +66,10 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
     return volume_sources.make_volume_source(spec, split, num_examples, skip_log)
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
-                                  seed=0, num_examples=num_examples)
+                                  seed=0, num_examples=num_examples, masks=spec.segment is not None)
+  if spec.segment is not None and spec.source not in ("phantoms", "manifest"):
+    raise ValueError(f"data.segment: masks come from the phantoms or a manifest's 'mask' column, "
+                     f"not data.source={spec.source!r}")
   if spec.source in SOURCES:
     return sources.make_file_source(spec, split, num_examples, skip_log)
   raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
@@ -248,6 +251,44 @@ class _VolumeEvalTransform(grain.transforms.Map):
             "finding": np.int32(record["finding"]), "mask": np.bool_(True)}
 
 
+def _segmentation_example(record: dict, rng: np.random.Generator, segment: prompts.PromptSpec,
+                          image_size: int, flip: bool) -> tuple[np.ndarray, dict]:
+  """(image uint8 [S, S, C], target + prompts) of a record with masks, flipped with the image;
+  other sizes are centre-cropped to a square and resized (masks by nearest neighbour)."""
+  image = record["image"]
+  if "masks" not in record:
+    raise DataError(record.get("path", f"record {record.get('index', '?')}"),
+                    "data.segment: the record has no mask (manifests: a 'mask' column)")
+  if image.shape[:2] != (image_size, image_size):
+    h, w = image.shape[:2]
+    side = min(h, w)
+    idx = lambda n, off: (off + (np.arange(image_size) + 0.5) * side / image_size).astype(np.int64)
+    rows, cols = idx(h, (h - side) // 2), idx(w, (w - side) // 2)
+    record = {**record, "masks": record["masks"][rows][:, cols], "lesion_ids": record["lesion_ids"][rows][:, cols]}
+    image = transforms.center_resize(image, image_size)
+  if flip and rng.random() < 0.5:
+    record = {**record, "masks": record["masks"][:, ::-1], "lesion_ids": record["lesion_ids"][:, ::-1]}
+    image = image[:, ::-1]
+  return image, prompts.make_example(record, rng, segment, image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentTransform(grain.transforms.Map):
+  """(position, index) -> normalised image, target mask and its prompts (``data.segment``)."""
+  source: Any
+  seed: int
+  image_size: int
+  flip: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  segment: prompts.PromptSpec
+
+  def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    record, rng = _record_and_rng(self.source, self.seed, element)
+    image, example = _segmentation_example(record, rng, self.segment, self.image_size, self.flip)
+    return {"image": transforms.normalize(image, self.mean, self.std), **_labels(record), **example}
+
+
 @dataclasses.dataclass(frozen=True)
 class _MultiCropTransform(grain.transforms.Map):
   """(position, index) -> normalised DINO ``global``/``local`` views (picklable)."""
@@ -309,6 +350,9 @@ def make_train_iterator(data: DataSpec, global_batch_size: int, seed: int, proce
   if spec.volume is not None:
     transform = _VolumeTrainTransform(source=source, seed=_seed32(seed), volume=volumes.VolumeTransform(
         spec.volume, modality_names(source), spec.flip, train=True))
+  elif spec.segment is not None:
+    transform = _SegmentTransform(source=source, seed=_seed32(seed), image_size=spec.image_size,
+                                  flip=spec.flip, mean=spec.mean, std=spec.std, segment=spec.segment)
   elif spec.multicrop is None:
     transform = _TrainTransform(
         source=source, seed=_seed32(seed), image_size=spec.image_size, crop_scale=spec.crop_scale,
@@ -343,8 +387,11 @@ class _EvalTransform(grain.transforms.Map):
   std: tuple[float, ...]
   text: Any = None          # tokenizers.CaptionTokenizer: adds 'tokens' (padding rows: all pad)
   masked: MaskedInputs | None = None    # FLAVA extras, seeded by (0, position); all paired
+  segment: prompts.PromptSpec | None = None   # target + prompts, seeded by (0, position)
 
   def map(self, position: int) -> dict[str, np.ndarray]:
+    if self.segment is not None:
+      return self._segment(position)
     if position >= self.num_examples:  # padding row
       pad = {} if self.text is None else {
           "tokens": np.full((self.text.context_length,), self.text.pad_id, np.int32)}
@@ -358,6 +405,18 @@ class _EvalTransform(grain.transforms.Map):
            "finding": np.int32(record["finding"]), "mask": np.bool_(True),
            **_caption_tokens(self.text, record)}
     return out if self.masked is None else self.masked(out, _position_rng(0, position), position)
+
+  def _segment(self, position: int) -> dict[str, np.ndarray]:
+    s, p = self.image_size, self.segment.num_prompt_points
+    if position >= self.num_examples:  # padding row: zeros
+      return {"image": np.zeros((s, s, self.channels), np.float32), "modality": np.int32(0),
+              "finding": np.int32(0), "mask": np.bool_(False), "target": np.zeros((s, s), np.float32),
+              "target_class": np.int32(0), "box": np.zeros(4, np.float32), "points": np.zeros((p, 2), np.float32),
+              "point_labels": np.zeros(p, np.int32)}
+    record = self.source[int(position)]
+    image, example = _segmentation_example(record, _position_rng(0, position), self.segment, s, False)
+    return {"image": transforms.normalize(image, self.mean, self.std), "modality": np.int32(record["modality"]),
+            "finding": np.int32(record["finding"]), "mask": np.bool_(True), **example}
 
 
 class EvalBatches:
@@ -400,7 +459,7 @@ def make_eval_batches(data: DataSpec, split: str, batch_size: int, num_examples:
     transform = _EvalTransform(
         source=source, num_examples=int(num_examples), image_size=spec.image_size,
         channels=spec.channels, mean=spec.mean, std=spec.std, text=spec.tokenizer,
-        masked=masked_inputs(spec))
+        masked=masked_inputs(spec), segment=spec.segment)
   ds = grain.MapDataset.range(num_batches * batch_size).map(transform)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]   # rows [p*b, (p+1)*b)
   return EvalBatches(ds, _read_options(spec))

@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from absl import logging
 from etils import epath
+from PIL import Image
 
 from medfm_jax import storage
 from medfm_jax.data import decode
@@ -39,7 +40,7 @@ from medfm_jax.errors import ConfigError
 
 ON_ERROR = ("raise", "skip")
 SPLIT_DIRS = ("train", "val", "validation", "test")
-MANIFEST_COLUMNS = ("path", "label", "caption", "patient_id", "modality", "split")
+MANIFEST_COLUMNS = ("path", "label", "caption", "patient_id", "modality", "split", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Entry:
   modality: str = ""
   split: str = ""
   frame: int = 0
+  mask: str = ""            # segmentation mask PNG (0 = background, k > 0 = object k)
 
 
 # ----------------------------------------------------------------------------
@@ -200,8 +202,9 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 
 def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
   """Entries of a CSV (header row) or JSONL manifest with columns ``path`` (relative to the
-  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split``;
-  the manifest and its files are local or URLs."""
+  manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split,
+  mask`` (a PNG label map of the image: 0 background, k > 0 object k); the manifest and its files
+  are local or URLs."""
   manifest = storage.path(path)
   if not manifest.is_file():
     raise ValueError(f"data.path={path!r}: manifest file not found")
@@ -225,8 +228,9 @@ def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
                        f"{', '.join(MANIFEST_COLUMNS)}")
     fields = {k: str(row.get(k) if row.get(k) is not None else "").strip()
               for k in MANIFEST_COLUMNS}
-    p = fields.pop("path")
-    p = p if storage.is_url(p) or os.path.isabs(p) else str(base / p)
+    resolve = lambda q: q if not q or storage.is_url(q) or os.path.isabs(q) else str(base / q)
+    p = resolve(fields.pop("path"))
+    fields["mask"] = resolve(fields["mask"])
     entries.append(Entry(p, **fields))
   if not entries:
     raise ValueError(f"{path}: manifest has no rows")
@@ -322,14 +326,38 @@ class FileSource(RobustSource):
     except Exception as err:  # any failure on a file's pixels is that file's data error
       raise _data_error(e.path, err) from None
     label = self._labels.get(e.label, -1)
-    return {"image": image, "label": np.int32(label), "finding": np.int32(label),
-            "modality": np.int32(self._modalities.get(e.modality, 0)), "caption": e.caption,
-            "patient_id": e.patient_id, "path": e.path, "frame": np.int32(e.frame),
-            "index": np.int64(index)}
+    record = {"image": image, "label": np.int32(label), "finding": np.int32(label),
+              "modality": np.int32(self._modalities.get(e.modality, 0)), "caption": e.caption,
+              "patient_id": e.patient_id, "path": e.path, "frame": np.int32(e.frame),
+              "index": np.int64(index)}
+    return {**record, **read_mask(e.mask, image.shape[:2])} if e.mask else record
 
   def __repr__(self) -> str:
     return (f"FileSource({self.name}, {len(self)} examples, {len(self.class_names)} classes, "
             f"on_error={self.on_error!r})")
+
+
+def read_mask(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  """A PNG label map -> the phantoms' mask record fields: ``lesion_ids`` (the objects 1..k),
+  ``masks`` [H, W, 3] (objects, the whole image as 'body', no organ); resized to ``shape`` by
+  nearest neighbour when the image was resized."""
+  try:
+    with Image.open(io.BytesIO(decode.read_file(path))) as im:
+      ids = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
+  except OSError as err:
+    raise DataError(path, f"cannot decode the mask PNG ({err})") from None
+  if ids.ndim != 2:
+    raise DataError(path, f"mask must be a single-channel label map, got shape {ids.shape}")
+  if ids.max() > 255:
+    raise DataError(path, f"mask has label {ids.max()}; at most 255 objects per image")
+  h, w = ids.shape
+  if (h, w) != tuple(shape):
+    rows = ((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64)
+    ids = ids[rows][:, cols]
+  ids = ids.astype(np.uint8)
+  masks = np.stack([ids > 0, np.ones_like(ids, bool), np.zeros_like(ids, bool)], -1).astype(np.uint8)
+  return {"lesion_ids": ids, "masks": masks}
 
 
 def _text(value) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfm_jax.data import decode, masking, mixing, text_masking, tokenizers, transforms, volumes
+from medfm_jax.data import decode, masking, mixing, prompts, text_masking, tokenizers, transforms, volumes
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
 SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
@@ -79,6 +79,7 @@ class DataSpec:
   mlm: text_masking.MLMSpec | None = None                # adds ``mlm_tokens`` / ``mlm_labels``
   mix: tuple[float, float, float] | None = None          # (paired, image, text) ratios
   volume: volumes.VolumeSpec | None = None               # 3D crops replace 2D ``image``
+  segment: prompts.PromptSpec | None = None              # target mask + SAM prompts (``sam``)
 
   @classmethod
   def from_config(cls, data_cfg) -> "DataSpec":
@@ -128,7 +129,8 @@ class DataSpec:
         eval_examples=int(get("eval_examples", cls.eval_examples)),
         eval_batch_size=int(get("eval_batch_size", cls.eval_batch_size)),
         label=get("label", cls.label), multicrop=multicrop, patch_masks=patch_masks,
-        tokenizer=text, mlm=mlm, mix=mix, volume=volume)
+        tokenizer=text, mlm=mlm, mix=mix, volume=volume,
+        segment=prompts.PromptSpec.from_config(get("segment")) if _on(get("segment")) else None)
 
   @property
   def context_length(self) -> int | None:
@@ -187,6 +189,10 @@ class DataSpec:
       out["patch_mask"] = s((self.patch_masks.num_patches,), np.bool_)
     if self.mix is not None:
       out["has_image"] = out["has_text"] = s((), np.bool_)
+    if self.segment is not None:
+      p = self.segment.num_prompt_points
+      out.update(target=s((self.image_size, self.image_size), np.float32), target_class=s((), np.int32),
+                 box=s((4,), np.float32), points=s((p, 2), np.float32), point_labels=s((p,), np.int32))
     return out
 
 

@@ -1,0 +1,108 @@
+"""SAM objective pieces: correction clicks, losses, freezing; prompt-encoder conventions it relies on."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sam as sam_config
+from medfm_jax import config as config_lib
+from medfm_jax.errors import ConfigError
+from medfm_jax.models import sam_encoder, sam_prompt
+from medfm_jax.objectives import sam
+
+
+def test_correction_points_come_from_the_error_region():
+  target = np.zeros((3, 16, 16), np.float32)
+  target[:, 4:12, 4:12] = 1
+  logits = np.full((3, 16, 16), -5.0, np.float32)
+  logits[0, 4:12, 4:8] = 5           # left half found: clicks must be on the missed right half
+  logits[1] = np.where(target[1] > 0, 5, -5)
+  logits[1, 0, 0] = 5                # one false positive pixel and nothing missed
+  logits[2] = np.where(target[2] > 0, 5, -5)   # perfect: a click inside the target
+  for seed in range(20):
+    xy, label = sam.correction_points(jax.random.key(seed), jnp.asarray(logits), jnp.asarray(target))
+    x, y = np.asarray(xy, int).T
+    assert 4 <= y[0] < 12 and 8 <= x[0] < 12 and label[0] == 1
+    assert (x[1], y[1], int(label[1])) == (0, 0, 0)
+    assert target[2, y[2], x[2]] == 1 and label[2] == 1
+
+
+def test_losses_and_scores():
+  target = jnp.zeros((1, 8, 8)).at[:, 2:6, 2:6].set(1.0)
+  good, bad = 20 * (2 * target - 1), -20 * (2 * target - 1)
+  assert float(sam.dice_loss(good, target)[0]) < 1e-3 < 0.9 < float(sam.dice_loss(bad, target)[0])
+  assert float(sam.focal_loss(good, target)[0]) < 1e-6 < float(sam.focal_loss(bad, target)[0])
+  dice, iou = sam.hard_scores(good.at[0, 2, 2].set(-1.0), target)
+  np.testing.assert_allclose([float(dice[0]), float(iou[0])], [30 / 31, 15 / 16], rtol=1e-6)
+
+
+def test_box_equals_two_corner_points():
+  """A box is the same two tokens as points labelled 2 / 3 (the training prompts rely on it)."""
+  enc = sam_prompt.SamPromptEncoder(16, (4, 4), (32, 32), 8)
+  boxes = jnp.array([[[3.0, 5.0, 20.0, 27.0]]])
+  params = jax.jit(lambda b: enc.init(jax.random.key(0), boxes=b))(boxes)
+  as_box, _ = jax.jit(lambda p, b: enc.apply(p, boxes=b))(params, boxes)
+  as_points = jax.jit(lambda p, b: enc.apply(p, b, jnp.array([[[2, 3]]]), False, method="embed_points"))(
+      params, boxes.reshape(1, 1, 2, 2))
+  np.testing.assert_allclose(as_box, as_points, atol=1e-6)
+
+
+def test_window_partition_round_trip():
+  x = jnp.arange(2 * 7 * 5 * 3, dtype=jnp.float32).reshape(2, 7, 5, 3)
+  windows, padded = sam_encoder.window_partition(x, 3)
+  assert windows.shape == (2 * 3 * 2, 3, 3, 3) and padded == (9, 6)
+  np.testing.assert_array_equal(sam_encoder.window_unpartition(windows, 3, padded, (7, 5)), x)
+
+
+@pytest.mark.parametrize("freeze", sam.FREEZES)
+def test_trainable_masks(freeze):
+  c = sam_config.get_config(f"tiny,objective.freeze={freeze}")
+  config_lib.validate(c)
+  obj = sam.SamObjective(c)
+  batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in obj.data.abstract_batch(2).items()}
+  params = jax.eval_shape(lambda: nn.unbox(obj.init(jax.random.key(0), batch)[0]))
+  mask = obj.trainable(params)
+  assert set(params) == {"image_encoder", "prompt_encoder", "mask_decoder"} | ({"lora"} if freeze == "lora" else set())
+  enc = jax.tree.leaves(mask["image_encoder"]["encoder"])
+  assert all(enc) if freeze == "full" else not any(enc)
+  assert all(jax.tree.leaves(mask["image_encoder"]["neck"])) and all(jax.tree.leaves(mask["mask_decoder"]))
+  assert not any(jax.tree.leaves(mask["prompt_encoder"]))   # MedSAM recipe: frozen
+
+
+def test_config_errors():
+  with pytest.raises(ConfigError, match="objective.recipe"):
+    config_lib.validate(sam_config.get_config("tiny,objective.recipe='sam2'"))
+  c = sam_config.get_config("tiny")
+  c.data.segment = None
+  with pytest.raises(ConfigError, match="needs data.segment"):
+    config_lib.validate(c)
+  with pytest.raises(ConfigError, match="sam_checkpoint needs objective.encoder='vitdet'"):
+    config_lib.validate(sam_config.get_config("tiny,objective.sam_checkpoint='x.pth'"))
+
+
+def test_overlay_grid_outlines():
+  t = np.zeros((2, 8, 8), bool)
+  t[:, 2:6, 2:6] = True
+  p = np.zeros_like(t)
+  p[1, 0:3, 0:3] = True
+  grid = sam.overlay_grid(np.full((2, 8, 8, 1), 0.5), t, p, np.array([[2, 2, 5, 5], [1, 1, 6, 6]], np.float32), 2)
+  assert grid.shape == (16, 32, 3) and grid.dtype == np.uint8
+  green = (grid[..., 1] > 200) & (grid[..., 0] < 100)
+  red = (grid[..., 0] > 200) & (grid[..., 1] < 100)
+  assert green[:, :16].any() and not red[:, :16].any() and red[:, 16:].any()
+  assert green[4, 4 + 2] and not green[8, 8]     # the target's outline, not its inside
+
+
+def test_training_prompts_encode_as_sam_prompts():
+  """Round-0 tokens (pad_points=False) equal SAM's encoding of a box, and of one point + padding."""
+  enc = sam_prompt.SamPromptEncoder(16, (4, 4), (32, 32), 8)
+  box = jnp.array([[[3.0, 5.0, 20.0, 27.0]]])
+  point = jnp.array([[[[7.0, 9.0]]]])
+  params = jax.jit(lambda b: enc.init(jax.random.key(0), boxes=b))(box)
+  run = jax.jit(lambda p, pts, lab: enc.apply(p, pts, lab, pad_points=False)[0])
+  sam_box = jax.jit(lambda p, b: enc.apply(p, boxes=b)[0])(params, box)
+  sam_point = jax.jit(lambda p, pts: enc.apply(p, pts, jnp.ones((1, 1, 1), jnp.int32))[0])(params, point)
+  np.testing.assert_allclose(run(params, box.reshape(1, 1, 2, 2), jnp.array([[[2, 3]]])), sam_box, atol=1e-6)
+  np.testing.assert_allclose(run(params, jnp.concatenate([point, jnp.zeros_like(point)], 2), jnp.array([[[1, -1]]])),
+                             sam_point, atol=1e-6)
