@@ -48,7 +48,8 @@ from medfm_jax.data.decode import DataError
 from medfm_jax.errors import ConfigError
 
 NIFTI = (".nii", ".nii.gz")
-VOLUME_MANIFEST_COLUMNS = (*sources.MANIFEST_COLUMNS, "label_map")
+# A volume's label map is its own column (the 2-D manifest's "mask" is a PNG per image).
+VOLUME_MANIFEST_COLUMNS = (*(c for c in sources.MANIFEST_COLUMNS if c != "mask"), "label_map")
 
 
 def is_nifti(path: str) -> bool:
