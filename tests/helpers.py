@@ -76,15 +76,25 @@ def single_device_mesh(config):
   return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main"):
-  """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device in a fresh process."""
+def subprocess_env(devices=None, env_extra=None):
+  """``os.environ`` for a fresh process: the repo first on ``PYTHONPATH``, conftest's XLA flags
+  but one CPU device (``devices``: that many fake ones) instead of its 8, then ``env_extra``."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "device_count" not in f)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return env
+
+
+def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None):
+  """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many
+  fake ones) in a fresh process."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=subprocess_env(devices, env_extra), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def read_metrics(workdir):
