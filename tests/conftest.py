@@ -41,7 +41,7 @@ def train_mae_ckpt(workdir, seed=0):
   varies ``seed``)."""
   from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS above)
   from tests import helpers  # pylint: disable=g-import-not-at-top
-  config = helpers.tiny_mae_config(total_steps=4, checkpoint_every=4, seed=seed, **{"model.depth": 2})
+  config = helpers.tiny_mae_config(total_steps=4, checkpoint_every=4, seed=seed)
   loop.train(config, workdir, helpers.single_device_mesh(config))
   return workdir
 
@@ -49,3 +49,11 @@ def train_mae_ckpt(workdir, seed=0):
 @pytest.fixture(scope="session")
 def mae_ckpt(tmp_path_factory):
   return train_mae_ckpt(str(tmp_path_factory.mktemp("mae_tiny")))
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first (the order is otherwise kept): ``-n 2 --dist loadgroup`` hands out the xdist
+  groups, then single tests in collection order, so the minute-long training and CLI tests (many
+  under tests/sweeps and tests/train, collected last) start early instead of leaving one worker
+  running the last of them while the other idles."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -20,9 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mae_config(allow_new=(), **overrides):
-  """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2-block decoder of width 32."""
+  """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2 encoder blocks, a 1-block
+  decoder of width 32."""
   from configs import mae  # pylint: disable=g-import-not-at-top
   c = mae.get_config("tiny")
+  c.model.depth = 2
   c.data.image_size = 16
   c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 4
   c.batch_size = 16
@@ -33,9 +35,11 @@ def tiny_mae_config(allow_new=(), **overrides):
 
 
 def tiny_dino_config(variant="tiny", allow_new=(), **overrides):
-  """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 16/8 px crops, 64 prototypes."""
+  """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 2 ViT-Mu/4 blocks, 16/8 px crops, 64
+  prototypes."""
   from configs import dino  # pylint: disable=g-import-not-at-top
   c = dino.get_config(variant)
+  c.model.depth = 2
   c.objective.ibot_out_dim, c.objective.ibot_head_hidden_dim, c.objective.ibot_head_bottleneck_dim = 48, 32, 16
   c.data.image_size = 16
   c.data.multicrop.update(global_size=16, local_size=8, num_local=2)
@@ -74,6 +78,13 @@ def override(c, overrides, allow_new=()):
 def single_device_mesh(config):
   from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def own_xdist_group(test):
+  """Puts ``test`` in an xdist group of its own (xdist joins it with the module's group name), so
+  that ``-n 2`` can run a long test that uses none of its module's fixtures on the other worker
+  instead of after the module's group."""
+  return pytest.mark.xdist_group(f"{test.__module__}.{test.__name__}")(test)
 
 
 def subprocess_env(devices=None, env_extra=None):

@@ -10,8 +10,9 @@ import pytest
 from medfm_jax import plan
 from tests import helpers
 
+# helpers.tiny_mae_config's model (the in-process plan below) on the command line.
 _TINY = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--config.batch_size=16",
-         "--config.model.decoder_width=32", "--config.model.decoder_depth=1"]
+         "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1"]
 
 
 @pytest.mark.slow
