@@ -21,9 +21,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mae_config(allow_new=(), **overrides):
-  """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2-block decoder of width 32."""
+  """The tiny MAE config shrunk further: 16x16 phantoms, patch 4, 2 encoder blocks, a 1-block
+  decoder of width 32."""
   from configs import mae  # pylint: disable=g-import-not-at-top
   c = mae.get_config("tiny")
+  c.model.depth = 2
   c.data.image_size = 16
   c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 4
   c.batch_size = 16
@@ -34,9 +36,11 @@ def tiny_mae_config(allow_new=(), **overrides):
 
 
 def tiny_dino_config(variant="tiny", allow_new=(), **overrides):
-  """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 16/8 px crops, 64 prototypes."""
+  """The tiny DINO (or ``tiny_v2``: DINOv2) config shrunk: 2 ViT-Mu/4 blocks, 16/8 px crops, 64
+  prototypes."""
   from configs import dino  # pylint: disable=g-import-not-at-top
   c = dino.get_config(variant)
+  c.model.depth = 2
   c.objective.ibot_out_dim, c.objective.ibot_head_hidden_dim, c.objective.ibot_head_bottleneck_dim = 48, 32, 16
   c.data.image_size = 16
   c.data.multicrop.update(global_size=16, local_size=8, num_local=2)
@@ -89,15 +93,32 @@ def single_device_mesh(config):
   return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main"):
-  """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device in a fresh process."""
+def own_xdist_group(test):
+  """Puts ``test`` in an xdist group of its own (xdist joins it with the module's group name), so
+  that ``-n 2`` can run a long test that uses none of its module's fixtures on the other worker
+  instead of after the module's group."""
+  return pytest.mark.xdist_group(f"{test.__module__}.{test.__name__}")(test)
+
+
+def subprocess_env(devices=None, env_extra=None):
+  """``os.environ`` for a fresh process: the repo first on ``PYTHONPATH``, conftest's XLA flags
+  but one CPU device (``devices``: that many fake ones) instead of its 8, then ``env_extra``."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "device_count" not in f)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return env
+
+
+def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None):
+  """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many
+  fake ones) in a fresh process."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=subprocess_env(devices, env_extra), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def read_metrics(workdir):

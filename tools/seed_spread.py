@@ -27,22 +27,14 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The environment of tests/conftest.py (8 fake CPU devices, the shared compilation cache): the
-# numbers are those the tests see.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "medfm_jax_test_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, REPO)
+# The environment of tests/conftest.py, set when it is imported (8 fake CPU devices, the XLA flags,
+# the compilation cache, parsed absl flags): the numbers are those the tests see.
+from tests import conftest as tests_conftest  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-
-if not flags.FLAGS.is_parsed():
-  flags.FLAGS.mark_as_parsed()
 
 from medfm_jax.evaluate import probe as probe_lib  # noqa: E402
-from tests import conftest as tests_conftest  # noqa: E402
 from tests.evaluate import test_probe, test_protocols  # noqa: E402
 from tests.metrics import test_knn  # noqa: E402
 from tests.models import test_codebook  # noqa: E402

@@ -45,8 +45,9 @@ def named_init(objective: Objective, tx, seed: int, batch) -> TrainState:
 
 
 def _boxed_init(objective: Objective, tx, seed: int, batch):
-  """(named params, the plain initial TrainState)."""
-  state = named_init(objective, tx, seed, batch)
+  """(named params, the plain initial TrainState), built by one compiled program (run eagerly,
+  each of the init's ops would be compiled on its own)."""
+  state = jax.jit(lambda: named_init(objective, tx, seed, batch))()
   return state.params, mesh_lib.unbox(state)
 
 

@@ -11,7 +11,7 @@ from medfm_jax.models import vit
 def _model_and_params(**kw):
   model = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2, **kw)
   images = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 1))
-  return model, model.init(jax.random.PRNGKey(1), images)["params"], images
+  return model, jax.jit(model.init)(jax.random.PRNGKey(1), images)["params"], images   # one compile
 
 
 def test_probs_reproduce_the_blocks_attention_output():

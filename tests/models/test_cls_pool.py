@@ -11,7 +11,7 @@ from medfm_jax.models import vit
 def test_cls_slot_holds_pooled_patch_tokens(pool):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
   base = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2)
-  variables = base.init(jax.random.key(0), x)
+  variables = jax.jit(base.init)(jax.random.key(0), x)           # one compile, not one per op
   ref = base.apply(variables, x)                                   # [2, 1 + 2 + 16, 96]
   out = base.clone(cls_pool=pool).apply(variables, x)
   patches = np.asarray(ref[:, 3:])
@@ -24,10 +24,10 @@ def test_cls_slot_holds_pooled_patch_tokens(pool):
 def test_cls_pool_errors():
   x = jnp.ones((1, 16, 16, 1))
   with pytest.raises(ValueError, match="model.cls_pool='top'"):
-    vit.VisionTransformer("Mu/4", image_size=16, cls_pool="top").init(jax.random.key(0), x)
+    jax.eval_shape(vit.VisionTransformer("Mu/4", image_size=16, cls_pool="top").init, jax.random.key(0), x)
   with pytest.raises(ValueError, match="class_token=True"):
-    vit.VisionTransformer("Mu/4", image_size=16, cls_pool="max", class_token=False).init(
-        jax.random.key(0), x)
+    jax.eval_shape(vit.VisionTransformer("Mu/4", image_size=16, cls_pool="max", class_token=False).init,
+                   jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -19,7 +19,7 @@ def _model(**kw):
 def conv_vit():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
   model = _model(mask_token=True)
-  return model, nn.unbox(model.init(jax.random.key(0), x))["params"], x
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"], x   # one compile
 
 
 def _torch_stem(params, width):
@@ -40,7 +40,7 @@ def _torch_stem(params, width):
 def test_conv_stem_matches_torch_reference():
   stem = vit.ConvStem(patch_size=8, width=32)
   x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
-  params = nn.unbox(stem.init(jax.random.key(3), x))["params"]
+  params = nn.unbox(jax.jit(stem.init)(jax.random.key(3), x))["params"]
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape), params)
   assert [params[f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 16, 32]
   y = stem.apply({"params": params}, x)                                     # [2, 3*2, 32]
@@ -112,8 +112,8 @@ def test_conv_stem_rejects_unbuildable_sizes(patch, width, match):
 
 def test_unknown_patch_embed_is_rejected():
   with pytest.raises(ValueError, match="model.patch_embed='pixels'"):
-    vit.VisionTransformer("Mu/4", image_size=16, patch_embed="pixels").init(
-        jax.random.key(0), jnp.ones((1, 16, 16, 1)))
+    jax.eval_shape(vit.VisionTransformer("Mu/4", image_size=16, patch_embed="pixels").init,
+                   jax.random.key(0), jnp.ones((1, 16, 16, 1)))
 
 
 @pytest.mark.parametrize("overrides, message", [

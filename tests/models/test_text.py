@@ -26,7 +26,7 @@ def _tokens(*texts):
 @pytest.fixture(scope="module")
 def causal():
   model = _model(causal=True, pooling="eot")
-  return model, model.init(jax.random.PRNGKey(0), _tokens("a"))["params"]
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), _tokens("a"))["params"]   # one compile
 
 
 def test_causal_outputs_ignore_later_tokens(causal):
@@ -37,7 +37,7 @@ def test_causal_outputs_ignore_later_tokens(causal):
   np.testing.assert_allclose(xa[0, :9], xb[0, :9], atol=1e-6)
   assert np.abs(xa[0, 9:] - xb[0, 9:]).max() > 1e-3
   bidir = _model(causal=False, pooling="cls")
-  p = bidir.init(jax.random.PRNGKey(0), a[None])["params"]
+  p = jax.jit(bidir.init)(jax.random.PRNGKey(0), a[None])["params"]
   _, ya = bidir.apply({"params": p}, a[None], return_tokens=True)
   _, yb = bidir.apply({"params": p}, b[None], return_tokens=True)
   assert np.abs(ya[0, :9] - yb[0, :9]).max() > 1e-4
@@ -46,7 +46,7 @@ def test_causal_outputs_ignore_later_tokens(causal):
 def test_padding_keys_masked_for_bidirectional():
   model = _model(causal=False, pooling="mean")
   tok = _tokens("ct with a lesion")
-  params = model.init(jax.random.PRNGKey(1), tok)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tok)["params"]
   garbage = np.asarray(tok).copy()
   n = int((garbage != BYTES.pad_id).sum())
   shorter = jnp.asarray(garbage[:, :n + 3])      # same text, less padding
@@ -83,4 +83,4 @@ def test_variants():
   assert sizes("clip_b16") == (512, 12, 8, 2048, 77, 49408) and text.VARIANTS["clip_b16"].causal
   assert sizes("biomedclip") == (768, 12, 12, 3072, 256, 30522) and not text.VARIANTS["biomedclip"].causal
   with pytest.raises(ValueError, match="model.text.pooling"):
-    _model(pooling="max").init(jax.random.PRNGKey(0), _tokens("a"))
+    jax.eval_shape(_model(pooling="max").init, jax.random.PRNGKey(0), _tokens("a"))

@@ -46,6 +46,7 @@ def test_no_weight_decay_on_logit_scale_and_bias():
   assert not any(jax.tree.leaves(decay["text"]["norm"]))
 
 
+@helpers.own_xdist_group   # uses no module fixture
 @pytest.mark.slow
 def test_lit_locks_the_restored_image_tower(mae_ckpt):
   """LiT: the image tower equals the MAE encoder after training steps (the text side moves)."""
@@ -103,6 +104,7 @@ def clip_learning_run(workdir, seed=0):
   return first, last
 
 
+@helpers.own_xdist_group   # uses no module fixture
 @pytest.mark.slow
 def test_learning_signal_ci(tmp_path):
   """40 steps of the test-sized CLIP: zero-shot modality accuracy far above chance (0.25) and

@@ -26,7 +26,7 @@ def setup():
   objective = objectives.build(config)
   it = pipeline.make_train_iterator(config.data, config.batch_size, seed=0)
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-  params = nn.unbox(objective.init(jax.random.PRNGKey(0), batch)[0])
+  params = nn.unbox(jax.jit(lambda: objective.init(jax.random.PRNGKey(0), batch)[0])())   # one compile
 
   @jax.jit
   def run(params, batch):
@@ -155,8 +155,8 @@ def test_codebook_target(tmp_path):
   assert objective.model.image_vocab == 12
   it = pipeline.make_train_iterator(config.data, config.batch_size, seed=0)
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-  params = objective.init(jax.random.PRNGKey(0), batch)[0]
-  _, (metrics, _) = objective.loss(nn.unbox(params), {}, batch, jax.random.PRNGKey(1), 0)
+  params = jax.jit(lambda: nn.unbox(objective.init(jax.random.PRNGKey(0), batch)[0]))()
+  _, (metrics, _) = jax.jit(lambda p: objective.loss(p, {}, batch, jax.random.PRNGKey(1), 0))(params)
   assert abs(float(metrics["mim_loss"]) - np.log(12)) < 1.0
   codebook.save_codebook(path, codebook.Codebook(rng.normal(size=(12, 64)).astype(np.float32), 8, 1, True))
   with pytest.raises(ValueError, match="objective.codebook_path.*patch size"):
@@ -213,6 +213,7 @@ def flava_learning_run(workdir, seed=0):
   return config, first, last, results
 
 
+@helpers.own_xdist_group   # uses no module fixture
 @pytest.mark.slow
 def test_learning_signal_ci_and_restore(tmp_path):
   """60 steps of the test-sized FLAVA (batch 64): zero-shot modality accuracy and the

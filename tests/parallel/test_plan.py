@@ -10,8 +10,9 @@ import pytest
 from medfm_jax import plan
 from tests import helpers
 
+# helpers.tiny_mae_config's model (the in-process plan below) on the command line.
 _TINY = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--config.batch_size=16",
-         "--config.model.decoder_width=32", "--config.model.decoder_depth=1"]
+         "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1"]
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_fsdp_splits_state_8_ways_and_keeps_flops(tmp_path):
   cli = subprocess.run([sys.executable, "-m", "medfm_jax.plan", *_TINY, "--devices=8",
                         "--config.mesh.data=1", "--config.mesh.fsdp=-1", f"--json={out}"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=helpers.REPO, XLA_FLAGS=""))
+                       env=helpers.subprocess_env())
   assert cli.returncode == 0, cli.stderr[-3000:]
   assert "| Mu/4 | 1×8×1 | 16 |" in cli.stdout           # the Markdown row
   fsdp = json.loads(out.read_text())

@@ -11,10 +11,12 @@ from medfm_jax.sweeps import grid, runner, spec
 from tests import helpers
 from tests.sweeps.test_report import _table_rows, assert_png
 
-# configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, batch 16, 4 steps, checkpoint every 2 (sync).
+# configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, 2 encoder blocks, batch 16, 4 steps,
+# checkpoint every 2 (sync).
 TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
         "warmup_steps=1,log_every=1,eval_every=1000,checkpoint_every=2,async_checkpointing=False,"
-        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4")
+        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,"
+        "model.depth=2")
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
 EVAL = runner.eval_name(KNN)
@@ -71,7 +73,7 @@ def test_dry_run_prints_exact_commands(tmp_path):
   assert sweep.base == ("configs/mae.py:tiny,total_steps=4,warmup_steps=1,log_every=1,eval_every=1000,"
                         "checkpoint_every=2,data.image_size=16,batch_size=16,async_checkpointing=False,"
                         "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,"
-                        "model.decoder_heads=4")
+                        "model.decoder_heads=4,model.depth=2")
   assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
                                  f"--workdir={first}", "--config.objective.mask_ratio=0.6",
                                  "--config.model.decoder_depth=1", "--config.seed=0"])
@@ -95,27 +97,39 @@ def _crashing_at_step_3(plan):
   return crashing
 
 
+def _two_point_sweep(directory):
+  """A sweep file with TINY's base and 2 of its 4 points, which differ in both fields (so the
+  report draws a plot per field); returns its path. 2 points, not 4: each point's stages are
+  fresh processes that import JAX and compile (the 4 x 2 dry run above covers the grid)."""
+  path = os.path.join(directory, "two_points.py")
+  points = [{"objective.mask_ratio": 0.6, "model.decoder_depth": 1},
+            {"objective.mask_ratio": 0.9, "model.decoder_depth": 2}]
+  with open(path, "w") as f:
+    f.write(f"BASE = {spec.load(TINY).base!r}\n\n\ndef get_sweep(arg=None):\n  return {points!r}\n")
+  return path
+
+
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
-  """2 x 2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run
-  resumes them and evaluates; a third run skips everything; the report has the 4 rows."""
+  """2 points; first run killed at step 3 in every point (checkpoint at 2); the re-run (the CLI)
+  resumes them and evaluates; a third run skips everything; the report has the 2 rows."""
+  sweep_file = _two_point_sweep(str(tmp_path))
   wd = str(tmp_path / "sweep")
-  args = [f"--config={TINY}", f"--workdir={wd}"]
+  args = [f"--config={sweep_file}", f"--workdir={wd}"]
   with monkeypatch.context() as m:
     m.setattr(runner, "plan", _crashing_at_step_3(runner.plan))
-    assert runner.run(spec.load(TINY), wd) == 4
-  assert capsys.readouterr().err.count("FAILED (exit -9)") == 4
+    assert runner.run(spec.load(sweep_file), wd) == 2
+  assert capsys.readouterr().err.count("FAILED (exit -9)") == 2
   m = json.load(open(os.path.join(wd, "sweep.json")))
-  assert [p["status"] for p in m["points"]] == ["failed"] * 4
+  assert [p["status"] for p in m["points"]] == ["failed"] * 2
   assert all(p["exit_code"] == -9 and p["error_tail"] and p["failed_stage"] == "train" for p in m["points"])
   names = [p["name"] for p in m["points"]]
-  assert names == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.6,decoder_depth=2",
-                   "mask_ratio=0.9,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
+  assert names == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
 
   r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweeps")
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.load(open(os.path.join(wd, "sweep.json")))
-  assert [p["status"] for p in m["points"]] == ["done"] * 4
+  assert [p["status"] for p in m["points"]] == ["done"] * 2
   for name, p in zip(names, m["points"], strict=True):
     pdir = os.path.join(wd, name)
     rows = helpers.read_metrics(pdir)
@@ -130,12 +144,12 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
     assert os.path.exists(os.path.join(pdir, "eval", EVAL, "DONE"))
 
   r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweeps")
-  assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stdout + r.stderr[-2000:]
-  os.remove(os.path.join(wd, names[2], "eval", EVAL, "DONE"))   # as if killed during the eval
+  assert r.returncode == 0 and r.stdout.count("done, skipped") == 2, r.stdout + r.stderr[-2000:]
+  os.remove(os.path.join(wd, names[1], "eval", EVAL, "DONE"))   # as if killed during the eval
   out = io.StringIO()
-  runner.dry_run(spec.load(TINY), wd, [KNN], out=out)
+  runner.dry_run(spec.load(sweep_file), wd, [KNN], out=out)
   pending = [l for l in out.getvalue().splitlines() if not l.startswith("# done: ")]
-  assert len(pending) == 1 and f"--workdir={wd}/{names[2]}/eval/{EVAL}" in pending[0]
+  assert len(pending) == 1 and f"--workdir={wd}/{names[1]}/eval/{EVAL}" in pending[0]
 
   path = report.build([wd], [], wd)
   rows = _table_rows(open(path).read())
