@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from etils import epath
 
 from medfm_jax import storage
@@ -51,17 +52,17 @@ def fingerprint(tree) -> dict[str, list[int]]:
   same for any sharding, mesh or process count; a changed element changes them."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   sums = np.zeros((len(leaves), 2), np.uint64)
-  for i, (_, x) in enumerate(leaves):
-    for block in _owned_blocks(x):
-      words = np.ascontiguousarray(block).reshape(-1)
-      words = words.view(f"u{words.dtype.itemsize}") if words.dtype.itemsize <= 8 else words.view("u8")
-      for start in range(0, words.size, _CHUNK):
-        w = words[start:start + _CHUNK].astype(np.uint64)
-        sums[i, 0] += w.sum(dtype=np.uint64)    # uint64 arrays wrap silently: exact mod 2**64
-        sums[i, 1] += (w * w).sum(dtype=np.uint64)
+  with np.errstate(over="ignore"):   # uint64 wraps around: the arithmetic mod 2**64 intended
+    for i, (_, x) in enumerate(leaves):
+      for block in _owned_blocks(x):
+        words = np.ascontiguousarray(block).reshape(-1)
+        words = words.view(f"u{words.dtype.itemsize}") if words.dtype.itemsize <= 8 else words.view("u8")
+        for start in range(0, words.size, _CHUNK):
+          w = words[start:start + _CHUNK].astype(np.uint64)
+          sums[i, 0] += w.sum(dtype=np.uint64)
+          sums[i, 1] += (w * w).sum(dtype=np.uint64)
   sums = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # only multi-process runs; pylint: disable=g-import-not-at-top
     sums = np.asarray(multihost_utils.process_allgather(sums)).astype(np.uint64).sum(0)
     sums = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
   return {jax.tree_util.keystr(p, simple=True, separator="/"): [int(a), int(b)]
@@ -213,7 +214,6 @@ class Checkpointer:
           target.rmtree()
         (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # only multi-process runs; pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("medfm_jax_checkpoint_set_aside")
     self.manager.reload()
 
