@@ -25,34 +25,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
     "MEDFM_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "medfm_jax_test_xla_cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import importlib.util  # noqa: E402
+# torchvision against the CPU torch build (tests/site/sitecustomize.py): here and in every process
+# the tests start.
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_SITE, os.environ.get("PYTHONPATH", "")] if p)
+sys.path.insert(0, _SITE)
+import sitecustomize  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 
-def _import_torchvision_without_its_ops():
-  """open_clip and timm (parity references) import torchvision. Its PyPI wheels are CUDA builds
-  whose compiled ops do not load against the CPU torch build the parity extra pins, and torchvision
-  then fails at import: it registers fake kernels for its missing ``torchvision::nms`` and
-  ``qnms``. Declaring those ops' schemas first lets it import; the reference model code needs none of its ops."""
-  if importlib.util.find_spec("torchvision") is None:
-    return
-  try:
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except RuntimeError as e:
-    if "torchvision::nms" not in str(e):
-      raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    import torch  # pylint: disable=g-import-not-at-top
-    for op in ("nms", "qnms"):   # the two fake kernels torchvision registers unconditionally
-      torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401,F811  pylint: disable=g-import-not-at-top,unused-import
-
-
-_import_torchvision_without_its_ops()
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()

@@ -162,8 +162,11 @@ def test_failing_save_is_one_line_and_earlier_checkpoints_resume_bitwise(tmp_pat
   ours = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax: ")]
   assert len(ours) == 1, result.stderr[-3000:]
   last = ours[0]
-  assert last.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {workdir}/checkpoints/6 "
-                         "(OSError: [Errno 27] File too large); earlier checkpoints are intact"), last
+  # Which writer meets the limit first varies: Python's (OSError: [Errno 27] File too large) or
+  # TensorStore's (OUT_OF_RANGE: Error writing local file ...).
+  assert last.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {workdir}/checkpoints/6 ("), last
+  assert ("File too large" in last or "Error writing local file" in last), last
+  assert last.endswith("earlier checkpoints are intact, the same command resumes from the newest"), last
   assert ckpt_lib.Checkpointer(workdir).latest_step() == 3
   result = helpers.run_cli(args)
   assert result.returncode == 0, result.stderr[-3000:]
