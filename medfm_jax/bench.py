@@ -6,7 +6,7 @@ r"""Throughput benchmark of the jitted train step (not a test).
   python -m medfm_jax.bench --suite=gpu --out=DIR [--smoke] [--cases=mae_b16,...] [--deadline_s=S]
 
 Prints compile time, median step time, images/s (total and per device), TFLOP/s per device and
-MFU for the config's model and global batch on random inputs (data loading excluded; see
+MFU for the config's model and global batch on one batch of real examples, tiled (data loading excluded; see
 ``--data_only`` for the input pipeline: phantom generation, the config's train iterator, and a
 table of train-iterator images/s per source (phantoms, PNG folder, DICOM folder, TFDS
 array_record built from the PNGs; files written to a temp dir) and worker count). ``--torch`` times the same MAE model and batch in
@@ -18,9 +18,7 @@ and one Markdown table; see :mod:`medfm_jax.bench_suite`.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -30,43 +28,16 @@ from ml_collections import config_flags
 from medfm_jax import bench_suite, bench_torch
 from medfm_jax.data import build, export, phantoms, pipeline
 from medfm_jax.models import vit
-from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import assemble, telemetry
+from medfm_jax.train import telemetry
 
 
 def benchmark_train_step(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
-  """Compiles and times the train step of ``config`` on synthetic batches (all local devices)."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  assembly = assemble.assemble(config, mesh)
-  # Random data shaped like one real batch of this config (image, or multi-crop views).
-  rng = np.random.default_rng(0)
-  real = next(pipeline.make_train_iterator(config.data, config.batch_size, config.seed,
-                                           jax.process_index(), jax.process_count()))
-  local = {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v)
-           for k, v in real.items()}
-  state = assembly.init_state()
-  with mesh_lib.use_mesh(mesh):
-    batch = mesh_lib.to_global_batch(local, mesh)
-    t0 = time.perf_counter()
-    lowered = assembly.train_step.lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(warmup + steps):
-      t0 = time.perf_counter()
-      state, out = compiled(state, batch)
-      jax.block_until_ready(out["loss"])
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
-  flops = telemetry.step_flops(lowered)
-  median = statistics.median(times)
+  """Compiles and times the train step of ``config`` at its batch size on all local devices (one
+  batch of real examples, tiled; see :func:`medfm_jax.bench_suite.time_train_step`)."""
+  result = bench_suite.time_train_step(config, config.batch_size, steps, warmup)
   n_dev = jax.device_count()
-  tflops = flops / median / n_dev / 1e12
-  return {"compile_s": compile_s, "step_time_median_s": median, "images_per_s": config.batch_size / median,
-          "images_per_s_per_device": config.batch_size / median / n_dev, "gflop_per_step": flops / 1e9,
-          "tflops_per_device": tflops,
-          "mfu": tflops / telemetry.peak_tflops_per_device(config.peak_tflops_per_device),
-          "devices": n_dev, "loss_finite": bool(np.isfinite(float(out["loss"])))}
+  return {**result, "images_per_s_per_device": result["images_per_s"] / n_dev, "devices": n_dev,
+          "loss_finite": bool(np.isfinite(result["loss"]))}
 
 
 def benchmark_data(config, num_batches: int = 30) -> dict[str, float]:
