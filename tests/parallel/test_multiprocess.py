@@ -19,7 +19,7 @@ from tests import helpers
 _ARGS = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--config.batch_size=16",
          "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
          "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
-         "--config.eval_every=3", "--config.checkpoint_every=3",
+         "--config.eval_every=3", "--config.checkpoint_every=2", "--config.async_checkpointing=False",
          "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
 # The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
 # the data axis (DCN), and mesh.fsdp=2 stays inside each.
@@ -27,14 +27,28 @@ _MULTI = []
 _SINGLE = ["--config.mesh.data=2"]
 
 
+def _launch_two(args, workdir):
+  return subprocess.run(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, f"--workdir={workdir}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+
+
+def _max_param_diff(a_dir, b_dir):
+  a, b = ckpt_lib.restore_params(a_dir), ckpt_lib.restore_params(b_dir)
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one_and_each_resumes_on_the_other_count(tmp_path):
+  """2 processes x 2 devices train like 1 process x 4 devices (losses, evals, params). Then each
+  run's step-3 checkpoint is removed (as if killed before it) and the run resumes from step 2 on
+  the other process count: the data stream continues at batch 2 and step 3 ends within float
+  tolerance of the uninterrupted run."""
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   t0 = time.perf_counter()
-  result = subprocess.run(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *_ARGS, *_MULTI, f"--workdir={multi}"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  result = _launch_two(_ARGS + _MULTI, multi)
   wall = time.perf_counter() - t0
   assert result.returncode == 0, result.stdout[-4000:]
   assert "[1] " in result.stdout and "process 1 of 2, 2 local / 4 global devices (cpu; explicit)" in result.stdout
@@ -60,6 +74,24 @@ def test_two_processes_match_one(tmp_path):
   print(f"max |param diff| {max(diffs):.2e}, max |loss diff| "
         f"{np.max(np.abs(np.subtract(loss(multi), loss(single)))):.2e}")
   assert max(diffs) <= 1e-5
+
+  step_loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}
+  for source, counts in ((single, "1 process(es), this run has 2"), (multi, "2 process(es), this run has 1")):
+    moved = str(tmp_path / f"{os.path.basename(source)}_moved")
+    shutil.copytree(source, moved)
+    shutil.rmtree(os.path.join(moved, "checkpoints", "3"))
+    if source == single:
+      result = _launch_two(_ARGS + _MULTI, moved)
+      out = result.stdout
+    else:
+      result = helpers.run_cli(_ARGS + _SINGLE + [f"--workdir={moved}"], devices=4)
+      out = result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert f"written by {counts}: the data stream continues at batch 2" in out
+    np.testing.assert_allclose(step_loss(moved)[3], step_loss(source)[3], rtol=0, atol=1e-5)
+    diff = _max_param_diff(os.path.join(source, "checkpoints", "3"), os.path.join(moved, "checkpoints", "3"))
+    print(f"{counts}: max |param diff| {diff:.2e}")
+    assert diff <= 1e-5
 
 
 @pytest.mark.slow
@@ -144,61 +176,3 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
-
-
-@pytest.mark.slow
-def test_checkpoint_of_one_process_resumes_on_two(tmp_path):
-  """1 process x 4 devices, killed after step 3 (checkpoint 2), resumed by 2 processes x 2
-  devices: the data stream continues at batch 2 and step 3 ends with the uninterrupted
-  1-process parameters within float tolerance."""
-  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
-      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
-  four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
-  result = helpers.run_cli(args + _SINGLE + [f"--workdir={straight}"], env_extra=four)
-  assert result.returncode == 0, result.stderr[-3000:]
-  result = helpers.run_cli(args + _SINGLE + [f"--workdir={moved}", "--crash_at_step=3"],
-                           env_extra=four, module="tests.crash_main")
-  assert result.returncode == -9 and ckpt_lib.Checkpointer(moved).latest_step() == 2
-  result = subprocess.run(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *args, f"--workdir={moved}"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
-  assert result.returncode == 0, result.stdout[-4000:]
-  assert "written by 1 process(es), this run has 2: the data stream continues at batch 2" in result.stdout
-  loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}
-  np.testing.assert_allclose(loss(moved)[3], loss(straight)[3], rtol=0, atol=1e-5)
-  a = ckpt_lib.restore_params(os.path.join(straight, "checkpoints", "3"))
-  b = ckpt_lib.restore_params(os.path.join(moved, "checkpoints", "3"))
-  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-  print(f"1 -> 2 processes: max |param diff| {max(diffs):.2e}")
-  assert max(diffs) <= 1e-5
-
-
-@pytest.mark.slow
-def test_checkpoint_of_two_processes_resumes_on_one(tmp_path):
-  """2 processes x 2 devices to step 3 (checkpoints 2 and 3); step 3 removed (as if killed
-  before it), then 1 process x 4 devices resumes from 2: step 3 within float tolerance."""
-  args = [a for a in _ARGS if "checkpoint_every" not in a] + [
-      "--config.checkpoint_every=2", "--config.async_checkpointing=False", "--config.eval_every=1000"]
-  two = str(tmp_path / "two")
-  result = subprocess.run(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *args, f"--workdir={two}"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
-  assert result.returncode == 0, result.stdout[-4000:]
-  want = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
-  loss3 = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
-  shutil.rmtree(os.path.join(two, "checkpoints", "3"))
-  result = helpers.run_cli(args + _SINGLE + [f"--workdir={two}"],
-                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "written by 2 process(es), this run has 1: the data stream continues at batch 2" in result.stderr
-  got = ckpt_lib.restore_params(os.path.join(two, "checkpoints", "3"))
-  redone = [m["loss"] for m in helpers.read_metrics(two) if m.get("step") == 3 and "loss" in m]
-  np.testing.assert_allclose(redone[-1], loss3[0], rtol=0, atol=1e-5)
-  diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-           for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)]
-  print(f"2 -> 1 processes: max |param diff| {max(diffs):.2e}")
-  assert max(diffs) <= 1e-5
