@@ -100,39 +100,22 @@ def write_split(out_dir: str, name: str, split: str, examples: Iterator[Example]
                 shard_size: int, stats: _Stats | None = None, max_value: float = 255.0):
   """Streams one split into array_record shards of ``shard_size`` records (renamed to
   ``NAME-SPLIT.array_record-0000i-of-0000n`` when done); returns its ``tfds.core.SplitInfo``."""
-  import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
-  tmp = lambda i: os.path.join(out_dir, f".{name}-{split}.{i:05d}.tmp")
-  lengths, num_bytes, writer = [], 0, None
-  for ex in examples:
-    if writer is None or lengths[-1] == shard_size:
-      if writer is not None:
-        writer.close()
-      writer = ArrayRecordWriter(tmp(len(lengths)), "group_size:1")
-      lengths.append(0)
-    if stats is not None:
-      stats.add(ex.image, max_value)
-    record = feats.serialize_example(feats.encode_example({
-        "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
-        "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path}))
-    writer.write(record)
-    lengths[-1] += 1
-    num_bytes += len(record)
-  if writer is None:
-    raise ValueError(f"split {split!r} has no examples")
-  writer.close()
-  for i in range(len(lengths)):
-    os.replace(tmp(i), os.path.join(
-        out_dir, f"{name}-{split}.array_record-{i:05d}-of-{len(lengths):05d}"))
-  return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes,
-                             filename_template=None)
+  def encoded():
+    for ex in examples:
+      if stats is not None:
+        stats.add(ex.image, max_value)
+      yield feats.encode_example({
+          "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
+          "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path})
+  return _write_records(out_dir, name, split, encoded(), feats, shard_size)
 
 
-def _file_examples(source: sources.FileSource, on_error: str,
-                   skip_log: str) -> Iterator[Example]:
-  """Decodes every entry once; bad files raise or are skipped (logged, not replaced)."""
-  for i in range(len(source.entries)):
+def _readable_records(load, n: int, on_error: str, skip_log: str) -> Iterator[tuple[int, dict]]:
+  """``(i, load(i))`` for i < n; a bad file raises (``on_error='raise'``) or is skipped, logged
+  and written to ``skip_log`` (not replaced)."""
+  for i in range(n):
     try:
-      r = source._load(i)  # pylint: disable=protected-access
+      record = load(i)
     except DataError as e:
       if on_error == "raise":
         raise
@@ -140,6 +123,13 @@ def _file_examples(source: sources.FileSource, on_error: str,
       with open(skip_log, "a", encoding="utf-8") as f:
         f.write(f"{e.path}\t{e.reason}\n")
       continue
+    yield i, record
+
+
+def _file_examples(source: sources.FileSource, on_error: str,
+                   skip_log: str) -> Iterator[Example]:
+  """Decodes every entry once; bad files raise or are skipped (logged, not replaced)."""
+  for _, r in _readable_records(source._load, len(source.entries), on_error, skip_log):  # pylint: disable=protected-access
     frame = f"#frame={int(r['frame'])}" if int(r["frame"]) else ""
     yield Example(r["image"], int(r["label"]), int(r["modality"]), r["caption"],
                   r["patient_id"], r["path"] + frame)
@@ -195,16 +185,8 @@ def _write_records(out_dir: str, name: str, split: str, records: Iterator[dict],
 
 def _volume_records(source, skip_log: str, on_error: str, phantom: bool = False) -> Iterator[dict]:
   """Feature dicts of every record of a volume source; bad files raise or are skipped (logged)."""
-  for i in range(len(source)):
-    try:
-      r = source[i] if phantom else source._load(i)  # pylint: disable=protected-access
-    except DataError as e:
-      if on_error == "raise":
-        raise
-      logging.warning("skipping bad data: %s", e)
-      with open(skip_log, "a", encoding="utf-8") as f:
-        f.write(f"{e.path}\t{e.reason}\n")
-      continue
+  load = source.__getitem__ if phantom else source._load  # pylint: disable=protected-access
+  for i, r in _readable_records(load, len(source), on_error, skip_log):
     yield {"image": r["image"].astype(np.float32),
            "label_map": r.get("label_map", np.zeros((0, 0, 0), np.uint8)).astype(np.uint8),
            "spacing": np.asarray(r["spacing"], np.float32),
