@@ -25,6 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402  (config files are loaded by path)
 
 
+def _vit_b_1024(c) -> None:
+  """What the published SAM and MedSAM recipes share: 1024 px RGB with ImageNet normalisation,
+  AdamW b2 0.999, unscaled lr, 250 warmup steps, 16 loader workers."""
+  c.data.image_size, c.data.channels = 1024, 3
+  c.data.mean, c.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  c.lr_scaling, c.optim.b2, c.warmup_steps, c.data.num_workers = "none", 0.999, 250, 16
+
+
 def get_config(arg: str | None = None):
   variant, overrides = common.parse_arg(arg, default_variant="tiny")
   c = common.base_config()
@@ -69,23 +77,17 @@ def get_config(arg: str | None = None):
     # MedSAM (Ma et al., 2024): SAM ViT-B at 1024 px, box prompts shifted 0-20 px, Dice + BCE,
     # prompt encoder frozen, AdamW lr 1e-4, weight decay 0.01, batch 160.
     o.encoder = "vitdet"
-    c.data.image_size, c.data.channels = 1024, 3
-    c.data.mean, c.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    c.batch_size, c.lr, c.weight_decay, c.lr_scaling = 160, 1e-4, 0.01, "none"
-    c.optim.b2 = 0.999
-    c.total_steps, c.warmup_steps = 100_000, 250
-    c.data.num_workers = 16
+    _vit_b_1024(c)
+    c.batch_size, c.lr, c.weight_decay = 160, 1e-4, 0.01
+    c.total_steps = 100_000
   elif variant == "sam_vit_b":
     # SAM (Kirillov et al., 2023): 11 rounds (a box or point, then clicks from the error region;
     # here every round adds a click), focal:Dice 20:1, IoU MSE, AdamW lr 8e-4, wd 0.1, batch 256.
     o.encoder, o.recipe, o.freeze_prompt_encoder = "vitdet", "sam", False
     o.rounds, o.iou_weight = 11, 1.0
-    c.data.image_size, c.data.channels = 1024, 3
-    c.data.mean, c.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    c.batch_size, c.lr, c.weight_decay, c.lr_scaling = 256, 8e-4, 0.1, "none"
-    c.optim.b2 = 0.999
-    c.total_steps, c.warmup_steps = 90_000, 250
-    c.data.num_workers = 16
+    _vit_b_1024(c)
+    c.batch_size, c.lr, c.weight_decay = 256, 8e-4, 0.1
+    c.total_steps = 90_000
   else:
     raise ValueError(f"configs/sam.py: unknown variant {variant!r}; allowed: tiny, tiny_mae, medsam_vit_b, sam_vit_b")
   common.apply_overrides(c, overrides)
