@@ -12,9 +12,11 @@ The CLI subprocesses inherit these flags through the environment. ``MEDFM_TEST_X
 the compilation cache (default ``TMPDIR/medfm_jax_test_xla_cache``), e.g. to time a cold run
 without emptying a cache that others use.
 """
+import json
 import os
 import sys
 import tempfile
+import time
 
 FAST_COMPILE_FLAGS = "--xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join(f for f in [
@@ -66,3 +68,28 @@ def pytest_collection_modifyitems(items):
   under tests/sweeps and tests/train, collected last) start early instead of leaving one worker
   running the last of them while the other idles."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+_CPU_LOG = os.environ.get("MEDFM_TEST_CPU_LOG")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With ``MEDFM_TEST_CPU_LOG=FILE``, appends one JSON line per test: CPU seconds of the test
+  process and of the subprocesses it waited for (setup, call and teardown, so a fixture counts
+  where it is built), and wall seconds. CPU time hardly depends on the machine's load, so it ranks
+  tests for the suite-time budget on a shared machine where ``--durations`` cannot."""
+  del nextitem
+  if not _CPU_LOG:
+    yield
+    return
+  t0, w0 = os.times(), time.monotonic()
+  yield
+  t1 = os.times()
+  record = {"test": item.nodeid,
+            "cpu_s": round(t1.user - t0.user + t1.system - t0.system, 2),
+            "children_cpu_s": round(t1.children_user - t0.children_user
+                                    + t1.children_system - t0.children_system, 2),
+            "wall_s": round(time.monotonic() - w0, 2)}
+  with open(_CPU_LOG, "a") as f:
+    f.write(json.dumps(record) + "\n")

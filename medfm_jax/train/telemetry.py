@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -104,6 +105,22 @@ class _EventFiles:
     storage.path(path).mkdir(parents=True, exist_ok=True)
 
 
+def _import_tensorboardx():
+  """``(SummaryWriter, record_writer)``. tensorboardX's writer module imports torch, when it is
+  installed, only to recognise torch tensors (about 3 s of CPU in every training process; this
+  writer passes floats): unless something has imported torch already, the import runs with torch
+  hidden, as if it were not installed, and torch stays importable afterwards."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None   # `import torch` raises ImportError, tensorboardX's fallback
+  try:
+    from tensorboardX import SummaryWriter, record_writer  # heavy (protobuf); only process 0 writes TensorBoard; pylint: disable=g-import-not-at-top
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter, record_writer
+
+
 class MetricWriter:
   """Writes scalars to ``metrics.jsonl`` and TensorBoard event files (process 0 only); ``workdir``
   is a local path or a URL."""
@@ -112,7 +129,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter, record_writer  # heavy (~1 s, protobuf); only process 0 writes TensorBoard; pylint: disable=g-import-not-at-top
+    SummaryWriter, record_writer = _import_tensorboardx()  # pylint: disable=invalid-name
     root = storage.path(workdir)
     self._jsonl = storage.AppendFile(root / "metrics.jsonl")
     if storage.is_url(root):
