@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from medfm_jax.interop import openclip
+from medfm_jax.interop import openclip, timm_vit
 
 ATOL = 1e-5
 MODEL_CFG = dict(embed_dim=24, quick_gelu=True,
@@ -72,13 +72,79 @@ def test_import_export_round_trip(pool, tmp_path):
 
 
 def test_unsupported_and_bad_keys_are_one_line(tmp_path):
-  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: vision_cfg.timm_model_name='vit_base_patch16_224'; "
-                                       r"text_cfg.hf_model_name='bert'$"):
-    openclip.config_from_open_clip(dict(MODEL_CFG, vision_cfg={"timm_model_name": "vit_base_patch16_224"},
-                                        text_cfg={"hf_model_name": "bert"}))
+  """open_clip's SigLIP layout (timm MAP-pooled trunk, logit bias) and HF towers other than BERT:
+  one line naming every field; a renamed tensor: one line naming it."""
+  siglip = dict(MODEL_CFG, init_logit_bias=-10.0,
+                vision_cfg=dict(timm_model_name="vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none"),
+                text_cfg=dict(MODEL_CFG["text_cfg"], norm_kwargs={"eps": 1e-6}, pool_type="last"))
+  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.norm_kwargs=\{'eps': 1e-06\}; "
+                                       r"init_logit_bias=-10.0 \(open_clip SigLIP layouts: import HF SiglipModel\); "
+                                       r"vision_cfg.timm_model_name='vit_base_patch16_siglip_224' \(allowed [^\n]*$"):
+    openclip.config_from_open_clip(siglip)
+  roberta = dict(MODEL_CFG, text_cfg=dict(hf_model_name="roberta-base", hf_pooler_type="max_pooler"))
+  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.hf_model_name model_type='roberta' "
+                                       r"\(allowed 'bert'\); text_cfg.hf_pooler_type='max_pooler' \(allowed [^\n]*$"):
+    openclip.config_from_open_clip(roberta, hf_text_config={"model_type": "roberta"})
+  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.hf_model_name='/nowhere/bert': its "
+                                       r"config.json is [^\n]*pass hf_text_config=[^\n]*$"):
+    openclip.config_from_open_clip(dict(MODEL_CFG, text_cfg=dict(hf_model_name="/nowhere/bert")))
   model = _source(tmp_path)
   sd = dict(model.state_dict())
   sd["visual.extra"] = sd.pop("visual.proj")
   with pytest.raises(ValueError, match=r"^convert \(open_clip CLIP\): unused HF tensors: visual.extra; "
                                        r"missing HF tensors: visual.proj[^\n]*$"):
     openclip.load(sd, MODEL_CFG)
+
+
+def _biomedclip_source(tmp_path, pooler, proj, timm_proj):
+  """A tiny random BiomedCLIP-layout open_clip model (timm ViT trunk + HF BERT text tower, both from
+  local config directories: no network) saved as an open_clip directory."""
+  import transformers  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  bert = tmp_path / "bert"
+  transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=24).save_pretrained(bert)
+  trunk = dict(channels=3, image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, ln_pre=False,
+               layer_scale=False)
+  (tmp_path / "trunk").mkdir()
+  (tmp_path / "trunk" / "config.json").write_text(json.dumps(timm_vit.timm_config_dict(trunk)))
+  embed = 32 if proj is None else 24     # no projections: the towers' width is the embedding
+  model_cfg = dict(embed_dim=embed,
+                   vision_cfg=dict(timm_model_name=f"local-dir:{tmp_path / 'trunk'}", timm_pool="" if timm_proj == "linear" else "token",
+                                   timm_proj=timm_proj, image_size=16),
+                   text_cfg=dict(hf_model_name=str(bert), hf_tokenizer_name=str(bert), hf_proj_type=proj,
+                                 hf_pooler_type=pooler, context_length=16))
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+  model = open_clip.create_model(f"local-dir:{src}", pretrained_text=False).eval()
+  g = torch.Generator().manual_seed(2)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=g))
+  safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                              str(src / "open_clip_model.safetensors"))
+  return model, src
+
+
+@pytest.mark.parametrize("pooler,proj,timm_proj", [("cls_last_hidden_state_pooler", "mlp", "linear"),
+                                                   ("cls_pooler", "linear", "linear"), ("mean_pooler", None, "none")])
+def test_biomedclip_layout_import_export(pooler, proj, timm_proj, tmp_path):
+  """BiomedCLIP's layout (timm ViT trunk + post-LN BERT text tower, its pooler and projection):
+  import parity with open_clip (padding from the attention mask, as open_clip's tokens != pad id),
+  then export -> open_clip local-dir -> our features; and the run fields of the post-LN tower."""
+  ref_model, src = _biomedclip_source(tmp_path, pooler, proj, timm_proj)
+  images, tokens = _inputs()
+  ref_img, ref_txt = _features(ref_model, images, tokens)
+  model, params, overrides = openclip.load(src)
+  assert overrides["model.text.post_ln"] and overrides["model.text.mask_padding"]
+  assert overrides["model.text_proj"] == {"mlp": "mlp", "linear": "linear", None: "none"}[proj]
+  mask = tokens != 0
+  with jax.default_matmul_precision("highest"):
+    img, txt = model.apply({"params": params}, images, tokens.astype(np.int32), attention_mask=mask)
+  errs = [np.abs(np.asarray(img) - ref_img).max(), np.abs(np.asarray(txt) - ref_txt).max()]
+  openclip.export(params, src, tmp_path / "out")
+  back = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+  back_img, back_txt = _features(back, images, tokens)
+  errs += [np.abs(np.asarray(img) - back_img).max(), np.abs(np.asarray(txt) - back_txt).max()]
+  print(f"biomedclip layout {pooler}/{proj}/{timm_proj}: import {max(errs[:2]):.1e} round trip {max(errs[2:]):.1e}")
+  assert max(errs) <= ATOL, errs
