@@ -222,14 +222,18 @@ def cfg_from_run(config) -> dict[str, Any]:
                        layer_scale_init=(0.0,), num_registers=(0,), swiglu=(False,),
                        activation=tuple(_HF_ACTIVATIONS))
   m, t = config.model, text.text_size(config.model.text)
+  tc = config.model.text
   torch_io.check_exportable(
       {"model.image_pool": m.get("image_pool", "cls"), "model.image_proj": m.get("image_proj", True),
        "model.text_proj_bias": m.get("text_proj_bias", False), "model.text.causal": t.causal,
-       "model.text.pooling": t.pooling, "model.text.activation": t.activation},
+       "model.text.pooling": t.pooling, "model.text.activation": t.activation,
+       "model.text_proj": m.get("text_proj", "linear"), "model.text.post_ln": tc.get("post_ln", False),
+       "model.text.embed_norm": tc.get("embed_norm", False), "model.text.pooler": tc.get("pooler", False)},
       {"model.image_pool": ("cls" if clip else "map",), "model.image_proj": (clip,),
        "model.text_proj_bias": (not clip,), "model.text.causal": (clip,),
        "model.text.pooling": ("eot", "argmax") if clip else ("last",),
-       "model.text.activation": tuple(_HF_ACTIVATIONS)}, what)
+       "model.text.activation": tuple(_HF_ACTIVATIONS), "model.text_proj": ("linear",),
+       "model.text.post_ln": (False,), "model.text.embed_norm": (False,), "model.text.pooler": (False,)}, what)
   tok = tokenizers.from_config(config.data)
   vis = {k: v[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "channels",
                            "layer_norm_eps", "activation")}

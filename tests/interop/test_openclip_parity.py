@@ -96,13 +96,13 @@ def test_unsupported_and_bad_keys_are_one_line(tmp_path):
     openclip.load(sd, MODEL_CFG)
 
 
-def _biomedclip_source(tmp_path, pooler, proj, timm_proj):
+def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=24):
   """A tiny random BiomedCLIP-layout open_clip model (timm ViT trunk + HF BERT text tower, both from
   local config directories: no network) saved as an open_clip directory."""
   import transformers  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
   bert = tmp_path / "bert"
-  transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, max_position_embeddings=24).save_pretrained(bert)
+  transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=positions).save_pretrained(bert)
   trunk = dict(channels=3, image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, ln_pre=False,
                layer_scale=False)
   (tmp_path / "trunk").mkdir()
@@ -148,3 +148,19 @@ def test_biomedclip_layout_import_export(pooler, proj, timm_proj, tmp_path):
   errs += [np.abs(np.asarray(img) - back_img).max(), np.abs(np.asarray(txt) - back_txt).max()]
   print(f"biomedclip layout {pooler}/{proj}/{timm_proj}: import {max(errs[:2]):.1e} round trip {max(errs[2:]):.1e}")
   assert max(errs) <= ATOL, errs
+
+
+def test_run_configs_that_a_format_cannot_express_are_one_line():
+  """A BiomedCLIP-layout run: HF CLIPModel cannot hold its post-LN text tower / 'mlp' projection;
+  open_clip refuses a causal BERT tower; each in one line."""
+  from medfm_jax.interop import hf_clip  # pylint: disable=import-outside-toplevel
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  run = {"model.patch_embed": "patch", "model.cls_pool": "token", "model.layer_scale_init": 0.0, "model.ln_pre": True,
+         "model.text.post_ln": True, "model.text.embed_norm": True, "model.text_proj": "mlp", "data.channels": 3,
+         "model.text.pooling": "cls"}
+  with pytest.raises(ValueError, match=r"^cannot export to HF clip: model.text.pooling='cls' [^\n]*model.text_proj='mlp' "
+                                       r"\(allowed 'linear'\); model.text.post_ln=True \(allowed False\); "
+                                       r"model.text.embed_norm=True \(allowed False\)$"):
+    hf_clip.cfg_from_run(helpers.tiny_clip_config(**run, **{"model.activation": "quick_gelu"}))
+  with pytest.raises(ValueError, match=r"^cannot export to open_clip CLIP: model.text.causal=True \(allowed False\)$"):
+    openclip.cfg_from_run(helpers.tiny_clip_config(**run, **{"model.layer_norm_eps": 1e-5}))
