@@ -231,3 +231,48 @@ def test_biomedclip_run_trains_and_exports_to_open_clip(tmp_path):
     ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
   assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
+
+
+def _flava_source(tmp_path, cls):
+  """A tiny random HF FLAVA (``cls``: FlavaModel or FlavaForPreTraining) whose MIM heads, if any,
+  predict 40 codebook ids."""
+  config = transformers.FlavaConfig(
+      image_config=dict(_TOWER, image_size=16, patch_size=4, num_channels=1, vocab_size=40),
+      text_config=dict(_TOWER, vocab_size=300, max_position_embeddings=80), multimodal_config=dict(_TOWER, num_hidden_layers=1),
+      hidden_size=32, projection_dim=24, init_codebook=False)
+  return _save(cls(config), tmp_path / cls.__name__)
+
+
+@pytest.mark.parametrize("cls", ["FlavaForPreTraining", "FlavaModel"])
+def test_flava_run_from_hf_keeps_unfit_heads_fresh(cls, tmp_path, caplog):
+  """A pixel-target FLAVA run from FlavaForPreTraining / FlavaModel: every tensor of the source is
+  imported but the heads that it lacks (FlavaModel: all) or holds in other shapes (HF's MIM /
+  MMM-image heads predict 40 codebook ids, the run's 4x4x1 pixels): those keep their fresh init,
+  said in one log line."""
+  from medfm_jax.interop import hf_flava  # pylint: disable=import-outside-toplevel
+  source = _flava_source(tmp_path, getattr(transformers, cls))
+  with caplog.at_level("WARNING"):
+    state = _initial_state(helpers.tiny_flava_config(init_from=source))
+  ref = hf_flava.load(source)[1]
+  heads = objectives.resolve("flava").hf_optional_heads
+  fresh = ("mim_head", "mmm_image_head") if cls == "FlavaForPreTraining" else heads
+  assert state.params["mim_head"]["decoder"]["kernel"].shape == (32, 16) and set(heads) <= set(state.params)
+  _assert_tree_equal({k: v for k, v in state.params.items() if k not in fresh}, {k: v for k, v in ref.items() if k not in fresh})
+  lines = [r.getMessage() for r in caplog.records if "fresh init for the heads" in r.getMessage()]
+  expected = ("mim_head, mmm_image_head (other shapes in the source" if cls == "FlavaForPreTraining" else
+              "mim_head, mmm_image_head, mlm_head, mmm_text_head, itm_head (not in the source)")
+  assert len(lines) == 1 and expected in lines[0] and lines[0].count("(") == 1, lines
+
+
+@pytest.mark.slow
+def test_flava_run_from_flava_model_trains(tmp_path):
+  """FLAVA end to end from an HF ``FlavaModel`` directory: the run adopts its towers and trains 2
+  steps (heads fresh) to a finite loss; the checkpoint's config holds the adopted fields."""
+  from medfm_jax.train import loop  # pylint: disable=import-outside-toplevel
+  source = _flava_source(tmp_path, transformers.FlavaModel)
+  config = helpers.tiny_flava_config(init_from=source, total_steps=2, checkpoint_every=2)
+  restore.adopt_architecture(config)
+  loop.train(config, str(tmp_path / "run"), helpers.single_device_mesh(config))
+  saved = checkpoint.read_meta(str(tmp_path / "run"))["config"]
+  assert (saved["model"]["depth"], saved["model"]["multimodal"]["width"], saved["model"]["text"]["context_length"]) == (2, 32, 80)
+  assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(tmp_path / "run")) if "loss" in m][-1])
