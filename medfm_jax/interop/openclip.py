@@ -92,12 +92,11 @@ def _timm_tower(v: dict[str, Any], bad: list[str]) -> dict[str, Any] | None:
   name = str(v["timm_model_name"])
   args: dict[str, Any] = {}
   if name.startswith("local-dir:"):
-    path = os.path.join(name[len("local-dir:"):], "config.json")
-    if not os.path.isfile(path):
-      bad.append(f"vision_cfg.timm_model_name={name!r}: no {path}")
+    path = torch_io.epath_of(name[len("local-dir:"):]) / "config.json"
+    if not path.is_file():
+      bad.append(f"vision_cfg.timm_model_name={name!r}: no {os.fspath(path)}")
       return None
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(path.read_text())
     name, args = str(raw.get("architecture", "")), dict(raw.get("model_args") or {})
   m = re.fullmatch(r"vit_([a-z]+)_patch(\d+)_(\d+)", name.split(".")[0])
   if not m or m[1] not in _TIMM_SIZES:
@@ -134,7 +133,7 @@ def _bert_config(name: str, hf_text_config) -> dict[str, Any] | None:
   none has it."""
   if hf_text_config is not None:
     return torch_io.read_hf_config(hf_text_config, "HF text tower")
-  if os.path.isfile(os.path.join(name, "config.json")):
+  if name and (torch_io.epath_of(name) / "config.json").is_file():
     return torch_io.read_hf_config(name, "HF text tower")
   try:
     from huggingface_hub import try_to_load_from_cache  # optional: comes with transformers; pylint: disable=import-outside-toplevel
@@ -179,11 +178,9 @@ def config_from_open_clip(model_cfg: dict[str, Any], hf_text_config=None) -> dic
   """Our CLIP family config (``hf_clip``'s shape, with the open_clip options) of an open_clip
   ``model_cfg`` (the dict in ``open_clip_config.json``, or the file / its directory).
   ``hf_text_config``: the BERT config of an HF text tower (see :func:`_bert_config`)."""
-  if isinstance(model_cfg, (str, os.PathLike)):
-    path = os.fspath(model_cfg)
-    path = os.path.join(path, _CONFIG) if os.path.isdir(path) else path
-    with open(path) as f:
-      model_cfg = json.load(f)["model_cfg"]
+  if torch_io.is_path(model_cfg):
+    path = torch_io.epath_of(model_cfg)
+    model_cfg = json.loads((path / _CONFIG if path.is_dir() else path).read_text())["model_cfg"]
   v = _VISION | (model_cfg.get("vision_cfg") or {})
   t = _TEXT | (model_cfg.get("text_cfg") or {})
   timm, hf = bool(v.get("timm_model_name")), bool(t.get("hf_model_name"))
@@ -242,7 +239,7 @@ def open_clip_config(config, out_dir=None) -> dict[str, Any]:
   ``out_dir/hf_text`` (:func:`export` writes their ``config.json`` there)."""
   cfg = _as_cfg(config)
   v, t = cfg["vision"], cfg["text"]
-  out = os.path.abspath(os.fspath(out_dir)) if out_dir is not None else "OUT"
+  out = os.fspath(torch_io.epath_of(out_dir)) if out_dir is not None else "OUT"
   if v.get("tower") == "timm":
     vision_cfg = dict(timm_model_name=f"local-dir:{os.path.join(out, _TIMM_DIR)}", timm_model_pretrained=False,
                       timm_pool="token", timm_proj="linear" if cfg.get("image_proj", True) else "none",
@@ -417,14 +414,15 @@ def _denormalize(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _read(source, model_cfg) -> tuple[dict[str, np.ndarray], Any]:
   """(state dict, model_cfg) of a directory (``open_clip_config.json`` + weights), a weights file,
   a state dict or a module (then ``model_cfg`` is needed)."""
-  if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-    model_cfg = model_cfg or os.path.join(source, _CONFIG)
-    names = [n for n in _WEIGHTS if os.path.isfile(os.path.join(source, n))]
+  if torch_io.is_path(source) and torch_io.epath_of(source).is_dir():
+    folder = torch_io.epath_of(source)
+    model_cfg = model_cfg or folder / _CONFIG
+    names = [n for n in _WEIGHTS if (folder / n).is_file()]
     if not names:
       raise ValueError(f"{_WHAT}: {os.fspath(source)!r} holds none of {', '.join(_WEIGHTS)}")
-    source = os.path.join(source, names[0])
-  elif isinstance(source, (str, os.PathLike)) and model_cfg is None:
-    model_cfg = os.path.join(os.path.dirname(os.fspath(source)), _CONFIG)
+    source = folder / names[0]
+  elif torch_io.is_path(source) and model_cfg is None:
+    model_cfg = torch_io.beside(source, _CONFIG)
   if model_cfg is None:
     raise ValueError(f"{_WHAT}: pass model_cfg= (the open_clip model config dict or open_clip_config.json)")
   return torch_io.as_numpy_state_dict(source), model_cfg
@@ -461,14 +459,14 @@ def export(params: dict, config, out_dir) -> str:
     flat[("image", "pos_embed")] = layers.sincos_2d(v["width"], g, g)[None]
   sd = torch_io.export_with_mapping(flat, _mapping(cfg), f"export ({_WHAT})")
   out = torch_io.write_hf(out_dir, _denormalize(sd), open_clip_config(cfg, out_dir), _CONFIG, _WEIGHTS[0])
+  folder = torch_io.epath_of(out)
   if cfg["vision"].get("tower") == "timm":
-    _write_json(os.path.join(out, _TIMM_DIR), timm_vit.timm_config_dict(cfg["vision"]))
+    _write_json(folder / _TIMM_DIR, timm_vit.timm_config_dict(cfg["vision"]))
   if cfg["text"].get("post_ln"):
-    _write_json(os.path.join(out, _HF_TEXT_DIR), _bert_config_dict(cfg["text"]))
+    _write_json(folder / _HF_TEXT_DIR, _bert_config_dict(cfg["text"]))
   return out
 
 
-def _write_json(folder: str, value: dict[str, Any]) -> None:
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
+def _write_json(folder, value: dict[str, Any]) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(value, indent=2, sort_keys=True))

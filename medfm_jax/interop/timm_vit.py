@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from typing import Any
 
@@ -84,12 +83,10 @@ def cfg_from_run(config) -> dict[str, Any]:
 def _read_source(source, num_heads: int | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(numpy state dict, our config) of a timm module, state dict, weights file or directory."""
   timm_config = None
-  if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if os.path.isfile(cfg_file):
-      with open(cfg_file) as f:
-        timm_config = json.load(f)
+  if torch_io.is_path(source):
+    cfg_file = torch_io.beside(source, "config.json")
+    if cfg_file.is_file():
+      timm_config = json.loads(cfg_file.read_text())
   heads = num_heads or _num_heads(source, timm_config)
   if not heads:
     raise ValueError(f"{_WHAT}: the head count is not in the source; pass num_heads=")
