@@ -71,6 +71,25 @@ def test_import_export_round_trip(pool, tmp_path):
   assert np.abs(np.asarray(img) - back_img).max() <= ATOL and np.abs(np.asarray(txt) - back_txt).max() <= ATOL
 
 
+@pytest.mark.parametrize("timm_tower", [True, False])
+def test_mixed_tower_layouts(timm_tower, tmp_path):
+  """A timm trunk with open_clip's own text transformer (QuickGELU there only: timm towers ignore
+  ``quick_gelu``), and open_clip's own ViT with a BERT tower: import and round-trip parity."""
+  ref_model, src = _biomedclip_source(tmp_path, "cls_last_hidden_state_pooler", "mlp", "linear",
+                                      timm_tower=timm_tower, bert_tower=not timm_tower)
+  images, tokens = _inputs()
+  ref = _features(ref_model, images, tokens)
+  model, params, overrides = openclip.load(src)
+  assert overrides["model.ln_pre"] != timm_tower and overrides["model.text.post_ln"] != timm_tower
+  assert overrides["model.activation"] == ("gelu" if timm_tower else "quick_gelu")
+  with jax.default_matmul_precision("highest"):
+    ours = model.apply({"params": params}, images, tokens.astype(np.int32), attention_mask=tokens != 0)
+  openclip.export(params, src, tmp_path / "out")
+  back = _features(open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval(), images, tokens)
+  errs = [np.abs(np.asarray(a) - b).max() for a, b in zip(ours * 2, ref + back)]
+  assert max(errs) <= ATOL, errs
+
+
 def test_unsupported_and_bad_keys_are_one_line(tmp_path):
   """open_clip's SigLIP layout (timm MAP-pooled trunk, logit bias) and HF towers other than BERT:
   one line naming every field; a renamed tensor: one line naming it."""
@@ -96,9 +115,10 @@ def test_unsupported_and_bad_keys_are_one_line(tmp_path):
     openclip.load(sd, MODEL_CFG)
 
 
-def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=24):
+def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=24, timm_tower=True, bert_tower=True):
   """A tiny random BiomedCLIP-layout open_clip model (timm ViT trunk + HF BERT text tower, both from
-  local config directories: no network) saved as an open_clip directory."""
+  local config directories: no network) saved as an open_clip directory; ``timm_tower`` /
+  ``bert_tower`` False: open_clip's own ViT / text transformer (:data:`MODEL_CFG`, QuickGELU) instead."""
   import transformers  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
   bert = tmp_path / "bert"
   transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -108,14 +128,15 @@ def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=2
   (tmp_path / "trunk").mkdir()
   (tmp_path / "trunk" / "config.json").write_text(json.dumps(timm_vit.timm_config_dict(trunk)))
   embed = 32 if proj is None else 24     # no projections: the towers' width is the embedding
-  model_cfg = dict(embed_dim=embed,
+  model_cfg = dict(embed_dim=embed, quick_gelu=True,
                    vision_cfg=dict(timm_model_name=f"local-dir:{tmp_path / 'trunk'}", timm_pool="" if timm_proj == "linear" else "token",
-                                   timm_proj=timm_proj, image_size=16),
+                                   timm_proj=timm_proj, image_size=16) if timm_tower else MODEL_CFG["vision_cfg"],
                    text_cfg=dict(hf_model_name=str(bert), hf_tokenizer_name=str(bert), hf_proj_type=proj,
-                                 hf_pooler_type=pooler, context_length=16))
+                                 hf_pooler_type=pooler, context_length=16) if bert_tower else MODEL_CFG["text_cfg"])
   src = tmp_path / "src"
   src.mkdir()
   (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+  torch.manual_seed(0)                   # the random init (reproducible maxima)
   model = open_clip.create_model(f"local-dir:{src}", pretrained_text=False).eval()
   g = torch.Generator().manual_seed(2)
   with torch.no_grad():
