@@ -136,7 +136,7 @@ def _bert_config(name: str, hf_text_config) -> dict[str, Any] | None:
   if name and (torch_io.epath_of(name) / "config.json").is_file():
     return torch_io.read_hf_config(name, "HF text tower")
   try:
-    from huggingface_hub import try_to_load_from_cache  # optional: comes with transformers; pylint: disable=import-outside-toplevel
+    from transformers.utils.hub import try_to_load_from_cache  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
   except ImportError:
     return None
   try:
