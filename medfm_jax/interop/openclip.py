@@ -220,7 +220,9 @@ def config_from_open_clip(model_cfg: dict[str, Any], hf_text_config=None) -> dic
                mask_padding=False)
   if bad:
     raise ValueError(f"unsupported {_WHAT}: {'; '.join(bad)}")
-  return dict(kind="clip", vision=vision, text=txt, embed_dim=embed_dim, image_proj=image_proj, text_proj=text_proj)
+  # CustomTextCLIP (custom_text, or an HF text tower) keeps its text tower under ``text.``
+  return dict(kind="clip", vision=vision, text=txt, embed_dim=embed_dim, image_proj=image_proj, text_proj=text_proj,
+              custom_text=bool(model_cfg.get("custom_text")) and not hf)
 
 
 def _bert_config_dict(t: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +261,8 @@ def open_clip_config(config, out_dir=None) -> dict[str, Any]:
                     eos_id=max(t["eot_id"], 0), pad_id=t["pad_id"], pool_type=pool, no_causal_mask=not t["causal"])
   quick = "quick_gelu" in (v["activation"], t["activation"])
   model_cfg = dict(embed_dim=cfg["embed_dim"], quick_gelu=quick, vision_cfg=vision_cfg, text_cfg=text_cfg)
+  if cfg.get("custom_text"):
+    model_cfg["custom_text"] = True
   return dict(model_cfg=model_cfg, preprocess_cfg=dict(mean=[0.48145466, 0.4578275, 0.40821073],
                                                        std=[0.26862954, 0.26130258, 0.27577711]))
 
@@ -377,11 +381,13 @@ def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
       m += [entry("text.proj.0.weight", ("text_projection", "fc1", "kernel"), *linear),
             entry("text.proj.2.weight", ("text_projection", "fc2", "kernel"), *linear)]
   else:
-    m += [entry("text_projection", ("text_projection", "kernel")),
-          entry("token_embedding.weight", ("text", "token_embed")), entry("positional_embedding", ("text", "pos_embed"))]
-    m += norm("ln_final", ("text", "norm"))
+    p = "text." if cfg.get("custom_text") else ""
+    m += [entry(f"{p}text_projection", ("text_projection", "kernel")),
+          entry(f"{p}token_embedding.weight", ("text", "token_embed")),
+          entry(f"{p}positional_embedding", ("text", "pos_embed"))]
+    m += norm(f"{p}ln_final", ("text", "norm"))
     for i in range(t["depth"]):
-      m += _resblock(f"transformer.resblocks.{i}", ("text", "encoder", f"layer_{i}"), t["num_heads"])
+      m += _resblock(f"{p}transformer.resblocks.{i}", ("text", "encoder", f"layer_{i}"), t["num_heads"])
   return m
 
 
@@ -389,7 +395,7 @@ def _normalize(sd: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.n
   """Buffers dropped, BERT attention renamed, the patch-bias placeholder where the tower has none."""
   out = {}
   for k, x in sd.items():
-    if k == "attn_mask" or k.endswith(_BERT_BUFFERS):
+    if k.split(".")[-1] == "attn_mask" or k.endswith(_BERT_BUFFERS):
       continue
     if k.startswith("text.transformer."):
       for a, b in _BERT_RENAMES:

@@ -71,23 +71,26 @@ def test_import_export_round_trip(pool, tmp_path):
   assert np.abs(np.asarray(img) - back_img).max() <= ATOL and np.abs(np.asarray(txt) - back_txt).max() <= ATOL
 
 
-@pytest.mark.parametrize("timm_tower", [True, False])
-def test_mixed_tower_layouts(timm_tower, tmp_path):
+@pytest.mark.parametrize("timm_tower, bert_tower, custom_text", [(True, False, False), (False, True, False),
+                                                                   (False, False, True)])
+def test_mixed_tower_layouts(timm_tower, bert_tower, custom_text, tmp_path):
   """A timm trunk with open_clip's own text transformer (QuickGELU there only: timm towers ignore
-  ``quick_gelu``), and open_clip's own ViT with a BERT tower: import and round-trip parity."""
+  ``quick_gelu``), open_clip's own ViT with a BERT tower, and open_clip's own towers in a
+  ``CustomTextCLIP`` (text under ``text.``): import and round-trip parity."""
   ref_model, src = _biomedclip_source(tmp_path, "cls_last_hidden_state_pooler", "mlp", "linear",
-                                      timm_tower=timm_tower, bert_tower=not timm_tower)
+                                      timm_tower=timm_tower, bert_tower=bert_tower, custom_text=custom_text)
+  assert custom_text == (type(ref_model).__name__ == "CustomTextCLIP" and not bert_tower)
   images, tokens = _inputs()
   ref = _features(ref_model, images, tokens)
   model, params, overrides = openclip.load(src)
-  assert overrides["model.ln_pre"] != timm_tower and overrides["model.text.post_ln"] != timm_tower
+  assert overrides["model.ln_pre"] != timm_tower and overrides["model.text.post_ln"] == bert_tower
   assert overrides["model.activation"] == ("gelu" if timm_tower else "quick_gelu")
   with jax.default_matmul_precision("highest"):
     ours = model.apply({"params": params}, images, tokens.astype(np.int32), attention_mask=tokens != 0)
   openclip.export(params, src, tmp_path / "out")
   back = _features(open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval(), images, tokens)
   errs = [np.abs(np.asarray(a) - b).max() for a, b in zip(ours * 2, ref + back)]
-  print(f"mixed layout timm_tower={timm_tower}: import {max(errs[:2]):.1e} round trip {max(errs[2:]):.1e}")
+  print(f"mixed layout timm={timm_tower} bert={bert_tower} custom_text={custom_text}: import {max(errs[:2]):.1e} round trip {max(errs[2:]):.1e}")
   assert max(errs) <= ATOL, errs
 
 
@@ -116,10 +119,12 @@ def test_unsupported_and_bad_keys_are_one_line(tmp_path):
     openclip.load(sd, MODEL_CFG)
 
 
-def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=24, timm_tower=True, bert_tower=True):
+def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=24, timm_tower=True, bert_tower=True,
+                       custom_text=False):
   """A tiny random BiomedCLIP-layout open_clip model (timm ViT trunk + HF BERT text tower, both from
   local config directories: no network) saved as an open_clip directory; ``timm_tower`` /
-  ``bert_tower`` False: open_clip's own ViT / text transformer (:data:`MODEL_CFG`, QuickGELU) instead."""
+  ``bert_tower`` False: open_clip's own ViT / text transformer (:data:`MODEL_CFG`, QuickGELU) instead
+  (``custom_text``: in a ``CustomTextCLIP``)."""
   import transformers  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
   bert = tmp_path / "bert"
   transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -134,6 +139,8 @@ def _biomedclip_source(tmp_path, pooler, proj, timm_proj, vocab=100, positions=2
                                    timm_proj=timm_proj, image_size=16) if timm_tower else MODEL_CFG["vision_cfg"],
                    text_cfg=dict(hf_model_name=str(bert), hf_tokenizer_name=str(bert), hf_proj_type=proj,
                                  hf_pooler_type=pooler, context_length=16) if bert_tower else MODEL_CFG["text_cfg"])
+  if custom_text:
+    model_cfg["custom_text"] = True
   src = tmp_path / "src"
   src.mkdir()
   (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
