@@ -68,9 +68,8 @@ _VISION = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16
 _TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0, pad_id=0,
              eos_id=2, pool_type="argmax", no_causal_mask=False, hf_proj_type="mlp", hf_pooler_type="mean_pooler")
 _FIXED = dict(ls_init_value=None, attentional_pool=False, no_ln_pre=False, final_ln_after_pool=False,
-              act_kwargs=None, norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
-              scale_attn_inner=False, scale_attn=False, scale_fc=False, embed_cls=False, proj_bias=False,
-              block_type=None)
+              act_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+              scale_attn_inner=False, scale_attn=False, scale_fc=False, embed_cls=False, block_type=None)
 _POOLS = {"argmax": "argmax", "eos": "eot", "last": "last"}
 # open_clip HF text tower poolers -> (our pooling, BERT pooler layer)
 _HF_POOLERS = {"cls_pooler": ("cls", True), "cls_last_hidden_state_pooler": ("cls", False),
@@ -98,25 +97,30 @@ def _timm_tower(v: dict[str, Any], bad: list[str]) -> dict[str, Any] | None:
       return None
     raw = json.loads(path.read_text())
     name, args = str(raw.get("architecture", "")), dict(raw.get("model_args") or {})
-  m = re.fullmatch(r"vit_([a-z]+)_patch(\d+)_(\d+)", name.split(".")[0])
+  m = re.fullmatch(r"vit_([a-z]+)_patch(\d+)(_siglip)?_(\d+)", name.split(".")[0])
   if not m or m[1] not in _TIMM_SIZES:
     bad.append(f"vision_cfg.timm_model_name={v['timm_model_name']!r} (allowed vit_{{{','.join(_TIMM_SIZES)}}}"
-               "_patch<P>_<S> or local-dir: such a timm ViT)")
+               "_patch<P>[_siglip]_<S> or local-dir: such a timm ViT)")
     return None
   width, depth, heads = _TIMM_SIZES[m[1]]
+  siglip = bool(m[3])          # timm's SigLIP ViTs: no class token, MAP pooling (attn_pool)
   a = dict(embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0, patch_size=int(m[2]),
-           img_size=int(m[3]), in_chans=3, pre_norm=False, init_values=None, global_pool="token",
-           class_token=True, reg_tokens=0, no_embed_class=False, fc_norm=None, qk_norm=False) | args
-  for k, ok in (("global_pool", "token"), ("class_token", True), ("reg_tokens", 0), ("no_embed_class", False),
-                ("fc_norm", None), ("qk_norm", False)):
+           img_size=int(m[4]), in_chans=3, pre_norm=False, init_values=None,
+           global_pool="map" if siglip else "token", class_token=not siglip, reg_tokens=0, no_embed_class=False,
+           fc_norm=None, qk_norm=False) | args
+  pool, proj = v["timm_pool"], v["timm_proj"]
+  map_pool = pool == "map" or (pool == "" and a["global_pool"] == "map")
+  for k, ok in (("global_pool", "map" if map_pool else "token"), ("class_token", not map_pool), ("reg_tokens", 0),
+                ("no_embed_class", False), ("fc_norm", None), ("qk_norm", False)):
     if a[k] != ok:
       bad.append(f"vision_cfg.timm_model_name model_args.{k}={a[k]!r} (allowed {ok!r})")
-  pool, proj = v["timm_pool"], v["timm_proj"]
   if proj not in ("linear", "none"):
     bad.append(f"vision_cfg.timm_proj={proj!r} (allowed 'linear', 'none')")
-  if pool not in (("", "token") if proj == "linear" else ("token",)):
-    bad.append(f"vision_cfg.timm_pool={pool!r} (allowed {'<empty>, ' if proj == 'linear' else ''}'token' "
-               f"with timm_proj={proj!r})")
+  if map_pool and proj != "none":
+    bad.append(f"vision_cfg.timm_proj={proj!r} with MAP pooling (allowed 'none')")
+  elif not map_pool and pool not in (("", "token") if proj == "linear" else ("token",)):
+    bad.append(f"vision_cfg.timm_pool={pool!r} (allowed {'<empty>, ' if proj == 'linear' else ''}'token'"
+               f"{', ' + repr('map') if proj == 'none' else ''} with timm_proj={proj!r})")
   if v["timm_proj_bias"]:
     bad.append("vision_cfg.timm_proj_bias=True (allowed False)")
   w = int(a["embed_dim"])
@@ -124,7 +128,7 @@ def _timm_tower(v: dict[str, Any], bad: list[str]) -> dict[str, Any] | None:
               mlp_dim=int(w * a["mlp_ratio"]), patch_size=torch_io.square(a["patch_size"], "patch_size", _WHAT),
               image_size=torch_io.square(a["img_size"], "image_size", _WHAT), channels=int(a["in_chans"]),
               layer_norm_eps=timm_vit.EPS, activation="gelu", ln_pre=bool(a["pre_norm"]),
-              layer_scale=a["init_values"] is not None)
+              layer_scale=a["init_values"] is not None, class_token=not map_pool)
 
 
 def _bert_config(name: str, hf_text_config) -> dict[str, Any] | None:
@@ -186,8 +190,10 @@ def config_from_open_clip(model_cfg: dict[str, Any], hf_text_config=None) -> dic
   timm, hf = bool(v.get("timm_model_name")), bool(t.get("hf_model_name"))
   bad = [f"{tower}.{k}={c[k]!r}" for tower, c in (("vision_cfg", v), ("text_cfg", t))
          for k, default in _FIXED.items() if c.get(k, default) != default]
-  if model_cfg.get("init_logit_bias") is not None:
-    bad.append(f"init_logit_bias={model_cfg['init_logit_bias']!r} (open_clip SigLIP layouts: import HF SiglipModel)")
+  bad += [f"{tower}.norm_kwargs={c['norm_kwargs']!r} (allowed {{'eps': ...}})" for tower, c in (("vision_cfg", v), ("text_cfg", t))
+          if set(c.get("norm_kwargs") or {}) - {"eps"}]
+  eps = lambda c: float((c.get("norm_kwargs") or {}).get("eps", EPS))
+  siglip = model_cfg.get("init_logit_bias") is not None      # open_clip's SigLIP layout
   if not timm and v.get("pool_type", "tok") != "tok":
     bad.append(f"vision_cfg.pool_type={v['pool_type']!r}")
   if not hf and t["pool_type"] not in _POOLS:
@@ -203,8 +209,8 @@ def config_from_open_clip(model_cfg: dict[str, Any], hf_text_config=None) -> dic
     vw, image_proj = int(v["width"]), True
     vision = dict(tower="open_clip", width=vw, depth=int(v["layers"]), num_heads=vw // int(v["head_width"]),
                   mlp_dim=int(vw * v["mlp_ratio"]), patch_size=torch_io.square(v["patch_size"], "patch_size", _WHAT),
-                  image_size=torch_io.square(v["image_size"], "image_size", _WHAT), channels=3, layer_norm_eps=EPS,
-                  activation=act, ln_pre=True)
+                  image_size=torch_io.square(v["image_size"], "image_size", _WHAT), channels=3,
+                  layer_norm_eps=eps(v), activation=act, ln_pre=True)
   if hf:
     txt = _hf_tower(t, hf_text_config, bad)
     text_proj = _HF_PROJS.get(t["hf_proj_type"], "linear")
@@ -215,14 +221,25 @@ def config_from_open_clip(model_cfg: dict[str, Any], hf_text_config=None) -> dic
     tw, text_proj = int(t["width"]), "linear"
     txt = dict(tower="open_clip", width=tw, depth=int(t["layers"]), num_heads=int(t["heads"]),
                mlp_dim=int(tw * t["mlp_ratio"]), context_length=int(t["context_length"]),
-               vocab_size=int(t["vocab_size"]), layer_norm_eps=EPS, activation=act, eot_id=int(t["eos_id"]),
+               vocab_size=int(t["vocab_size"]), layer_norm_eps=eps(t), activation=act, eot_id=int(t["eos_id"]),
                pad_id=int(t["pad_id"]), causal=not t["no_causal_mask"], pooling=_POOLS.get(t["pool_type"], "argmax"),
                mask_padding=False)
+  # CLIP: a class-token trunk, text projection without bias; SigLIP (init_logit_bias): a MAP-pooled
+  # timm trunk without projection, open_clip's own bidirectional text tower pooled at the last
+  # position with a biased projection.
+  map_pool = bool(vision) and not vision.get("class_token", True)
+  want = ({"MAP-pooled timm trunk": map_pool, "text_cfg.proj_bias=True": bool(t.get("proj_bias")) and not hf,
+           "text_cfg.pool_type='last'": t["pool_type"] == "last" and not hf,
+           "text_cfg.no_causal_mask=True": bool(t["no_causal_mask"]) and not hf} if siglip else
+          {"a class-token image tower (no MAP pooling)": not map_pool, "text_cfg.proj_bias=False": not t.get("proj_bias")})
+  if missing := [k for k, ok in want.items() if not ok and vision is not None]:
+    bad.append(f"{'SigLIP (init_logit_bias set)' if siglip else 'CLIP (no init_logit_bias)'} needs "
+               f"{', '.join(missing)}")
   if bad:
     raise ValueError(f"unsupported {_WHAT}: {'; '.join(bad)}")
   # CustomTextCLIP (custom_text, or an HF text tower) keeps its text tower under ``text.``
-  return dict(kind="clip", vision=vision, text=txt, embed_dim=embed_dim, image_proj=image_proj, text_proj=text_proj,
-              custom_text=bool(model_cfg.get("custom_text")) and not hf)
+  return dict(kind="siglip" if siglip else "clip", vision=vision, text=txt, embed_dim=embed_dim, image_proj=image_proj,
+              text_proj=text_proj, custom_text=bool(model_cfg.get("custom_text")) and not hf)
 
 
 def _bert_config_dict(t: dict[str, Any]) -> dict[str, Any]:
@@ -242,10 +259,11 @@ def open_clip_config(config, out_dir=None) -> dict[str, Any]:
   cfg = _as_cfg(config)
   v, t = cfg["vision"], cfg["text"]
   out = os.fspath(torch_io.epath_of(out_dir)) if out_dir is not None else "OUT"
+  siglip = cfg["kind"] == "siglip"
   if v.get("tower") == "timm":
     vision_cfg = dict(timm_model_name=f"local-dir:{os.path.join(out, _TIMM_DIR)}", timm_model_pretrained=False,
-                      timm_pool="token", timm_proj="linear" if cfg.get("image_proj", True) else "none",
-                      image_size=v["image_size"])
+                      timm_pool="map" if siglip else "token",
+                      timm_proj="linear" if cfg.get("image_proj", True) else "none", image_size=v["image_size"])
   else:
     vision_cfg = dict(layers=v["depth"], width=v["width"], head_width=v["width"] // v["num_heads"],
                       mlp_ratio=v["mlp_dim"] / v["width"], patch_size=v["patch_size"], image_size=v["image_size"])
@@ -258,11 +276,16 @@ def open_clip_config(config, out_dir=None) -> dict[str, Any]:
     pool = {ours: oc for oc, ours in _POOLS.items()}[t["pooling"]]
     text_cfg = dict(context_length=t["context_length"], vocab_size=t["vocab_size"], width=t["width"],
                     heads=t["num_heads"], layers=t["depth"], mlp_ratio=t["mlp_dim"] / t["width"],
-                    eos_id=max(t["eot_id"], 0), pad_id=t["pad_id"], pool_type=pool, no_causal_mask=not t["causal"])
+                    eos_id=max(t["eot_id"], 0), pad_id=t["pad_id"], pool_type=pool, no_causal_mask=not t["causal"],
+                    proj_bias=siglip)
+    if t["layer_norm_eps"] != EPS:
+      text_cfg["norm_kwargs"] = {"eps": t["layer_norm_eps"]}
   quick = "quick_gelu" in (v["activation"], t["activation"])
   model_cfg = dict(embed_dim=cfg["embed_dim"], quick_gelu=quick, vision_cfg=vision_cfg, text_cfg=text_cfg)
   if cfg.get("custom_text"):
     model_cfg["custom_text"] = True
+  if siglip:
+    model_cfg["init_logit_bias"] = -10.0
   return dict(model_cfg=model_cfg, preprocess_cfg=dict(mean=[0.48145466, 0.4578275, 0.40821073],
                                                        std=[0.26862954, 0.26130258, 0.27577711]))
 
@@ -358,9 +381,11 @@ def _bert_mapping(t: dict[str, Any], p: str = "text.transformer.") -> list[torch
 def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
   v, t, entry, norm = cfg["vision"], cfg["text"], torch_io.entry, torch_io.norm_entries
   scalar = lambda x: x.reshape(())
-  m = [entry("logit_scale", ("logit_scale",), scalar, scalar)]
+  m = [entry(name, (name,), scalar, scalar) for name in ("logit_scale", "logit_bias")[:2 if cfg["kind"] == "siglip" else 1]]
   if v.get("tower") == "timm":
     m += timm_vit.mapping(v, "visual.trunk.", ("image",))
+    if not v.get("class_token", True):
+      m += _map_head_mapping("visual.trunk.attn_pool", v["num_heads"])
     if cfg.get("image_proj", True):
       m.append(entry("visual.head.proj.weight", ("image_projection", "kernel"), torch_io.transpose, torch_io.transpose))
   else:
@@ -382,13 +407,33 @@ def _mapping(cfg: dict[str, Any]) -> list[torch_io.Entry]:
             entry("text.proj.2.weight", ("text_projection", "fc2", "kernel"), *linear)]
   else:
     p = "text." if cfg.get("custom_text") else ""
-    m += [entry(f"{p}text_projection", ("text_projection", "kernel")),
-          entry(f"{p}token_embedding.weight", ("text", "token_embed")),
+    if cfg["kind"] == "siglip":   # an nn.Linear with bias
+      m += torch_io.dense_entries(f"{p}text_projection", ("text_projection",))
+    else:
+      m.append(entry(f"{p}text_projection", ("text_projection", "kernel")))
+    m += [entry(f"{p}token_embedding.weight", ("text", "token_embed")),
           entry(f"{p}positional_embedding", ("text", "pos_embed"))]
     m += norm(f"{p}ln_final", ("text", "norm"))
     for i in range(t["depth"]):
       m += _resblock(f"{p}transformer.resblocks.{i}", ("text", "encoder", f"layer_{i}"), t["num_heads"])
   return m
+
+
+def _map_head_mapping(hf: str, heads: int) -> list[torch_io.Entry]:
+  """timm ``AttentionPoolLatent`` (latent, q, packed kv, proj, norm, mlp) <-> our ``map_head``."""
+  ours, dense = ("map_head",), torch_io.dense_entries
+  kv_kernel = lambda w: tuple(torch_io.qkv_kernel(x, heads) for x in np.split(w, 2, axis=0))
+  return ([torch_io.entry(f"{hf}.latent", (*ours, "probe")),
+           torch_io.entry(f"{hf}.q.weight", (*ours, "query", "kernel"), lambda w: torch_io.qkv_kernel(w, heads),
+                          lambda k: torch_io.qkv_kernel_to_torch(k, heads)),
+           torch_io.entry(f"{hf}.q.bias", (*ours, "query", "bias"), lambda b: b.reshape(heads, -1), lambda b: b.reshape(-1)),
+           torch_io.Entry((f"{hf}.kv.weight",), ((*ours, "key", "kernel"), (*ours, "value", "kernel")), kv_kernel,
+                          lambda *ks: (np.concatenate([torch_io.qkv_kernel_to_torch(k, heads) for k in ks]),)),
+           torch_io.Entry((f"{hf}.kv.bias",), ((*ours, "key", "bias"), (*ours, "value", "bias")),
+                          lambda b: tuple(x.reshape(heads, -1) for x in np.split(b, 2)),
+                          lambda *bs: (np.concatenate([b.reshape(-1) for b in bs]),))]
+          + torch_io.out_entries(f"{hf}.proj", (*ours, "out"), heads) + torch_io.norm_entries(f"{hf}.norm", (*ours, "norm"))
+          + dense(f"{hf}.mlp.fc1", (*ours, "mlp", "fc1")) + dense(f"{hf}.mlp.fc2", (*ours, "mlp", "fc2")))
 
 
 def _normalize(sd: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:

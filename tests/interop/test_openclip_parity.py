@@ -94,16 +94,66 @@ def test_mixed_tower_layouts(timm_tower, bert_tower, custom_text, tmp_path):
   assert max(errs) <= ATOL, errs
 
 
+def _siglip_source(tmp_path, **text):
+  """A tiny random model in open_clip's SigLIP layout (timm MAP-pooled trunk without class token or
+  projection; its own bidirectional text tower pooled at the last position, biased projection, LN
+  eps 1e-6; logit bias) saved as an open_clip directory; ``text``: text_cfg overrides."""
+  trunk = dict(channels=3, image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, ln_pre=False,
+               layer_scale=False, class_token=False)
+  (tmp_path / "trunk").mkdir()
+  (tmp_path / "trunk" / "config.json").write_text(json.dumps(timm_vit.timm_config_dict(trunk)))
+  model_cfg = dict(embed_dim=32, init_logit_bias=-10.0, custom_text=True,
+                   vision_cfg=dict(timm_model_name=f"local-dir:{tmp_path / 'trunk'}", timm_pool="map", timm_proj="none",
+                                   image_size=16),
+                   text_cfg=dict(MODEL_CFG["text_cfg"], no_causal_mask=True, proj_bias=True, pool_type="last",
+                                 norm_kwargs={"eps": 1e-6}, **text))
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+  torch.manual_seed(0)
+  ref_model = open_clip.create_model(f"local-dir:{src}").eval()
+  g = torch.Generator().manual_seed(3)
+  with torch.no_grad():
+    for p in ref_model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=g))
+  safetensors.torch.save_file({k: v.contiguous() for k, v in ref_model.state_dict().items()},
+                              str(src / "open_clip_model.safetensors"))
+  return ref_model, src
+
+
+def test_siglip_layout_import_export(tmp_path):
+  """open_clip's SigLIP layout (:func:`_siglip_source`): import and round-trip parity; the run
+  fields are a SigLIP run's."""
+  ref_model, src = _siglip_source(tmp_path)
+  images, tokens = _inputs()
+  ref = _features(ref_model, images, tokens)
+  model, params, overrides = openclip.load(src)
+  assert overrides["objective.loss"] == "siglip" and overrides["model.image_pool"] == "map"
+  assert not overrides["model.class_token"] and overrides["model.text.pooling"] == "last"
+  with jax.default_matmul_precision("highest"):
+    ours = model.apply({"params": params}, images, tokens.astype(np.int32))
+  np.testing.assert_array_equal(params["logit_bias"], ref_model.logit_bias.detach().numpy())
+  openclip.export(params, src, tmp_path / "out")
+  back = _features(open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval(), images, tokens)
+  errs = [np.abs(np.asarray(a) - b).max() for a, b in zip(ours * 2, ref + back)]
+  print(f"siglip layout: import {max(errs[:2]):.1e} round trip {max(errs[2:]):.1e}")
+  assert max(errs) <= ATOL, errs
+
+
 def test_unsupported_and_bad_keys_are_one_line(tmp_path):
   """open_clip's SigLIP layout (timm MAP-pooled trunk, logit bias) and HF towers other than BERT:
   one line naming every field; a renamed tensor: one line naming it."""
-  siglip = dict(MODEL_CFG, init_logit_bias=-10.0,
-                vision_cfg=dict(timm_model_name="vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none"),
-                text_cfg=dict(MODEL_CFG["text_cfg"], norm_kwargs={"eps": 1e-6}, pool_type="last"))
-  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.norm_kwargs=\{'eps': 1e-06\}; "
-                                       r"init_logit_bias=-10.0 \(open_clip SigLIP layouts: import HF SiglipModel\); "
-                                       r"vision_cfg.timm_model_name='vit_base_patch16_siglip_224' \(allowed [^\n]*$"):
-    openclip.config_from_open_clip(siglip)
+  so400m = dict(MODEL_CFG, init_logit_bias=-10.0,
+                vision_cfg=dict(timm_model_name="vit_so400m_patch14_siglip_384", timm_pool="map", timm_proj="none"),
+                text_cfg=dict(MODEL_CFG["text_cfg"], act_kwargs={"approximate": "tanh"}, pool_type="last"))
+  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.act_kwargs=\{'approximate': 'tanh'\}; "
+                                       r"vision_cfg.timm_model_name='vit_so400m_patch14_siglip_384' \(allowed [^\n]*$"):
+    openclip.config_from_open_clip(so400m)
+  siglip_text = dict(MODEL_CFG, init_logit_bias=-10.0)
+  with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: SigLIP \(init_logit_bias set\) needs MAP-pooled "
+                                       r"timm trunk, text_cfg.proj_bias=True, text_cfg.pool_type='last', "
+                                       r"text_cfg.no_causal_mask=True$"):
+    openclip.config_from_open_clip(siglip_text)
   roberta = dict(MODEL_CFG, text_cfg=dict(hf_model_name="roberta-base", hf_pooler_type="max_pooler"))
   with pytest.raises(ValueError, match=r"^unsupported open_clip CLIP: text_cfg.hf_model_name model_type='roberta' "
                                        r"\(allowed 'bert'\); text_cfg.hf_pooler_type='max_pooler' \(allowed [^\n]*$"):

@@ -221,6 +221,19 @@ def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
   assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
 
 
+def test_siglip_run_from_an_open_clip_siglip_dir(tmp_path):
+  """open_clip's SigLIP layout starts a SigLIP run: the loss, MAP pooling, no class token, the
+  biased text head and every weight (logit bias included) adopted."""
+  from medfm_jax.interop import openclip  # pylint: disable=import-outside-toplevel
+  from tests.interop.test_openclip_parity import _siglip_source  # pylint: disable=import-outside-toplevel
+  _, source = _siglip_source(tmp_path, vocab_size=300, context_length=80)
+  config = helpers.tiny_clip_config(init_from=str(source))
+  params = _initial_state(config).params
+  assert config.objective.loss == "siglip" and config.model.image_pool == "map" and not config.model.class_token
+  assert config.model.text_proj_bias and config.model.text.pooling == "last" and not config.model.text.causal
+  _assert_tree_equal(params, openclip.load(source)[1])
+
+
 def _flava_source(tmp_path, cls):
   """A tiny random HF FLAVA (``cls``: FlavaModel or FlavaForPreTraining) whose MIM heads, if any,
   predict 40 codebook ids."""
