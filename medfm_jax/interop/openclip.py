@@ -291,15 +291,23 @@ def open_clip_config(config, out_dir=None) -> dict[str, Any]:
 
 
 def cfg_from_run(config) -> dict[str, Any]:
-  """Our config of a CLIP run config in what open_clip expresses: the image tower is open_clip's ViT
-  with ``model.ln_pre``, else a timm ViT; the text tower a BERT with ``model.text.post_ln``, else
-  open_clip's transformer. One ValueError line for the rest."""
+  """Our config of a CLIP/SigLIP run config in what open_clip expresses: the image tower is
+  open_clip's ViT with ``model.ln_pre``, else a timm ViT (SigLIP: MAP-pooled, no class token); the
+  text tower a BERT with ``model.text.post_ln``, else open_clip's transformer. One ValueError line
+  for the rest."""
   m, t = config.model, text_lib.text_size(config.model.text)
   o, tc = config.objective, config.model.text
   timm, bert = not m.get("ln_pre", False), bool(tc.get("post_ln", False))
   text_proj = m.get("text_proj", "linear")
   image_proj = bool(m.get("image_proj", True))
-  if timm:
+  siglip = o.get("loss", "clip") == "siglip"
+  if timm and siglip:
+    v = torch_io.run_vit(config, f"{_WHAT} (SigLIP)", pos_embed=("learned", "sincos2d"), num_registers=(0,),
+                         swiglu=(False,), activation=("gelu",), class_token=(False,), layer_norm_eps=(timm_vit.EPS,))
+    vis = {k: v[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "channels",
+                             "ln_pre", "layer_norm_eps", "pos_embed")} | dict(
+        tower="timm", timm=True, activation="gelu", layer_scale=bool(v["layer_scale_init"]), class_token=False)
+  elif timm:
     vis = timm_vit.cfg_from_run(config) | dict(tower="timm", activation="gelu")
   else:
     v = torch_io.run_vit(config, _WHAT, pos_embed=("learned",), ln_pre=(True,), class_token=(True,),
@@ -312,8 +320,11 @@ def cfg_from_run(config) -> dict[str, Any]:
             "model.text.causal": t.causal, "model.text.pooling": t.pooling, "model.text.activation": t.activation,
             "model.text.layer_norm_eps": t.layer_norm_eps, "model.text_proj": text_proj,
             "model.text.embed_norm": bool(tc.get("embed_norm", False)), "model.text.pooler": bool(tc.get("pooler", False))}
-  allowed = {"objective.loss": ("clip",), "data.channels": (3,), "model.image_pool": ("cls",),
-             "model.text_proj_bias": (False,)}
+  allowed = {"objective.loss": ("clip", "siglip") if timm and not bert else ("clip",), "data.channels": (3,),
+             "model.image_pool": ("map",) if siglip else ("cls",), "model.text_proj_bias": (siglip,)}
+  if siglip:
+    allowed |= {"model.image_proj": (False,), "model.text.causal": (False,), "model.text.pooling": ("last",)}
+    fields["model.image_proj"] = image_proj
   if not timm:
     allowed["model.image_proj"] = (True,)
     fields["model.image_proj"] = image_proj
@@ -322,7 +333,7 @@ def cfg_from_run(config) -> dict[str, Any]:
                 "model.text.activation": tuple(_BERT_ACTIVATIONS.values()), "model.text.embed_norm": (True,),
                 "model.text.pooler": (False,) if t.pooling == "mean" else (False, True)}
   else:
-    allowed |= {"model.text.pooling": tuple(_POOLS.values()), "model.text.layer_norm_eps": (EPS,),
+    allowed |= {"model.text.pooling": ("last",) if siglip else tuple(_POOLS.values()),
                 "model.text.activation": ("gelu", "quick_gelu") if timm else (vis["activation"],),
                 "model.text_proj": ("linear",), "model.text.embed_norm": (False,), "model.text.pooler": (False,)}
   torch_io.check_exportable(fields, allowed, _WHAT)
@@ -334,8 +345,8 @@ def cfg_from_run(config) -> dict[str, Any]:
   if bert:
     txt |= dict(embed_norm=True, post_ln=True, pooler=bool(tc.get("pooler", False)), type_vocab_size=2,
                 text_length=int(config.data.context_length))
-  return dict(kind="clip", vision=vis, text=txt, embed_dim=int(m.embed_dim), image_proj=image_proj,
-              text_proj=text_proj)
+  return dict(kind="siglip" if siglip else "clip", vision=vis, text=txt, embed_dim=int(m.embed_dim),
+              image_proj=image_proj, text_proj=text_proj, custom_text=siglip)
 
 
 def _as_cfg(config, hf_text_config=None) -> dict[str, Any]:

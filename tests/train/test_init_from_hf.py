@@ -221,9 +221,11 @@ def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
   assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
 
 
-def test_siglip_run_from_an_open_clip_siglip_dir(tmp_path):
+def test_siglip_run_from_an_open_clip_siglip_dir_and_back(tmp_path):
   """open_clip's SigLIP layout starts a SigLIP run: the loss, MAP pooling, no class token, the
-  biased text head and every weight (logit bias included) adopted."""
+  biased text head and every weight (logit bias included) adopted. The run config exports
+  (``--format=open_clip``'s path) what open_clip loads and computes our features with (<= 1e-5)."""
+  import open_clip  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
   from medfm_jax.interop import openclip  # pylint: disable=import-outside-toplevel
   from tests.interop.test_openclip_parity import _siglip_source  # pylint: disable=import-outside-toplevel
   _, source = _siglip_source(tmp_path, vocab_size=300, context_length=80)
@@ -232,6 +234,17 @@ def test_siglip_run_from_an_open_clip_siglip_dir(tmp_path):
   assert config.objective.loss == "siglip" and config.model.image_pool == "map" and not config.model.class_token
   assert config.model.text_proj_bias and config.model.text.pooling == "last" and not config.model.text.causal
   _assert_tree_equal(params, openclip.load(source)[1])
+  openclip.export(params, config, tmp_path / "out")
+  back = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens = rng.integers(1, 259, (2, 80))
+  with jax.default_matmul_precision("highest"):
+    img, txt = objectives.build(config).model.apply({"params": params}, images, tokens.astype(np.int32))
+  with torch.no_grad():
+    ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
+  assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
 
 
 def _flava_source(tmp_path, cls):
