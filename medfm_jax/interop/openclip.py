@@ -34,10 +34,13 @@ token types) folded into our positions (export writes zero token types); BERT's 
 pooling; ``hf_proj_type`` 'linear' / 'mlp' / none = our ``text_proj``. Export writes the BERT
 ``config.json`` to ``OUT/hf_text`` and a timm tower's ``config.json`` to ``OUT/timm_trunk`` and names
 them by absolute path in ``open_clip_config.json`` (replace them with Hub names of the same
-architecture to publish, e.g. ``vit_base_patch16_224`` for BiomedCLIP's trunk). Not supported
-(one-line error): SigLIP layouts (``init_logit_bias``, MAP pooling), other timm models or pools,
-HF towers other than absolute-position BERT, LayerScale in open_clip's own ViT, attentional pooling,
-q/k norm and the other block options.
+architecture to publish, e.g. ``vit_base_patch16_224`` for BiomedCLIP's trunk). SigLIP layout
+(``init_logit_bias``): a timm ``vit_*_siglip_*`` trunk (no class token, MAP pooling ``attn_pool`` = our
+``map_head``, no projection) + open_clip's own bidirectional text tower pooled at the last position
+with a biased ``text_projection`` Linear, LN eps from ``norm_kwargs``; our SigLIP model. Not
+supported (one-line error): other timm models or pools, ``act_kwargs``, HF towers other than
+absolute-position BERT, LayerScale in open_clip's own ViT, attentional pooling, q/k norm and the
+other block options.
 """
 from __future__ import annotations
 
