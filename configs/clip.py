@@ -15,7 +15,7 @@ Recipes on a pod (image-caption manifest or TFDS data; only config values change
 LiT: ``--config.objective.lit_init_from=runs/mae_b16`` (image tower restored and locked).
 
 Variants: tiny | tiny_siglip (the tiny run with the sigmoid loss) | vit_b16 (OpenAI CLIP B/16) | siglip_b16 (SigLIP B/16) | biomedclip_b16
-(ViT-B/16 + BERT-base-like text tower, context 256). The byte tokenizer is the default everywhere;
+(BiomedCLIP's layout: timm ViT-B/16 + post-LN BERT-base text tower, texts of 256 tokens). The byte tokenizer is the default everywhere;
 the real recipes name their tokenizer file via data.tokenizer / data.tokenizer_path.
 """
 import math
@@ -37,7 +37,7 @@ def _text(variant: str) -> ml_collections.ConfigDict:
       variant=variant, width=s.width, depth=s.depth, num_heads=s.num_heads, mlp_dim=s.mlp_dim,
       context_length=s.context_length, vocab_size=s.vocab_size, causal=s.causal,
       pooling=s.pooling, activation=s.activation, layer_norm_eps=s.layer_norm_eps,
-      mask_padding=True))
+      mask_padding=True, embed_norm=False, post_ln=False, pooler=False))
 
 
 def get_config(arg: str | None = None):
@@ -70,6 +70,7 @@ def get_config(arg: str | None = None):
   c.model.image_pool = "cls"                # 'cls' | 'map' (SigLIP attention pooling)
   c.model.image_proj = True
   c.model.text_proj_bias = False
+  c.model.text_proj = "linear"              # 'linear' | 'mlp' (open_clip HF text towers) | 'none'
   c.model.embed_dim = 512
   c.model.text = _text("clip_b16")
 
@@ -132,10 +133,13 @@ def get_config(arg: str | None = None):
     c.optim.b2, c.optim.eps = 0.95, 1e-8
     c.grad_clip = 1.0
   elif variant == "biomedclip_b16":
-    # BiomedCLIP: ViT-B/16 + PubMedBERT-like text (768 x 12, context 256, cls pooling), CLIP loss.
-    c.model.activation = "gelu"
+    # BiomedCLIP (open_clip layout): timm ViT-B/16 (GELU, LN eps 1e-6, no ln_pre) + PubMedBERT
+    # (post-LN BERT-base: embedding LN, 512 positions, texts of 256, cls pooling, 'mlp' projection).
+    c.model.activation, c.model.layer_norm_eps, c.model.ln_pre = "gelu", 1e-6, False
     c.model.text = _text("biomedclip")
-    c.model.text.context_length = c.data.context_length = 256
+    c.model.text.update(context_length=512, embed_norm=True, post_ln=True)
+    c.model.text_proj = "mlp"
+    c.data.context_length = 256
     c.model.embed_dim = 512
     c.batch_size = 4096
     c.lr = 5e-4

@@ -8,7 +8,9 @@ r"""Publish a run's weights in a PyTorch format:
 (``Dinov2WithRegistersModel`` with registers); CLIP -> ``CLIPModel`` (SigLIP loss ->
 ``SiglipModel``); FLAVA -> ``FlavaForPreTraining``; a supervised fine-tune -> its encoder as
 ``Dinov2Model`` (LoRA adapters merged first; the classifier head is not part of it).
-``--format=open_clip``: a CLIP run as open_clip's standard CLIP (``open_clip.create_model('local-dir:DIR')``);
+``--format=open_clip``: a CLIP run as open_clip's standard CLIP, or with a timm ViT trunk (runs without
+``model.ln_pre``) and a BERT text tower (``model.text.post_ln``) as BiomedCLIP has, and a SigLIP run
+in open_clip's SigLIP layout (``open_clip.create_model('local-dir:DIR')``);
 ``--format=timm``: any run's (default) image encoder as a timm ViT (``timm.create_model('local-dir:DIR',
 pretrained=True)``). ``--step``:
 the checkpoint to export (default: the latest). Options a format cannot express (the conv stem,

@@ -4,9 +4,8 @@ need to pick the family of a source."""
 from __future__ import annotations
 
 import json
-import os
 
-from medfm_jax.interop import hf_clip, hf_dinov2, hf_flava, hf_vitmae, openclip, timm_vit
+from medfm_jax.interop import hf_clip, hf_dinov2, hf_flava, hf_vitmae, openclip, timm_vit, torch_io
 
 FAMILIES = {"vitmae": hf_vitmae, "dinov2": hf_dinov2, "clip": hf_clip, "flava": hf_flava, "openclip": openclip,
             "timm": timm_vit}
@@ -21,19 +20,17 @@ IMAGE_ENCODERS = {"vitmae": ("encoder",), "dinov2": (), "clip": ("image",), "fla
 
 
 def hf_family(source: str) -> str | None:
-  """The family of a local model directory or weights file: 'openclip' beside an
-  ``open_clip_config.json``; else from the ``config.json`` in it or beside it: 'timm' when it names
-  a timm ``architecture``, else its HF ``model_type``. None without either (e.g. one of our run
-  workdirs, whose ``config.json`` has neither). An unknown model_type is one line."""
-  path = os.fspath(source)
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  if os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+  """The family of a model directory or weights file (local or a URL, read through etils.epath):
+  'openclip' beside an ``open_clip_config.json``; else from the ``config.json`` in it or beside it:
+  'timm' when it names a timm ``architecture``, else its HF ``model_type``. None without either
+  (e.g. one of our run workdirs, whose ``config.json`` has neither). An unknown model_type is one
+  line."""
+  if torch_io.beside(source, "open_clip_config.json").is_file():
     return "openclip"
-  config = os.path.join(folder, "config.json")
-  if not os.path.isfile(config):
+  config = torch_io.beside(source, "config.json")
+  if not config.is_file():
     return None
-  with open(config) as f:
-    raw = json.load(f)
+  raw = json.loads(config.read_text())
   if str(raw.get("architecture", "")).startswith("vit_"):
     return "timm"
   model_type = raw.get("model_type")

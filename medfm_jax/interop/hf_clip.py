@@ -75,21 +75,26 @@ def config_from_hf(hf_config) -> dict[str, Any]:
 
 
 def build_model(hf_config, scan: bool = False) -> clip_model.ImageTextModel:
-  """Our ImageTextModel with the HF model's sizes (float32)."""
+  """Our ImageTextModel with the HF model's sizes (float32). Our family config may also set the
+  open_clip options (:mod:`~medfm_jax.interop.openclip`): ``vision.ln_pre`` / ``layer_scale``,
+  ``text.post_ln`` / ``embed_norm`` / ``pooler``, ``image_proj`` and ``text_proj``."""
   cfg = hf_config if isinstance(hf_config, dict) and "kind" in hf_config else config_from_hf(hf_config)
   v, t, clip = cfg["vision"], cfg["text"], cfg["kind"] == "clip"
   image = vit.VisionTransformer(
       variant=torch_io.variant_name(v["width"], v["depth"], v["num_heads"], v["mlp_dim"], v["patch_size"]),
       image_size=v["image_size"], pos_embed="learned", layer_norm_eps=v["layer_norm_eps"],
       activation=v["activation"], scan=scan, width=v["width"], depth=v["depth"],
-      num_heads=v["num_heads"], mlp_dim=v["mlp_dim"], ln_pre=clip, class_token=clip)
+      num_heads=v["num_heads"], mlp_dim=v["mlp_dim"], ln_pre=v.get("ln_pre", clip), class_token=clip,
+      layer_scale_init=1.0 if v.get("layer_scale") else 0.0)
   tower = text.TextTransformer(
       width=t["width"], depth=t["depth"], num_heads=t["num_heads"], mlp_dim=t["mlp_dim"],
       context_length=t["context_length"], vocab_size=t["vocab_size"], causal=t["causal"],
       pooling=t["pooling"], eot_id=t["eot_id"], pad_id=t["pad_id"], mask_padding=t["mask_padding"],
-      activation=t["activation"], layer_norm_eps=t["layer_norm_eps"], scan=scan)
+      activation=t["activation"], layer_norm_eps=t["layer_norm_eps"], scan=scan,
+      embed_norm=t.get("embed_norm", False), post_ln=t.get("post_ln", False), pooler=t.get("pooler", False))
   return clip_model.ImageTextModel(image, tower, cfg["embed_dim"], image_pool="cls" if clip else "map",
-                                   image_proj=clip, text_proj_bias=not clip,
+                                   image_proj=cfg.get("image_proj", clip), text_proj_bias=not clip,
+                                   text_proj=cfg.get("text_proj", "linear"),
                                    init_logit_bias=None if clip else -10.0)
 
 
@@ -189,16 +194,22 @@ def config_overrides(hf_config) -> dict[str, Any]:
   run's own (``data.tokenizer``): its end-of-text id must be the HF model's for 'eot' pooling."""
   cfg = _as_cfg(hf_config)
   v, t, clip = cfg["vision"], cfg["text"], cfg["kind"] == "clip"
+  post_ln = t.get("post_ln", False)
   out = torch_io.vit_run_fields(
       variant=torch_io.variant_name(v["width"], v["depth"], v["num_heads"], v["mlp_dim"], v["patch_size"]),
       width=v["width"], depth=v["depth"], num_heads=v["num_heads"], mlp_dim=v["mlp_dim"],
-      layer_norm_eps=v["layer_norm_eps"], activation=v["activation"], pos_embed="learned", ln_pre=clip,
-      class_token=clip, image_pool="cls" if clip else "map", image_proj=clip, text_proj_bias=not clip,
-      embed_dim=cfg["embed_dim"]) | {"data.image_size": v["image_size"], "data.channels": v["channels"],
-                                     "objective.loss": cfg["kind"]}
+      layer_norm_eps=v["layer_norm_eps"], activation=v["activation"], pos_embed="learned",
+      ln_pre=v.get("ln_pre", clip), class_token=clip, layer_scale_init=1.0 if v.get("layer_scale") else 0.0,
+      image_pool="cls" if clip else "map", image_proj=cfg.get("image_proj", clip), text_proj_bias=not clip,
+      text_proj=cfg.get("text_proj", "linear"), embed_dim=cfg["embed_dim"]) | {
+          "data.image_size": v["image_size"], "data.channels": v["channels"], "objective.loss": cfg["kind"]}
   out |= {f"model.text.{k}": t[k] for k in ("width", "depth", "num_heads", "mlp_dim", "context_length",
                                             "vocab_size", "causal", "pooling", "activation",
                                             "layer_norm_eps", "mask_padding")}
+  # A BERT tower in a run: its padding keys are masked by the run tokenizer's own pad id (runs pass
+  # no attention mask); the imported module takes the caller's attention_mask instead.
+  out |= {"model.text.embed_norm": t.get("embed_norm", False), "model.text.post_ln": post_ln,
+          "model.text.pooler": t.get("pooler", False)} | ({"model.text.mask_padding": True} if post_ln else {})
   return out
 
 
@@ -211,14 +222,18 @@ def cfg_from_run(config) -> dict[str, Any]:
                        layer_scale_init=(0.0,), num_registers=(0,), swiglu=(False,),
                        activation=tuple(_HF_ACTIVATIONS))
   m, t = config.model, text.text_size(config.model.text)
+  tc = config.model.text
   torch_io.check_exportable(
       {"model.image_pool": m.get("image_pool", "cls"), "model.image_proj": m.get("image_proj", True),
        "model.text_proj_bias": m.get("text_proj_bias", False), "model.text.causal": t.causal,
-       "model.text.pooling": t.pooling, "model.text.activation": t.activation},
+       "model.text.pooling": t.pooling, "model.text.activation": t.activation,
+       "model.text_proj": m.get("text_proj", "linear"), "model.text.post_ln": tc.get("post_ln", False),
+       "model.text.embed_norm": tc.get("embed_norm", False), "model.text.pooler": tc.get("pooler", False)},
       {"model.image_pool": ("cls" if clip else "map",), "model.image_proj": (clip,),
        "model.text_proj_bias": (not clip,), "model.text.causal": (clip,),
        "model.text.pooling": ("eot", "argmax") if clip else ("last",),
-       "model.text.activation": tuple(_HF_ACTIVATIONS)}, what)
+       "model.text.activation": tuple(_HF_ACTIVATIONS), "model.text_proj": ("linear",),
+       "model.text.post_ln": (False,), "model.text.embed_norm": (False,), "model.text.pooler": (False,)}, what)
   tok = tokenizers.from_config(config.data)
   vis = {k: v[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "channels",
                            "layer_norm_eps", "activation")}

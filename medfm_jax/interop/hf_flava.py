@@ -283,9 +283,11 @@ def config_overrides(hf_config) -> dict[str, Any]:
   i, t, m = cfg["image"], cfg["text"], cfg["mm"]
   sizes = lambda c: dict(width=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]),
                          num_heads=int(c["num_attention_heads"]), mlp_dim=int(c["intermediate_size"]))
+  # No model.image_vocab: a run's MIM output size is its own target's (pixels or its codebook); HF's
+  # MIM heads (DALL-E codebook ids) are imported only where they fit (train.restore).
   image = sizes(i) | dict(variant=torch_io.variant_name(*sizes(i).values(), i["patch_size"]), pos_embed="learned",
                           layer_norm_eps=float(i["layer_norm_eps"]), activation=_ACTIVATIONS[i["hidden_act"]],
-                          mask_token=True, embed_dim=cfg["embed_dim"], image_vocab=int(i["vocab_size"]))
+                          mask_token=True, embed_dim=cfg["embed_dim"])
   text_fields = sizes(t) | dict(context_length=int(t["max_position_embeddings"]), vocab_size=int(t["vocab_size"]),
                                 causal=False, pooling="cls", activation=_ACTIVATIONS[t["hidden_act"]],
                                 layer_norm_eps=float(t["layer_norm_eps"]), embed_norm=True)

@@ -19,7 +19,7 @@ Layouts: torch Linear ``(out, in)`` -> kernel ``(in, out)``; fused ``qkv`` -> pe
 from __future__ import annotations
 
 import functools
-import json
+import io
 import os
 import re
 from typing import Any
@@ -360,8 +360,7 @@ def load(source, config=None, format: str | None = None, dtype=jnp.float32,  # p
   ``decoder_heads`` for a ``segment_anything`` checkpoint with a non-default decoder)."""
   if config is None and hasattr(source, "config"):
     config = source.config
-  if config is None and isinstance(source, (str, os.PathLike)) and os.path.isdir(source) \
-      and os.path.isfile(os.path.join(source, "config.json")):
+  if config is None and torch_io.is_path(source) and (torch_io.epath_of(source) / "config.json").is_file():
     config = source
   sd = torch_io.as_numpy_state_dict(source)
   fmt = format or detect_format(sd)
@@ -378,17 +377,14 @@ def load(source, config=None, format: str | None = None, dtype=jnp.float32,  # p
 def export(params: dict, config: dict[str, Any], out_dir, format: str = "hf") -> str:  # pylint: disable=redefined-builtin
   """Writes ``out_dir/config.json`` + ``model.safetensors`` ('hf') or ``out_dir/sam.pth``
   ('segment_anything'); returns the weights file's path. ``config``: our SAM fields."""
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   sd = export_state_dict(params, config, format)
   if format == "hf":
-    from safetensors.numpy import save_file  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-      json.dump(hf_config_dict(config), f, indent=2)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file(sd, path, metadata={"format": "pt"})
-    return path
+    torch_io.write_hf(out_dir, sd, hf_config_dict(config))
+    return os.fspath(torch_io.epath_of(out_dir) / "model.safetensors")
   import torch  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
-  path = os.path.join(out_dir, "sam.pth")
-  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
-  return path
+  out = torch_io.epath_of(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, buf)
+  (out / "sam.pth").write_bytes(buf.getvalue())
+  return os.fspath(out / "sam.pth")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from typing import Any
 
@@ -84,12 +83,10 @@ def cfg_from_run(config) -> dict[str, Any]:
 def _read_source(source, num_heads: int | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(numpy state dict, our config) of a timm module, state dict, weights file or directory."""
   timm_config = None
-  if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if os.path.isfile(cfg_file):
-      with open(cfg_file) as f:
-        timm_config = json.load(f)
+  if torch_io.is_path(source):
+    cfg_file = torch_io.beside(source, "config.json")
+    if cfg_file.is_file():
+      timm_config = json.loads(cfg_file.read_text())
   heads = num_heads or _num_heads(source, timm_config)
   if not heads:
     raise ValueError(f"{_WHAT}: the head count is not in the source; pass num_heads=")
@@ -118,8 +115,11 @@ def block_entries(hf: str, ours: tuple[str, ...], heads: int, layer_scale: bool)
 def mapping(cfg: dict[str, Any], prefix: str = "", ours: tuple[str, ...] = ()) -> list[torch_io.Entry]:
   """The timm ViT tensors (names under ``prefix``) <-> our encoder params under ``ours``."""
   p = prefix
-  m = [torch_io.fold_cls_position(f"{p}cls_token", f"{p}pos_embed", ours, bias_free=cfg["ln_pre"]),
-       torch_io.entry(f"{p}patch_embed.proj.weight", (*ours, "patch_embed", "proj", "kernel"), torch_io.patch_kernel,
+  if cfg.get("class_token", True):
+    m = [torch_io.fold_cls_position(f"{p}cls_token", f"{p}pos_embed", ours, bias_free=cfg["ln_pre"])]
+  else:       # positions of the patches only (timm's SigLIP ViTs)
+    m = [torch_io.entry(f"{p}pos_embed", (*ours, "pos_embed"))]
+  m += [torch_io.entry(f"{p}patch_embed.proj.weight", (*ours, "patch_embed", "proj", "kernel"), torch_io.patch_kernel,
                       functools.partial(torch_io.patch_kernel_to_torch, patch=cfg["patch_size"],
                                         channels=cfg["channels"]))]
   if cfg["ln_pre"]:
@@ -190,10 +190,12 @@ def export_state_dict(params: dict, cfg: dict[str, Any], prefix: str = "") -> di
 def timm_config_dict(cfg: dict[str, Any]) -> dict[str, Any]:
   """The ``config.json`` that ``timm.create_model('local-dir:DIR')`` reads."""
   c, s = cfg["channels"], cfg["image_size"]
+  cls = cfg.get("class_token", True)     # False: timm's SigLIP layout, MAP pooling (attn_pool)
+  pool = "token" if cls else "map"
   args = dict(img_size=s, patch_size=cfg["patch_size"], in_chans=c, embed_dim=cfg["width"], depth=cfg["depth"],
               num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_dim"] / cfg["width"], pre_norm=cfg["ln_pre"],
-              init_values=1.0 if cfg["layer_scale"] else None, global_pool="token", class_token=True)
-  return dict(architecture="vit_base_patch16_224", num_classes=0, num_features=cfg["width"], global_pool="token",
+              init_values=1.0 if cfg["layer_scale"] else None, global_pool=pool, class_token=cls)
+  return dict(architecture="vit_base_patch16_224", num_classes=0, num_features=cfg["width"], global_pool=pool,
               model_args=args, pretrained_cfg=dict(input_size=[c, s, s], num_classes=0, mean=[0.5] * c,
                                                    std=[0.5] * c, crop_pct=1.0, interpolation="bicubic"))
 

@@ -2,8 +2,9 @@
 
 Reading: checkpoints become ``{name: np.ndarray}`` without executing pickles. Floating-point tensors
 come back as float32 (bfloat16 / float16 are upcast); other dtypes are kept. ``*.safetensors`` files
-are read with ``safetensors`` (no torch needed); ``*.bin`` / ``*.pt`` / ``*.pth`` files need torch
-and are opened with ``torch.load(weights_only=True)``.
+are parsed here (no torch needed); ``*.bin`` / ``*.pt`` / ``*.pth`` files need torch and are opened
+with ``torch.load(weights_only=True)``. Every path (sources, configs, export folders) goes through
+``etils.epath`` (:func:`epath_of`): a local path or a URL such as ``gs://bucket/model``.
 
 Mapping: an importer is a list of :class:`Entry` (HF tensor names <-> our param paths, with the
 layout conversion each way); :func:`convert_with_mapping` / :func:`export_with_mapping` apply it
@@ -14,6 +15,7 @@ with one error listing every unused, missing and mis-shaped tensor. Layouts: tor
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -22,8 +24,10 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from medfm_jax import storage
 from medfm_jax.models import vit
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -37,28 +41,34 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
   return x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-    data_start = 8 + header_len
+# safetensors dtype -> numpy dtype (BF16: raw bits, widened to float32 below)
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _read_safetensors(path) -> dict[str, np.ndarray]:
+  """A ``*.safetensors`` file (local: memory-mapped; a URL: read whole) -> ``{name: array}``."""
+  local = not storage.is_url(path)
+  buf = np.memmap(os.fspath(path), dtype=np.uint8, mode="r") if local else np.frombuffer(path.read_bytes(), np.uint8)
+  (header_len,) = struct.unpack("<Q", buf[:8].tobytes())
+  header = json.loads(buf[8:8 + header_len].tobytes())
   header.pop("__metadata__", None)
-  out = {}
-  with safe_open(path, framework="np") as f:
-    for name, info in header.items():
-      if info["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits to float32
-        begin, end = info["data_offsets"]
-        raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=data_start + begin)
-        out[name] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-      else:
-        out[name] = _as_float32(f.get_tensor(name))
+  data, out = buf[8 + header_len:], {}
+  for name, info in header.items():
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported {sorted(_SAFETENSORS_DTYPES)}")
+    begin, end = info["data_offsets"]
+    x = np.frombuffer(data[begin:end].tobytes(), _SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16":  # numpy has no bfloat16: widen the raw bits to float32
+      x = (x.astype(np.uint32) << 16).view(np.float32)
+    out[name] = _as_float32(x)
   return out
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _read_torch(path) -> dict[str, np.ndarray]:
   import torch  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
-  obj = torch.load(path, weights_only=True, map_location="cpu")
+  source = os.fspath(path) if not storage.is_url(path) else io.BytesIO(path.read_bytes())
+  obj = torch.load(source, weights_only=True, map_location="cpu")
   for wrapper in ("model", "state_dict", "module"):  # common training-checkpoint wrappers
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
       obj = obj[wrapper]
@@ -74,38 +84,55 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_index(path: str) -> dict[str, np.ndarray]:
-  with open(path) as f:
-    shards = sorted(set(json.load(f)["weight_map"].values()))
+def _read_index(path) -> dict[str, np.ndarray]:
+  shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
   out = {}
   for shard in shards:
-    out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard)))
+    out.update(load_torch_state_dict(path.parent / shard))
   return out
 
 
+def is_path(source) -> bool:
+  """True for a local path or URL (str, ``os.PathLike``, ``epath.Path``): what :func:`epath_of` takes."""
+  return isinstance(source, (str, os.PathLike))
+
+
+def epath_of(source) -> epath.Path:
+  """A local path or a URL (``gs://...``) as an ``epath.Path`` (:func:`medfm_jax.storage.path`):
+  every file an importer reads goes through it, never through a local ``open``."""
+  return storage.path(source)
+
+
+def beside(source, name: str) -> epath.Path:
+  """``source/name`` for a directory, else ``name`` in the folder of the file ``source``."""
+  p = epath_of(source)
+  return p / name if p.is_dir() else p.parent / name
+
+
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Loads a checkpoint file or Hugging Face model directory into ``{name: np.ndarray}``."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
+  """Loads a checkpoint file or Hugging Face model directory (local or a URL) into
+  ``{name: np.ndarray}``."""
+  path = epath_of(path)
+  if path.is_dir():
     for name in _DIR_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        return load_torch_state_dict(os.path.join(path, name))
-    raise ValueError(f"checkpoint directory {path!r} holds none of {', '.join(_DIR_FILES)}")
-  if not os.path.isfile(path):
-    raise ValueError(f"checkpoint {path!r} does not exist; expected {_ALLOWED}")
-  if path.endswith(".safetensors"):
+      if (path / name).is_file():
+        return load_torch_state_dict(path / name)
+    raise ValueError(f"checkpoint directory {os.fspath(path)!r} holds none of {', '.join(_DIR_FILES)}")
+  if not path.is_file():
+    raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist; expected {_ALLOWED}")
+  if path.name.endswith(".safetensors"):
     return _read_safetensors(path)
-  if path.endswith(".index.json"):
+  if path.name.endswith(".index.json"):
     return _read_index(path)
-  if path.endswith(_TORCH_SUFFIXES):
+  if path.name.endswith(_TORCH_SUFFIXES):
     return _read_torch(path)
-  raise ValueError(f"checkpoint {path!r} has an unknown file type; expected {_ALLOWED}")
+  raise ValueError(f"checkpoint {os.fspath(path)!r} has an unknown file type; expected {_ALLOWED}")
 
 
 def as_numpy_state_dict(source) -> dict[str, np.ndarray]:
   """A torch module (``.state_dict()``), a ``{name: tensor | array}`` dict, or a checkpoint path /
   HF directory (:func:`load_torch_state_dict`) -> ``{name: np.ndarray}`` (floats as float32)."""
-  if isinstance(source, (str, os.PathLike)):
+  if is_path(source):
     return load_torch_state_dict(source)
   if hasattr(source, "state_dict") and callable(source.state_dict):
     source = source.state_dict()
@@ -130,14 +157,13 @@ def resolve_source(source, hf_config, what: str) -> tuple[dict[str, np.ndarray],
   dict or a file with no ``config.json`` beside it.
   """
   if hf_config is None:
-    if isinstance(source, (str, os.PathLike)):
-      path = os.fspath(source)
-      beside = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-      hf_config = beside if os.path.isfile(beside) else None
+    if is_path(source):
+      config = beside(source, "config.json")
+      hf_config = config if config.is_file() else None
     else:
       hf_config = getattr(source, "config", None)
     if hf_config is None:
-      raise ValueError(f"{what}: no config.json with {source if isinstance(source, (str, os.PathLike)) else type(source).__name__!r}; "
+      raise ValueError(f"{what}: no config.json with {os.fspath(source) if is_path(source) else type(source).__name__!r}; "
                        "pass hf_config= (a config object, dict or config.json path)")
   return as_numpy_state_dict(source), hf_config
 
@@ -145,15 +171,14 @@ def resolve_source(source, hf_config, what: str) -> tuple[dict[str, np.ndarray],
 def write_hf(out_dir: str | os.PathLike, state_dict: dict[str, np.ndarray], hf_config: dict[str, Any],
              config_name: str = "config.json", weights_name: str = "model.safetensors") -> str:
   """Writes ``config.json`` and ``model.safetensors`` (what ``from_pretrained`` reads; other names
-  for other libraries) into ``out_dir`` (created); returns it. No torch needed."""
-  from safetensors.numpy import save_file  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, config_name), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
-  save_file({k: np.array(v, order="C") for k, v in state_dict.items()},
-            os.path.join(out_dir, weights_name), metadata={"format": "pt"})
-  return out_dir
+  for other libraries) into ``out_dir`` (created; local or a URL); returns it. No torch needed."""
+  from safetensors.numpy import save  # optional: the 'parity' extra; pylint: disable=import-outside-toplevel
+  out = epath_of(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / config_name).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  (out / weights_name).write_bytes(save({k: np.array(v, order="C") for k, v in state_dict.items()},
+                                        metadata={"format": "pt"}))
+  return os.fspath(out_dir)
 
 
 def check_exportable(fields: dict[str, Any], allowed: dict[str, tuple], what: str) -> None:
@@ -215,13 +240,12 @@ def invert(table: dict[str, str]) -> dict[str, str]:
 
 def read_hf_config(hf_config, what: str) -> dict[str, Any]:
   """An HF config object, its dict, or a ``config.json`` path / model directory -> a plain dict."""
-  if isinstance(hf_config, (str, os.PathLike)):
-    path = os.fspath(hf_config)
-    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-      raise ValueError(f"{what} config {path!r} does not exist; expected a config.json or its directory")
-    with open(path) as f:
-      return json.load(f)
+  if is_path(hf_config):
+    path = epath_of(hf_config)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+      raise ValueError(f"{what} config {os.fspath(path)!r} does not exist; expected a config.json or its directory")
+    return json.loads(path.read_text())
   if isinstance(hf_config, dict):
     return dict(hf_config)
   return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))

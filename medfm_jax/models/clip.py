@@ -5,7 +5,9 @@ attention-pooling head (``MapHead``, SigLIP), projected to ``embed_dim``; text t
 (``text.TextTransformer``) pooled per its own rule, projected to ``embed_dim``; learnable
 ``logit_scale`` (and SigLIP's ``logit_bias``). Embeddings come out unnormalised; the losses
 normalise them. ``image_proj=False`` / ``text_proj_bias=True`` reproduce SigLIP's heads (no image
-projection: the pooled width is the embedding; text head with bias).
+projection: the pooled width is the embedding; text head with bias). ``text_proj``: 'linear' (CLIP),
+'mlp' (open_clip's HF text towers, BiomedCLIP: ``fc2(gelu(fc1(x)))`` without biases, hidden width
+``(text width + embed_dim) // 2``) or 'none' (the pooled text width is the embedding).
 """
 from __future__ import annotations
 
@@ -19,6 +21,21 @@ from medfm_jax.models import layers, vit
 from medfm_jax.models.layers import DenseGeneral, LayerNorm, Mlp, constrain
 
 IMAGE_POOLS = ("cls", "map")
+TEXT_PROJS = ("linear", "mlp", "none")
+
+
+class MlpProjection(nn.Module):
+  """open_clip's 'mlp' projection of HF text towers: ``fc2(gelu(fc1(x)))``, no biases, hidden
+  width ``(in + out) // 2``."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = (x.shape[-1] + self.features) // 2
+    h = DenseGeneral((hidden,), ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="fc1")(x)
+    return DenseGeneral((self.features,), ("mlp", "embed"), use_bias=False, dtype=self.dtype,
+                        name="fc2")(layers.exact_gelu(h))
 
 
 class MapHead(nn.Module):
@@ -56,6 +73,7 @@ class ImageTextModel(nn.Module):
   image_pool: str = "cls"              # 'cls' | 'map'
   image_proj: bool = True              # False: the pooled image width is the embedding (SigLIP)
   text_proj_bias: bool = False
+  text_proj: str = "linear"            # 'linear' | 'mlp' | 'none'
   init_logit_scale: float = 2.6592600369644043     # ln(1/0.07)
   init_logit_bias: float | None = None             # SigLIP: -10
 
@@ -72,8 +90,16 @@ class ImageTextModel(nn.Module):
     elif size.width != self.embed_dim:
       raise ValueError(f"model.embed_dim={self.embed_dim}: without an image projection it must "
                        f"equal the image width {size.width}")
-    self.text_projection = DenseGeneral((self.embed_dim,), ("embed", "mlp"),
-                                        use_bias=self.text_proj_bias, dtype=self.text.dtype)
+    if self.text_proj not in TEXT_PROJS:
+      raise ValueError(f"model.text_proj={self.text_proj!r}: allowed {TEXT_PROJS}")
+    if self.text_proj == "linear":
+      self.text_projection = DenseGeneral((self.embed_dim,), ("embed", "mlp"),
+                                          use_bias=self.text_proj_bias, dtype=self.text.dtype)
+    elif self.text_proj == "mlp":
+      self.text_projection = MlpProjection(self.embed_dim, self.text.dtype)
+    elif self.text.width != self.embed_dim:
+      raise ValueError(f"model.embed_dim={self.embed_dim}: with model.text_proj='none' it must "
+                       f"equal the text width {self.text.width}")
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale),
                                   (), jnp.float32)
     if self.init_logit_bias is not None:
@@ -88,8 +114,8 @@ class ImageTextModel(nn.Module):
 
   def encode_text(self, tokens, deterministic: bool = True, attention_mask=None):
     """``attention_mask [b, L]`` (nonzero = real token): see ``text.TextTransformer``."""
-    out = self.text_projection(self.text(tokens, deterministic=deterministic,
-                                         attention_mask=attention_mask))
+    out = self.text(tokens, deterministic=deterministic, attention_mask=attention_mask)
+    out = out if self.text_proj == "none" else self.text_projection(out)
     return constrain(out.astype(jnp.float32), ("batch", None))
 
   def __call__(self, images, tokens, deterministic: bool = True, attention_mask=None):

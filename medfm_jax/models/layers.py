@@ -237,7 +237,9 @@ ADAPTER_PLACES = ("attn", "mlp", "both")
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block: ``x + ls(attn(ln(x)))``, ``x + ls(mlp(ln(x)))`` with drop-path.
+  """Pre-LN transformer block: ``x + ls(attn(ln(x)))``, ``x + ls(mlp(ln(x)))`` with drop-path;
+  ``post_ln``: BERT's post-LN order ``ln(x + ls(attn(x)))``, ``ln(x + ls(mlp(x)))`` (the same
+  ``norm1`` / ``norm2`` params, after each residual sum instead of before each sublayer).
 
   ``adapter_dim > 0`` inserts bottleneck :class:`Adapter` s (``adapter_attn``/``adapter_mlp``) on
   the attention and/or MLP output (``adapter_where``: 'attn' | 'mlp' | 'both').
@@ -254,6 +256,7 @@ class Block(nn.Module):
   adapter_dim: int = 0                 # 0: no adapters
   adapter_where: str = "both"
   causal: bool = False                 # causal self-attention (text towers)
+  post_ln: bool = False                # LayerNorm after each residual sum (BERT) instead of before
 
   def _adapt(self, y, place: str):
     if not self.adapter_dim or self.adapter_where not in (place, "both"):
@@ -268,11 +271,13 @@ class Block(nn.Module):
     x = constrain(x, ("batch", "seq", "act_embed"))
     ln = lambda name: LayerNorm(self.layer_norm_eps, self.dtype, name=name)
     scale = lambda y, name: LayerScale(self.layer_scale_init, name=name)(y) if self.layer_scale_init else y
+    pre = (lambda name, y: y) if self.post_ln else (lambda name, y: ln(name)(y))
+    post = (lambda name, y: ln(name)(y)) if self.post_ln else (lambda name, y: y)
     y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(
-        ln("norm1")(x), mask=mask, is_causal=self.causal)
-    x = x + DropPath()(scale(self._adapt(y, "attn"), "ls1"), drop_rate, deterministic)
-    y = Mlp(self.mlp_dim, self.activation, self.swiglu, self.dtype, name="mlp")(ln("norm2")(x))
-    x = x + DropPath()(scale(self._adapt(y, "mlp"), "ls2"), drop_rate, deterministic)
+        pre("norm1", x), mask=mask, is_causal=self.causal)
+    x = post("norm1", x + DropPath()(scale(self._adapt(y, "attn"), "ls1"), drop_rate, deterministic))
+    y = Mlp(self.mlp_dim, self.activation, self.swiglu, self.dtype, name="mlp")(pre("norm2", x))
+    x = post("norm2", x + DropPath()(scale(self._adapt(y, "mlp"), "ls2"), drop_rate, deterministic))
     return x
 
 

@@ -4,6 +4,10 @@
 -> the ViT's pre-LN :class:`~medfm_jax.models.vit.Encoder` (causal or bidirectional, padding keys
 masked out, unrolled or scanned, remat) -> final LayerNorm -> one pooled vector per text.
 
+BERT layout (``post_ln=True``, with ``embed_norm=True``; PubMedBERT, BiomedCLIP's text tower):
+LayerNorm on the embeddings, post-LN blocks (the LayerNorm after each residual sum), no final
+LayerNorm; ``pooler=True`` adds BERT's pooler (``tanh(dense(pooled))``).
+
 Pooling (``pooling``):
   argmax  the position of the largest token id (OpenAI CLIP: the EOT token has the largest id)
   eot     the first position holding ``eot_id``
@@ -14,9 +18,8 @@ Pooling (``pooling``):
 Variants (:data:`VARIANTS`): ``clip_b16`` (OpenAI CLIP B/16 text tower: width 512, 12 layers,
 8 heads, context 77, vocab 49408, causal, EOT pooling, QuickGELU, LN eps 1e-5) and
 ``biomedclip`` (BERT-base-like as BiomedCLIP's PubMedBERT: 768, 12, 12, context 256, vocab 30522,
-bidirectional, cls pooling). The BiomedCLIP-like tower keeps our pre-LN blocks (PubMedBERT is
-post-LN, so its weights cannot be imported 1:1; trained from scratch here this is the more stable
-choice). ``tiny`` is the CPU demo / test size.
+bidirectional, cls pooling; ``configs/clip.py:biomedclip_b16`` builds it in the BERT layout).
+``tiny`` is the CPU demo / test size.
 """
 from __future__ import annotations
 
@@ -101,12 +104,15 @@ class TextTransformer(nn.Module):
   scan: bool = False
   attention_impl: str | None = None
   embed_norm: bool = False             # LayerNorm after token + position embedding (BERT / FLAVA)
+  post_ln: bool = False                # post-LN blocks and no final LayerNorm (BERT)
+  pooler: bool = False                 # BERT's pooler on the pooled vector: tanh(dense(x))
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True, return_tokens: bool = False,
                return_pre_norm: bool = False, attention_mask=None):
     """``return_pre_norm``: ``(pooled, tokens, pre_norm_tokens)`` with the last block's output
-    before the final LN (FLAVA feeds those to its fusion encoder). ``attention_mask [b, L]``
+    before the final LN (FLAVA feeds those to its fusion encoder; with ``post_ln`` the same as the
+    tokens). ``attention_mask [b, L]``
     (nonzero = a real token, as HF's): the padding keys; without it, ``mask_padding`` masks
     ``tokens == pad_id`` (our tokenizers' dedicated pad id) and otherwise nothing is masked."""
     if self.pooling not in POOLINGS:
@@ -128,11 +134,15 @@ class TextTransformer(nn.Module):
       mask = (tokens != self.pad_id)[:, None, None, :] if self.mask_padding else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.layer_norm_eps,
                 activation=self.activation, dtype=self.dtype, remat=self.remat, scan=self.scan,
-                attention_impl=self.attention_impl, causal=self.causal,
+                attention_impl=self.attention_impl, causal=self.causal, post_ln=self.post_ln,
                 name="encoder")(x, deterministic, mask)
     pre_norm = x
-    x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
+    if not self.post_ln:
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     pooled = pool_tokens(x, tokens, self.pooling, self.eot_id, self.pad_id, attention_mask)
+    if self.pooler:
+      pooled = jnp.tanh(layers.DenseGeneral((self.width,), ("embed", "mlp"), dtype=self.dtype,
+                                            name="pooler")(pooled))
     if return_pre_norm:
       return pooled, x, pre_norm
     return (pooled, x) if return_tokens else pooled
@@ -163,4 +173,5 @@ def text_from_config(config, eot_id: int, pad_id: int) -> TextTransformer:
       activation=s.activation, layer_norm_eps=s.layer_norm_eps, dtype=dtype,
       remat=config.model.get("remat", "none"), scan=config.model.get("scan", False),
       attention_impl=vit.resolve_attention_impl(config.model.get("attention_impl", "auto"), dtype),
-      embed_norm=t.get("embed_norm", False))
+      embed_norm=t.get("embed_norm", False), post_ln=t.get("post_ln", False),
+      pooler=t.get("pooler", False))

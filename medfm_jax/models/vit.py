@@ -113,7 +113,8 @@ REMATS = ("none", *_REMAT_POLICIES)          # model.remat
 
 
 class Encoder(nn.Module):
-  """A stack of pre-LN blocks with linearly increasing drop-path, unrolled or scanned."""
+  """A stack of pre-LN (``post_ln``: post-LN, BERT) blocks with linearly increasing drop-path,
+  unrolled or scanned."""
   depth: int
   num_heads: int
   mlp_dim: int
@@ -130,6 +131,7 @@ class Encoder(nn.Module):
   adapter_dim: int = 0                # bottleneck adapters in every block (0 = none)
   adapter_where: str = "both"         # 'attn' | 'mlp' | 'both'
   causal: bool = False                # causal self-attention (text towers)
+  post_ln: bool = False               # post-LN blocks (BERT-style text towers)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, mask=None, collect: tuple[int, ...] = ()):
@@ -140,7 +142,7 @@ class Encoder(nn.Module):
                         layer_norm_eps=self.layer_norm_eps, layer_scale_init=self.layer_scale_init,
                         activation=self.activation, swiglu=self.swiglu, dtype=self.dtype,
                         attention_impl=self.attention_impl, adapter_dim=self.adapter_dim,
-                        adapter_where=self.adapter_where, causal=self.causal)
+                        adapter_where=self.adapter_where, causal=self.causal, post_ln=self.post_ln)
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else np.zeros(1)
     block_cls = layers.Block
     if self.remat != "none":

@@ -49,6 +49,10 @@ class Objective(abc.ABC):
   # ``medfm_jax.interop`` family ('vitmae', 'dinov2', 'clip', 'flava') and the path of its params in
   # the saved train state (after :meth:`standalone_params`). None: not exportable.
   hf_export: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+  # Heads (top-level keys of the ``hf_export`` params) that a public model of that family may lack
+  # (HF ``FlavaModel``) or hold in another shape (HF's MIM head predicts DALL-E codebook ids, the
+  # run's may predict pixels): ``init_from`` leaves them at their fresh init, with one log line.
+  hf_optional_heads: ClassVar[tuple[str, ...]] = ()
   # True: the trainer writes ``config.init_from`` (one of our checkpoints or a public HF model) into
   # the initial train state (``train.restore.init_from_values``: the whole model, or the source's
   # image encoder into every ``image_encoders`` path). False: the objective reads it itself.

@@ -44,6 +44,7 @@ def build_model(config, tokenizer) -> clip_model.ImageTextModel:
       vit.vit_from_config(config), text.text_from_config(config, tokenizer.eot_id, tokenizer.pad_id),
       embed_dim=int(m.embed_dim), image_pool=m.get("image_pool", "cls"),
       image_proj=m.get("image_proj", True), text_proj_bias=m.get("text_proj_bias", False),
+      text_proj=m.get("text_proj", "linear"),
       init_logit_scale=float(o.get("init_logit_scale", float(np.log(1 / 0.07)))),
       init_logit_bias=None if bias is None else float(bias))
 
@@ -127,6 +128,10 @@ class ClipObjective(ImageTextObjective):
     width = vit.size_from_config(m).width
     check(m.image_proj or m.embed_dim == width,
           f"model.embed_dim={m.embed_dim}: with model.image_proj=False it must equal the image width {width}")
+    text_proj = m.get("text_proj", "linear")
+    check(text_proj in clip_model.TEXT_PROJS, f"model.text_proj={text_proj!r}: allowed {clip_model.TEXT_PROJS}")
+    check(text_proj == "linear" or not m.get("text_proj_bias", False),
+          f"model.text_proj_bias=True: only with model.text_proj='linear' (not {text_proj!r})")
     with config_errors():
       t = text.text_size(m.text)
       spec = data_spec.resolve(d).tokenizer
@@ -134,6 +139,8 @@ class ClipObjective(ImageTextObjective):
     check(spec is not None, f"data.tokenizer={d.get('tokenizer')!r}: the CLIP objective needs one of {tokenizers.KINDS}")
     check(t.pooling in text.POOLINGS, f"model.text.pooling={t.pooling!r}: allowed {text.POOLINGS}")
     check(t.width % t.num_heads == 0, f"model.text.num_heads={t.num_heads}: must divide model.text.width={t.width}")
+    check(text_proj != "none" or m.embed_dim == t.width,
+          f"model.embed_dim={m.embed_dim}: with model.text_proj='none' it must equal model.text.width={t.width}")
     check(0 < spec.context_length <= t.context_length,
           f"data.context_length={spec.context_length}: must be in [1, model.text.context_length={t.context_length}]")
     check(tok.vocab_size <= t.vocab_size,

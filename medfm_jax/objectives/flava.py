@@ -70,6 +70,7 @@ class FlavaObjective(ImageTextObjective):
   name = "flava"
   image_encoders = {"image": ("params", "image")}
   hf_export = ("flava", ("params",))
+  hf_optional_heads = ("mim_head", "mmm_image_head", "mlm_head", "mmm_text_head", "itm_head")
 
   @classmethod
   def check_config(cls, config):

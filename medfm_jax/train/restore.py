@@ -169,16 +169,17 @@ def _grid(n: int, path: str) -> tuple[int, int]:
   return g, g
 
 
-def fit_encoder(abstract, restored, init_from: str) -> dict[str, np.ndarray]:
+def fit_encoder(abstract, restored, init_from: str, fresh: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """``{path: array}`` for every leaf of the fresh encoder ``abstract`` (shapes) that comes from
   the checkpoint's encoder ``restored``; leaves not returned keep their fresh init (only new PEFT
-  parameters). Raises one CheckpointError line when the two do not fit."""
+  parameters, and the top-level subtrees ``fresh``). Raises one CheckpointError line when the two
+  do not fit."""
   want = _flat(abstract)
   if _is_stacked(want) != _is_stacked(_flat(restored)):
     restored = vit.stack_layers(restored) if _is_stacked(want) else vit.unstack_layers(restored)
   have = {k: np.asarray(v) for k, v in _flat(restored).items()
           if k in want or k.rsplit("/", 1)[-1] not in PRETRAIN_ONLY}
-  is_new = lambda k: any(part in NEW_PEFT_KEYS for part in k.split("/"))
+  is_new = lambda k: any(part in NEW_PEFT_KEYS for part in k.split("/")) or k.split("/")[0] in fresh
   out = {}
   for k, leaf in want.items():
     if k not in have:
@@ -257,6 +258,19 @@ def _init_sources(objective, init_from: str) -> dict[tuple[str, ...], Any]:
   return {path: encoder for path in cls.image_encoders.values()}
 
 
+def _drop_unfit_heads(heads: tuple[str, ...], target, restored, init_from: str) -> tuple[dict, tuple[str, ...]]:
+  """(``restored`` without the ``heads`` that it lacks or holds in another shape than ``target``,
+  those heads): they keep their fresh init, said in one log line."""
+  shapes = lambda tree: {k: tuple(np.shape(x)) for k, x in _flat(tree).items()}
+  absent = [h for h in heads if h in target and h not in restored]
+  reshaped = [h for h in heads if h in target and h in restored and shapes(target[h]) != shapes(restored[h])]
+  if absent or reshaped:
+    logging.warning("init_from=%s: fresh init for the heads %s", init_from, "; ".join(
+        ([f"{', '.join(absent)} (not in the source)"] if absent else [])
+        + ([f"{', '.join(reshaped)} (other shapes in the source: e.g. another MIM target)"] if reshaped else [])))
+  return {k: v for k, v in restored.items() if k not in reshaped}, (*absent, *reshaped)
+
+
 _INIT_VALUES = weakref.WeakKeyDictionary()   # objective -> {state path: array} (read once per run)
 
 
@@ -271,8 +285,11 @@ def init_from_values(objective, params, extra) -> dict[str, np.ndarray]:
     state = nn.unbox({"params": params, "extra": extra})
     values = {}
     for path, restored in _init_sources(objective, init_from).items():
+      target, fresh = _subtree(state, path), ()
+      if hf_family(init_from) is not None and path == (objective.hf_export or (None, None))[1]:
+        restored, fresh = _drop_unfit_heads(objective.hf_optional_heads, target, restored, init_from)
       with jax.ensure_compile_time_eval():   # called while init is traced: resample eagerly
-        fitted = fit_encoder(_subtree(state, path), restored, init_from)
+        fitted = fit_encoder(target, restored, init_from, fresh)
       values |= {"/".join((*path, k)): v for k, v in fitted.items()}
     _INIT_VALUES[objective] = values
   return _INIT_VALUES[objective]

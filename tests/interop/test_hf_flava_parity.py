@@ -152,10 +152,12 @@ def test_bad_state_dict_lists_problems(hf):
 def test_load_export_from_pretrained_round_trip(hf, tmp_path):
   """load(HF directory, scanned) -> export -> FlavaForPreTraining.from_pretrained: no key missing,
   unexpected or mismatched; the reloaded model reproduces our fused states and ITM / MMM-text logits
-  (padded texts, a patch mask); config_overrides carry the three towers."""
+  (padded texts, a patch mask); config_overrides carry the three towers but not the MIM output
+  size (a run's own MIM target sets it)."""
   hf.save_pretrained(tmp_path / "src")
   model, params, overrides = hf_flava.load(tmp_path / "src", scan=True)
-  assert overrides["model.multimodal.depth"] == 1 and overrides["model.image_vocab"] == IMAGE_VOCAB
+  assert overrides["model.multimodal.depth"] == 1 and "model.image_vocab" not in overrides
+  assert model.image_vocab == IMAGE_VOCAB
   hf_flava.export(params, tmp_path / "src", tmp_path / "out")
   back, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.data import tokenizers
-from medfm_jax.models import text, vit
+from medfm_jax.models import layers, text, vit
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -84,3 +84,25 @@ def test_variants():
   assert sizes("biomedclip") == (768, 12, 12, 3072, 256, 30522) and not text.VARIANTS["biomedclip"].causal
   with pytest.raises(ValueError, match="model.text.pooling"):
     jax.eval_shape(_model(pooling="max").init, jax.random.PRNGKey(0), _tokens("a"))
+
+
+def test_bert_layout_tower():
+  """``post_ln`` + ``embed_norm`` + ``pooler``: BERT's params (no final norm; a pooler), each block
+  ``ln(x + f(x))`` (checked by hand on the first block), scanned == unrolled."""
+  model = _model(causal=False, pooling="cls", post_ln=True, embed_norm=True, pooler=True, depth=1)
+  tok = _tokens("mri with calcifications", "x")
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tok)["params"])
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+  assert "norm" not in params and set(params["pooler"]) == {"kernel", "bias"}
+  pooled, hidden = model.apply({"params": params}, tok, return_tokens=True)
+  ln = lambda p, y: (y - y.mean(-1, keepdims=True)) / jnp.sqrt(y.var(-1, keepdims=True) + 1e-5) * p["scale"] + p["bias"]
+  emb = ln(params["embed_norm"], jnp.take(params["token_embed"], tok, axis=0) + params["pos_embed"][None, :tok.shape[1]])
+  block = params["encoder"]["layer_0"]
+  mask = (tok != BYTES.pad_id)[:, None, None, :]
+  y = ln(block["norm1"], emb + layers.Attention(2).apply({"params": block["attn"]}, emb, mask=mask))
+  y = ln(block["norm2"], y + layers.Mlp(64, "quick_gelu").apply({"params": block["mlp"]}, y))
+  np.testing.assert_allclose(hidden, y, atol=2e-5)
+  np.testing.assert_allclose(pooled, jnp.tanh(hidden[:, 0] @ params["pooler"]["kernel"] + params["pooler"]["bias"]),
+                             atol=2e-5)
+  scanned = _model(causal=False, pooling="cls", post_ln=True, embed_norm=True, pooler=True, depth=1, scan=True)
+  np.testing.assert_allclose(scanned.apply({"params": vit.stack_layers(params)}, tok), pooled, atol=1e-5)

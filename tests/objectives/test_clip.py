@@ -78,6 +78,9 @@ def test_lit_locks_the_restored_image_tower(mae_ckpt):
     ({"model.image_pool": "mean"}, "model.image_pool"),
     ({"model.class_token": False}, "model.class_token"),
     ({"objective.zero_shot_labels": ("organ",)}, "objective.zero_shot_labels"),
+    ({"model.text_proj": "conv"}, "model.text_proj"),
+    ({"model.text_proj": "mlp", "model.text_proj_bias": True}, "model.text_proj_bias"),
+    ({"model.text_proj": "none", "model.embed_dim": 48}, "model.embed_dim"),
 ])
 def test_each_bad_clip_field_is_named(overrides, field):
   with pytest.raises(config_lib.ConfigError) as e:

@@ -184,3 +184,109 @@ def test_open_clip_and_timm_sources(tmp_path):
   ref = restore.fit_encoder(nn.unbox(state.params["backbone"]), timm_vit.load(source)[1], "timm")
   assert ref["pos_embed"].shape == (1, 16, 32)
   _assert_tree_equal(state.extra["teacher"]["backbone"], traverse_util.unflatten_dict(ref, sep="/"), atol=1e-7)
+
+
+def _biomedclip_run_source(tmp_path):
+  from tests.interop.test_openclip_parity import _biomedclip_source  # pylint: disable=import-outside-toplevel  (torch, open_clip)
+  return _biomedclip_source(tmp_path, "cls_last_hidden_state_pooler", "mlp", "linear", vocab=300, positions=96)[1]
+
+
+def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
+  """BiomedCLIP: an open_clip directory with a timm trunk and a BERT text tower starts a CLIP run
+  (the whole model: post-LN text tower, 'mlp' projection, timm ViT fields adopted). The run's
+  config exports its params (``export --format=open_clip``'s path: a timm trunk and a BERT tower
+  named in the config) and open_clip computes our features from the files (<= 1e-5; padding:
+  open_clip's tokens != 0, ours the run's pad-id mask)."""
+  import open_clip  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  from medfm_jax.interop import openclip  # pylint: disable=import-outside-toplevel
+  source = _biomedclip_run_source(tmp_path)
+  config = helpers.tiny_clip_config(init_from=str(source))
+  params = _initial_state(config).params
+  assert config.model.text.post_ln and config.model.text.embed_norm and config.model.text_proj == "mlp"
+  assert not config.model.ln_pre and config.model.layer_norm_eps == 1e-6 and config.model.text.context_length == 96
+  _assert_tree_equal(params, openclip.load(source)[1])
+  params["text"]["embed_norm"]["bias"] = params["text"]["embed_norm"]["bias"] + 0.1   # not the source's
+  openclip.export(params, config, tmp_path / "out")
+  back = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+  model = objectives.build(config).model
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens = np.zeros((2, 80), np.int64)
+  tokens[0, :5], tokens[1, :9] = rng.integers(1, 259, 5), rng.integers(1, 259, 9)
+  with jax.default_matmul_precision("highest"):
+    img, txt = model.apply({"params": params}, images, tokens.astype(np.int32))
+  with torch.no_grad():
+    ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
+  assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
+
+
+def test_siglip_run_from_an_open_clip_siglip_dir_and_back(tmp_path):
+  """open_clip's SigLIP layout starts a SigLIP run: the loss, MAP pooling, no class token, the
+  biased text head and every weight (logit bias included) adopted. The run config exports
+  (``--format=open_clip``'s path) what open_clip loads and computes our features with (<= 1e-5)."""
+  import open_clip  # pylint: disable=import-outside-toplevel  (the 'parity' extra)
+  from medfm_jax.interop import openclip  # pylint: disable=import-outside-toplevel
+  from tests.interop.test_openclip_parity import _siglip_source  # pylint: disable=import-outside-toplevel
+  _, source = _siglip_source(tmp_path, vocab_size=300, context_length=80)
+  config = helpers.tiny_clip_config(init_from=str(source))
+  params = _initial_state(config).params
+  assert config.objective.loss == "siglip" and config.model.image_pool == "map" and not config.model.class_token
+  assert config.model.text_proj_bias and config.model.text.pooling == "last" and not config.model.text.causal
+  _assert_tree_equal(params, openclip.load(source)[1])
+  openclip.export(params, config, tmp_path / "out")
+  back = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens = rng.integers(1, 259, (2, 80))
+  with jax.default_matmul_precision("highest"):
+    img, txt = objectives.build(config).model.apply({"params": params}, images, tokens.astype(np.int32))
+  with torch.no_grad():
+    ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
+  assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
+
+
+def _flava_source(tmp_path, cls):
+  """A tiny random HF FLAVA (``cls``: FlavaModel or FlavaForPreTraining) whose MIM heads, if any,
+  predict 40 codebook ids."""
+  config = transformers.FlavaConfig(
+      image_config=dict(_TOWER, image_size=16, patch_size=4, num_channels=1, vocab_size=40),
+      text_config=dict(_TOWER, vocab_size=300, max_position_embeddings=80), multimodal_config=dict(_TOWER, num_hidden_layers=1),
+      hidden_size=32, projection_dim=24, init_codebook=False)
+  return _save(cls(config), tmp_path / cls.__name__)
+
+
+@pytest.mark.parametrize("cls", ["FlavaForPreTraining", "FlavaModel"])
+def test_flava_run_from_hf_keeps_unfit_heads_fresh(cls, tmp_path, caplog):
+  """A pixel-target FLAVA run from FlavaForPreTraining / FlavaModel: every tensor of the source is
+  imported but the heads that it lacks (FlavaModel: all) or holds in other shapes (HF's MIM /
+  MMM-image heads predict 40 codebook ids, the run's 4x4x1 pixels): those keep their fresh init,
+  said in one log line."""
+  from medfm_jax.interop import hf_flava  # pylint: disable=import-outside-toplevel
+  source = _flava_source(tmp_path, getattr(transformers, cls))
+  with caplog.at_level("WARNING"):
+    state = _initial_state(helpers.tiny_flava_config(init_from=source))
+  ref = hf_flava.load(source)[1]
+  heads = objectives.resolve("flava").hf_optional_heads
+  fresh = ("mim_head", "mmm_image_head") if cls == "FlavaForPreTraining" else heads
+  assert state.params["mim_head"]["decoder"]["kernel"].shape == (32, 16) and set(heads) <= set(state.params)
+  _assert_tree_equal({k: v for k, v in state.params.items() if k not in fresh}, {k: v for k, v in ref.items() if k not in fresh})
+  lines = [r.getMessage() for r in caplog.records if "fresh init for the heads" in r.getMessage()]
+  expected = ("mim_head, mmm_image_head (other shapes in the source" if cls == "FlavaForPreTraining" else
+              "mim_head, mmm_image_head, mlm_head, mmm_text_head, itm_head (not in the source)")
+  assert len(lines) == 1 and expected in lines[0] and lines[0].count("(") == 1, lines
+
+
+@pytest.mark.slow
+def test_flava_run_from_flava_model_trains(tmp_path):
+  """FLAVA end to end from an HF ``FlavaModel`` directory: the run adopts its towers and trains 2
+  steps (heads fresh) to a finite loss; the checkpoint's config holds the adopted fields."""
+  from medfm_jax.train import loop  # pylint: disable=import-outside-toplevel
+  source = _flava_source(tmp_path, transformers.FlavaModel)
+  config = helpers.tiny_flava_config(init_from=source, total_steps=2, checkpoint_every=2)
+  restore.adopt_architecture(config)
+  loop.train(config, str(tmp_path / "run"), helpers.single_device_mesh(config))
+  saved = checkpoint.read_meta(str(tmp_path / "run"))["config"]
+  assert (saved["model"]["depth"], saved["model"]["multimodal"]["width"], saved["model"]["text"]["context_length"]) == (2, 32, 80)
+  assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(tmp_path / "run")) if "loss" in m][-1])
