@@ -73,6 +73,10 @@ class Emulator:
             raise RuntimeError(f"fake-gcs-server did not start on {self.url}: {f.read()[-2000:]}") from None
         time.sleep(0.05)
 
+  @property
+  def pid(self) -> int:
+    return self._process.pid
+
   def stop(self) -> None:
     if self._process is not None:
       self._process.kill()

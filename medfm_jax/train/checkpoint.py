@@ -69,7 +69,7 @@ def fingerprint(tree) -> dict[str, list[int]]:
           for (p, _), (a, b) in zip(leaves, sums, strict=True)}
 
 
-def _reason(error: BaseException, limit: int = 160) -> str:
+def one_line(error: BaseException, limit: int = 160) -> str:
   """One short line for an exception (TensorStore messages run to pages)."""
   text = " ".join(str(error).split())
   text = text.split(" See full TensorStore details")[0]
@@ -113,7 +113,7 @@ class Checkpointer:
     except Exception as e:  # orbax/tensorstore/fsspec raise many kinds; pylint: disable=broad-except
       step, self._pending = self._pending, None
       raise CheckpointError(f"cannot save step {step} to {self.directory / str(step)} "
-                            f"({_reason(e)}); earlier checkpoints are intact, the same command "
+                            f"({one_line(e)}); earlier checkpoints are intact, the same command "
                             "resumes from the newest") from e
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -186,7 +186,7 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # orbax/tensorstore/grain raise many kinds; pylint: disable=broad-except
-        damaged.append((step, _reason(e)))
+        damaged.append((step, one_line(e)))
         logging.warning("checkpoint: step %d in %s is damaged and skipped (%s)", step,
                         self.directory, damaged[-1][1])
         continue

@@ -176,18 +176,36 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
   """Runs (or resumes) training to ``config.total_steps``; returns the final state. ``workdir``
   is a local path or a bucket URL; ``hooks`` run after every step (see :data:`StepHook`)."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  trainer = writer = None
+  trainer = writer = error = None
   try:
     with StopSignals() as stop:
       trainer = setup(config, workdir, checkpointer, mesh)
       writer = telemetry.MetricWriter(workdir)
       return _run(trainer, checkpointer, writer, hooks, stop)
+  except BaseException as e:
+    error = e
+    raise
   finally:
-    checkpointer.close()
-    if writer is not None:
-      writer.close()
-    if trainer is not None and hasattr(trainer.data_iterator, "close"):   # stops grain workers
-      trainer.data_iterator.close()
+    _close_all([checkpointer.close, writer and writer.close,
+                trainer and getattr(trainer.data_iterator, "close", None)], error)   # grain workers
+
+
+def _close_all(closers, error: BaseException | None) -> None:
+  """Runs every closer (None: skipped). The first failure is raised once all ran, unless ``error``
+  is already propagating: then failures are logged, so that the run stops with that error's one
+  line (a bucket that became unreachable fails the save, then the metrics flush)."""
+  first = None
+  for close in closers:
+    try:
+      if close is not None:
+        close()
+    except Exception as e:  # pylint: disable=broad-except
+      if error is None and first is None:
+        first = e
+      else:
+        logging.warning("while stopping: %s", ckpt_lib.one_line(e))
+  if first is not None:
+    raise first
 
 
 def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),

@@ -177,6 +177,60 @@ def test_failing_save_is_one_line_and_earlier_checkpoints_resume_bitwise(tmp_pat
   _assert_same_params(straight_params, _final_params(workdir))
 
 
+def _one_line(result) -> str:
+  """The one ``medfm_jax: ...`` line of a CLI run's stderr."""
+  ours = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax: ")]
+  assert len(ours) == 1, result.stderr[-3000:]
+  return ours[0]
+
+
+def _assert_step_3_intact(workdir, straight_dir):
+  """The newest checkpoint is step 3, bitwise the uninterrupted run's step 3 (restorable)."""
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == 3
+  _assert_same_params(ckpt_lib.restore_params(os.path.join(straight_dir, "checkpoints", "3")),
+                      ckpt_lib.restore_params(f"{workdir}/checkpoints/3"))
+
+
+@pytest.mark.slow
+def test_save_into_a_read_only_checkpoint_dir_is_one_line(tmp_path, straight):
+  """Permission denied: after step 4 WORKDIR/checkpoints is read-only; the save of step 6 stops the
+  run with one line naming the step and path; step 3 stays intact. (Synchronous saves: an async
+  save of step 3 still finishing after step 4 fails too, and its error names step 3.)"""
+  straight_dir, _ = straight
+  workdir = str(tmp_path / "read_only")
+  result = helpers.run_cli(_ARGS + [f"--workdir={workdir}", "--config.async_checkpointing=False",
+                                    "--read_only_checkpoints_at_step=4"], module="tests.crash_main")
+  os.chmod(os.path.join(workdir, "checkpoints"), 0o755)
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = _one_line(result)
+  assert line.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {workdir}/checkpoints/6 ("), line
+  assert "Permission denied" in line, line
+  assert line.endswith("earlier checkpoints are intact, the same command resumes from the newest"), line
+  _assert_step_3_intact(workdir, straight_dir)
+
+
+@pytest.mark.slow
+def test_save_into_an_unreachable_bucket_is_one_line(straight, gcs):
+  """The GCS emulator killed after step 5 (no bucket write until the save of step 6: metrics are
+  logged at step 8 only): that save stops the run with one line naming the step and the gs://
+  path; with the emulator back, the bucket's step 3 is intact."""
+  straight_dir, _ = straight
+  url = "gs://bucket/unreachable/run"
+  args = [f"--config={helpers.REPO}/configs/mae.py:tiny", *_ARGS[1:], "--config.log_every=100",
+          "--config.async_checkpointing=False", f"--workdir={url}", f"--kill_process_at_step=5:{gcs.pid}"]
+  try:
+    result = helpers.run_cli(args, module="tests.crash_main")
+  finally:
+    gcs.stop()
+    gcs.start()
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = _one_line(result)
+  assert line.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {url}/checkpoints/6 ("), line
+  assert f"Cannot connect to host 127.0.0.1:{gcs.port}" in line, line
+  assert line.endswith("earlier checkpoints are intact, the same command resumes from the newest"), line
+  _assert_step_3_intact(url, straight_dir)
+
+
 @pytest.mark.slow
 def test_bucket_workdir_on_the_gcs_emulator(tmp_path, straight, gcs):
   """``--workdir=gs://bucket/...`` against the local GCS emulator, run from an empty folder:
