@@ -80,6 +80,13 @@ class StopSignals:
       flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
     return flag
 
+  @staticmethod
+  def due(step: int, every: int, saved: bool) -> bool:
+    """Whether the loop asks :meth:`requested` after ``step``: after every step with one process
+    (no collective); with several, every ``every`` steps and at checkpoint steps (``saved``), the
+    same steps on every process, so that they still agree on the step they stop and save at."""
+    return jax.process_count() == 1 or saved or step % every == 0
+
   @property
   def name(self) -> str:
     return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
@@ -277,7 +284,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
         _check_finite(trainer.state)
         checkpointer.save(step, trainer.state, trainer.data_iterator,
                           {"step": step, "config": config.to_json_best_effort()})
-      if stop is not None and stop.requested():
+      if stop is not None and stop.due(step, config.stop_check_every, saved) and stop.requested():
         _check_finite(trainer.state)
         if not saved:
           checkpointer.save(step, trainer.state, trainer.data_iterator,

@@ -17,6 +17,7 @@ import numpy as np
 from medfm_jax import storage
 from medfm_jax.data import build, decode, export, sources
 from medfm_jax.train import checkpoint as ckpt_lib
+from medfm_jax.train import loop
 from tests import gcs_emulator, helpers
 
 # The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
@@ -132,6 +133,15 @@ def test_signal_saves_the_current_step_and_the_rerun_is_bitwise(tmp_path, straig
   logged = [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m]
   assert logged == list(range(1, 9))                    # no step lost, none repeated
   _assert_same_params(straight_params, _final_params(workdir))
+
+
+def test_stop_flags_are_compared_every_n_steps_and_at_saves(monkeypatch):
+  """One process: after every step (no collective). Several: only at multiples of
+  stop_check_every and at checkpoint steps, steps that every process shares."""
+  assert all(loop.StopSignals.due(step, 10, saved=False) for step in range(1, 25))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert [s for s in range(1, 25) if loop.StopSignals.due(s, 10, saved=False)] == [10, 20]
+  assert loop.StopSignals.due(7, 10, saved=True)
 
 
 @pytest.mark.slow
