@@ -128,8 +128,8 @@ def _host_fingerprint(x: np.ndarray) -> list[int]:
 
 
 def test_fingerprint_on_device_equals_the_host_sums():
-  """Every dtype a state holds, on device and as a host value, against Python-integer sums (the
-  formula of the fingerprints already saved in checkpoints)."""
+  """Every dtype a state holds, sharded on devices and as host values, through the host and the
+  device path, against Python-integer sums (the formula of the fingerprints already saved)."""
   rng = np.random.default_rng(0)
   values = {"f32": rng.normal(size=(64, 33)).astype(np.float32) * 1e6,
             "bf16": rng.normal(size=(40,)).astype(jnp.bfloat16),
@@ -141,8 +141,11 @@ def test_fingerprint_on_device_equals_the_host_sums():
       mesh, jax.sharding.PartitionSpec("a") if v.ndim and v.shape[0] % 8 == 0 else jax.sharding.PartitionSpec()))
                for k, v in values.items()}
   expected = {k: _host_fingerprint(np.asarray(v)) for k, v in values.items()}
-  assert ckpt_lib.fingerprint(on_device) == expected
+  assert ckpt_lib.fingerprint(on_device) == expected   # CPU devices: summed on the host
   assert ckpt_lib.fingerprint(values) == expected
+  # The accelerators' path (a jitted reduction where the arrays are), run on the CPU devices.
+  device_sums = np.asarray(ckpt_lib._device_sums(list(on_device.values())))  # pylint: disable=protected-access
+  assert dict(zip(on_device, device_sums.tolist())) == expected
 
 
 def _as_two_processes(workdir, state_of=lambda state: state):
