@@ -10,6 +10,7 @@ import resource
 import signal
 import time
 
+import jax
 from absl import app, flags
 
 from medfm_jax import main
@@ -27,7 +28,6 @@ _KILL_AT = flags.DEFINE_string("kill_process_at_step", None, "STEP:PID: SIGKILL 
 
 
 def _hook(step, state):
-  del state
   if step == _CRASH_AT.value:
     os.kill(os.getpid(), signal.SIGKILL)
   if step == _FSIZE_AT.value:    # Python ignores SIGXFSZ: the write fails with EFBIG instead
@@ -35,6 +35,8 @@ def _hook(step, state):
   if step == _READ_ONLY_AT.value:
     os.chmod(os.path.join(flags.FLAGS.workdir, "checkpoints"), 0o555)
     if os.geteuid() == 0:   # root ignores permission bits
+      # glibc changes the user of every thread by signalling it: not while XLA's run the step.
+      jax.block_until_ready(state)
       nobody = pwd.getpwnam("nobody")
       os.setgid(nobody.pw_gid)
       os.setuid(nobody.pw_uid)
