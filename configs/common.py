@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # Several processes agree on a SIGTERM/SIGINT (a tiny all-gather) every this many steps and at
+  # checkpoint steps; one process checks after every step.
+  c.stop_check_every = 10
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "phantoms"

@@ -77,7 +77,7 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   objective = objectives.resolve(c.objective.get("name"))
   _check(c.dtype in vit.COMPUTE_DTYPES, f"dtype={c.dtype!r}: allowed {sorted(vit.COMPUTE_DTYPES)}")
   for field in ("total_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
-                "checkpoint_every", "keep_checkpoints"):
+                "checkpoint_every", "keep_checkpoints", "stop_check_every"):
     _check(isinstance(c[field], int) and c[field] > 0, f"{field}={c[field]!r}: must be a positive integer")
 
   # Optimizer and schedule (train/optim.py).

@@ -4,14 +4,20 @@ A URL is never turned into a local path (``os.path.abspath("gs://b/run")`` is ``
 URLs pass through unchanged, local paths are made absolute (orbax needs that). Object stores have
 no append, so appending to a URL object rewrites it whole: fine for one writer (the metrics of a
 run, its skip log), not for several writing the same object at once.
+
+gcsfs (epath's ``gs://`` backend) caches directory listings, but orbax writes checkpoints through
+TensorStore and other processes write too, so a cached listing would miss new steps: listings are
+not cached (``fsspec.config.conf['gcs']``, set here unless the user set it).
 """
 from __future__ import annotations
 
 import os
 
+import fsspec
 from etils import epath
 
 SCHEMES = ("gs", "s3", "az", "hf")   # the URL schemes etils.epath serves
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 class StorageError(ValueError):

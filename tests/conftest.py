@@ -34,8 +34,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_SITE, os.environ.get("PY
 sys.path.insert(0, _SITE)
 import sitecustomize  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
+import fsspec  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+from etils.epath import backend as epath_backend  # noqa: E402
 
 
 
@@ -60,6 +62,27 @@ def train_mae_ckpt(workdir, seed=0):
 @pytest.fixture(scope="session")
 def mae_ckpt(tmp_path_factory):
   return train_mae_ckpt(str(tmp_path_factory.mktemp("mae_tiny")))
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) holding the bucket ``gs://bucket``: this
+  process and the CLI subprocesses it starts reach ``gs://`` there for the rest of the session
+  (the endpoint variables stay set; each test uses its own prefix in the bucket)."""
+  from tests import gcs_emulator  # pylint: disable=g-import-not-at-top  (the emulator wheel: bucket tests only)
+  emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp("gcs"))).start()
+  try:
+    emulator.create_bucket("bucket")
+    with pytest.MonkeyPatch.context() as patch:
+      for name, value in emulator.env().items():
+        patch.setenv(name, value)
+      # fsspec read FSSPEC_GCS_TOKEN at import: anonymous gcsfs in this process too.
+      patch.setitem(fsspec.config.conf, "gcs", dict(fsspec.config.conf.get("gcs", {}), token="anon"))
+      epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+      yield emulator
+      epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  finally:
+    emulator.stop()
 
 
 def pytest_collection_modifyitems(items):

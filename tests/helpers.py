@@ -113,10 +113,10 @@ def subprocess_env(devices=None, env_extra=None):
   return env
 
 
-def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None):
+def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None, cwd=REPO):
   """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many
-  fake ones) in a fresh process."""
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+  fake ones) in a fresh process, in the folder ``cwd``."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
                         env=subprocess_env(devices, env_extra), capture_output=True, text=True,
                         timeout=timeout)
 

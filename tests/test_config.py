@@ -29,6 +29,7 @@ def test_valid_config_resolves_mesh():
     ({"mesh.tensor": 2, "mesh.data": 1}, 2, "mesh.tensor"),
     ({"objective.name": "simclr"}, 1, "objective.name"),
     ({"total_steps": 0}, 1, "total_steps"),
+    ({"stop_check_every": 0}, 1, "stop_check_every"),
     ({"data.channels": 2}, 1, "data.channels"),
     ({"model.remat": "some"}, 1, "model.remat"),
     ({"model.num_heads": 5}, 1, "model.num_heads"),

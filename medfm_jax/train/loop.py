@@ -80,6 +80,13 @@ class StopSignals:
       flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
     return flag
 
+  @staticmethod
+  def due(step: int, every: int, saved: bool) -> bool:
+    """Whether the loop asks :meth:`requested` after ``step``: after every step with one process
+    (no collective); with several, every ``every`` steps and at checkpoint steps (``saved``), the
+    same steps on every process, so that they still agree on the step they stop and save at."""
+    return jax.process_count() == 1 or saved or step % every == 0
+
   @property
   def name(self) -> str:
     return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
@@ -176,18 +183,36 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
   """Runs (or resumes) training to ``config.total_steps``; returns the final state. ``workdir``
   is a local path or a bucket URL; ``hooks`` run after every step (see :data:`StepHook`)."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  trainer = writer = None
+  trainer = writer = error = None
   try:
     with StopSignals() as stop:
       trainer = setup(config, workdir, checkpointer, mesh)
       writer = telemetry.MetricWriter(workdir)
       return _run(trainer, checkpointer, writer, hooks, stop)
+  except BaseException as e:
+    error = e
+    raise
   finally:
-    checkpointer.close()
-    if writer is not None:
-      writer.close()
-    if trainer is not None and hasattr(trainer.data_iterator, "close"):   # stops grain workers
-      trainer.data_iterator.close()
+    _close_all([checkpointer.close, writer and writer.close,
+                trainer and getattr(trainer.data_iterator, "close", None)], error)   # grain workers
+
+
+def _close_all(closers, error: BaseException | None) -> None:
+  """Runs every closer (None: skipped). The first failure is raised once all ran, unless ``error``
+  is already propagating: then failures are logged, so that the run stops with that error's one
+  line (a bucket that became unreachable fails the save, then the metrics flush)."""
+  first = None
+  for close in closers:
+    try:
+      if close is not None:
+        close()
+    except Exception as e:  # pylint: disable=broad-except
+      if error is None and first is None:
+        first = e
+      else:
+        logging.warning("while stopping: %s", ckpt_lib.one_line(e))
+  if first is not None:
+    raise first
 
 
 def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
@@ -259,7 +284,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
         _check_finite(trainer.state)
         checkpointer.save(step, trainer.state, trainer.data_iterator,
                           {"step": step, "config": config.to_json_best_effort()})
-      if stop is not None and stop.requested():
+      if stop is not None and stop.due(step, config.stop_check_every, saved) and stop.requested():
         _check_finite(trainer.state)
         if not saved:
           checkpointer.save(step, trainer.state, trainer.data_iterator,

@@ -89,17 +89,28 @@ class _EventFile:
     self._buffer.write(data)
 
   def flush(self) -> None:
-    self._path.write_bytes(self._buffer.getvalue())
+    if self._buffer is not None:
+      self._path.write_bytes(self._buffer.getvalue())
 
   def close(self) -> None:
     self.flush()
+    self._buffer = None
+
+  def discard(self) -> None:
+    """Later flushes do nothing (tensorboardX's exit hook flushes again a file whose close failed,
+    and against an unreachable bucket would retry for half a minute)."""
+    self._buffer = None
 
 
 class _EventFiles:
   """tensorboardX writer factory for URL log dirs (all of ``storage.SCHEMES``, through epath)."""
 
+  def __init__(self):
+    self.files: list[_EventFile] = []
+
   def open(self, path: str) -> _EventFile:
-    return _EventFile(path)
+    self.files.append(_EventFile(path))
+    return self.files[-1]
 
   def directory_check(self, path: str) -> None:
     storage.path(path).mkdir(parents=True, exist_ok=True)
@@ -132,9 +143,10 @@ class MetricWriter:
     SummaryWriter, record_writer = _import_tensorboardx()  # pylint: disable=invalid-name
     root = storage.path(workdir)
     self._jsonl = storage.AppendFile(root / "metrics.jsonl")
+    self._event_files = _EventFiles()
     if storage.is_url(root):
       for scheme in storage.SCHEMES:
-        record_writer.register_writer_factory(scheme, _EventFiles())
+        record_writer.register_writer_factory(scheme, self._event_files)
     self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -149,8 +161,12 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      try:
+        self._jsonl.close()
+        self._tb.close()
+      finally:   # written, or failed once: not again at exit
+        for f in self._event_files.files:
+          f.discard()
 
 
 class Progress:

@@ -121,6 +121,33 @@ def test_fingerprint_does_not_depend_on_the_sharding():
   assert fp != ckpt_lib.fingerprint({"x": jax.device_put(y)})
 
 
+def _host_fingerprint(x: np.ndarray) -> list[int]:
+  """The reference: the words' sums in Python integers, mod 2**32."""
+  words = [int(w) for w in x.reshape(-1).view(f"u{x.dtype.itemsize}")]
+  return [sum(words) % 2**32, sum(w * w for w in words) % 2**32]
+
+
+def test_fingerprint_on_device_equals_the_host_sums():
+  """Every dtype a state holds, sharded on devices and as host values, through the host and the
+  device path, against Python-integer sums (the formula of the fingerprints already saved)."""
+  rng = np.random.default_rng(0)
+  values = {"f32": rng.normal(size=(64, 33)).astype(np.float32) * 1e6,
+            "bf16": rng.normal(size=(40,)).astype(jnp.bfloat16),
+            "i32": rng.integers(-2**31, 2**31, size=(77,), dtype=np.int32),
+            "u8": rng.integers(0, 256, size=(9, 9), dtype=np.uint8),
+            "bool": rng.random(size=(13,)) > 0.5, "scalar": np.int32(-7)}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("a",))
+  on_device = {k: jax.device_put(v, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("a") if v.ndim and v.shape[0] % 8 == 0 else jax.sharding.PartitionSpec()))
+               for k, v in values.items()}
+  expected = {k: _host_fingerprint(np.asarray(v)) for k, v in values.items()}
+  assert ckpt_lib.fingerprint(on_device) == expected   # CPU devices: summed on the host
+  assert ckpt_lib.fingerprint(values) == expected
+  # The accelerators' path (a jitted reduction where the arrays are), run on the CPU devices.
+  device_sums = np.asarray(ckpt_lib._device_sums(list(on_device.values())))  # pylint: disable=protected-access
+  assert dict(zip(on_device, device_sums.tolist())) == expected
+
+
 def _as_two_processes(workdir, state_of=lambda state: state):
   for step in ("1", "2"):
     data = os.path.join(workdir, "checkpoints", step, "data")

@@ -1,5 +1,6 @@
 """kill -9, SIGTERM/SIGINT or a damaged checkpoint mid-run, re-run the same command: the result is
 bitwise the uninterrupted run's."""
+import json
 import os
 import random
 import shutil
@@ -13,8 +14,11 @@ import pytest
 import jax
 import numpy as np
 
+from medfm_jax import storage
+from medfm_jax.data import build, decode, export, sources
 from medfm_jax.train import checkpoint as ckpt_lib
-from tests import helpers
+from medfm_jax.train import loop
+from tests import gcs_emulator, helpers
 
 # The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
 _ARGS = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--config.batch_size=16",
@@ -131,6 +135,15 @@ def test_signal_saves_the_current_step_and_the_rerun_is_bitwise(tmp_path, straig
   _assert_same_params(straight_params, _final_params(workdir))
 
 
+def test_stop_flags_are_compared_every_n_steps_and_at_saves(monkeypatch):
+  """One process: after every step (no collective). Several: only at multiples of
+  stop_check_every and at checkpoint steps, steps that every process shares."""
+  assert all(loop.StopSignals.due(step, 10, saved=False) for step in range(1, 25))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert [s for s in range(1, 25) if loop.StopSignals.due(s, 10, saved=False)] == [10, 20]
+  assert loop.StopSignals.due(7, 10, saved=True)
+
+
 @pytest.mark.slow
 def test_second_signal_exits_at_once():
   code = ("import os, signal, time\n"
@@ -172,3 +185,121 @@ def test_failing_save_is_one_line_and_earlier_checkpoints_resume_bitwise(tmp_pat
   assert result.returncode == 0, result.stderr[-3000:]
   assert "restored step 3" in result.stderr
   _assert_same_params(straight_params, _final_params(workdir))
+
+
+def _one_line(result) -> str:
+  """The one ``medfm_jax: ...`` line of a CLI run's stderr."""
+  ours = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax: ")]
+  assert len(ours) == 1, result.stderr[-3000:]
+  return ours[0]
+
+
+def _assert_step_3_intact(workdir, straight_dir):
+  """The newest checkpoint is step 3, bitwise the uninterrupted run's step 3 (restorable)."""
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == 3
+  _assert_same_params(ckpt_lib.restore_params(os.path.join(straight_dir, "checkpoints", "3")),
+                      ckpt_lib.restore_params(f"{workdir}/checkpoints/3"))
+
+
+@pytest.mark.slow
+def test_save_into_a_read_only_checkpoint_dir_is_one_line(tmp_path, straight):
+  """Permission denied: after step 4 WORKDIR/checkpoints is read-only; the save of step 6 stops the
+  run with one line naming the step and path; step 3 stays intact. (Synchronous saves: an async
+  save of step 3 still finishing after step 4 fails too, and its error names step 3.)"""
+  straight_dir, _ = straight
+  workdir = str(tmp_path / "read_only")
+  result = helpers.run_cli(_ARGS + [f"--workdir={workdir}", "--config.async_checkpointing=False",
+                                    "--read_only_checkpoints_at_step=4"], module="tests.crash_main")
+  os.chmod(os.path.join(workdir, "checkpoints"), 0o755)
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = _one_line(result)
+  assert line.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {workdir}/checkpoints/6 ("), line
+  assert "Permission denied" in line, line
+  assert line.endswith("earlier checkpoints are intact, the same command resumes from the newest"), line
+  _assert_step_3_intact(workdir, straight_dir)
+
+
+@pytest.mark.slow
+def test_save_into_an_unreachable_bucket_is_one_line(straight, gcs):
+  """The GCS emulator killed after step 5 (no bucket write until the save of step 6: metrics are
+  logged at step 8 only): that save stops the run with one line naming the step and the gs://
+  path; with the emulator back, the bucket's step 3 is intact."""
+  straight_dir, _ = straight
+  url = "gs://bucket/unreachable/run"
+  args = [f"--config={helpers.REPO}/configs/mae.py:tiny", *_ARGS[1:], "--config.log_every=100",
+          "--config.async_checkpointing=False", f"--workdir={url}", f"--kill_process_at_step=5:{gcs.pid}"]
+  try:
+    result = helpers.run_cli(args, module="tests.crash_main")
+  finally:
+    gcs.stop()
+    gcs.start()
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = _one_line(result)
+  assert line.startswith(f"medfm_jax: checkpoint error: cannot save step 6 to {url}/checkpoints/6 ("), line
+  assert f"Cannot connect to host 127.0.0.1:{gcs.port}" in line, line
+  assert line.endswith("earlier checkpoints are intact, the same command resumes from the newest"), line
+  _assert_step_3_intact(url, straight_dir)
+
+
+@pytest.mark.slow
+def test_bucket_workdir_on_the_gcs_emulator(tmp_path, straight, gcs):
+  """``--workdir=gs://bucket/...`` against the local GCS emulator, run from an empty folder:
+  kill -9 after step 5, the same command resumes from the bucket's step 3 and ends with the
+  uninterrupted local run's parameters, bitwise. Checkpoints, metrics, TensorBoard events, recon
+  PNGs and config.json are objects in the bucket; ``python -m medfm_jax.evaluate`` restores
+  ``init_from=gs://...`` and reads a TFDS dataset at ``data.data_dir=gs://...``; a skip log is
+  appended in the bucket; nothing lands under the working folder (no ``./gs:``)."""
+  _, straight_params = straight
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  url = "gs://bucket/resume/run"
+  args = [f"--config={helpers.REPO}/configs/mae.py:tiny", *_ARGS[1:], "--config.eval_every=4",
+          f"--workdir={url}"]
+  result = helpers.run_cli(args + ["--config.async_checkpointing=False", "--crash_at_step=5"],
+                           module="tests.crash_main", cwd=cwd)
+  assert result.returncode == -9, result.stderr[-3000:]
+  assert ckpt_lib.Checkpointer(url).latest_step() == 3
+  result = helpers.run_cli(args, cwd=cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "restored step 3" in result.stderr
+  _assert_same_params(straight_params, ckpt_lib.restore_params(f"{url}/checkpoints/8"))
+
+  objects = gcs.list("bucket", "resume/run/")
+  top = {name.split("/")[2] for name in objects}
+  assert top == {"checkpoints", "metrics.jsonl", "tensorboard", "recon", "config.json"}, top
+  assert {name.split("/")[3] for name in objects if "/checkpoints/" in name} == {"3", "6", "8"}
+  assert any(name.startswith("resume/run/tensorboard/events.out.tfevents") for name in objects)
+  for step in (0, 4, 8):
+    assert gcs.read("bucket", f"resume/run/recon/step_{step:07d}.png").startswith(b"\x89PNG")
+  assert json.loads(gcs.read("bucket", "resume/run/config.json"))["total_steps"] == 8
+  rows = [json.loads(line) for line in gcs.read("bucket", "resume/run/metrics.jsonl").splitlines()]
+  straight_loss = {m["step"]: m["loss"] for m in helpers.read_metrics(straight[0]) if "loss" in m}
+  assert {m["step"]: m["loss"] for m in rows if "loss" in m} == straight_loss
+
+  # Evaluation from the bucket checkpoint, with features of a TFDS dataset in the bucket.
+  build.build("phantoms", str(tmp_path / "tfds"), "ph", image_size=16,
+              num_examples="train:64,val:8,test:32")
+  gcs_emulator.upload(str(tmp_path / "tfds"), "gs://bucket/resume/tfds")
+  result = helpers.run_cli([f"--config={helpers.REPO}/configs/eval/knn.py:tiny",
+                            f"--config.init_from={url}", "--workdir=gs://bucket/resume/knn",
+                            "--config.data.source=tfds", "--config.data.name=ph:1.0.0",
+                            "--config.data.data_dir=gs://bucket/resume/tfds",
+                            "--config.data.image_size=16", "--config.features.train_examples=64",
+                            "--config.features.batch_size=32", "--config.data.eval_examples=32",
+                            "--config.data.eval_batch_size=32"], module="medfm_jax.evaluate", cwd=cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  knn = json.loads(gcs.read("bucket", "resume/knn/results.json"))
+  assert knn["init_from"] == url and knn["protocol"] == "knn"
+  assert sum(row["support"] for row in knn["metrics"]["per_class"]) == 32, knn
+
+  # A skip log appended in the bucket (each append rewrites the object).
+  bad = sources.Entry("gs://bucket/resume/data/bad.png", label="x")
+  storage.write_bytes(bad.path, b"not a png")
+  good = sources.Entry("gs://bucket/resume/data/good.png", label="x")
+  export.write_image(good.path, np.zeros((4, 4), np.uint8))
+  src = sources.FileSource([bad, good] * 2, ["x"], decode.Preprocess(), "skip",
+                           sources.skip_log_path(url))
+  assert [src[i]["skipped"] for i in (0, 2)] == [1, 1]
+  log = gcs.read("bucket", "resume/run/skipped_files.txt").decode().splitlines()
+  assert [line.split("\t")[0] for line in log] == [bad.path] * 2
+  assert os.listdir(cwd) == []   # e.g. no ./gs:/bucket/resume/run

@@ -17,6 +17,7 @@ import sys
 import fsspec
 import numpy as np
 import pytest
+import tensorstore as ts
 from etils.epath import backend as epath_backend
 from fsspec.implementations import local
 from orbax.checkpoint._src.path import gcs_utils
@@ -166,3 +167,16 @@ def test_sweep_bookkeeping_in_a_bucket(bucket, tmp_path, monkeypatch):
   manifest = json.loads((bucket / "bkt" / "sweep" / "sweep.json").read_text())
   assert manifest["points"][0]["status"] == "done"
   assert sorted(os.listdir(cwd)) == []
+
+
+def test_bucket_listings_show_what_tensorstore_wrote(gcs):
+  """On the GCS emulator: orbax writes checkpoints through TensorStore, not gcsfs, so a folder
+  listed before a new step was written must still show it (medfm_jax.storage turns gcsfs' listings
+  cache off); else resume and ``init_from`` miss the newest steps."""
+  kv = ts.KvStore.open({"driver": "gcs", "bucket": "bucket", "path": "listing/"}).result()
+  kv["checkpoints/3/state"] = b"3"
+  root = storage.path("gs://bucket/listing/checkpoints")
+  assert [p.name for p in root.iterdir()] == ["3"]
+  kv["checkpoints/6/state"] = b"6"
+  assert sorted(p.name for p in root.iterdir()) == ["3", "6"]
+  assert (root / "6").is_dir()
