@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfm_jax.data import decode, masking, mixing, prompts, text_masking, tokenizers, transforms, volumes
+from medfm_jax.data import decode, masking, mixing, phantoms, prompts, text_masking, tokenizers, transforms, volumes
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
 SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
@@ -166,6 +166,8 @@ class DataSpec:
     b, c = int(global_batch_size), self.channels
     s = lambda shape, dtype: jax.ShapeDtypeStruct((b, *shape), np.dtype(dtype))
     out = {"modality": s((), np.int32), "finding": s((), np.int32)}
+    if self.source == "phantoms" and self.volume is None:   # 2-D phantoms: the lesion labels too
+      out.update({k: s((), np.int32) for k in phantoms.LESION_LABELS})
     if self.on_error == "skip" and self.source != "phantoms":   # file sources count skips
       out[SKIPPED_KEY] = s((), np.int32)
     if self.multicrop is not None:

@@ -4,7 +4,8 @@
 from ``config.init_from`` when set) directly in its parameter shardings; :func:`extract` runs the
 encoder over the first ``n`` examples of a split in global batches split over data x fsdp and
 returns pooled features (cls token or mean of patch tokens) and labels as host numpy arrays,
-identical on every process.
+identical on every process. :func:`pixels` gives the same for the flattened input pixels
+(``features.input='pixels'``: the raw-pixel floor of a benchmark task).
 """
 from __future__ import annotations
 
@@ -43,5 +44,24 @@ def extract(config, mesh, objective, params, split: str, num_examples: int):
   def fn(p, images):
     tokens = backbone.apply({"params": objective.effective_params(p)["backbone"]}, images)
     return heads.pool_tokens(tokens, pool, backbone.num_prefix_tokens)
+
+  return apply_over_split(config, mesh, fn, params, split, num_examples)
+
+
+def pixels(config, mesh, split: str, num_examples: int):
+  """Flattened normalised input pixels ``[n, H*W*C]`` and labels (no encoder)."""
+  return apply_over_split(config, mesh, lambda _, images: images.reshape(images.shape[0], -1),
+                          None, split, num_examples)
+
+
+def extract_tokens(config, mesh, objective, params, split: str, num_examples: int):
+  """Patch tokens ``[n, grid, grid, width]`` (prefix tokens dropped) and labels."""
+  backbone = objective.model.backbone
+
+  def fn(p, images):
+    tokens = backbone.apply({"params": objective.effective_params(p)["backbone"]}, images)
+    tokens = tokens[:, backbone.num_prefix_tokens:]
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1])
 
   return apply_over_split(config, mesh, fn, params, split, num_examples)
