@@ -69,6 +69,7 @@ def get_config(arg: str | None = None):
     c.lr = 1.5e-4 * 16                    # effective 6e-4 at batch 64: short run, small model
     c.total_steps, c.warmup_steps = 600, 50
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
+    common.tiny_final_eval(c)
   elif variant == "vit_b16":
     c.model.variant = "B/16"
   elif variant == "vit_l16":

@@ -113,9 +113,16 @@ def subprocess_env(devices=None, env_extra=None):
   return env
 
 
+NO_FINAL_EVAL = "--config.final_eval.config="   # the train CLI without its closing table
+
+
 def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None):
   """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many
-  fake ones) in a fresh process."""
+  fake ones) in a fresh process; the train CLI skips its closing table (``final_eval``) unless an
+  argument sets it."""
+  if module in ("medfm_jax.main", "tests.crash_main") and not any("final_eval" in a for a in args) \
+      and any(a.startswith("--config=") for a in args):
+    args = [*args, NO_FINAL_EVAL]
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                         env=subprocess_env(devices, env_extra), capture_output=True, text=True,
                         timeout=timeout)

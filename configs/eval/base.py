@@ -90,6 +90,7 @@ def eval_config(protocol: str, arg: str | None, default_variant: str = "tiny",
   if variant == "tiny" or variant in extra_variants:
     c.model.variant = "Mu/4"
     c.data.image_size, c.data.channels, c.data.num_workers = 32, 1, 0
+    c.data.lesion_scale = 2.0       # lesions of 2-13 px across at 32 px: the benchmark tasks
     c.data.eval_examples, c.data.eval_batch_size = 1024, 128
     c.features.train_examples, c.features.batch_size = 4096, 256
     c.batch_size, c.total_steps, c.warmup_steps = 64, 300, 30

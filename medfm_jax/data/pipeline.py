@@ -66,7 +66,8 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
     return volume_sources.make_volume_source(spec, split, num_examples, skip_log)
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
-                                  seed=0, num_examples=num_examples, masks=spec.segment is not None)
+                                  seed=0, num_examples=num_examples, masks=spec.segment is not None,
+                                  lesion_scale=spec.lesion_scale)
   if spec.segment is not None and spec.source not in ("phantoms", "manifest"):
     raise ValueError(f"data.segment: masks come from the phantoms or a manifest's 'mask' column, "
                      f"not data.source={spec.source!r}")

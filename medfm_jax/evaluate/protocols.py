@@ -91,13 +91,18 @@ def _frozen_features(config, mesh):
   return _labelled(*train, config.data.label), _labelled(*test, config.data.label)
 
 
+def class_names(config, label: str) -> tuple[str, ...]:
+  """Class names of ``label`` for ``config.data`` (ValueError naming the allowed labels)."""
+  return supervised.class_names(ml_collections.ConfigDict(dict(config.data.to_dict(), label=label)))
+
+
 def linear_probe_labels(config, mesh, labels) -> dict[str, dict]:
   """Linear probe of each of ``labels`` on one extraction of the frozen features:
   {label: classification metrics (+ ``chance``: the majority-class rate of the eval rows)}."""
   train, test = _unlabelled_features(config, mesh)
   out = {}
   for label in labels:
-    names = supervised.class_names(ml_collections.ConfigDict(dict(config.data.to_dict(), label=label)))
+    names = class_names(config, label)
     (tx, ty), (vx, vy) = _labelled(*train, label), _labelled(*test, label)
     scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
     out[label] = dict(classification.classification_metrics(scores, vy[label], names),
@@ -273,7 +278,8 @@ def _phantom_masks(config, split: str, n: int, mask_class: str) -> np.ndarray:
   if d.source != "phantoms":
     raise EvalError(f"seg_probe: masks come from the phantoms (data.source='phantoms'), not "
                     f"data.source={d.source!r}")
-  source = phantoms.PhantomSource(split, d.image_size, d.channels, seed=0, num_examples=n, masks=True)
+  source = phantoms.PhantomSource(split, d.image_size, d.channels, seed=0, num_examples=n, masks=True,
+                                  lesion_scale=d.get("lesion_scale", 1.0))
   c = phantoms.MASK_CLASSES.index(mask_class)
   return np.stack([source[i]["masks"][..., c] for i in range(n)])
 
