@@ -63,6 +63,7 @@ def get_config(arg: str | None = None):
     c.model.variant = "Mu/4"
     c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 64, 2, 4
     c.data.image_size, c.data.channels = 32, 1
+    c.data.lesion_scale = 2.0             # the benchmark's lesions (docs/benchmark.md)
     c.data.num_workers = 0
     c.data.eval_examples, c.data.eval_batch_size = 256, 128
     c.batch_size = 64

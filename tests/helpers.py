@@ -27,6 +27,7 @@ def tiny_mae_config(allow_new=(), **overrides):
   c = mae.get_config("tiny")
   c.model.depth = 2
   c.data.image_size = 16
+  c.data.lesion_scale = 1.0     # the phantoms the MAE scenarios' spreads were measured on
   c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 4
   c.batch_size = 16
   c.total_steps, c.warmup_steps = 6, 2
