@@ -81,7 +81,8 @@ def _unlabelled_features(config, mesh):
     extract = lambda split, n: features.pixels(config, mesh, split, n)
   else:
     objective, params = features.build_classifier(config, mesh)
-    extract = lambda split, n: features.extract(config, mesh, objective, params, split, n)
+    fn = features.pooled_fn(config, objective)   # one compile for both splits
+    extract = lambda split, n: features.extract(config, mesh, objective, params, split, n, fn)
   return (extract(config.data.train_split, config.features.train_examples),
           extract(config.data.eval_split, config.data.eval_examples))
 
@@ -291,8 +292,9 @@ def _seg_probe(config, mesh):
   objective, params = features.build_classifier(config, mesh)
   d, s = config.data, config.seg_probe
   n_train, n_eval = config.features.train_examples, d.eval_examples
-  train_x, _ = features.extract_tokens(config, mesh, objective, params, d.train_split, n_train)
-  test_x, _ = features.extract_tokens(config, mesh, objective, params, d.eval_split, n_eval)
+  fn = features.tokens_fn(objective)   # one compile for both splits
+  train_x, _ = features.apply_over_split(config, mesh, fn, params, d.train_split, n_train, jitted=True)
+  test_x, _ = features.apply_over_split(config, mesh, fn, params, d.eval_split, n_eval, jitted=True)
   target = _phantom_masks(config, d.eval_split, n_eval, s.mask)
   pred = probe.seg_probe(train_x, _phantom_masks(config, d.train_split, n_train, s.mask), test_x, 2,
                          config.probe, balanced=s.balanced)
