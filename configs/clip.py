@@ -107,6 +107,7 @@ def get_config(arg: str | None = None):
     c.total_steps, c.warmup_steps = 1000, 50
     c.grad_clip = 1.0
     c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
+    common.tiny_final_eval(c)
     if variant == "tiny_siglip":
       c.objective.loss, c.objective.init_logit_scale = "siglip", math.log(10.0)
   elif variant == "vit_b16":

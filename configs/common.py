@@ -72,15 +72,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.window = "auto"        # auto | minmax | full | lung | mediastinum | soft_tissue | bone | brain | 'center,width'
   c.data.resize = "none"        # none | shortest_side | center_crop | pad (aspect-preserving, before crops)
   c.data.load_size = 0          # target of data.resize (0 = image_size)
+  c.data.lesion_scale = 1.0     # phantoms: multiplies every lesion's axes (benchmark tiny: 2, docs/benchmark.md)
   c.data.on_error = "raise"     # raise | skip (skipped files -> WORKDIR/skipped_files.txt, metric data/skipped)
 
   # Start from pretrained weights: one of our workdirs/checkpoints or a local Hugging Face model
   # directory / weights file (ViTMAEForPreTraining, Dinov2Model, CLIPModel, SiglipModel, FLAVA);
   # its model fields replace config.model's (docs/interop.md). '' = random init.
   c.init_from = ""
+  # The closing table of `python -m medfm_jax.main` (medfm_jax/evaluate/closing.py): the pretrained
+  # encoder vs its architecture at random init under an eval config ('configs/eval/P.py:VARIANT[,k=v]',
+  # P = linear_probe | fewshot | seg_probe) on `labels` (seg_probe: its mask); '' = off. The tiny
+  # variants turn it on (tiny_final_eval; docs/benchmark.md).
+  c.final_eval = ml_collections.ConfigDict(dict(config="", labels=("lesion_location",)))
   c.model = ml_collections.ConfigDict()
   c.objective = ml_collections.ConfigDict()
   return c
+
+
+TINY_FINAL_EVAL = ("configs/eval/linear_probe.py:tiny,features.pool=mean,features.train_examples=2048,"
+                   "data.eval_examples=1024")
+
+
+def tiny_final_eval(c: ml_collections.ConfigDict) -> None:
+  """The tiny configs' closing table: a linear probe (mean-pooled tokens; MAE trains no cls token)
+  of the benchmark tasks at lesion_scale 2, 2048 train / 1024 test images."""
+  c.final_eval.config = TINY_FINAL_EVAL
+  c.final_eval.labels = ("lesion_location", "lesion_size")
 
 
 def tiny_image_text(c: ml_collections.ConfigDict) -> None:

@@ -129,6 +129,7 @@ def get_config(arg: str | None = None):
     c.batch_size, c.lr = 32, 5e-4 * 8
     c.total_steps, c.warmup_steps = 200, 20
     c.log_every, c.eval_every, c.checkpoint_every = 20, 200, 200
+    common.tiny_final_eval(c)
     if variant == "tiny_v2":
       c.objective.ibot_out_dim = 512
       c.objective.ibot_head_hidden_dim, c.objective.ibot_head_bottleneck_dim = 256, 64

@@ -63,12 +63,14 @@ def get_config(arg: str | None = None):
     c.model.variant = "Mu/4"
     c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 64, 2, 4
     c.data.image_size, c.data.channels = 32, 1
+    c.data.lesion_scale = 2.0             # the benchmark's lesions (docs/benchmark.md)
     c.data.num_workers = 0
     c.data.eval_examples, c.data.eval_batch_size = 256, 128
     c.batch_size = 64
     c.lr = 1.5e-4 * 16                    # effective 6e-4 at batch 64: short run, small model
     c.total_steps, c.warmup_steps = 600, 50
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
+    common.tiny_final_eval(c)
   elif variant == "vit_b16":
     c.model.variant = "B/16"
   elif variant == "vit_l16":

@@ -1,7 +1,10 @@
 r"""Train CLI: ``python -m medfm_jax.main --config=configs/mae.py:tiny --workdir=runs/mae_tiny``.
 
 Flags -> config (``--config.a.b=value`` overrides) -> validation (one line per problem, before
-any compile or file write) -> the shared trainer. Re-running in the same workdir resumes.
+any compile or file write) -> the shared trainer -> with ``final_eval.config`` set (every tiny
+config), a closing table: the pretrained encoder vs its architecture at random init on benchmark
+tasks (``evaluate.closing``), printed and written to WORKDIR/final_eval.{json,md}. Re-running in
+the same workdir resumes.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
 from medfm_jax.data import decode
+from medfm_jax.evaluate import closing, protocols
 from medfm_jax.parallel import distributed
 from medfm_jax.train import checkpoint, loop, restore
 from medfm_jax import storage
+from medfm_jax.sweeps import grid, spec as sweep_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:tiny.",
                                           lock_config=True)
@@ -52,6 +57,28 @@ def _save_config(config, workdir: str) -> None:
                      config.to_json_best_effort(indent=1, sort_keys=True))
 
 
+def _final_eval_config(config):
+  """The eval config ``final_eval.config`` names (None when off), checked before training."""
+  arg = config.get("final_eval", {}).get("config", "")
+  if not arg:
+    return None
+  try:
+    eval_config = sweep_spec.load_config(arg)
+  except grid.SweepError as e:
+    raise config_lib.ConfigError(f"final_eval.config={arg!r}: {e}") from None
+  closing.check(eval_config, tuple(config.final_eval.labels))
+  return eval_config
+
+
+def _final_eval(config, eval_config, workdir: str) -> None:
+  """Pretrained vs random init on the benchmark tasks: printed and written to the workdir."""
+  result = closing.compare(eval_config, config, workdir, tuple(config.final_eval.labels))
+  if jax.process_index() == 0:
+    text = closing.write(workdir, result)
+    logging.info("final evaluation -> %s/final_eval.{json,md}", workdir)
+    print("\nPretrained vs random init (final_eval):\n" + text, flush=True)
+
+
 def main(argv, hooks=()):
   """The CLI; ``hooks`` (per-step callbacks, see ``loop.StepHook``) are for programs that wrap it,
   e.g. the fault injection of the resume tests."""
@@ -69,7 +96,8 @@ def main(argv, hooks=()):
   try:
     restore.adopt_architecture(config)     # model fields of config.init_from (ours or HF)
     config_lib.validate(config, workdir)
-  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
+    final_eval = _final_eval_config(config)
+  except (config_lib.ConfigError, checkpoint.CheckpointError, protocols.EvalError) as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
   logging.info("config:\n%s", config)
@@ -82,6 +110,11 @@ def main(argv, hooks=()):
     _save_config(config, workdir)
   try:
     loop.train(config, workdir, hooks=hooks)
+    if final_eval is not None:
+      _final_eval(config, final_eval, workdir)
+  except protocols.EvalError as e:
+    sys.stderr.write(f"medfm_jax: final_eval: {e}\n")
+    sys.exit(2)
   except checkpoint.CheckpointError as e:
     sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
     sys.exit(2)

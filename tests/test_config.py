@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from configs import mae
 from medfm_jax import config as config_lib
 from tests import helpers
 
@@ -84,3 +85,18 @@ def test_cli_bad_config_exits_with_one_line_and_writes_nothing(tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith("medfm_jax:")]
   assert errors == ["medfm_jax: config error: objective.mask_ratio=1.5: must be in the open interval (0, 1)"]
   assert not workdir.exists()
+
+
+def test_final_eval_is_checked_before_training():
+  from medfm_jax import main  # pylint: disable=g-import-not-at-top  (defines the CLI's flags)
+  from medfm_jax.evaluate import protocols  # pylint: disable=g-import-not-at-top
+  c = mae.get_config("tiny")
+  assert main._final_eval_config(c).protocol == "linear_probe"  # pylint: disable=protected-access
+  c.final_eval.labels = ("lesion_location", "nope")
+  with pytest.raises(protocols.EvalError, match="final_eval.labels: data.label='nope'"):
+    main._final_eval_config(c)  # pylint: disable=protected-access
+  c.final_eval.config = "configs/eval/missing.py:tiny"
+  with pytest.raises(config_lib.ConfigError, match="final_eval.config='configs/eval/missing.py:tiny'"):
+    main._final_eval_config(c)  # pylint: disable=protected-access
+  c.final_eval.config = ""
+  assert main._final_eval_config(c) is None  # pylint: disable=protected-access

@@ -45,17 +45,24 @@ def eval_config(protocol: str, arg: str | None, default_variant: str = "tiny",
   c.model.adapter_dim = 0           # bottleneck adapters in every block
   c.model.adapter_where = "both"    # 'attn' | 'mlp' | 'both'
 
-  c.data.label = "finding"          # phantoms: 'finding' (6 classes) | 'modality' (4)
+  # phantoms: 'finding' (6 classes) | 'modality' (4) | 'lesion_present' (2) | 'lesion_location' (4
+  # quadrants) | 'lesion_size' (3); docs/benchmark.md
+  c.data.label = "finding"
   c.data.eval_split = "test"
   c.data.eval_examples = 2000
   c.data.eval_batch_size = 256
   c.data.image_size, c.data.channels = 224, 3
   c.data.crop_scale = (0.5, 1.0)    # fine-tuning augmentation (lesions must stay in the crop)
 
-  c.features = ml_collections.ConfigDict(dict(pool="cls", train_examples=10000, batch_size=256))
+  # input: 'encoder' (frozen features) | 'pixels' (flattened raw pixels: a task's linear floor)
+  c.features = ml_collections.ConfigDict(dict(input="encoder", pool="cls", train_examples=10000,
+                                              batch_size=256))
   c.probe = ml_collections.ConfigDict(dict(epochs=90, batch_size=256, lr=1e-3, optimizer="adam",
                                            weight_decay=0.0, seed=0))
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
+  # seg_probe: a phantom mask class (lesion | body | organ); balanced = inverse-frequency class
+  # weights in the per-pixel cross-entropy (the lesion is ~1% of the pixels)
+  c.seg_probe = ml_collections.ConfigDict(dict(mask="lesion", balanced=True))
   c.fewshot = ml_collections.ConfigDict(dict(shots=10, seeds=5, classifier="ridge", ridge_lambda=1.0,
                                              logistic_steps=300, logistic_lr=1e-2,
                                              logistic_weight_decay=1e-3))
@@ -83,6 +90,7 @@ def eval_config(protocol: str, arg: str | None, default_variant: str = "tiny",
   if variant == "tiny" or variant in extra_variants:
     c.model.variant = "Mu/4"
     c.data.image_size, c.data.channels, c.data.num_workers = 32, 1, 0
+    c.data.lesion_scale = 2.0       # lesions of 2-13 px across at 32 px: the benchmark tasks
     c.data.eval_examples, c.data.eval_batch_size = 1024, 128
     c.features.train_examples, c.features.batch_size = 4096, 256
     c.batch_size, c.total_steps, c.warmup_steps = 64, 300, 30

@@ -32,6 +32,15 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 # one organ per modality (CT liver, MRI brain, CXR lungs, histology nuclei).
 MASK_CLASSES = ("lesion", "body", "organ")
 SPLIT_SIZES = {"train": 100_000, "val": 2_000, "test": 2_000}
+# Labels every record carries besides modality / finding, read off its rendered lesion mask
+# (:func:`lesion_labels`); -1 = not defined for the record (no lesion), dropped by the evaluations.
+LESION_LABELS = {
+    "lesion_present": ("absent", "present"),
+    "lesion_location": ("upper left", "upper right", "lower left", "lower right"),
+    "lesion_size": ("small", "medium", "large"),
+}
+# lesion_size: total lesion area as a fraction of the image; the terciles at 32 px (test split).
+SIZE_CUTS = (0.007, 0.012)
 
 MODALITY_NAMES = {"ct": "Abdominal CT", "mri": "Brain MRI", "cxr": "Chest X-ray",
                   "histology": "H&E histology patch"}
@@ -338,15 +347,28 @@ def _rng(seed: Sequence[int], stream: int) -> np.random.Generator:
 
 
 def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
-                   image_size: int = 64, channels: int = 1, with_masks: bool = False):
+                   image_size: int = 64, channels: int = 1, with_masks: bool = False,
+                   lesion_scale: float = 1.0):
   """Renders one phantom -> (uint8 [H, W, channels], caption), plus with ``with_masks`` a dict
   ``masks`` uint8 [H, W, len(MASK_CLASSES)] (0/1 per :data:`MASK_CLASSES`) and ``lesion_ids``
   uint8 [H, W] (0 outside lesions, else the lesion's number 1..k; a calcification cluster is one).
 
   Anatomy, noise and contrast come from ``seed`` alone and lesions from a
   separate stream, so two findings with the same seed share the same anatomy.
-  Masks are the ellipses' interiors at the half-way level of their soft edge.
+  Masks are the ellipses' interiors at the half-way level of their soft edge. ``lesion_scale``
+  multiplies every lesion's axes (the benchmark's 32-px images use 2; the caption keeps the
+  unscaled size word).
   """
+  image, caption, inside, tags, nuclei = _render(modality, finding, seed, image_size, channels,
+                                                 lesion_scale)
+  if not with_masks:
+    return image, caption
+  return image, caption, _masks(inside, tags, nuclei, image_size)
+
+
+def _render(modality: int, finding: int, seed, image_size: int, channels: int,
+            lesion_scale: float = 1.0):
+  """-> (image, caption, per-ellipse interiors bool [n, size*size], their tags, nuclei or None)."""
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
   seed = tuple(int(x) for x in np.atleast_1d(seed))
@@ -367,6 +389,9 @@ def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
                               dtype=np.float32)
   lesions, phrase = _lesions(_rng(seed, 2), finding_name, mod_name, regions, p_bright,
                              affine, shift)
+  if lesion_scale != 1.0:   # every lesion ellipse's axes (centres and intensities kept)
+    lesions.rows = [(cx, cy, a * lesion_scale, b * lesion_scale, *rest)
+                    for cx, cy, a, b, *rest in lesions.rows]
   maps, soft = _render_shapes(shapes, lesions, affine, shift, image_size, return_masks=True)
   basis = _smooth_basis(image_size)
   field = (basis @ bias_g @ basis.T).ravel()
@@ -395,9 +420,35 @@ def render_phantom(modality: int, finding: int, seed: int | Sequence[int],
     img = np.repeat(img, channels, axis=0)
   caption = f"{MODALITY_NAMES[mod_name]} with {phrase}."
   image = np.ascontiguousarray(img.transpose(1, 2, 0))
-  if not with_masks:
-    return image, caption
-  return image, caption, _masks(soft >= 0.5, shapes.tags + lesions.tags, nuclei, image_size)
+  return image, caption, soft >= 0.5, shapes.tags + lesions.tags, nuclei
+
+
+def _lesion_ids(inside: np.ndarray, tags: list, size: int) -> np.ndarray:
+  """uint8 [size*size]: 0 outside lesions, else the lesion number (later ellipses win overlaps)."""
+  ids = np.zeros(size * size, np.uint8)
+  for i, t in enumerate(tags):
+    if isinstance(t, int):
+      ids[inside[i]] = t
+  return ids
+
+
+def lesion_labels(ids: np.ndarray, lesion_scale: float = 1.0) -> dict[str, np.int32]:
+  """The :data:`LESION_LABELS` of a lesion-id map ``[H, W]`` (what the rendered pixels show, at the
+  rendered size): presence; the image quadrant (row-major) of the centroid of the largest lesion;
+  the size class of the total lesion area (fraction of the image, cut at
+  :data:`SIZE_CUTS`). Location and size are -1 (unlabelled) without lesion pixels."""
+  ids = np.asarray(ids)
+  size = ids.shape[0]
+  area = np.bincount(ids.ravel(), minlength=2)[1:]
+  if not area.any():
+    return {"lesion_present": np.int32(0), "lesion_location": np.int32(-1),
+            "lesion_size": np.int32(-1)}
+  rows, cols = np.nonzero(ids == int(area.argmax()) + 1)
+  half = lambda v: int(v.mean() > (size - 1) / 2)
+  fraction = area.sum() / ids.size
+  return {"lesion_present": np.int32(1), "lesion_location": np.int32(half(rows) * 2 + half(cols)),
+          "lesion_size": np.int32(np.searchsorted(np.multiply(SIZE_CUTS, lesion_scale ** 2), fraction,
+                                                   side="right"))}
 
 
 def _masks(inside: np.ndarray, tags: list, nuclei: np.ndarray | None, size: int) -> dict[str, np.ndarray]:
@@ -407,10 +458,7 @@ def _masks(inside: np.ndarray, tags: list, nuclei: np.ndarray | None, size: int)
     return inside[rows].any(axis=0) if rows else np.zeros(size * size, bool)
   body = union("body") & ~union("-body")
   organ = nuclei > 0.5 if nuclei is not None else union("organ")
-  ids = np.zeros(size * size, np.uint8)
-  for i, t in enumerate(tags):
-    if isinstance(t, int):
-      ids[inside[i]] = t
+  ids = _lesion_ids(inside, tags, size)
   masks = np.stack([ids > 0, body, organ], axis=-1).astype(np.uint8)
   return {"masks": masks.reshape(size, size, len(MASK_CLASSES)), "lesion_ids": ids.reshape(size, size)}
 
@@ -418,14 +466,17 @@ def _masks(inside: np.ndarray, tags: list, nuclei: np.ndarray | None, size: int)
 class PhantomSource:
   """Random-access source of phantom records (grain RandomAccessDataSource).
 
-  Records: ``image`` uint8 [H, W, C], ``modality`` int32, ``finding`` int32,
-  ``caption`` str, ``index`` int64; with ``masks=True`` also ``masks`` uint8 [H, W, 3] and
+  Records: ``image`` uint8 [H, W, C], ``modality`` int32, ``finding`` int32, the
+  :data:`LESION_LABELS` int32 (-1 = undefined), ``caption`` str, ``index`` int64; with ``masks=True`` also ``masks`` uint8 [H, W, 3] and
   ``lesion_ids`` uint8 [H, W] (:func:`render_phantom`). Record ``i`` of a split is a pure function
   of ``(seed, split, i)``; modality and finding are drawn uniformly.
   """
 
+  extra_labels = tuple(LESION_LABELS)   # label keys besides modality / finding
+
   def __init__(self, split: str = "train", image_size: int = 64, channels: int = 1,
-               seed: int = 0, num_examples: int | None = None, masks: bool = False):
+               seed: int = 0, num_examples: int | None = None, masks: bool = False,
+               lesion_scale: float = 1.0):
     if split not in SPLITS:
       raise ValueError(f"phantoms: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if channels not in (1, 3):
@@ -435,6 +486,7 @@ class PhantomSource:
     self.split, self.image_size, self.channels = split, int(image_size), int(channels)
     self.seed = int(seed)
     self.masks = bool(masks)
+    self.lesion_scale = float(lesion_scale)
     self.num_examples = int(SPLIT_SIZES[split] if num_examples is None else num_examples)
 
   def __len__(self) -> int:
@@ -449,15 +501,19 @@ class PhantomSource:
     labels = _rng(key, 0)
     modality = int(labels.integers(len(MODALITIES)))
     finding = int(labels.integers(len(FINDINGS)))
-    out = render_phantom(modality, finding, key, self.image_size, self.channels, with_masks=self.masks)
-    record = {"image": out[0], "modality": np.int32(modality), "finding": np.int32(finding),
-              "caption": out[1], "index": np.int64(index)}
-    return {**record, **out[2]} if self.masks else record
+    image, caption, inside, tags, nuclei = _render(modality, finding, key, self.image_size,
+                                                   self.channels, self.lesion_scale)
+    size = self.image_size
+    record = {"image": image, "modality": np.int32(modality), "finding": np.int32(finding),
+              "caption": caption, "index": np.int64(index),
+              **lesion_labels(_lesion_ids(inside, tags, size).reshape(size, size), self.lesion_scale)}
+    return {**record, **_masks(inside, tags, nuclei, size)} if self.masks else record
 
   def __repr__(self) -> str:
     return (f"PhantomSource(split={self.split!r}, image_size={self.image_size}, "
             f"channels={self.channels}, seed={self.seed}, num_examples={self.num_examples}"
-            f"{', masks=True' if self.masks else ''})")
+            f"{', masks=True' if self.masks else ''}"
+            f"{f', lesion_scale={self.lesion_scale}' if self.lesion_scale != 1 else ''})")
 
 
 def benchmark_phantoms(image_size: int = 64, channels: int = 1, n: int = 2000) -> float:

@@ -66,7 +66,8 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
     return volume_sources.make_volume_source(spec, split, num_examples, skip_log)
   if spec.source == "phantoms":
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
-                                  seed=0, num_examples=num_examples, masks=spec.segment is not None)
+                                  seed=0, num_examples=num_examples, masks=spec.segment is not None,
+                                  lesion_scale=spec.lesion_scale)
   if spec.segment is not None and spec.source not in ("phantoms", "manifest"):
     raise ValueError(f"data.segment: masks come from the phantoms or a manifest's 'mask' column, "
                      f"not data.source={spec.source!r}")
@@ -124,9 +125,12 @@ def _record_and_rng(source, seed: int, element: tuple[int, int]) -> tuple[dict, 
   return source[index], _position_rng(seed, position)
 
 
-def _labels(record: dict) -> dict[str, np.ndarray]:
+def _labels(record: dict, skipped: bool = True) -> dict[str, np.ndarray]:
+  """modality, finding and the phantoms' lesion labels a record carries (+ the skip count of an
+  ``on_error='skip'`` train record when ``skipped``)."""
   labels = {"modality": np.int32(record["modality"]), "finding": np.int32(record["finding"])}
-  if "skipped" in record:   # on_error='skip' sources: counted into the train metrics
+  labels.update({k: np.int32(record[k]) for k in phantoms.LESION_LABELS if k in record})
+  if skipped and "skipped" in record:   # on_error='skip' sources: counted into the train metrics
     labels[SKIPPED_KEY] = np.int32(record["skipped"])
   return labels
 
@@ -396,13 +400,13 @@ class _EvalTransform(grain.transforms.Map):
       pad = {} if self.text is None else {
           "tokens": np.full((self.text.context_length,), self.text.pad_id, np.int32)}
       out = {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
-             "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False), **pad}
+             "modality": np.int32(0), "finding": np.int32(0), "mask": np.bool_(False), **pad,
+             **{k: np.int32(-1) for k in getattr(self.source, "extra_labels", ())}}
       return out if self.masked is None else self.masked(out, _position_rng(0, position), None)
     record = self.source[int(position)]
     image = transforms.center_resize(record["image"], self.image_size)
     out = {"image": transforms.normalize(image, self.mean, self.std),
-           "modality": np.int32(record["modality"]),
-           "finding": np.int32(record["finding"]), "mask": np.bool_(True),
+           **_labels(record, skipped=False), "mask": np.bool_(True),
            **_caption_tokens(self.text, record)}
     return out if self.masked is None else self.masked(out, _position_rng(0, position), position)
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfm_jax.data import decode, masking, mixing, prompts, text_masking, tokenizers, transforms, volumes
+from medfm_jax.data import decode, masking, mixing, phantoms, prompts, text_masking, tokenizers, transforms, volumes
 
 SOURCES = ("phantoms", "folder", "manifest", "tfds")
 SKIPPED_KEY = "data_skipped"   # per-row count of bad records skipped (data.on_error='skip')
@@ -55,6 +55,7 @@ class DataSpec:
   resize: str = "none"
   load_size: int = 0                   # target of ``resize`` (0 = image_size)
   on_error: str = "raise"
+  lesion_scale: float = 1.0            # phantoms: multiplies every lesion's axes
   # Images.
   image_size: int = 224
   channels: int = 3
@@ -121,6 +122,7 @@ class DataSpec:
         splits=get("splits", cls.splits), split_seed=int(get("split_seed", 0)),
         window=_window(get("window", cls.window)), resize=get("resize", cls.resize),
         load_size=int(get("load_size", 0) or 0), on_error=get("on_error", cls.on_error),
+        lesion_scale=_positive(float(get("lesion_scale", 1.0)), "data.lesion_scale"),
         image_size=image_size, channels=int(get("channels", cls.channels)),
         mean=floats("mean"), std=floats("std"), crop_scale=floats("crop_scale"),
         crop_ratio=floats("crop_ratio"), flip=bool(get("flip", cls.flip)),
@@ -166,6 +168,8 @@ class DataSpec:
     b, c = int(global_batch_size), self.channels
     s = lambda shape, dtype: jax.ShapeDtypeStruct((b, *shape), np.dtype(dtype))
     out = {"modality": s((), np.int32), "finding": s((), np.int32)}
+    if self.source == "phantoms" and self.volume is None:   # 2-D phantoms: the lesion labels too
+      out.update({k: s((), np.int32) for k in phantoms.LESION_LABELS})
     if self.on_error == "skip" and self.source != "phantoms":   # file sources count skips
       out[SKIPPED_KEY] = s((), np.int32)
     if self.multicrop is not None:
@@ -194,6 +198,12 @@ class DataSpec:
       out.update(target=s((self.image_size, self.image_size), np.float32), target_class=s((), np.int32),
                  box=s((4,), np.float32), points=s((p, 2), np.float32), point_labels=s((p,), np.int32))
     return out
+
+
+def _positive(x: float, field: str) -> float:
+  if not x > 0:
+    raise ValueError(f"{field}={x}: must be > 0")
+  return x
 
 
 _RESOLVED: dict[str, DataSpec] = {}   # content of a data config -> its spec (newest last)

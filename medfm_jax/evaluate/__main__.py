@@ -54,6 +54,10 @@ def main(argv):
       logging.info("segment3d: mean Dice %.4f -> %s, %s", m["mean_dice"], json_path, md_path)
       print(results_lib.markdown(results))
       return
+    if config.protocol == "seg_probe":
+      logging.info("seg_probe: Dice %.4f  mIoU %.4f -> %s, %s", m["dice"], m["miou"], json_path, md_path)
+      print(results_lib.markdown(results))
+      return
     logging.info("%s: accuracy %.4f  balanced accuracy %.4f  macro AUROC %.4f  -> %s, %s",
                  config.protocol, m["accuracy"], m["balanced_accuracy"], m["macro_auroc"],
                  json_path, md_path)

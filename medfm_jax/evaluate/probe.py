@@ -1,5 +1,6 @@
 """Classifiers on frozen features: linear probe (BatchNorm without affine -> linear, MAE's
-protocol), ridge regression and k-shot sampling for few-shot evaluation.
+protocol), ridge regression and k-shot sampling for few-shot evaluation; the linear segmentation
+probe (the same linear layer on every patch token, logits upsampled bilinearly to the pixels).
 
 BatchNorm without affine is applied with the statistics of the whole (fixed) train feature set:
 the limit of MAE's running statistics, as the features never change during probing.
@@ -113,3 +114,58 @@ def sample_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int) ->
                        f"fewshot.shots={shots}; raise features.train_examples")
     out.append(rng.choice(idx, shots, replace=False))
   return np.concatenate(out)
+
+
+def seg_upsample(logits, size: int):
+  """Patch logits ``[b, g, g, C]`` -> pixel logits ``[b, size, size, C]`` (bilinear)."""
+  return jax.image.resize(logits, (logits.shape[0], size, size, logits.shape[-1]), "bilinear")
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "tx", "batch_size", "epochs"))
+def _fit_seg(x, y, class_weights, key, *, num_classes: int, tx, batch_size: int, epochs: int):
+  n, d = x.shape[0], x.shape[-1]
+  params = {"w": 0.01 * jax.random.normal(jax.random.fold_in(key, 0), (d, num_classes)),
+            "b": jnp.zeros((num_classes,))}
+  steps_per_epoch = max(n // batch_size, 1)
+
+  def loss_fn(p, xb, yb):
+    logits = seg_upsample(xb @ p["w"] + p["b"], yb.shape[1])
+    w = class_weights[yb]
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, yb) * w).sum() / w.sum()
+
+  def epoch(carry, e):
+    perm = jax.random.permutation(jax.random.fold_in(key, e + 1), n)[:steps_per_epoch * batch_size]
+    def step(c, idx):
+      p, opt = c
+      grads = jax.grad(loss_fn)(p, x[idx], y[idx])
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), None
+    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, -1))[0], None
+
+  params, _ = jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))[0]
+  return params
+
+
+def seg_probe(train_tokens, train_masks, test_tokens, num_classes: int, cfg,
+              balanced: bool = True) -> np.ndarray:
+  """Linear segmentation probe: BatchNorm (no affine, statistics of all train tokens) -> one linear
+  layer per patch token ``[.., g, g, D] -> [.., g, g, C]`` -> bilinear upsampling to the mask size,
+  trained with Adam (cosine lr, ``cfg`` as :func:`linear_probe`) on per-pixel cross-entropy,
+  weighted by inverse class frequency of the train pixels with ``balanced``. Returns the predicted
+  test label maps ``[n_test, H, W]``."""
+  d = train_tokens.shape[-1]
+  stats = batchnorm_stats(train_tokens.reshape(-1, d))
+  x = normalize(train_tokens.reshape(-1, d), stats).reshape(train_tokens.shape)
+  y = np.asarray(train_masks, np.int32)
+  counts = np.bincount(y.ravel(), minlength=num_classes).astype(np.float64)
+  weights = (counts.sum() / np.maximum(counts, 1) / num_classes) if balanced else np.ones(num_classes)
+  batch_size = min(cfg.batch_size, len(x))
+  steps = cfg.epochs * max(len(x) // batch_size, 1)
+  tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, max(steps, 1)), weight_decay=cfg.weight_decay,
+                   mask=lambda p: {"w": True, "b": False})
+  params = _fit_seg(jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights, jnp.float32),
+                    jax.random.PRNGKey(cfg.seed), num_classes=num_classes, tx=tx,
+                    batch_size=batch_size, epochs=cfg.epochs)
+  predict = jax.jit(lambda p, t: seg_upsample(t @ p["w"] + p["b"], y.shape[1]).argmax(-1))
+  t = normalize(test_tokens.reshape(-1, d), stats).reshape(test_tokens.shape)
+  return np.concatenate([np.asarray(predict(params, t[i:i + 256])) for i in range(0, len(t), 256)])

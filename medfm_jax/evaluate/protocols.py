@@ -1,5 +1,6 @@
 """Evaluation protocols over any checkpoint (or a random-init baseline): linear probe, kNN,
-few-shot, fine-tune (through the shared trainer and the supervised objective) and zero-shot.
+few-shot, fine-tune (through the shared trainer and the supervised objective), zero-shot and the
+linear segmentation probe of the phantom masks on frozen patch tokens (``seg_probe``).
 
 :func:`run` takes an eval config (``configs/eval/*.py``) and a workdir, and returns the results
 that :mod:`medfm_jax.evaluate.results` writes as JSON and Markdown. :func:`check_config` checks the
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.errors import check
-from medfm_jax.data import pipeline, volumes
+from medfm_jax.data import phantoms, pipeline, volumes
 from medfm_jax.evaluate import features, probe, sliding_window
 from medfm_jax.metrics import classification, knn
 from medfm_jax.metrics import segmentation as seg_metrics
@@ -27,8 +28,9 @@ from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import assemble, loop, restore
 
-PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment3d")
+PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment3d", "seg_probe")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
+FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
 
 
 class EvalError(ValueError):
@@ -41,6 +43,8 @@ def check_config(config) -> None:
   (``Objective.image_encoders``; a CheckpointError otherwise)."""
   c = config
   check(c.protocol in PROTOCOLS, f"protocol={c.protocol!r}: allowed {PROTOCOLS}")
+  check(c.features.get("input", "encoder") in FEATURE_INPUTS,
+        f"features.input={c.features.get('input')!r}: allowed {FEATURE_INPUTS}")
   check(c.features.pool in heads.POOLS, f"features.pool={c.features.pool!r}: allowed {heads.POOLS}")
   check(c.features.batch_size > 0 and c.features.batch_size % jax.process_count() == 0,
         f"features.batch_size={c.features.batch_size}: must be a positive multiple of the process count")
@@ -48,6 +52,9 @@ def check_config(config) -> None:
   check(c.probe.optimizer in probe.OPTIMIZERS, f"probe.optimizer={c.probe.optimizer!r}: allowed {probe.OPTIMIZERS}")
   check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
+  if c.protocol == "seg_probe":
+    check(c.seg_probe.mask in phantoms.MASK_CLASSES,
+          f"seg_probe.mask={c.seg_probe.mask!r}: allowed {phantoms.MASK_CLASSES}")
   check(c.knn.k > 0 and c.knn.temperature > 0,
         f"knn.k={c.knn.k}, knn.temperature={c.knn.temperature}: must be > 0")
   check(c.fewshot.shots > 0 and c.fewshot.seeds > 0,
@@ -67,20 +74,46 @@ def _labelled(x, labels, label: str):
   return x[keep], {k: v[keep] for k, v in labels.items()}
 
 
+def _unlabelled_features(config, mesh):
+  """((train features, labels), (eval features, labels)) of the encoder (``features.input``
+  'encoder') or of the raw pixels ('pixels'), every label kept."""
+  if config.features.get("input", "encoder") == "pixels":
+    extract = lambda split, n: features.pixels(config, mesh, split, n)
+  else:
+    objective, params = features.build_classifier(config, mesh)
+    fn = features.pooled_fn(config, objective)   # one compile for both splits
+    extract = lambda split, n: features.extract(config, mesh, objective, params, split, n, fn)
+  return (extract(config.data.train_split, config.features.train_examples),
+          extract(config.data.eval_split, config.data.eval_examples))
+
+
 def _frozen_features(config, mesh):
-  objective, params = features.build_classifier(config, mesh)
-  train = features.extract(config, mesh, objective, params, config.data.train_split,
-                           config.features.train_examples)
-  test = features.extract(config, mesh, objective, params, config.data.eval_split,
-                          config.data.eval_examples)
+  train, test = _unlabelled_features(config, mesh)
   return _labelled(*train, config.data.label), _labelled(*test, config.data.label)
 
 
+def class_names(config, label: str) -> tuple[str, ...]:
+  """Class names of ``label`` for ``config.data`` (ValueError naming the allowed labels)."""
+  return supervised.class_names(ml_collections.ConfigDict(dict(config.data.to_dict(), label=label)))
+
+
+def linear_probe_labels(config, mesh, labels) -> dict[str, dict]:
+  """Linear probe of each of ``labels`` on one extraction of the frozen features:
+  {label: classification metrics (+ ``chance``: the majority-class rate of the eval rows)}."""
+  train, test = _unlabelled_features(config, mesh)
+  out = {}
+  for label in labels:
+    names = class_names(config, label)
+    (tx, ty), (vx, vy) = _labelled(*train, label), _labelled(*test, label)
+    scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
+    out[label] = dict(classification.classification_metrics(scores, vy[label], names),
+                      chance=float(np.bincount(vy[label]).max() / len(vy[label])))
+  return out
+
+
 def _linear_probe(config, mesh, names):
-  (tx, ty), (vx, vy) = _frozen_features(config, mesh)
-  label = config.data.label
-  scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
-  return classification.classification_metrics(scores, vy[label], names), {}
+  metrics = linear_probe_labels(config, mesh, (config.data.label,))[config.data.label]
+  return {k: v for k, v in metrics.items() if k != "chance"}, {"chance": metrics["chance"]}
 
 
 def _knn(config, mesh, names):
@@ -240,6 +273,38 @@ def _segment3d(config, mesh, workdir):
           "steps": int(jax.device_get(state.step))}
 
 
+def _phantom_masks(config, split: str, n: int, mask_class: str) -> np.ndarray:
+  """uint8 ``[n, H, W]``: the phantoms' ``mask_class`` mask of the first ``n`` records of ``split``."""
+  d = config.data
+  if d.source != "phantoms":
+    raise EvalError(f"seg_probe: masks come from the phantoms (data.source='phantoms'), not "
+                    f"data.source={d.source!r}")
+  source = phantoms.PhantomSource(split, d.image_size, d.channels, seed=0, num_examples=n, masks=True,
+                                  lesion_scale=d.get("lesion_scale", 1.0))
+  c = phantoms.MASK_CLASSES.index(mask_class)
+  return np.stack([source[i]["masks"][..., c] for i in range(n)])
+
+
+def _seg_probe(config, mesh):
+  """Linear segmentation probe of ``seg_probe.mask`` (a phantom mask class) on frozen patch tokens
+  (``probe.*`` trains it): Dice of the mask class and mIoU (mean over background and the class),
+  over all pixels of ``data.eval_split``."""
+  objective, params = features.build_classifier(config, mesh)
+  d, s = config.data, config.seg_probe
+  n_train, n_eval = config.features.train_examples, d.eval_examples
+  fn = features.tokens_fn(objective)   # one compile for both splits
+  train_x, _ = features.apply_over_split(config, mesh, fn, params, d.train_split, n_train, jitted=True)
+  test_x, _ = features.apply_over_split(config, mesh, fn, params, d.eval_split, n_eval, jitted=True)
+  target = _phantom_masks(config, d.eval_split, n_eval, s.mask)
+  pred = probe.seg_probe(train_x, _phantom_masks(config, d.train_split, n_train, s.mask), test_x, 2,
+                         config.probe, balanced=s.balanced)
+  ious = [seg_metrics.iou(pred, target, c) for c in (0, 1)]
+  metrics = {"dice": seg_metrics.dice(pred, target, 1), "iou": ious[1], "miou": float(np.mean(ious)),
+             "foreground_fraction": float(target.mean()), "num_examples": n_eval}
+  return {"protocol": "seg_probe", "init_from": config.init_from, "label": s.mask,
+          "split": d.eval_split, "metrics": metrics}
+
+
 def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs ``config.protocol``; returns the results dict (see :mod:`report`)."""
   protocol = config.protocol
@@ -249,6 +314,8 @@ def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
     return _zero_shot(config, mesh)
   if protocol == "segment3d":
     return _segment3d(config, mesh or mesh_lib.make_mesh(config.mesh), workdir)
+  if protocol == "seg_probe":
+    return _seg_probe(config, mesh or mesh_lib.make_mesh(config.mesh))
   names = supervised.class_names(config.data)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   logging.info("eval %s of %s on %s (%s)", protocol, config.init_from or "random init",

@@ -16,7 +16,7 @@ def _fmt(x) -> str:
 
 def markdown(results: dict) -> str:
   """Summary (metric per row; few-shot: mean ± std over seeds) and per-class table; segment3d:
-  Dice and HD95 per structure."""
+  Dice and HD95 per structure; seg_probe: Dice, IoU and mIoU."""
   if results["protocol"] == "segment3d":
     m = results["metrics"]
     names = [k[len("dice_"):] for k in m if k.startswith("dice_")]
@@ -27,6 +27,12 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {n} | {_fmt(m[f'dice_{n}'])} | {_fmt(m[f'hd95_{n}'])} | {m[f'hd95_{n}_missed']} |" for n in names]
     return "\n".join(lines) + "\n"
+  if results["protocol"] == "seg_probe":
+    m = results["metrics"]
+    return "\n".join([
+        f"# seg_probe of the {results['label']} mask ({results['split']}, {m['num_examples']} images)",
+        "", f"init_from: `{results['init_from'] or 'random init'}`", "", "| metric | value |", "|---|---|",
+        *(f"| {k} | {_fmt(m[k])} |" for k in ("dice", "iou", "miou", "foreground_fraction"))]) + "\n"
   lines = [f"# {results['protocol']} on {results['label']} ({results['split']}, "
            f"{results['metrics']['num_examples']} examples)", "",
            f"init_from: `{results['init_from'] or 'random init'}`", "", "| metric | value |", "|---|---|"]

@@ -7,15 +7,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medfm_jax.data import pipeline
+from medfm_jax.data import phantoms, pipeline
 from medfm_jax.parallel import mesh as mesh_lib
 
-LABELS = ("finding", "modality")
+LABELS = ("finding", "modality")   # every source; the phantoms add phantoms.LESION_LABELS
 
 
 def map_over_split(data, mesh, run: Callable[[dict], Any], split: str, num_examples: int,
                    batch_size: int, keys: Sequence[str] = ("image",)) -> tuple[Any, dict[str, np.ndarray]]:
-  """-> (``run(batch)`` outputs concatenated over rows as float32 numpy, {label: int ``[n]``}).
+  """-> (``run(batch)`` outputs concatenated over rows as float32 numpy, {label: int ``[n]``}, the
+  labels of :data:`LABELS` and the phantoms' lesion labels when the batches carry them).
 
   ``data``: the resolved ``data.spec.DataSpec`` (or ``config.data``, resolved at the entry).
 
@@ -31,7 +32,8 @@ def map_over_split(data, mesh, run: Callable[[dict], Any], split: str, num_examp
       batch = mesh_lib.to_global_batch({k: local[k] for k in keys}, mesh)
       keep = gather(local["mask"])
       outs.append(jax.tree.map(lambda x, keep=keep: np.asarray(x, np.float32)[keep], run(batch)))
-      for k in LABELS:
-        labels[k].append(gather(local[k])[keep])
+      for k in (*LABELS, *phantoms.LESION_LABELS):
+        if k in local:
+          labels.setdefault(k, []).append(gather(local[k])[keep])
   return (jax.tree.map(lambda *xs: np.concatenate(xs), *outs),
           {k: np.concatenate(v) for k, v in labels.items()})

@@ -1,4 +1,4 @@
-"""Volumetric segmentation metrics per structure: Dice and the 95th-percentile Hausdorff distance.
+"""Segmentation metrics per structure: Dice, IoU and the 95th-percentile Hausdorff distance (3-D).
 
 Both take integer label maps ``[D, H, W]`` (prediction and reference) and a class index; a class
 absent from both maps gives NaN (left out of means). HD95 follows MONAI's
@@ -20,6 +20,13 @@ def dice(pred: np.ndarray, target: np.ndarray, cls: int) -> float:
   p, t = pred == cls, target == cls
   denom = int(p.sum()) + int(t.sum())
   return float("nan") if denom == 0 else 2.0 * float((p & t).sum()) / denom
+
+
+def iou(pred: np.ndarray, target: np.ndarray, cls: int) -> float:
+  """``|P & T| / |P | T|`` of class ``cls`` (NaN when absent from both)."""
+  p, t = pred == cls, target == cls
+  union = int((p | t).sum())
+  return float("nan") if union == 0 else float((p & t).sum()) / union
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ from medfm_jax.objectives import base
 from medfm_jax.peft import freeze, lora
 
 SCHEMES = ("full", "last_n", "linear_probe", "lora", "prompt", "adapter")
-LABELS = {"phantoms": {"finding": phantoms.FINDINGS, "modality": phantoms.MODALITIES}}
+LABELS = {"phantoms": {"finding": phantoms.FINDINGS, "modality": phantoms.MODALITIES,
+                        **phantoms.LESION_LABELS}}
 
 
 def class_names(data_cfg) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configs import common  # noqa: E402
 from medfm_jax.data import pipeline, transforms  # noqa: E402
 from medfm_jax.data import spec as data_spec  # noqa: E402
-from medfm_jax.data.phantoms import PhantomSource  # noqa: E402
+from medfm_jax.data.phantoms import LESION_LABELS, PhantomSource  # noqa: E402
 from tests import helpers  # noqa: E402
 
 SPEC = transforms.MultiCropSpec(global_size=32, local_size=16, num_local=3)
@@ -206,7 +206,8 @@ _assert_batches_equal = helpers.assert_batches_equal
 def test_pipeline_multicrop_batches(channels):
   cfg = _cfg(channels)
   b = next(pipeline.make_train_iterator(cfg, 4, seed=0, source=_source(channels=channels)))
-  assert set(b) == {"global", "local", "modality", "finding"}
+  assert set(b) == {"global", "local", "modality", "finding", *LESION_LABELS}
+  assert set(b) == set(data_spec.resolve(cfg).abstract_batch(4))
   assert b["global"].shape == (4, 2, 24, 24, channels) and b["global"].dtype == np.float32
   assert b["local"].shape == (4, 2, 12, 12, channels) and b["local"].dtype == np.float32
   assert b["modality"].dtype == b["finding"].dtype == np.int32

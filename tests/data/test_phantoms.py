@@ -110,3 +110,38 @@ def test_findings_change_only_a_visible_local_region(modality):
 
 def test_benchmark_runs():
   assert phantoms.benchmark_phantoms(image_size=32, n=20) > 0
+
+
+def test_lesion_labels_of_an_id_map():
+  ids = np.zeros((10, 10), np.uint8)
+  assert phantoms.lesion_labels(ids) == {"lesion_present": 0, "lesion_location": -1, "lesion_size": -1}
+  ids[7:9, 1:3] = 2                      # largest lesion (4 px) lower left; total 5 px = 5 %
+  ids[1, 8] = 1
+  assert phantoms.lesion_labels(ids) == {"lesion_present": 1, "lesion_location": 2, "lesion_size": 2}
+  ids[:] = 0
+  ids[0, 9] = 1                          # 1 % of the image, upper right: medium (cuts 0.7 %, 1.2 %)
+  assert phantoms.lesion_labels(ids) == {"lesion_present": 1, "lesion_location": 1, "lesion_size": 1}
+
+
+def test_records_carry_the_lesion_labels_of_their_masks():
+  source = PhantomSource("val", image_size=32, masks=True, num_examples=24)
+  seen = set()
+  for i in range(len(source)):
+    r = source[i]
+    labels = phantoms.lesion_labels(r["lesion_ids"])
+    assert {k: r[k] for k in phantoms.LESION_LABELS} == labels
+    assert labels["lesion_present"] == int(r["masks"][..., 0].any())
+    seen.add(int(r["lesion_location"]))
+  assert len(seen) >= 3                  # not a constant
+
+
+def test_raw_pixel_linear_probe_stays_near_chance_on_the_lesion_labels(records32):
+  # The floor of the benchmark tasks (docs/benchmark.md): a linear model on raw pixels within 5
+  # points of the majority-class rate.
+  x = np.stack([r["image"].ravel() for r in records32]).astype(np.float64) / 255
+  for label in ("lesion_location", "lesion_size"):
+    y = np.array([r[label] for r in records32])
+    keep = y >= 0
+    acc = _ridge_accuracy(x[keep], y[keep], n_train=1000)
+    chance = np.bincount(y[keep][1000:]).max() / len(y[keep][1000:])
+    assert acc < chance + 0.05, (label, acc, chance)

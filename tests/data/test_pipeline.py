@@ -10,7 +10,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configs import common  # noqa: E402
 from medfm_jax.data import pipeline  # noqa: E402
-from medfm_jax.data.phantoms import PhantomSource  # noqa: E402
+from medfm_jax.data import spec as data_spec  # noqa: E402
+from medfm_jax.data.phantoms import LESION_LABELS, PhantomSource  # noqa: E402
 from tests import helpers  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
@@ -41,7 +42,8 @@ def test_train_batch_shapes_dtypes_and_range(channels, size):
   source = PhantomSource("train", image_size=32, channels=channels, num_examples=64)
   it = pipeline.make_train_iterator(cfg, 8, seed=0, source=source)
   b = next(it)
-  assert set(b) == {"image", "modality", "finding"}
+  assert set(b) == {"image", "modality", "finding", *LESION_LABELS}
+  assert set(b) == set(data_spec.resolve(cfg).abstract_batch(8))
   assert b["image"].shape == (8, size, size, channels) and b["image"].dtype == np.float32
   assert b["modality"].shape == (8,) and b["modality"].dtype == np.int32
   assert b["finding"].dtype == np.int32 and 0 <= b["finding"].min() and b["finding"].max() < 6
@@ -116,9 +118,12 @@ def test_eval_batches_pad_and_mask():
   assert len(batches) == len(out) == 3
   _assert_batches_equal(out, list(batches))  # re-iterable, deterministic
   for b in out:
-    assert set(b) == {"image", "modality", "finding", "mask"}
+    assert set(b) == {"image", "modality", "finding", "mask", *LESION_LABELS}
     assert b["image"].shape == (4, 32, 32, 1) and b["mask"].dtype == np.bool_
   np.testing.assert_array_equal(out[-1]["mask"], [True, True, False, False])
+  np.testing.assert_array_equal(out[-1]["lesion_location"][2:], [-1, -1])   # padding: unlabelled
+  np.testing.assert_array_equal(np.concatenate([b["lesion_size"] for b in out])[:10],
+                                [src[i]["lesion_size"] for i in range(10)])
   assert not out[-1]["image"][2:].any()
   np.testing.assert_array_equal(np.concatenate([b["modality"] for b in out])[:10],
                                 [src[i]["modality"] for i in range(10)])

@@ -16,7 +16,7 @@ from medfm_jax.train import checkpoint as ckpt_lib
 from tests import helpers
 
 # The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
-_ARGS = ["--config=configs/mae.py:tiny", "--config.data.image_size=16", "--config.batch_size=16",
+_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.image_size=16", "--config.batch_size=16",
          "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
          "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
          "--config.eval_every=3", "--config.checkpoint_every=2", "--config.async_checkpointing=False",

@@ -12,11 +12,11 @@ from tests import helpers
 from tests.sweeps.test_report import _table_rows, assert_png
 
 # configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, 2 encoder blocks, batch 16, 4 steps,
-# checkpoint every 2 (sync).
+# checkpoint every 2 (sync), no closing table (final_eval).
 TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
         "warmup_steps=1,log_every=1,eval_every=1000,checkpoint_every=2,async_checkpointing=False,"
         "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,"
-        "model.depth=2")
+        "model.depth=2,final_eval.config=")
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
 EVAL = runner.eval_name(KNN)
@@ -73,7 +73,7 @@ def test_dry_run_prints_exact_commands(tmp_path):
   assert sweep.base == ("configs/mae.py:tiny,total_steps=4,warmup_steps=1,log_every=1,eval_every=1000,"
                         "checkpoint_every=2,data.image_size=16,batch_size=16,async_checkpointing=False,"
                         "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,"
-                        "model.decoder_heads=4,model.depth=2")
+                        "model.decoder_heads=4,model.depth=2,final_eval.config=''")
   assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
                                  f"--workdir={first}", "--config.objective.mask_ratio=0.6",
                                  "--config.model.decoder_depth=1", "--config.seed=0"])
