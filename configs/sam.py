@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
   o.freeze = "full"                       # image encoder: 'frozen' | 'lora' | 'full'
   o.freeze_prompt_encoder = True          # MedSAM freezes it; SAM trains it
   o.rounds = 1                            # prompt rounds per step (sam: 1 + correction clicks)
+  o.eval_point_rounds = -1               # evals: one point + clicks up to this many points (-1: rounds if sam, else 0)
   o.box_prob = 0.5                        # sam: first prompt is a box with this probability, else a point
   o.focal_weight, o.dice_weight, o.bce_weight, o.iou_weight = 20.0, 1.0, 1.0, 0.0
   o.lora_rank, o.lora_alpha = 8, 16.0
