@@ -348,10 +348,12 @@ class SamObjective(base.Objective):
 
   def eval_metrics(self, params, extra, batch, rng):
     """``dice_<prompt>`` and ``iou_<prompt>`` for every prompt type of :meth:`predictions`
-    (``objective.eval_point_rounds`` point rounds), and per target class (``.../<class>``) when
-    ``data.segment.classes`` has several."""
+    (``objective.eval_point_rounds`` point rounds), and per target class (``.../<class>``: those of
+    ``data.segment.classes`` and 'body', the fallback target) when there are several."""
     del extra, rng
-    mask, classes = batch["mask"], self.data.segment.classes
+    mask = batch["mask"]
+    # Targets come from data.segment.classes, or the body of an image that has none of them.
+    classes = [c for c in phantoms.MASK_CLASSES if c in self.data.segment.classes or c == "body"]
     out = {}
     for prompt, (logits, _, _) in self.predictions(params, batch, self.eval_point_rounds).items():
       dice, iou = hard_scores(logits, batch["target"])
