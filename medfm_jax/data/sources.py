@@ -403,6 +403,12 @@ def read_mask(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
         ids = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
     except OSError as err:
       raise DataError(path, f"cannot decode the mask PNG ({err})") from None
+  return label_map_record(ids, shape, path)
+
+
+def label_map_record(ids: np.ndarray, shape: tuple[int, int], path: str) -> dict[str, np.ndarray]:
+  """A label map [H, W] (or [H, W, 1]) -> ``lesion_ids`` and ``masks`` (see :func:`read_mask`)."""
+  ids = ids[..., 0] if ids.ndim == 3 and ids.shape[-1] == 1 else ids
   if ids.ndim != 2:
     raise DataError(path, f"mask must be a single-channel label map, got shape {ids.shape}")
   if ids.max() > 255:
@@ -427,7 +433,8 @@ class TfdsSource(RobustSource):
   """A TFDS dataset read through ``tfds.data_source`` (array_record; TensorFlow not needed).
 
   Images are taken encoded (``SkipDecoding``) and decoded here, so 16-bit PNGs work with
-  Pillow alone. ``label_key`` may name a ClassLabel (its names become ``class_names``).
+  Pillow alone. ``label_key`` may name a ClassLabel (its names become ``class_names``). A ``mask``
+  feature (``data.build`` of masked images) gives the record's ``lesion_ids`` / ``masks``.
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None, preprocess: decode.Preprocess,
@@ -469,7 +476,8 @@ class TfdsSource(RobustSource):
       raise _data_error(where, e) from None
     label = int(raw.get(label_key, -1))
     modality = raw.get("modality", 0)
-    return {"image": image, "label": np.int32(label), "finding": np.int32(label),
+    mask = label_map_record(np.asarray(raw["mask"]), image.shape[:2], where) if "mask" in raw else {}
+    return {**mask, "image": image, "label": np.int32(label), "finding": np.int32(label),
             "modality": np.int32(modality if isinstance(modality, (int, np.integer)) else 0),
             "caption": _text(raw.get(caption_key)), "patient_id": _text(raw.get("patient_id")),
             "path": _text(raw.get("path")) or where, "frame": np.int32(0), "index": np.int64(index)}
