@@ -4,6 +4,11 @@ Tiny CPU run on the phantoms' lesion masks (box prompts, MedSAM recipe, our ViT 
 
   python -m medfm_jax.main --config=configs/sam.py:tiny --workdir=runs/sam_tiny
 
+Dice / IoU per prompt type (box, 1..5 points) and class on the test split, with overlays:
+
+  python -m medfm_jax.evaluate --config=configs/eval/segment.py:tiny --config.init_from=runs/sam_tiny \
+      --workdir=runs/eval/segment_sam_tiny
+
 The same from the quick-start MAE checkpoint (``runs/mae_tiny``), encoder fine-tuned with LoRA:
 
   python -m medfm_jax.main --config=configs/sam.py:tiny_mae,objective.freeze=lora --workdir=runs/sam_mae
