@@ -53,6 +53,7 @@ def get_config(arg: str | None = None):
   o.eval_point_rounds = -1               # evals: one point + clicks up to this many points (-1: rounds if sam, else 0)
   o.box_prob = 0.5                        # sam: first prompt is a box with this probability, else a point
   o.focal_weight, o.dice_weight, o.bce_weight, o.iou_weight = 20.0, 1.0, 1.0, 0.0
+  o.dice_smooth = 1.0                     # soft Dice (2 I + s) / (P + T + s); MedSAM (MONAI) 1e-5
   o.lora_rank, o.lora_alpha = 8, 16.0
   o.sam_checkpoint = ""                   # official SAM / MedSAM weights for encoder='vitdet'
 

@@ -70,11 +70,12 @@ def build_model(config) -> sam_lib.SegmentAnything:
   return sam_lib.build_sam(cfg, dtype=vit.COMPUTE_DTYPES[config.dtype], remat=config.model.get("remat", "none") != "none")
 
 
-def dice_loss(logits, target):
-  """``1 - soft Dice`` per example of ``logits [B, H, W]`` against a 0/1 ``target``."""
+def dice_loss(logits, target, smooth: float = 1.0):
+  """``1 - soft Dice`` per example of ``logits [B, H, W]`` against a 0/1 ``target``; ``smooth``
+  is added to numerator and denominator (MONAI's DiceLoss, which MedSAM uses: 1e-5)."""
   p = jax.nn.sigmoid(logits)
   inter = (p * target).sum((-2, -1))
-  return 1 - (2 * inter + 1) / (p.sum((-2, -1)) + target.sum((-2, -1)) + 1)
+  return 1 - (2 * inter + smooth) / (p.sum((-2, -1)) + target.sum((-2, -1)) + smooth)
 
 
 def focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
@@ -143,7 +144,7 @@ def center_points(logits, target):
 
 
 class SamObjective(base.Objective):
-  """``config.objective``: recipe, encoder, freeze, freeze_prompt_encoder, rounds, eval_point_rounds, box_prob,
+  """``config.objective``: recipe, encoder, freeze, freeze_prompt_encoder, rounds, eval_point_rounds, box_prob, dice_smooth,
   focal_weight, dice_weight, bce_weight, iou_weight, lora_rank, lora_alpha, lora_targets,
   sam_checkpoint; ``config.model.sam`` (prompt / decoder sizes); ``config.data.segment``."""
   name = "sam"
@@ -159,6 +160,7 @@ class SamObjective(base.Objective):
           f"objective.rounds={o.get('rounds')!r}: must be an integer >= 1")
     check(isinstance(o.get("eval_point_rounds", -1), int) and o.get("eval_point_rounds", -1) >= -1,
           f"objective.eval_point_rounds={o.get('eval_point_rounds')!r}: an integer >= 0, or -1 (the recipe's)")
+    check(o.get("dice_smooth", 1.0) > 0, f"objective.dice_smooth={o.get('dice_smooth')}: must be > 0")
     check(0.0 <= o.get("box_prob", 0.5) <= 1.0, f"objective.box_prob={o.get('box_prob')}: allowed [0, 1]")
     check(config.data.get("segment") is not None,
           "objective.name='sam' needs data.segment (target masks and prompts, see data/prompts.py)")
@@ -248,10 +250,11 @@ class SamObjective(base.Objective):
 
   def _mask_loss(self, up, target):
     o = self.config.objective
+    smooth = float(o.get("dice_smooth", 1.0))
     if self.recipe == "medsam":
       bce = optax.sigmoid_binary_cross_entropy(up, jnp.broadcast_to(target, up.shape)).mean((-2, -1))
-      return o.get("dice_weight", 1.0) * dice_loss(up, target) + o.get("bce_weight", 1.0) * bce
-    return o.get("focal_weight", 20.0) * focal_loss(up, target) + o.get("dice_weight", 1.0) * dice_loss(up, target)
+      return o.get("dice_weight", 1.0) * dice_loss(up, target, smooth) + o.get("bce_weight", 1.0) * bce
+    return o.get("focal_weight", 20.0) * focal_loss(up, target) + o.get("dice_weight", 1.0) * dice_loss(up, target, smooth)
 
   def _first_prompt(self, batch, rng, first: str):
     """Round-0 prompt as two tokens, per example: the box corners (labels 2, 3: the same tokens as

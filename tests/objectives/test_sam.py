@@ -33,6 +33,9 @@ def test_losses_and_scores():
   good, bad = 20 * (2 * target - 1), -20 * (2 * target - 1)
   assert float(sam.dice_loss(good, target)[0]) < 1e-3 < 0.9 < float(sam.dice_loss(bad, target)[0])
   assert float(sam.focal_loss(good, target)[0]) < 1e-6 < float(sam.focal_loss(bad, target)[0])
+  tiny = jnp.zeros((1, 8, 8)).at[:, 3, 3:5].set(1.0)          # a 2-pixel target, nothing predicted
+  np.testing.assert_allclose(float(sam.dice_loss(jnp.full((1, 8, 8), -30.0), tiny)[0]), 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(float(sam.dice_loss(jnp.full((1, 8, 8), -30.0), tiny, 1e-5)[0]), 1, atol=1e-4)
   dice, iou = sam.hard_scores(good.at[0, 2, 2].set(-1.0), target)
   np.testing.assert_allclose([float(dice[0]), float(iou[0])], [30 / 31, 15 / 16], rtol=1e-6)
 
