@@ -77,6 +77,7 @@ def get_config(arg: str | None = None):
     c.batch_size, c.lr, c.weight_decay = 32, 1e-3, 0.01
     c.lr_scaling = "none"
     c.total_steps, c.warmup_steps = 800, 50
+    o.dice_smooth = 1e-5                  # MedSAM's; 1 hides 2-px lesions (docs/segmentation.md)
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 400
     if variant == "tiny_mae":
       c.init_from = "runs/mae_tiny"
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None):
     o.encoder = "vitdet"
     _vit_b_1024(c)
     c.batch_size, c.lr, c.weight_decay = 160, 1e-4, 0.01
+    o.dice_smooth = 1e-5                  # MONAI DiceLoss, as MedSAM trains
     c.total_steps = 100_000
   elif variant == "sam_vit_b":
     # SAM (Kirillov et al., 2023): 11 rounds (a box or point, then clicks from the error region;
