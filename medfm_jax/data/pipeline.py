@@ -68,9 +68,6 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
     return phantoms.PhantomSource(split, image_size=spec.image_size, channels=spec.channels,
                                   seed=0, num_examples=num_examples, masks=spec.segment is not None,
                                   lesion_scale=spec.lesion_scale)
-  if spec.segment is not None and spec.source not in ("phantoms", "manifest"):
-    raise ValueError(f"data.segment: masks come from the phantoms or a manifest's 'mask' column, "
-                     f"not data.source={spec.source!r}")
   if spec.source in SOURCES:
     return sources.make_file_source(spec, split, num_examples, skip_log)
   raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
@@ -262,7 +259,9 @@ def _segmentation_example(record: dict, rng: np.random.Generator, segment: promp
   image = record["image"]
   if "masks" not in record:
     raise DataError(record.get("path", f"record {record.get('index', '?')}"),
-                    "data.segment: the record has no mask (manifests: a 'mask' column)")
+                    "data.segment: the record has no mask (manifests: a 'mask' column; folders: "
+                    "<image stem>_mask.png or _mask.dcm beside the image; tfds: a 'mask' feature, "
+                    "written by data.build from masked images)")
   if image.shape[:2] != (image_size, image_size):
     h, w = image.shape[:2]
     side = min(h, w)

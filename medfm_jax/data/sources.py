@@ -170,12 +170,35 @@ def _files_under(folder: epath.Path) -> list[str]:
   return files
 
 
+MASK_SUFFIX = "_mask"   # folder sources: IMAGE_STEM + "_mask.png" (or ".dcm", DICOM SEG) beside the image
+
+
+def _pair_masks(paths: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+  """(image files, image -> mask file) of one folder's files: ``<stem>_mask.png`` / ``.dcm`` is
+  the mask of the image ``<stem>.<ext>`` beside it (a ``*_mask.*`` file without such an image is an
+  image itself)."""
+  by_stem = {}
+  for q in paths:
+    by_stem.setdefault(os.path.splitext(q)[0], []).append(q)
+  masks = {}
+  for q in paths:
+    stem, ext = os.path.splitext(q)
+    if stem.endswith(MASK_SUFFIX) and ext.lower() in (".png", ".dcm"):
+      images = [i for i in by_stem.get(stem[:-len(MASK_SUFFIX)], []) if i != q]
+      if images:
+        masks[sorted(images)[0]] = q
+  taken = set(masks.values())
+  return [q for q in paths if q not in taken], masks
+
+
 def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[str]]:
   """Entries of a class-per-subfolder tree (``root/<class>/**/<file>``) and the class names.
 
   With split folders (``root/train/<class>/...``, ``root/val/...``) entries carry their split
   and the class names are the union over splits. Hidden files and files with other extensions
-  are ignored (counted in a warning). ``root`` is a local folder or a URL.
+  are ignored (counted in a warning). A segmentation mask of an image is the file beside it named
+  ``<image stem>_mask.png`` (a PNG label map: 0 background, k > 0 object k) or ``_mask.dcm`` (a
+  DICOM SEG, segment k = object k); it is not an image entry. ``root`` is a local folder or a URL.
   """
   top_dir = storage.path(root)
   if not top_dir.is_dir():
@@ -187,11 +210,12 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
   for split, base in layout:
     for label in subdirs(base):
       classes.add(label)
-      for path in sorted(_files_under(base / label)):
+      images, masks = _pair_masks(sorted(_files_under(base / label)))
+      for path in images:
         if epath.Path(path).name.startswith(".") or not _is_data_file(path):
           ignored += 1
           continue
-        entries.append(Entry(path, label=label, split=split))
+        entries.append(Entry(path, label=label, split=split, mask=masks.get(path, "")))
   if ignored:
     logging.warning("%s: ignored %d files that are not PNG/JPEG/TIFF/DICOM", root, ignored)
   if not entries:
@@ -203,7 +227,8 @@ def list_folder(root: str, on_error: str = "raise") -> tuple[list[Entry], list[s
 def read_manifest(path: str, on_error: str = "raise") -> list[Entry]:
   """Entries of a CSV (header row) or JSONL manifest with columns ``path`` (relative to the
   manifest's folder or absolute) and optional ``label, caption, patient_id, modality, split,
-  mask`` (a PNG label map of the image: 0 background, k > 0 object k); the manifest and its files
+  mask`` (a PNG label map of the image: 0 background, k > 0 object k; or a DICOM SEG, segment
+  k = object k); the manifest and its files
   are local or URLs."""
   manifest = storage.path(path)
   if not manifest.is_file():
@@ -337,15 +362,53 @@ class FileSource(RobustSource):
             f"on_error={self.on_error!r})")
 
 
-def read_mask(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-  """A PNG label map -> the phantoms' mask record fields: ``lesion_ids`` (the objects 1..k),
-  ``masks`` [H, W, 3] (objects, the whole image as 'body', no organ); resized to ``shape`` by
-  nearest neighbour when the image was resized."""
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"   # DICOM Segmentation Storage
+
+
+def _seg_label_map(data: bytes, path: str) -> np.ndarray:
+  """The label map of a 2-D DICOM SEG (any writer): pixels of segment k -> k (a later segment wins
+  where they overlap); FRACTIONAL segments count above half their maximum."""
+  import pydicom  # optional: the 'dicom' extra  pylint: disable=import-outside-toplevel
   try:
-    with Image.open(io.BytesIO(decode.read_file(path))) as im:
-      ids = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
-  except OSError as err:
-    raise DataError(path, f"cannot decode the mask PNG ({err})") from None
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+      raise DataError(path, f"a DICOM mask must be a Segmentation (SOP class {SEG_SOP_CLASS}), "
+                            f"got {ds.get('SOPClassUID', 'none')}")
+    frames = np.asarray(ds.pixel_array)
+    groups = ds.PerFrameFunctionalGroupsSequence
+  except (AttributeError, KeyError, ValueError, TypeError, OSError) as err:
+    if isinstance(err, DataError):
+      raise
+    raise DataError(path, f"cannot read the DICOM SEG ({err})") from None
+  frames = frames.reshape(-1, *frames.shape[-2:])
+  if len(groups) != len(frames):
+    raise DataError(path, f"DICOM SEG has {len(frames)} frames but {len(groups)} per-frame groups")
+  threshold = 0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.get("SegmentationType") == "FRACTIONAL" else 0
+  ids = np.zeros(frames.shape[1:], np.int64)
+  for frame, group in zip(frames, groups):
+    ids[frame > threshold] = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+  return ids
+
+
+def read_mask(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  """A PNG label map or a DICOM SEG (segment numbers as labels) -> the phantoms' mask record
+  fields: ``lesion_ids`` (the objects 1..k), ``masks`` [H, W, 3] (objects, the whole image as
+  'body', no organ); resized to ``shape`` by nearest neighbour when the image was resized."""
+  data = decode.read_file(path)
+  if decode.sniff(data[:132]) == "dicom":
+    ids = _seg_label_map(data, path)
+  else:
+    try:
+      with Image.open(io.BytesIO(data)) as im:
+        ids = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
+    except OSError as err:
+      raise DataError(path, f"cannot decode the mask PNG ({err})") from None
+  return label_map_record(ids, shape, path)
+
+
+def label_map_record(ids: np.ndarray, shape: tuple[int, int], path: str) -> dict[str, np.ndarray]:
+  """A label map [H, W] (or [H, W, 1]) -> ``lesion_ids`` and ``masks`` (see :func:`read_mask`)."""
+  ids = ids[..., 0] if ids.ndim == 3 and ids.shape[-1] == 1 else ids
   if ids.ndim != 2:
     raise DataError(path, f"mask must be a single-channel label map, got shape {ids.shape}")
   if ids.max() > 255:
@@ -370,7 +433,8 @@ class TfdsSource(RobustSource):
   """A TFDS dataset read through ``tfds.data_source`` (array_record; TensorFlow not needed).
 
   Images are taken encoded (``SkipDecoding``) and decoded here, so 16-bit PNGs work with
-  Pillow alone. ``label_key`` may name a ClassLabel (its names become ``class_names``).
+  Pillow alone. ``label_key`` may name a ClassLabel (its names become ``class_names``). A ``mask``
+  feature (``data.build`` of masked images) gives the record's ``lesion_ids`` / ``masks``.
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None, preprocess: decode.Preprocess,
@@ -412,7 +476,8 @@ class TfdsSource(RobustSource):
       raise _data_error(where, e) from None
     label = int(raw.get(label_key, -1))
     modality = raw.get("modality", 0)
-    return {"image": image, "label": np.int32(label), "finding": np.int32(label),
+    mask = label_map_record(np.asarray(raw["mask"]), image.shape[:2], where) if "mask" in raw else {}
+    return {**mask, "image": image, "label": np.int32(label), "finding": np.int32(label),
             "modality": np.int32(modality if isinstance(modality, (int, np.integer)) else 0),
             "caption": _text(raw.get(caption_key)), "patient_id": _text(raw.get("patient_id")),
             "path": _text(raw.get("path")) or where, "frame": np.int32(0), "index": np.int64(index)}

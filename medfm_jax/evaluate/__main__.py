@@ -3,7 +3,7 @@ r"""Evaluation CLI over any checkpoint:
   python -m medfm_jax.evaluate --config=configs/eval/PROTOCOL.py:VARIANT \
       --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
 
-PROTOCOL: linear_probe | knn | fewshot | finetune | zero_shot | segment3d (see configs/eval/). An empty
+PROTOCOL: linear_probe | knn | fewshot | finetune | zero_shot | segment | segment3d (see configs/eval/). An empty
 init_from evaluates the randomly initialised encoder (baseline). Writes DIR/results.json and
 DIR/results.md (accuracy, balanced accuracy, macro AUROC, per-class table).
 """
@@ -50,8 +50,9 @@ def main(argv):
   if jax.process_index() == 0:
     json_path, md_path = results_lib.write(workdir, results)
     m = results["metrics"]
-    if config.protocol == "segment3d":
-      logging.info("segment3d: mean Dice %.4f -> %s, %s", m["mean_dice"], json_path, md_path)
+    if config.protocol in ("segment", "segment3d"):
+      key = "mean_dice" if config.protocol == "segment3d" else "dice_box"
+      logging.info("%s: %s %.4f -> %s, %s", config.protocol, key, m[key], json_path, md_path)
       print(results_lib.markdown(results))
       return
     if config.protocol == "seg_probe":

@@ -1,6 +1,7 @@
 """Evaluation protocols over any checkpoint (or a random-init baseline): linear probe, kNN,
-few-shot, fine-tune (through the shared trainer and the supervised objective), zero-shot and the
-linear segmentation probe of the phantom masks on frozen patch tokens (``seg_probe``).
+few-shot, fine-tune (through the shared trainer and the supervised objective), zero-shot, promptable
+segmentation of a ``sam`` run, 3D segmentation and the linear segmentation probe of the phantom
+masks on frozen patch tokens (``seg_probe``).
 
 :func:`run` takes an eval config (``configs/eval/*.py``) and a workdir, and returns the results
 that :mod:`medfm_jax.evaluate.results` writes as JSON and Markdown. :func:`check_config` checks the
@@ -17,6 +18,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medfm_jax import objectives as objectives_lib
+from medfm_jax import storage
 from medfm_jax.errors import check
 from medfm_jax.data import phantoms, pipeline, volumes
 from medfm_jax.evaluate import features, probe, sliding_window
@@ -24,11 +26,14 @@ from medfm_jax.metrics import classification, knn
 from medfm_jax.metrics import segmentation as seg_metrics
 from medfm_jax.models import heads
 from medfm_jax.objectives import clip, mae3d, supervised
+from medfm_jax.objectives import sam as sam_objective
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import assemble, loop, restore
+from medfm_jax.train import state as state_lib
 
-PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment3d", "seg_probe")
+PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment", "segment3d",
+             "seg_probe")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
 
@@ -61,6 +66,12 @@ def check_config(config) -> None:
         f"fewshot.shots={c.fewshot.shots}, fewshot.seeds={c.fewshot.seeds}: must be > 0")
   check(c.fewshot.classifier in FEWSHOT_CLASSIFIERS,
         f"fewshot.classifier={c.fewshot.classifier!r}: allowed {FEWSHOT_CLASSIFIERS}")
+  if c.protocol == "segment":
+    check(isinstance(c.segment.point_rounds, int) and c.segment.point_rounds >= 0,
+          f"segment.point_rounds={c.segment.point_rounds!r}: an integer >= 0")
+    bad = [k for k in c.segment.classes if k not in phantoms.MASK_CLASSES]
+    check(c.segment.classes and not bad, f"segment.classes={tuple(c.segment.classes)}: each one of {phantoms.MASK_CLASSES}")
+    check(c.segment.overlay_examples >= 0, f"segment.overlay_examples={c.segment.overlay_examples}: must be >= 0")
   if c.init_from and c.protocol != "zero_shot" and restore.hf_family(c.init_from) is None:
     name, _ = restore.checkpoint_objective(c.init_from)
     restore.encoder_path(name, c.encoder_weights, c.init_from)
@@ -169,22 +180,35 @@ def _finetune(config, mesh, names, workdir):
            "export": export_dir})
 
 
+def load_run(init_from: str, mesh, data_overrides: dict | None = None, objective_overrides: dict | None = None):
+  """(the run's config, its objective built from that config, its params replicated on ``mesh``)
+  of checkpoint ``init_from``; ``data_overrides`` / ``objective_overrides`` replace ``data.*`` /
+  ``objective.*`` fields (eval split, sizes). The saved params already hold every pretrained part,
+  so the run's own ``init_from`` and weight-import fields are cleared."""
+  _, saved = restore.checkpoint_objective(init_from)
+  config = ml_collections.ConfigDict(saved)
+  config.data.update(data_overrides or {})
+  config.objective.update(objective_overrides or {})
+  config.init_from = ""
+  for field in ("lit_init_from", "sam_checkpoint"):
+    if field in config.objective:
+      config.objective[field] = ""
+  objective = objectives_lib.build(config)
+  params = ckpt_lib.restore_subtree(init_from, ("params",))
+  return config, objective, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
 def load_image_text(init_from: str, mesh, data_overrides: dict | None = None):
   """(objective built from the checkpoint's own config, its params replicated on ``mesh``) of an
   image-text checkpoint (an objective declaring ``image_text``: CLIP/SigLIP, FLAVA, ...);
   ``data_overrides`` replace ``data.*`` fields (eval split, sizes)."""
-  name, saved = restore.checkpoint_objective(init_from)
+  name, _ = restore.checkpoint_objective(init_from)
   if not restore.objective_class(name, init_from).image_text:
     raise EvalError(f"zero_shot: checkpoint {init_from!r} was trained with objective {name!r}, which "
                     "has no text tower; zero-shot needs an image-text checkpoint (objectives declaring "
                     f"image_text: {', '.join(_image_text_names())})")
-  config = ml_collections.ConfigDict(saved)
-  config.data.update(data_overrides or {})
-  if "lit_init_from" in config.objective:
-    config.objective.lit_init_from = ""      # the saved params already hold the image tower
-  objective = objectives_lib.build(config)
-  params = ckpt_lib.restore_subtree(init_from, ("params",))
-  return objective, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  _, objective, params = load_run(init_from, mesh, data_overrides)
+  return objective, params
 
 
 def _image_text_names() -> list[str]:
@@ -207,6 +231,43 @@ def _zero_shot(config, mesh=None):
     out.pop(f"zero_shot_{d.label}_{k}")
   return {"protocol": "zero_shot", "init_from": config.init_from, "label": d.label,
           "split": d.eval_split, "metrics": summary, "retrieval": out}
+
+
+def _segment(config, mesh, workdir):
+  """Promptable segmentation of the ``sam`` run ``init_from`` on ``data.eval_split`` (its own data
+  source, image size and normalisation): Dice and IoU per prompt type (box; one point followed by
+  correction clicks, up to ``segment.point_rounds`` points) and per target class of
+  ``segment.classes``, with the in-training eval code (``SamObjective.eval_metrics``); writes
+  WORKDIR/segment.png (:meth:`SamObjective.overlay`)."""
+  if not config.init_from:
+    raise EvalError("segment: set --config.init_from to a workdir or checkpoint of objective 'sam'")
+  name, saved = restore.checkpoint_objective(config.init_from)
+  if name != sam_objective.SamObjective.name:
+    raise EvalError(f"segment: checkpoint {config.init_from!r} was trained with objective {name!r}; "
+                    "segment needs a run of objective 'sam'")
+  d, s = config.data, config.segment
+  segment = dict(saved["data"].get("segment") or {}, classes=tuple(s.classes))
+  run_config, objective, params = load_run(
+      config.init_from, mesh,
+      {"eval_split": d.eval_split, "eval_examples": d.eval_examples, "eval_batch_size": d.eval_batch_size,
+       "segment": segment},
+      {"eval_point_rounds": s.point_rounds})
+  batches = pipeline.make_eval_batches(objective.data, d.eval_split, d.eval_batch_size, d.eval_examples,
+                                       jax.process_index(), jax.process_count())
+  with mesh_lib.use_mesh(mesh):
+    sums, first = loop.eval_sums(jax.jit(state_lib.make_eval_step(objective)), params, {}, batches, mesh)
+    picture = objective.overlay(params, first, s.overlay_examples) if s.overlay_examples else None
+  metrics = {k: t / c if c else float("nan") for k, (t, c) in sums.items()}
+  counts = {k.split("/", 1)[1]: int(c) for k, (_, c) in sums.items() if k.startswith("dice_box/")}
+  metrics["num_examples"] = int(sums["dice_box"][1])
+  prompts = ["box"] + [f"points_{k}" for k in range(1, s.point_rounds + 1)]
+  overlay = ""
+  if picture is not None and jax.process_index() == 0:
+    overlay = str(storage.write_bytes(storage.path(workdir) / "segment.png", sam_objective.png_bytes(picture)))
+  return {"protocol": "segment", "init_from": config.init_from, "label": "target mask",
+          "split": d.eval_split, "metrics": metrics, "prompts": prompts, "classes": list(s.classes),
+          "class_examples": counts, "recipe": run_config.objective.recipe,
+          "steps": int(ckpt_lib.read_meta(config.init_from).get("step", 0)), "overlay": overlay}
 
 
 def segment_volumes(objective, params, config, split: str, num_volumes: int, segment_cfg):
@@ -312,6 +373,8 @@ def run(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict:
     raise EvalError(f"protocol={protocol!r}: allowed {PROTOCOLS}")
   if protocol == "zero_shot":
     return _zero_shot(config, mesh)
+  if protocol == "segment":
+    return _segment(config, mesh or mesh_lib.make_mesh(config.mesh), workdir)
   if protocol == "segment3d":
     return _segment3d(config, mesh or mesh_lib.make_mesh(config.mesh), workdir)
   if protocol == "seg_probe":

@@ -14,9 +14,27 @@ def _fmt(x) -> str:
   return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
 
 
+def _segment_markdown(results: dict) -> str:
+  m = results["metrics"]
+  classes = [c for c in results["classes"] if results["class_examples"].get(c)]
+  lines = [f"# segment on {results['split']} ({m['num_examples']} examples, recipe {results['recipe']}, "
+           f"step {results['steps']})", "", f"init_from: `{results['init_from']}`", "",
+           "| prompt | Dice | IoU |" + "".join(f" Dice {c} ({results['class_examples'][c]}) |" for c in classes),
+           "|---|---|---|" + "---|" * len(classes)]
+  for p in results["prompts"]:
+    lines.append(f"| {p} | {_fmt(m[f'dice_{p}'])} | {_fmt(m[f'iou_{p}'])} |" +
+                 "".join(f" {_fmt(m.get(f'dice_{p}/{c}'))} |" for c in classes))
+  if results.get("overlay"):
+    lines += ["", f"![overlays]({results['overlay']})"]
+  return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
   """Summary (metric per row; few-shot: mean ± std over seeds) and per-class table; segment3d:
-  Dice and HD95 per structure; seg_probe: Dice, IoU and mIoU."""
+  Dice and HD95 per structure; seg_probe: Dice, IoU and mIoU; segment: Dice and IoU per prompt
+  type, Dice per class."""
+  if results["protocol"] == "segment":
+    return _segment_markdown(results)
   if results["protocol"] == "segment3d":
     m = results["metrics"]
     names = [k[len("dice_"):] for k in m if k.startswith("dice_")]

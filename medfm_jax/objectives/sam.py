@@ -26,6 +26,7 @@ encoder from any of our checkpoints with an image encoder (MAE, DINO, CLIP image
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import flax.linen as nn
@@ -69,11 +70,12 @@ def build_model(config) -> sam_lib.SegmentAnything:
   return sam_lib.build_sam(cfg, dtype=vit.COMPUTE_DTYPES[config.dtype], remat=config.model.get("remat", "none") != "none")
 
 
-def dice_loss(logits, target):
-  """``1 - soft Dice`` per example of ``logits [B, H, W]`` against a 0/1 ``target``."""
+def dice_loss(logits, target, smooth: float = 1.0):
+  """``1 - soft Dice`` per example of ``logits [B, H, W]`` against a 0/1 ``target``; ``smooth``
+  is added to numerator and denominator (MONAI's DiceLoss, which MedSAM uses: 1e-5)."""
   p = jax.nn.sigmoid(logits)
   inter = (p * target).sum((-2, -1))
-  return 1 - (2 * inter + 1) / (p.sum((-2, -1)) + target.sum((-2, -1)) + 1)
+  return 1 - (2 * inter + smooth) / (p.sum((-2, -1)) + target.sum((-2, -1)) + smooth)
 
 
 def focal_loss(logits, target, alpha: float = 0.25, gamma: float = 2.0):
@@ -109,8 +111,40 @@ def correction_points(key, logits, target):
   return jnp.stack([idx % w, idx // w], -1).astype(jnp.float32), label
 
 
+def center_points(logits, target):
+  """One evaluation click per example (the interactive-segmentation protocol of SAM and RITM):
+  the pixel deepest inside the larger error region of ``logits [B, H, W] > 0`` against ``target``
+  (missed pixels -> label 1, false positives -> label 0); the deepest target pixel when there is
+  no error. Depth = the number of 3x3 erosions a pixel survives (the outside of the image counts
+  as background), ties broken towards the region's middle by heat diffusion inside it.
+  -> ``(points float32 [B, 2] as (x, y), labels int32 [B])``."""
+  b, h, w = target.shape
+  gt, pred = target > 0.5, logits > 0
+
+  def depth(m):
+    def neighbours(x):
+      pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1)))
+      return jnp.stack([pad[:, i:i + h, j:j + w] for i in range(3) for j in range(3)])
+
+    def step(_, carry):
+      cur, total, heat = carry
+      cur = neighbours(cur).min(0)
+      return cur, total + cur, neighbours(heat).mean(0) * m
+    m = m.astype(jnp.float32)
+    _, total, heat = jax.lax.fori_loop(0, (max(h, w) + 1) // 2, step, (m, m, m))
+    heat = heat / jnp.maximum(heat.max((-2, -1), keepdims=True), 1e-30)
+    return (total + 0.5 * heat).reshape(b, -1)       # heat < 1: orders only equal depths
+  missed, extra, inside = depth(gt & ~pred), depth(pred & ~gt), depth(gt)
+  use_missed = missed.max(-1) >= extra.max(-1)
+  no_error = jnp.maximum(missed.max(-1), extra.max(-1)) == 0
+  d = jnp.where(no_error[:, None], inside, jnp.where(use_missed[:, None], missed, extra))
+  idx = jnp.argmax(d, -1)
+  label = (use_missed | no_error).astype(jnp.int32)
+  return jnp.stack([idx % w, idx // w], -1).astype(jnp.float32), label
+
+
 class SamObjective(base.Objective):
-  """``config.objective``: recipe, encoder, freeze, freeze_prompt_encoder, rounds, box_prob,
+  """``config.objective``: recipe, encoder, freeze, freeze_prompt_encoder, rounds, eval_point_rounds, box_prob, dice_smooth,
   focal_weight, dice_weight, bce_weight, iou_weight, lora_rank, lora_alpha, lora_targets,
   sam_checkpoint; ``config.model.sam`` (prompt / decoder sizes); ``config.data.segment``."""
   name = "sam"
@@ -124,6 +158,9 @@ class SamObjective(base.Objective):
     check(o.get("freeze", "full") in FREEZES, f"objective.freeze={o.get('freeze')!r}: allowed {FREEZES}")
     check(isinstance(o.get("rounds", 1), int) and o.get("rounds", 1) >= 1,
           f"objective.rounds={o.get('rounds')!r}: must be an integer >= 1")
+    check(isinstance(o.get("eval_point_rounds", -1), int) and o.get("eval_point_rounds", -1) >= -1,
+          f"objective.eval_point_rounds={o.get('eval_point_rounds')!r}: an integer >= 0, or -1 (the recipe's)")
+    check(o.get("dice_smooth", 1.0) > 0, f"objective.dice_smooth={o.get('dice_smooth')}: must be > 0")
     check(0.0 <= o.get("box_prob", 0.5) <= 1.0, f"objective.box_prob={o.get('box_prob')}: allowed [0, 1]")
     check(config.data.get("segment") is not None,
           "objective.name='sam' needs data.segment (target masks and prompts, see data/prompts.py)")
@@ -141,6 +178,10 @@ class SamObjective(base.Objective):
     self.recipe, self.encoder_kind = o.recipe, o.get("encoder", "vit")
     self.freeze = o.get("freeze", "full")
     self.rounds = int(o.get("rounds", 1)) if self.recipe == "sam" else 1
+    # Point rounds the evals report: objective.eval_point_rounds, or -1 = objective.rounds for
+    # recipe 'sam' and none for 'medsam' (box prompts only).
+    eval_rounds = int(o.get("eval_point_rounds", -1))
+    self.eval_point_rounds = eval_rounds if eval_rounds >= 0 else (self.rounds if self.recipe == "sam" else 0)
     self.model = build_model(config)
     self.lora_spec = lora.LoraSpec(int(o.get("lora_rank", 8)), float(o.get("lora_alpha", 16.0)), False,
                                    tuple(o.get("lora_targets", lora.DEFAULT_TARGETS))) if self.freeze == "lora" else None
@@ -209,52 +250,61 @@ class SamObjective(base.Objective):
 
   def _mask_loss(self, up, target):
     o = self.config.objective
+    smooth = float(o.get("dice_smooth", 1.0))
     if self.recipe == "medsam":
       bce = optax.sigmoid_binary_cross_entropy(up, jnp.broadcast_to(target, up.shape)).mean((-2, -1))
-      return o.get("dice_weight", 1.0) * dice_loss(up, target) + o.get("bce_weight", 1.0) * bce
-    return o.get("focal_weight", 20.0) * focal_loss(up, target) + o.get("dice_weight", 1.0) * dice_loss(up, target)
+      return o.get("dice_weight", 1.0) * dice_loss(up, target, smooth) + o.get("bce_weight", 1.0) * bce
+    return o.get("focal_weight", 20.0) * focal_loss(up, target) + o.get("dice_weight", 1.0) * dice_loss(up, target, smooth)
 
-  def _first_prompt(self, batch, rng):
-    """Round-0 prompt as two tokens, per example (``objective.box_prob``): the box corners (labels
-    2, 3: the same tokens as a box prompt) or one positive point and SAM's 'not a point' padding.
-    Encoded with ``pad_points=False``, so each matches SAM's own encoding of that prompt (later
-    clicks are appended; token order does not matter to the decoder). -> points, labels, is_box."""
+  def _first_prompt(self, batch, rng, first: str):
+    """Round-0 prompt as two tokens, per example: the box corners (labels 2, 3: the same tokens as
+    a box prompt) or one positive point and SAM's 'not a point' padding; ``first`` 'box', 'point'
+    or 'random' (a box with probability ``objective.box_prob``). Encoded with ``pad_points=False``,
+    so each matches SAM's own encoding of that prompt (later clicks are appended; token order does
+    not matter to the decoder). -> points, labels, is_box."""
     b = batch["box"].shape[0]
-    if self.recipe == "medsam":
-      is_box = jnp.ones((b,), bool)
-    else:
+    if first == "random":
       is_box = jax.random.uniform(rng, (b,)) < self.config.objective.get("box_prob", 0.5)
+    else:
+      is_box = jnp.full((b,), first == "box")
     corners = batch["box"].reshape(b, 2, 2)
     point = jnp.concatenate([batch["points"][:, :1], jnp.zeros((b, 1, 2))], axis=1)
     points = jnp.where(is_box[:, None, None], corners, point)
     labels = jnp.where(is_box[:, None], jnp.array([2, 3]), jnp.array([1, -1])).astype(jnp.int32)
     return points, labels, is_box
 
-  def _rounds(self, params, batch, rng, deterministic: bool):
-    """Runs the prompt rounds -> (loss, per-round (dice, iou) of the used mask, ...)."""
+  def _interact(self, v, emb, batch, rng, first: str, rounds: int, train: bool):
+    """``rounds`` prompt rounds on image embeddings ``emb``: round 0 the first prompt
+    (:meth:`_first_prompt`), then one correction click per round from the error region of the
+    previous prediction, whose low-res logits go back in as the mask prompt (SAM's interactive
+    training). An ambiguous one-point prompt predicts 3 masks: training keeps the one with the
+    lowest loss (only it is backpropagated), evaluation the one the IoU head rates best. Training
+    clicks are uniform over the error region (:func:`correction_points`), evaluation clicks at its
+    centre (:func:`center_points`). -> (mean loss over rounds [B], upsampled logits [B, H, W] of
+    the used mask per round, final points [B, N, 2], final labels [B, N])."""
     o = self.config.objective
-    v = {"params": params}
-    first_rng, drop_rng, *click_rngs = jax.random.split(rng, 2 + self.rounds)
-    emb = self.model.apply(v, batch["image"], deterministic=deterministic, method="embed_image",
-                           rngs={"dropout": drop_rng})
+    iou_weight = o.get("iou_weight", 1.0 if self.recipe == "sam" else 0.0)
     target = batch["target"]
-    points, labels, is_box = self._first_prompt(batch, first_rng)
+    first_rng, *click_rngs = jax.random.split(rng, 1 + rounds)
+    points, labels, is_box = self._first_prompt(batch, first_rng, first)
     logits, iou_pred = self.model.apply(v, emb, points[:, None], labels[:, None], multimask_output=None,
                                         pad_points=False, method="predict")
     logits, iou_pred = logits[:, 0], iou_pred[:, 0]                          # [B, K+1, h, w], [B, K+1]
     up = self._upsample(logits)
     per_mask = self._mask_loss(up, target[:, None])                         # [B, K+1]
-    ambiguous = (~is_box) & (self.recipe == "sam")
-    best = jnp.where(ambiguous, 1 + jnp.argmin(per_mask[:, 1:], -1), 0)     # backward on the best
+    score = -per_mask[:, 1:] if train else iou_pred[:, 1:]
+    best = jnp.where(~is_box, 1 + jnp.argmax(score, -1), 0)
     pick = lambda x: jnp.take_along_axis(x, best.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
     actual = jax.lax.stop_gradient(hard_scores(up, target[:, None])[1])    # [B, K+1]
-    loss = pick(per_mask) + o.get("iou_weight", 1.0 if self.recipe == "sam" else 0.0) * (
-        (iou_pred - actual) ** 2).mean(-1)
+    loss = pick(per_mask) + iou_weight * ((iou_pred - actual) ** 2).mean(-1)
     chosen = pick(logits)
-    scores = [hard_scores(self._upsample(chosen), target)]
-    for r in range(1, self.rounds):
+    ups = [pick(up)]
+    for r in range(1, rounds):
       prev = jax.lax.stop_gradient(chosen)
-      click, click_label = correction_points(click_rngs[r], self._upsample(prev), target)
+      if train:
+        click, click_label = correction_points(click_rngs[r], ups[-1], target)
+      else:
+        click, click_label = center_points(ups[-1], target)
       points = jnp.concatenate([points, click[:, None]], axis=1)
       labels = jnp.concatenate([labels, click_label[:, None]], axis=1)
       logits, iou_pred = self.model.apply(v, emb, points[:, None], labels[:, None], masks=prev[:, None],
@@ -262,79 +312,110 @@ class SamObjective(base.Objective):
       chosen, iou_pred = logits[:, 0, 0], iou_pred[:, 0, 0]
       up = self._upsample(chosen)
       actual = jax.lax.stop_gradient(hard_scores(up, target)[1])
-      loss = loss + self._mask_loss(up, target) + o.get("iou_weight", 1.0) * (iou_pred - actual) ** 2
-      scores.append(hard_scores(up, target))
-    return loss / self.rounds, scores, is_box
+      loss = loss + self._mask_loss(up, target) + iou_weight * (iou_pred - actual) ** 2
+      ups.append(up)
+    return loss / rounds, ups, points, labels
 
   def loss(self, params, extra, batch, rng, step):
     del step
-    loss, scores, _ = self._rounds(self.effective_params(params), batch, rng, deterministic=False)
-    metrics = {"dice_first": scores[0][0].mean(), "dice_last": scores[-1][0].mean(), "iou_last": scores[-1][1].mean()}
+    v = {"params": self.effective_params(params)}
+    drop_rng, rng = jax.random.split(rng)
+    emb = self.model.apply(v, batch["image"], deterministic=False, method="embed_image", rngs={"dropout": drop_rng})
+    first = "box" if self.recipe == "medsam" else "random"
+    loss, ups, _, _ = self._interact(v, emb, batch, rng, first, self.rounds, train=True)
+    dice_first, dice_last, iou_last = (hard_scores(ups[0], batch["target"])[0],
+                                       *hard_scores(ups[-1], batch["target"]))
+    metrics = {"dice_first": dice_first.mean(), "dice_last": dice_last.mean(), "iou_last": iou_last.mean()}
     return loss.mean(), (metrics, extra)
 
-  def predict_box(self, params, images, boxes):
-    """Deterministic single-mask logits ``[B, H, W]`` for box prompts ``[B, 4]``."""
+  def predictions(self, params, batch, point_rounds: int) -> dict[str, tuple]:
+    """Deterministic predictions per prompt type: ``'box'`` (single mask) and, for ``k`` in
+    ``1..point_rounds``, ``'points_k'``: one positive point (the best of 3 masks by the IoU head)
+    followed by ``k - 1`` correction clicks at the centre of the error region. -> prompt type ->
+    (upsampled logits [B, H, W], points [B, N, 2], labels [B, N]; box corners carry labels 2 / 3)."""
     v = {"params": self.effective_params(params)}
-    emb = self.model.apply(v, images, method="embed_image")
-    logits, _ = self.model.apply(v, emb, boxes=boxes[:, None], multimask_output=False, method="predict")
-    return self._upsample(logits[:, 0, 0])
-
-  def eval_metrics(self, params, extra, batch, rng):
-    """Dice / IoU with a box prompt; with ``recipe='sam'`` also one point (mask picked by the IoU
-    head) and after the interaction rounds (deterministic clicks)."""
-    del extra
-    mask = batch["mask"]
-    dice, iou = hard_scores(self.predict_box(params, batch["image"], batch["box"]), batch["target"])
-    out = {"dice_box": base.masked_sum(dice, mask), "iou_box": base.masked_sum(iou, mask)}
-    for k, name in enumerate(phantoms.MASK_CLASSES):   # per target class
-      if name in self.data.segment.classes and len(self.data.segment.classes) > 1:
-        out[f"dice_box/{name}"] = base.masked_sum(dice, mask & (batch["target_class"] == k))
-    if self.recipe == "sam":
-      p = self.effective_params(params)
-      v = {"params": p}
-      emb = self.model.apply(v, batch["image"], method="embed_image")
-      pts = jnp.concatenate([batch["points"][:, :1], jnp.zeros_like(batch["points"][:, :1])], axis=1)
-      lab = jnp.broadcast_to(jnp.array([1, -1], jnp.int32), pts.shape[:2])
-      logits, iou_pred = self.model.apply(v, emb, pts[:, None], lab[:, None], multimask_output=True,
-                                          pad_points=False, method="predict")
-      best = jnp.argmax(iou_pred[:, 0], -1)
-      chosen = jnp.take_along_axis(logits[:, 0], best[:, None, None, None], axis=1)[:, 0]
-      out["dice_point"] = base.masked_sum(hard_scores(self._upsample(chosen), batch["target"])[0], mask)
-      forced = {**batch, "box": batch["box"]}
-      _, scores, _ = self._rounds(p, forced, rng, deterministic=True)
-      out[f"dice_{self.rounds}_rounds"] = base.masked_sum(scores[-1][0], mask)
+    emb = self.model.apply(v, batch["image"], method="embed_image")
+    rng = jax.random.key(0)     # unused: evaluation prompts are deterministic
+    _, ups, pts, labs = self._interact(v, emb, batch, rng, "box", 1, train=False)
+    out = {"box": (ups[0], pts, labs)}
+    if point_rounds:
+      _, ups, pts, labs = self._interact(v, emb, batch, rng, "point", point_rounds, train=False)
+      for k, up in enumerate(ups, 1):
+        n = 1 + k                 # the first point, its 'not a point' padding, k - 1 clicks
+        out[f"points_{k}"] = (up, pts[:, :n], labs[:, :n])
     return out
 
-  def eval_artifacts(self, params, extra, batch, rng, workdir, step):
-    """``WORKDIR/overlays/step_N.png``: up to 8 eval images with the target (green) and the
-    box-prompted prediction (red), the box in blue."""
+  @functools.cached_property
+  def _jit_predictions(self):
+    return jax.jit(self.predictions, static_argnums=2)
+
+  def eval_metrics(self, params, extra, batch, rng):
+    """``dice_<prompt>`` and ``iou_<prompt>`` for every prompt type of :meth:`predictions`
+    (``objective.eval_point_rounds`` point rounds), and per target class (``.../<class>``: those of
+    ``data.segment.classes`` and 'body', the fallback target) when there are several."""
     del extra, rng
-    n = min(8, batch["image"].shape[0])
-    pred = np.asarray(self.predict_box(params, batch["image"][:n], batch["box"][:n]) > 0)
-    if jax.process_index() != 0:
-      return
+    mask = batch["mask"]
+    # Targets come from data.segment.classes, or the body of an image that has none of them.
+    classes = [c for c in phantoms.MASK_CLASSES if c in self.data.segment.classes or c == "body"]
+    out = {}
+    for prompt, (logits, _, _) in self.predictions(params, batch, self.eval_point_rounds).items():
+      dice, iou = hard_scores(logits, batch["target"])
+      out[f"dice_{prompt}"], out[f"iou_{prompt}"] = base.masked_sum(dice, mask), base.masked_sum(iou, mask)
+      for name in classes if len(classes) > 1 else ():
+        rows = mask & (batch["target_class"] == phantoms.MASK_CLASSES.index(name))
+        out[f"dice_{prompt}/{name}"], out[f"iou_{prompt}/{name}"] = base.masked_sum(dice, rows), base.masked_sum(iou, rows)
+    return out
+
+  def overlay(self, params, batch, n: int = 8) -> np.ndarray:
+    """uint8 RGB picture of up to ``n`` examples of ``batch``: the box-prompted prediction (top
+    row) and, with point rounds, the prediction after the last click (bottom row, clicks drawn);
+    target green, prediction red, box blue, positive clicks yellow, negative magenta."""
+    n = min(n, batch["image"].shape[0])
+    head = {k: v[:n] for k, v in batch.items()}
+    preds = jax.device_get(self._jit_predictions(params, head, self.eval_point_rounds))
     d = self.config.data
-    img = np.asarray(batch["image"][:n], np.float32) * np.asarray(d.std, np.float32) + np.asarray(d.mean, np.float32)
-    png = io.BytesIO()
-    Image.fromarray(overlay_grid(img, np.asarray(batch["target"][:n]) > 0.5, pred,
-                                 np.asarray(batch["box"][:n]))).save(png, "PNG")
-    storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", png.getvalue())
+    img = np.asarray(head["image"], np.float32) * np.asarray(d.std, np.float32) + np.asarray(d.mean, np.float32)
+    target, box = np.asarray(head["target"]) > 0.5, np.asarray(head["box"])
+    rows = [overlay_grid(img, target, preds["box"][0] > 0, box)]
+    if self.eval_point_rounds:
+      logits, pts, labs = preds[f"points_{self.eval_point_rounds}"]
+      rows.append(overlay_grid(img, target, logits > 0, None, pts, labs))
+    return np.concatenate(rows, axis=0)
+
+  def eval_artifacts(self, params, extra, batch, rng, workdir, step):
+    """``WORKDIR/overlays/step_N.png`` (:meth:`overlay`)."""
+    del extra, rng
+    picture = self.overlay(params, batch)
+    if jax.process_index() == 0:
+      storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", png_bytes(picture))
 
 
-def overlay_grid(images, targets, preds, boxes, scale: int = 4) -> np.ndarray:
-  """Images in [0, 1] ``[n, H, W, C]`` with target (green), prediction (red) and box (blue)
-  outlines, side by side, enlarged ``scale`` times -> uint8 ``[H*s, n*W*s, 3]``."""
+def png_bytes(picture: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(picture).save(out, "PNG")
+  return out.getvalue()
+
+
+def overlay_grid(images, targets, preds, boxes=None, points=None, labels=None, scale: int = 4) -> np.ndarray:
+  """Images in [0, 1] ``[n, H, W, C]`` with target (green), prediction (red) and box (blue,
+  ``boxes [n, 4]``) outlines and clicks (``points [n, N, 2]`` with ``labels [n, N]``: 1 yellow,
+  0 magenta, others not drawn), side by side, enlarged ``scale`` times -> uint8 ``[H*s, n*W*s, 3]``."""
   def edge(m):
     m = np.kron(m, np.ones((scale, scale), bool))
     return m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
   tiles = []
-  for img, t, p, b in zip(images, targets, preds, boxes):
+  for i, (img, t, p) in enumerate(zip(images, targets, preds)):
     rgb = np.repeat(np.clip(img, 0, 1), 3 // img.shape[-1], -1)[..., :3]
     rgb = np.kron(rgb, np.ones((scale, scale, 1))) * 0.8
     box = np.zeros(t.shape, bool)
-    x0, y0, x1, y1 = np.clip(np.round(b).astype(int), 0, [t.shape[1] - 1, t.shape[0] - 1] * 2)
-    box[y0:y1 + 1, x0:x1 + 1] = True
+    if boxes is not None:
+      x0, y0, x1, y1 = np.clip(np.round(boxes[i]).astype(int), 0, [t.shape[1] - 1, t.shape[0] - 1] * 2)
+      box[y0:y1 + 1, x0:x1 + 1] = True
     for m, color in ((box, (0.2, 0.4, 1.0)), (t, (0.1, 1.0, 0.1)), (p, (1.0, 0.1, 0.1))):
       rgb[edge(m)] = color
+    for (x, y), label in zip(points[i] if points is not None else (), labels[i] if labels is not None else ()):
+      if label in (0, 1):
+        x, y = int(np.clip(x, 0, t.shape[1] - 1)), int(np.clip(y, 0, t.shape[0] - 1))
+        rgb[y * scale:(y + 1) * scale, x * scale:(x + 1) * scale] = (1.0, 1.0, 0.0) if label == 1 else (1.0, 0.0, 1.0)
     tiles.append(rgb)
   return (np.concatenate(tiles, axis=1) * 255).astype(np.uint8)

@@ -150,18 +150,26 @@ def _check_finite(state) -> None:
                          "or use float32)")
 
 
-def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, float]:
-  """Held-out metrics over the eval split, then the objective's artifacts."""
+def eval_sums(eval_fn, params, extra, eval_batches, mesh) -> tuple[dict[str, tuple[float, float]], dict | None]:
+  """Runs ``eval_fn(params, extra, global batch) -> {name: (sum, count)}`` over ``eval_batches``
+  -> ({name: (total sum, total count)}, the first global batch or None). Shared by the in-training
+  evals and the evaluation protocols that restore a run (``evaluate.protocols``)."""
   sums: dict[str, list[float]] = {}
-  state = trainer.state
   first = None
   for local in eval_batches:
-    batch = mesh_lib.to_global_batch(local, trainer.mesh)
+    batch = mesh_lib.to_global_batch(local, mesh)
     first = first or batch
-    for name, (total, count) in jax.device_get(eval_fn(state.params, state.extra, batch)).items():
+    for name, (total, count) in jax.device_get(eval_fn(params, extra, batch)).items():
       acc = sums.setdefault(name, [0.0, 0.0])
       acc[0] += float(total)
       acc[1] += float(count)
+  return {k: (s, c) for k, (s, c) in sums.items()}, first
+
+
+def evaluate(trainer: Trainer, eval_fn, eval_batches, step: int) -> dict[str, float]:
+  """Held-out metrics over the eval split, then the objective's artifacts."""
+  state = trainer.state
+  sums, first = eval_sums(eval_fn, state.params, state.extra, eval_batches, trainer.mesh)
   if first is not None:
     trainer.objective.eval_artifacts(state.params, state.extra, first, jax.random.PRNGKey(0),
                                      trainer.workdir, step)

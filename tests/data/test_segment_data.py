@@ -1,8 +1,10 @@
 """Phantom masks, SAM prompts made in the input pipeline (data.segment)."""
+import pathlib
+
 import numpy as np
 import pytest
 
-from medfm_jax.data import phantoms, pipeline, prompts
+from medfm_jax.data import phantoms, pipeline, prompts, sources
 from medfm_jax.data import spec as spec_lib
 
 
@@ -85,5 +87,77 @@ def test_manifest_mask_column(tmp_path):
     assert t.sum() > 5 and (img[t] > mid).mean() > 0.8 and (img[~t] > mid).mean() < 0.2
     ys, xs = np.nonzero(t)
     np.testing.assert_array_equal(batch["box"][i], [xs.min(), ys.min(), xs.max(), ys.max()])
-  with pytest.raises(ValueError, match="data.segment: masks come from"):
-    pipeline.make_source(spec_lib.resolve({**data, "source": "folder"}), "train")
+
+
+def _seg_source_dicom(path, pixels):
+  """A CT image with the attributes a DICOM SEG writer needs of its source (patient, study, frame
+  of reference, plane geometry)."""
+  import pydicom  # pylint: disable=import-outside-toplevel
+  from medfm_jax.data import export  # pylint: disable=import-outside-toplevel
+  ds = pydicom.dcmread(export.write_dicom(str(path), pixels))
+  for k, v in dict(PatientName="Phantom^A", PatientID="p1", PatientBirthDate="", PatientSex="O",
+                   StudyDate="20260101", StudyTime="000000", ReferringPhysicianName="", StudyID="1",
+                   AccessionNumber="", SeriesNumber=1, InstanceNumber=1,
+                   FrameOfReferenceUID=pydicom.uid.generate_uid(), PixelSpacing=[1, 1],
+                   ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, 0],
+                   SliceThickness=1).items():
+    if k not in ds:
+      setattr(ds, k, v)
+  ds.save_as(path)
+  return ds
+
+
+def _highdicom_seg(path, source, ids):
+  """``ids`` (segment k = label k) as a BINARY DICOM SEG written by highdicom (another writer)."""
+  import highdicom as hd  # the 'parity' extra  pylint: disable=import-outside-toplevel
+  from pydicom.sr.codedict import codes  # pylint: disable=import-outside-toplevel
+  desc = [hd.seg.SegmentDescription(segment_number=k, segment_label=f"object {k}",
+                                    segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                                    segmented_property_type=codes.SCT.Lesion,
+                                    algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+          for k in range(1, int(ids.max()) + 1)]
+  hd.seg.Segmentation(source_images=[source], pixel_array=ids, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                      segment_descriptions=desc, series_instance_uid=hd.UID(), series_number=2,
+                      sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+                      manufacturer_model_name="test", software_versions="0",
+                      device_serial_number="0").save_as(path)
+
+
+def test_folder_masks_png_and_dicom_seg(tmp_path):
+  """Folder layout: <stem>_mask.png / <stem>_mask.dcm beside the image; a DICOM SEG from highdicom
+  reads back as its label map; masked examples become targets."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "root" / "a"
+  root.mkdir(parents=True)
+  ids = np.zeros((40, 60), np.uint8)
+  ids[10:20, 25:35] = 1
+  ids[25:30, 40:50] = 2
+  img = np.where(ids > 0, 220, 30).astype(np.uint8)
+  Image.fromarray(img).save(root / "im0.png")
+  Image.fromarray(ids).save(root / "im0_mask.png")
+  source = _seg_source_dicom(root / "im1.dcm", np.where(ids > 0, 1000, 0).astype(np.int16))
+  _highdicom_seg(root / "im1_mask.dcm", source, ids)
+  np.testing.assert_array_equal(sources.read_mask(str(root / "im1_mask.dcm"), (40, 60))["lesion_ids"], ids)
+  Image.fromarray(img).save(tmp_path / "other_mask.png")
+  with pytest.raises(sources.DataError, match="must be a Segmentation"):
+    sources.read_mask(str(root / "im1.dcm"), (40, 60))
+
+  entries, _ = sources.list_folder(str(tmp_path / "root"))
+  assert [(pathlib.Path(e.path).name, pathlib.Path(e.mask).name) for e in entries] == [
+      ("im0.png", "im0_mask.png"), ("im1.dcm", "im1_mask.dcm")]
+  Image.fromarray(img).save(root / "lonely_mask.png")      # no image 'lonely': an image itself
+  Image.fromarray(img).save(root / "im2.png")              # an image without a mask
+  entries, _ = sources.list_folder(str(tmp_path / "root"))
+  assert {pathlib.Path(e.path).name: e.mask for e in entries}.keys() == {"im0.png", "im1.dcm", "im2.png",
+                                                                         "lonely_mask.png"}
+  assert not [e for e in entries if pathlib.Path(e.path).name in ("im2.png", "lonely_mask.png") and e.mask]
+
+  (root / "lonely_mask.png").unlink()
+  (root / "im2.png").unlink()
+  data = dict(source="folder", path=str(tmp_path / "root"), image_size=32, channels=1, flip=False,
+              splits="train:1.0", window="minmax", segment=dict(classes=("lesion",), jitter=0.0))
+  batch = next(pipeline.make_train_iterator(spec_lib.resolve(data), 4, seed=0))
+  for i in range(4):
+    t, im = batch["target"][i] > 0, batch["image"][i, ..., 0]
+    mid = (im.max() + im.min()) / 2
+    assert t.sum() > 5 and (im[t] > mid).mean() > 0.8 and (im[~t] > mid).mean() < 0.2

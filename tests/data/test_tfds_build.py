@@ -186,6 +186,32 @@ def test_build_phantoms_roundtrip(tmp_path):
                                                                  want["caption"])
 
 
+def test_build_masks_roundtrip(tmp_path):
+  """A folder with <stem>_mask.png label maps -> a 'mask' feature -> tfds records with the masks,
+  segmentation targets from them; a folder where only some images have masks is refused."""
+  from medfm_jax.data import build  # pylint: disable=g-import-not-at-top
+  ids = {}
+  for i in range(4):
+    m = np.zeros((16, 16), np.uint8)
+    m[2 + i:8 + i, 3:9], m[10:14, 10:15] = 1, 2
+    ids[f"{i}.png"] = m
+    export.write_image(str(tmp_path / "data" / "c" / f"{i}.png"), np.where(m > 0, 200, 20).astype(np.uint8))
+    export.write_image(str(tmp_path / "data" / "c" / f"{i}_mask.png"), m)
+  build.build("folder", str(tmp_path / "out"), "seg", path=str(tmp_path / "data"), splits="train:1.0")
+  cfg = _cfg(str(tmp_path / "out"), name="seg", splits="train:1.0")
+  src = pipeline.make_source(cfg, "train")
+  for i in range(4):
+    r = src[i]
+    np.testing.assert_array_equal(r["lesion_ids"], ids[os.path.basename(r["path"])])
+    np.testing.assert_array_equal(r["masks"][..., 0], r["lesion_ids"] > 0)
+  cfg.segment, cfg.flip = dict(classes=("lesion",), jitter=0.0), False
+  batch = next(pipeline.make_train_iterator(cfg, 4, seed=0))
+  assert all(0 < t.sum() < 40 for t in batch["target"])
+  os.remove(tmp_path / "data" / "c" / "3_mask.png")
+  with pytest.raises(ValueError, match="3 of 4 images have a mask"):
+    build.build("folder", str(tmp_path / "out"), "seg2", path=str(tmp_path / "data"))
+
+
 def test_build_shards_and_refuses_to_overwrite(tmp_path):
   from medfm_jax.data import build  # pylint: disable=g-import-not-at-top
   build.build("phantoms", str(tmp_path), "sh", num_examples="train:5", image_size=8, shard_size=2)

@@ -33,6 +33,9 @@ def test_losses_and_scores():
   good, bad = 20 * (2 * target - 1), -20 * (2 * target - 1)
   assert float(sam.dice_loss(good, target)[0]) < 1e-3 < 0.9 < float(sam.dice_loss(bad, target)[0])
   assert float(sam.focal_loss(good, target)[0]) < 1e-6 < float(sam.focal_loss(bad, target)[0])
+  tiny = jnp.zeros((1, 8, 8)).at[:, 3, 3:5].set(1.0)          # a 2-pixel target, nothing predicted
+  np.testing.assert_allclose(float(sam.dice_loss(jnp.full((1, 8, 8), -30.0), tiny)[0]), 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(float(sam.dice_loss(jnp.full((1, 8, 8), -30.0), tiny, 1e-5)[0]), 1, atol=1e-4)
   dice, iou = sam.hard_scores(good.at[0, 2, 2].set(-1.0), target)
   np.testing.assert_allclose([float(dice[0]), float(iou[0])], [30 / 31, 15 / 16], rtol=1e-6)
 
@@ -86,12 +89,19 @@ def test_overlay_grid_outlines():
   t[:, 2:6, 2:6] = True
   p = np.zeros_like(t)
   p[1, 0:3, 0:3] = True
-  grid = sam.overlay_grid(np.full((2, 8, 8, 1), 0.5), t, p, np.array([[2, 2, 5, 5], [1, 1, 6, 6]], np.float32), 2)
+  grid = sam.overlay_grid(np.full((2, 8, 8, 1), 0.5), t, p, np.array([[2, 2, 5, 5], [1, 1, 6, 6]], np.float32),
+                          scale=2)
   assert grid.shape == (16, 32, 3) and grid.dtype == np.uint8
   green = (grid[..., 1] > 200) & (grid[..., 0] < 100)
   red = (grid[..., 0] > 200) & (grid[..., 1] < 100)
   assert green[:, :16].any() and not red[:, :16].any() and red[:, 16:].any()
   assert green[4, 4 + 2] and not green[8, 8]     # the target's outline, not its inside
+  clicks = sam.overlay_grid(np.full((2, 8, 8, 1), 0.5), t, p, None, np.array([[[1, 6], [4, 4]]] * 2, np.float32),
+                            np.array([[1, 0], [-1, 3]]), scale=2)
+  yellow = (clicks[..., 0] > 200) & (clicks[..., 1] > 200) & (clicks[..., 2] < 100)
+  magenta = (clicks[..., 0] > 200) & (clicks[..., 1] < 100) & (clicks[..., 2] > 200)
+  assert yellow[12:14, 2:4].all() and magenta[8:10, 8:10].all()     # (x, y) = (1, 6) and (4, 4), x2
+  assert not yellow[:, 16:].any() and not magenta[:, 16:].any()      # labels -1 / 3 are not clicks
 
 
 def test_training_prompts_encode_as_sam_prompts():
