@@ -26,6 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store  # the Store orbax's own default uses
+from orbax.checkpoint._src.serialization import type_handler_registry  # add(..., ignore_warnings)
 
 from medfm_jax import storage
 
@@ -36,9 +37,9 @@ _CHUNK = 1 << 20   # elements per host chunk of the fingerprint
 # programs per process on its first save (about a third of a 4-step CPU run). Slices under 1 MiB
 # are written whole by one replica, as orbax does with ``use_replica_parallel=False``.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
     min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-    array_metadata_store=array_metadata_store.Store()), override=True)
+    array_metadata_store=array_metadata_store.Store()), override=True, ignore_warnings=True)
 
 
 class CheckpointError(ValueError):
