@@ -41,6 +41,7 @@ def _sam_dice(logits, target):
   return 2 * (pred & gt).sum((1, 2)) / np.maximum(pred.sum((1, 2)) + gt.sum((1, 2)), 1)
 
 
+@pytest.mark.slow   # ~35 CPU-s of SAM compiles (every prompt type)
 def test_segment_protocol_matches_sam_predictions(sam_run, tmp_path):
   workdir, _, objective, params = sam_run
   c = segment_config.get_config(f"tiny,init_from='{workdir}',data.eval_examples=8,data.eval_batch_size=8,"
