@@ -28,30 +28,35 @@ def normalize(x: np.ndarray, stats) -> np.ndarray:
   return ((np.asarray(x, np.float64) - mean) * inv_std).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "tx", "batch_size", "epochs"))
-def _fit(x, y, key, *, num_classes: int, tx, batch_size: int, epochs: int, init_std: float):
-  n, d = x.shape
-  params = {"w": init_std * jax.random.normal(jax.random.fold_in(key, 0), (d, num_classes)),
-            "b": jnp.zeros((num_classes,))}
+def _minibatch_epochs(loss_fn, params, x, y, key, tx, batch_size: int, epochs: int):
+  """``epochs`` passes of ``tx`` over shuffled minibatches of ``(x, y)`` (each epoch a fresh
+  permutation from ``key``; the remainder of an epoch is dropped), all inside one ``lax.scan``."""
+  n = x.shape[0]
   steps_per_epoch = max(n // batch_size, 1)
 
-  def loss_fn(p, xb, yb):
-    logits = xb @ p["w"] + p["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
   def epoch(carry, e):
-    p, opt = carry
     perm = jax.random.permutation(jax.random.fold_in(key, e + 1), n)[:steps_per_epoch * batch_size]
     def step(c, idx):
       p, opt = c
       grads = jax.grad(loss_fn)(p, x[idx], y[idx])
       updates, opt = tx.update(grads, opt, p)
       return (optax.apply_updates(p, updates), opt), None
-    (p, opt), _ = jax.lax.scan(step, (p, opt), perm.reshape(steps_per_epoch, -1))
-    return (p, opt), None
+    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, -1))[0], None
 
-  (params, _), _ = jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))
-  return params
+  return jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))[0][0]
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "tx", "batch_size", "epochs"))
+def _fit(x, y, key, *, num_classes: int, tx, batch_size: int, epochs: int, init_std: float):
+  d = x.shape[1]
+  params = {"w": init_std * jax.random.normal(jax.random.fold_in(key, 0), (d, num_classes)),
+            "b": jnp.zeros((num_classes,))}
+
+  def loss_fn(p, xb, yb):
+    logits = xb @ p["w"] + p["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  return _minibatch_epochs(loss_fn, params, x, y, key, tx, batch_size, epochs)
 
 
 def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, batch_size: int,
@@ -123,27 +128,16 @@ def seg_upsample(logits, size: int):
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "tx", "batch_size", "epochs"))
 def _fit_seg(x, y, class_weights, key, *, num_classes: int, tx, batch_size: int, epochs: int):
-  n, d = x.shape[0], x.shape[-1]
+  d = x.shape[-1]
   params = {"w": 0.01 * jax.random.normal(jax.random.fold_in(key, 0), (d, num_classes)),
             "b": jnp.zeros((num_classes,))}
-  steps_per_epoch = max(n // batch_size, 1)
 
   def loss_fn(p, xb, yb):
     logits = seg_upsample(xb @ p["w"] + p["b"], yb.shape[1])
     w = class_weights[yb]
     return (optax.softmax_cross_entropy_with_integer_labels(logits, yb) * w).sum() / w.sum()
 
-  def epoch(carry, e):
-    perm = jax.random.permutation(jax.random.fold_in(key, e + 1), n)[:steps_per_epoch * batch_size]
-    def step(c, idx):
-      p, opt = c
-      grads = jax.grad(loss_fn)(p, x[idx], y[idx])
-      updates, opt = tx.update(grads, opt, p)
-      return (optax.apply_updates(p, updates), opt), None
-    return jax.lax.scan(step, carry, perm.reshape(steps_per_epoch, -1))[0], None
-
-  params, _ = jax.lax.scan(epoch, (params, tx.init(params)), jnp.arange(epochs))[0]
-  return params
+  return _minibatch_epochs(loss_fn, params, x, y, key, tx, batch_size, epochs)
 
 
 def seg_probe(train_tokens, train_masks, test_tokens, num_classes: int, cfg,
