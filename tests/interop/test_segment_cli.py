@@ -15,6 +15,7 @@ SIZES = dict(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_di
              global_attn_indexes=(1,), prompt_dim=16, decoder_heads=2, decoder_mlp_dim=32, iou_head_hidden_dim=16)
 
 
+@pytest.mark.slow   # ~19 CPU-s: SAM compiles for every prompt row
 def test_segment_folder(tmp_path):
   model = sam_lib.build_sam(SIZES)
   params = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.zeros((1, 32, 32, 3)))["params"]

@@ -23,6 +23,7 @@ def _config(**overrides):
   return helpers.tiny_dino_config(**overrides)
 
 
+@pytest.mark.slow   # ~18 CPU-s: compiles two DINO steps
 @helpers.own_xdist_group   # uses no module fixture
 def test_step_updates_teacher_by_ema_center_and_keeps_last_layer_frozen():
   config = _config(**{"objective.teacher_temp": 0.07})   # warmup_teacher_temp 0.04 -> 0.07
