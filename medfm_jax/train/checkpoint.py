@@ -107,7 +107,7 @@ def fingerprint(tree) -> dict[str, list[int]]:
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   on_device = [i for i, (_, x) in enumerate(leaves) if _on_accelerator(x)]
-  on_host = [i for i in range(len(leaves)) if i not in set(on_device)]
+  on_host = sorted(set(range(len(leaves))) - set(on_device))
   sums = np.zeros((len(leaves), 2), np.uint32)
   if on_device:
     device_sums = _device_sums([leaves[i][1] for i in on_device])
