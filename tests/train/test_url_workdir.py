@@ -169,6 +169,36 @@ def test_sweep_bookkeeping_in_a_bucket(bucket, tmp_path, monkeypatch):
   assert sorted(os.listdir(cwd)) == []
 
 
+@pytest.mark.slow
+def test_train_run_from_a_bucket_skips_damaged_files_and_logs_them_in_the_bucket(gcs, tmp_path, monkeypatch):
+  """On the GCS emulator: a 2-step MAE run (``loop.train``, what ``medfm_jax.main`` runs) reads a
+  folder dataset at ``gs://bucket/...`` holding an empty PNG with ``data.on_error=skip``; the run
+  counts the skipped draws in ``data/skipped`` and appends each read of the file to
+  ``skipped_files.txt`` in the gs:// workdir, and nothing lands under the working folder (no
+  ``./gs:``)."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  data, url = "gs://bucket/skips/data", "gs://bucket/skips/run"
+  rng = np.random.default_rng(2)
+  for split, n in (("train", 10), ("val", 8)):
+    for i in range(n):
+      export.write_image(f"{data}/{split}/c/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+  storage.write_bytes(f"{data}/train/c/bad.png", b"")
+  config = helpers.tiny_mae_config(**{
+      "data.source": "folder", "data.path": data, "data.on_error": "skip", "total_steps": 2,
+      "data.eval_examples": 8, "data.eval_batch_size": 8, "objective.recon_examples": 4})
+  loop.train(config, url, helpers.single_device_mesh(config))
+  rows = [json.loads(line) for line in gcs.read("bucket", "skips/run/metrics.jsonl").splitlines()]
+  skipped = [m["data/skipped"] for m in rows if "data/skipped" in m]
+  assert len(skipped) == 2 and all(s >= 1 for s in skipped)   # 11 files, batch 16: drawn every batch
+  lines = gcs.read("bucket", "skips/run/skipped_files.txt").decode().splitlines()
+  assert len(lines) >= sum(skipped), lines   # the input reads ahead of the steps (prefetch)
+  assert all(line == f"{data}/train/c/bad.png\tempty file (0 bytes)" for line in lines), lines
+  assert "skips/run/skipped_files.txt" in gcs.list("bucket", "skips/run/")
+  assert os.listdir(cwd) == []   # e.g. no ./gs:/bucket/skips/run
+
+
 def test_bucket_listings_show_what_tensorstore_wrote(gcs):
   """On the GCS emulator: orbax writes checkpoints through TensorStore, not gcsfs, so a folder
   listed before a new step was written must still show it (medfm_jax.storage turns gcsfs' listings
