@@ -9,8 +9,11 @@ evaluate from ``init_from=gs://...`` (restore, results, embeddings), write an at
 config.json, build the sweep report, read folder/manifest datasets and log skipped files, and run a
 sweep stage (log, DONE, sweep.json), all with the cwd set to an empty folder that must stay empty.
 """
+import concurrent.futures
 import importlib
 import json
+import multiprocessing
+import operator
 import os
 import sys
 
@@ -210,3 +213,31 @@ def test_bucket_listings_show_what_tensorstore_wrote(gcs):
   kv["checkpoints/6/state"] = b"6"
   assert sorted(p.name for p in root.iterdir()) == ["3", "6"]
   assert (root / "6").is_dir()
+
+
+def test_concurrent_appends_to_a_bucket_object_keep_every_line(gcs):
+  """An appended URL object is read, extended and rewritten (no append in object stores): the
+  input's reader threads skipping bad files at once must not lose each other's lines."""
+  url = "gs://bucket/appends/skipped_files.txt"
+  lines = [f"t{t}/{i}\n" for t in range(4) for i in range(6)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda line: storage.append_text(url, line), lines))
+  assert sorted(gcs.read("bucket", "appends/skipped_files.txt").decode().splitlines(keepends=True)) == sorted(lines)
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_log_skips_to_their_own_bucket_objects(gcs):
+  """A source pickled into another process (a grain worker) logs its skips to
+  ``skipped_files.worker<pid>.txt`` beside the URL log: processes rewriting one object would drop
+  each other's lines. The process that built the source writes the log itself."""
+  storage.write_bytes("gs://bucket/workers/data/bad.png", b"")
+  export.write_image("gs://bucket/workers/data/good.png", np.zeros((4, 4), np.uint8))
+  entries = [sources.Entry(f"gs://bucket/workers/data/{n}.png", label="x") for n in ("bad", "good")]
+  src = sources.FileSource(entries, ["x"], decode.Preprocess(), "skip", "gs://bucket/workers/run/skipped_files.txt")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    assert pool.submit(operator.getitem, src, 0).result()["skipped"] == 1
+    pid = pool.submit(os.getpid).result()
+  assert src[0]["skipped"] == 1
+  line = "gs://bucket/workers/data/bad.png\tempty file (0 bytes)\n"
+  assert gcs.read("bucket", f"workers/run/skipped_files.worker{pid}.txt").decode() == line
+  assert gcs.read("bucket", "workers/run/skipped_files.txt").decode() == line
