@@ -11,7 +11,9 @@ not cached (``fsspec.config.conf['gcs']``, set here unless the user set it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import fsspec
 from etils import epath
@@ -87,10 +89,16 @@ class AppendFile:
       self._file.close()
 
 
+_URL_APPENDS = threading.Lock()
+
+
 def append_text(p: str | os.PathLike, text: str) -> None:
-  """Appends ``text`` to the file ``p`` (created with its parents if missing)."""
-  f = AppendFile(p)
-  try:
-    f.write(text)
-  finally:
-    f.close()
+  """Appends ``text`` to the file ``p`` (created with its parents if missing). A URL object is
+  read and rewritten under a lock, so that threads of this process (the input's readers) do not
+  drop each other's lines; a local file is appended with one write."""
+  with _URL_APPENDS if is_url(path(p)) else contextlib.nullcontext():
+    f = AppendFile(p)
+    try:
+      f.write(text)
+    finally:
+      f.close()

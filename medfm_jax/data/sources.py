@@ -296,6 +296,7 @@ class RobustSource:
     if on_error not in ON_ERROR:
       raise ValueError(f"data.on_error={on_error!r}: allowed {', '.join(ON_ERROR)}")
     self.num_examples, self.on_error, self.skip_log = int(num_examples), on_error, skip_log
+    self._pid = os.getpid()   # the process that built the source (not a grain worker)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -306,7 +307,15 @@ class RobustSource:
   def _skip(self, error: DataError) -> None:
     logging.warning("skipping bad data: %s", error)
     if self.skip_log:
-      storage.append_text(self.skip_log, f"{error.path}\t{error.reason}\n")
+      storage.append_text(self._skip_log_here(), f"{error.path}\t{error.reason}\n")
+
+  def _skip_log_here(self) -> str:
+    """The skip log, or in a grain worker process with a URL log ``<stem>.worker<pid>.txt`` beside
+    it: an object is appended by rewriting it, so processes sharing one would drop lines (local
+    files are appended atomically)."""
+    if os.getpid() == self._pid or not storage.is_url(self.skip_log):
+      return self.skip_log
+    return f"{self.skip_log.removesuffix('.txt')}.worker{os.getpid()}.txt"
 
   def __getitem__(self, index: int) -> dict:
     index, n = int(index), self.num_examples

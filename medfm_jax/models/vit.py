@@ -327,6 +327,13 @@ class VisionTransformer(nn.Module):
       return tuple(self.patch_3d) if self.patch_3d else (p, p, p)
     return (p, p)
 
+  def learned_grid(self, ndim: int) -> tuple[int, ...]:
+    """The grid the learned position embedding is created for (then resampled to each input's):
+    ``volume_size`` (default: ``image_size`` cubed) in patches for volumes, else the image grid."""
+    if ndim == 3:
+      return patch_grid(tuple(self.volume_size or (self.image_size,) * 3), self.patch_shape(3))
+    return (self.image_size // self.size.patch_size,) * 2
+
   @property
   def size(self) -> ViTSize:
     overrides = {k: getattr(self, k) for k in ("width", "depth", "num_heads", "mlp_dim")
@@ -417,10 +424,7 @@ class VisionTransformer(nn.Module):
                          f"use 'sincos{len(grid)}d' or 'learned'")
       return jnp.asarray(layers.sincos_nd(width, grid))[None]
     if self.pos_embed == "learned":
-      if len(grid) == 3:
-        g0 = patch_grid(tuple(self.volume_size or (self.image_size,) * 3), self.patch_shape(3))
-      else:
-        g0 = (self.image_size // self.size.patch_size,) * 2
+      g0 = self.learned_grid(len(grid))
       pos = layers.param_with_axes(self, "pos_embed", nn.initializers.normal(0.02),
                                    (1, int(np.prod(g0)), width), (None, None, "embed"))
       return layers.interpolate_pos_embed(pos, g0, grid, num_prefix=0)
@@ -470,6 +474,16 @@ def vit_from_config(config) -> VisionTransformer:
       class_token=m.get("class_token", True), patch_embed=m.get("patch_embed", "patch"),
       cls_pool=m.get("cls_pool", "token"), patch_3d=patch_3d_from_config(m),
       volume_size=volume_size_from_config(config.data))
+
+
+def learned_grid_from_config(model_cfg, data_cfg) -> tuple[int, ...]:
+  """:meth:`VisionTransformer.learned_grid` of the encoder a config describes (also a saved
+  config's plain dicts): the ``data.volume`` crop in patches, else the ``data.image_size`` grid."""
+  patch = parse_variant(model_cfg["variant"]).patch_size
+  volume = volume_size_from_config(data_cfg)
+  if volume is not None:
+    return patch_grid(volume, patch_3d_from_config(model_cfg) or (patch,) * 3)
+  return (int(data_cfg["image_size"]) // patch,) * 2
 
 
 def patch_3d_from_config(model_cfg) -> tuple[int, int, int] | None:

@@ -14,6 +14,7 @@ ones to ``WORKDIR/checkpoints_damaged/``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from typing import Any
 
@@ -63,11 +64,41 @@ def _words_sums(x) -> jax.Array:
   return jnp.stack([words.sum(dtype=jnp.uint32), (words * words).sum(dtype=jnp.uint32)])
 
 
-@jax.jit
-def _device_sums(leaves: list) -> jax.Array:
+def _stacked_sums(leaves: list) -> jax.Array:
+  return jnp.stack([_words_sums(x) for x in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def _replicated_sums(out: jax.sharding.Sharding):
+  """:func:`_stacked_sums` jitted with its output replicated over ``out``'s devices, so that every
+  process holds all of it whatever the inputs' shardings (XLA chooses unspecified output
+  shardings itself)."""
+  return jax.jit(_stacked_sums, out_shardings=out)
+
+
+def _device_order(sharding: jax.sharding.Sharding) -> tuple:
+  """The devices of ``sharding`` in its order (jit needs the inputs' and outputs' to agree)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return tuple(sharding.mesh.devices.flat)
+  return tuple(sharding._device_assignment)   # pylint: disable=protected-access  (no public order for other kinds)
+
+
+def _device_sums(leaves: list) -> np.ndarray:
   """``[len(leaves), 2]`` uint32: :func:`_words_sums` of each leaf, computed where the leaves are
-  (integer sums wrap mod 2**32 in any order, so any sharding gives the same result)."""
-  return jnp.stack([_words_sums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+  (integer sums wrap mod 2**32 in any order, so any sharding gives the same result): one program
+  per device assignment, whose output is replicated on its devices, so that each process reads
+  the whole result from its own copy. Every process must call it with the same leaves (the
+  programs run collectives across processes)."""
+  sums = np.zeros((len(leaves), 2), np.uint32)
+  groups: dict[tuple, list[int]] = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(_device_order(x.sharding), []).append(i)
+  for devices, index in groups.items():
+    out = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("devices",)),
+                                     jax.sharding.PartitionSpec())
+    result = _replicated_sums(out)([leaves[i] for i in index])
+    sums[index] = np.asarray(result.addressable_data(0))
+  return sums
 
 
 def _host_sums(blocks) -> np.ndarray:
@@ -96,22 +127,24 @@ def _on_accelerator(x) -> bool:
   return isinstance(x, jax.Array) and next(iter(x.devices())).platform != "cpu"
 
 
-def fingerprint(tree) -> dict[str, list[int]]:
+def fingerprint(tree, on_device: bool | None = None) -> dict[str, list[int]]:
   """``path -> [sum of words, sum of squared words]`` mod 2**32 of every leaf, where the words are
   the elements' raw bits as unsigned integers of the dtype's width. Exact integer sums, so the
   same for any sharding, mesh or process count; a changed element changes them.
 
-  Arrays on accelerators are summed where they are (one jitted program; 8 bytes per leaf come to
-  the host instead of the whole state); host values and arrays on CPU devices (no copy needed,
-  and numpy sums them several times faster than XLA's CPU backend) on the host.
+  ``on_device=None`` (the default): arrays on accelerators are summed where they are (jitted
+  programs; 8 bytes per leaf come to the host instead of the whole state); host values and arrays
+  on CPU devices (no copy needed, and numpy sums them several times faster than XLA's CPU backend)
+  on the host. ``True`` sums every ``jax.Array`` where it is (the tests run the accelerators' path
+  on CPU devices this way); ``False`` sums everything on the host.
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  on_device = [i for i, (_, x) in enumerate(leaves) if _on_accelerator(x)]
-  on_host = sorted(set(range(len(leaves))) - set(on_device))
+  where = _on_accelerator if on_device is None else lambda x: on_device and isinstance(x, jax.Array)
+  on_device_leaves = [i for i, (_, x) in enumerate(leaves) if where(x)]
+  on_host = sorted(set(range(len(leaves))) - set(on_device_leaves))
   sums = np.zeros((len(leaves), 2), np.uint32)
-  if on_device:
-    device_sums = _device_sums([leaves[i][1] for i in on_device])
-    sums[on_device] = np.asarray(device_sums.addressable_data(0))   # replicated: every process has it
+  if on_device_leaves:
+    sums[on_device_leaves] = _device_sums([leaves[i][1] for i in on_device_leaves])
   if on_host:
     host = np.stack([_host_sums(_host_blocks(leaves[i][1])) for i in on_host])
     if jax.process_count() > 1:

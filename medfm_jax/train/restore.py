@@ -16,7 +16,8 @@ fields, :func:`pretrained_encoder` its image encoder, and for pretraining runs
 family) or the image encoder for every ``image_encoders`` path (DINO: student and teacher).
 
 Only that subtree is read. :func:`fit_encoder` matches it to a freshly initialised encoder: learned
-position embeddings are resized bicubically to the new grid (fixed sin-cos ones are recomputed by
+position embeddings are resized bicubically (volumes: tricubically, between the 3-D grids of the
+checkpoint's and the model's configs) to the new grid (fixed sin-cos ones are recomputed by
 the model), scanned/unrolled block stacks are converted, new parameter-efficient parameters
 (prompts, adapters) keep their fresh init; anything else that does not fit raises one
 :class:`CheckpointError` line listing missing/unexpected keys and shape mismatches.
@@ -169,11 +170,24 @@ def _grid(n: int, path: str) -> tuple[int, int]:
   return g, g
 
 
-def fit_encoder(abstract, restored, init_from: str, fresh: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+# One compiled program per grid pair (op by op, a tricubic resize compiles ~70 small programs).
+_resample_pos_embed = jax.jit(layers.interpolate_pos_embed, static_argnums=(1, 2, 3))
+
+
+def _fmt(grid) -> str:
+  return "x".join(map(str, grid))
+
+
+def fit_encoder(abstract, restored, init_from: str, fresh: tuple[str, ...] = (),
+                grids: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
   """``{path: array}`` for every leaf of the fresh encoder ``abstract`` (shapes) that comes from
   the checkpoint's encoder ``restored``; leaves not returned keep their fresh init (only new PEFT
   parameters, and the top-level subtrees ``fresh``). Raises one CheckpointError line when the two
-  do not fit."""
+  do not fit.
+
+  Learned position embeddings are resampled from the checkpoint's grid to the model's:
+  ``grids`` (checkpoint grid, model grid) when known (volumes: the same token count may be another
+  3-D grid), else square 2-D grids inferred from the token counts when those differ."""
   want = _flat(abstract)
   if _is_stacked(want) != _is_stacked(_flat(restored)):
     restored = vit.stack_layers(restored) if _is_stacked(want) else vit.unstack_layers(restored)
@@ -185,11 +199,22 @@ def fit_encoder(abstract, restored, init_from: str, fresh: tuple[str, ...] = ())
     if k not in have:
       continue
     x = have[k]
-    if k.rsplit("/", 1)[-1] == "pos_embed" and x.shape != tuple(leaf.shape) and x.ndim == 3 \
-        and x.shape[-1] == leaf.shape[-1]:
-      old, new = _grid(x.shape[1], k), _grid(leaf.shape[1], k)
-      x = np.asarray(layers.interpolate_pos_embed(jnp.asarray(x), old, new, num_prefix=0))
-      logging.info("interpolated %s from a %dx%d to a %dx%d grid", k, *old, *new)
+    old = new = None
+    if k.rsplit("/", 1)[-1] == "pos_embed" and x.ndim == 3 and x.shape[-1] == leaf.shape[-1]:
+      if grids is not None:
+        old, new = grids
+        fits = math.prod(old) == x.shape[1] and math.prod(new) == leaf.shape[1]
+        if len(old) != len(new) or (not fits and x.shape != tuple(leaf.shape)):
+          raise CheckpointError(
+              f"init_from={init_from!r}: {k}: the checkpoint's {x.shape[1]} learned position "
+              f"embeddings on a {_fmt(old)} grid cannot be resampled to the model's {_fmt(new)} grid")
+        if not fits or old == new:
+          old = new = None
+      elif x.shape != tuple(leaf.shape):
+        old, new = _grid(x.shape[1], k), _grid(leaf.shape[1], k)
+    if old is not None:
+      x = np.asarray(_resample_pos_embed(jnp.asarray(x), tuple(old), tuple(new), 0))
+      logging.info("resampled %s from a %s to a %s grid", k, _fmt(old), _fmt(new))
     out[k] = x
   problems = ckpt_lib.mismatch_report({k: x.shape for k, x in out.items()} |
                                       {k: x.shape for k, x in have.items() if k not in want},
@@ -209,11 +234,23 @@ def pretrained_encoder(module, data_cfg, init_from: str, weights: str = "default
   images = jax.ShapeDtypeStruct((1, *spatial, data_cfg.channels), jnp.float32)
   abstract = nn.unbox(jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), images)["params"])
   family = hf_family(init_from)
+  grids = None
   if family is not None:
     restored = _subtree(_load_hf(init_from, family, data_cfg.image_size), interop.IMAGE_ENCODERS[family])
   else:
-    restored, _ = load_encoder(init_from, weights)
-  return fit_encoder(abstract, restored, init_from)
+    restored, saved = load_encoder(init_from, weights)
+    if volume is not None and isinstance(module, vit.VisionTransformer):
+      grids = _volume_grids(saved, module.learned_grid(3))
+  return fit_encoder(abstract, restored, init_from, grids=grids)
+
+
+def _volume_grids(saved: dict, new: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """(the checkpoint's learned position-embedding grid from its saved config, ``new``); None when
+  its config lacks the fields (then the grids are inferred from the token counts)."""
+  try:
+    return vit.learned_grid_from_config(saved["model"], saved["data"]), new
+  except (KeyError, TypeError, ValueError):
+    return None
 
 
 def _subtree(tree, keys: tuple[str, ...]):
@@ -283,13 +320,17 @@ def init_from_values(objective, params, extra) -> dict[str, np.ndarray]:
     return {}
   if objective not in _INIT_VALUES:
     state = nn.unbox({"params": params, "extra": extra})
+    config, grids = objective.config, None
+    if vit.volume_size_from_config(config.data) is not None and hf_family(init_from) is None:
+      grids = _volume_grids(checkpoint_objective(init_from)[1],
+                            vit.learned_grid_from_config(config.model, config.data))
     values = {}
     for path, restored in _init_sources(objective, init_from).items():
       target, fresh = _subtree(state, path), ()
       if hf_family(init_from) is not None and path == (objective.hf_export or (None, None))[1]:
         restored, fresh = _drop_unfit_heads(objective.hf_optional_heads, target, restored, init_from)
       with jax.ensure_compile_time_eval():   # called while init is traced: resample eagerly
-        fitted = fit_encoder(target, restored, init_from, fresh)
+        fitted = fit_encoder(target, restored, init_from, fresh, grids)
       values |= {"/".join((*path, k)): v for k, v in fitted.items()}
     _INIT_VALUES[objective] = values
   return _INIT_VALUES[objective]

@@ -1,5 +1,5 @@
 """The build CLI writes TFDS array_record datasets that TFDS and the tfds source read back without
-TensorFlow; per-process sharding, exact resume, and skip metrics in a training run."""
+TensorFlow; per-process sharding and exact resume (skip metrics of a training run: tests/train/test_url_workdir.py)."""
 import json
 import os
 import subprocess
@@ -11,7 +11,6 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from medfm_jax.data import decode, export, pipeline
-from medfm_jax.train import loop
 from tests import helpers
 
 RNG = np.random.default_rng(2)
@@ -151,25 +150,6 @@ def test_build_errors_are_one_line(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith("medfm_jax.data.build: error: ")
   assert "missing.png: cannot read" in r.stderr
-
-
-@pytest.mark.slow
-def test_train_run_with_skipped_files_logs_metric_and_file(tmp_path):
-  data = tmp_path / "data"
-  for split, n in (("train", 10), ("val", 8)):
-    for i in range(n):
-      export.write_image(str(data / split / "c" / f"{i}.png"), RNG.integers(0, 256, (16, 16), dtype=np.uint8))
-  (data / "train" / "c" / "bad.png").write_bytes(b"")
-  workdir = tmp_path / "run"
-  config = helpers.tiny_mae_config(**{
-      "data.source": "folder", "data.path": str(data), "data.on_error": "skip",
-      "total_steps": 2, "data.eval_examples": 8, "data.eval_batch_size": 8,
-      "objective.recon_examples": 4})
-  loop.train(config, str(workdir), helpers.single_device_mesh(config))
-  skipped = [m["data/skipped"] for m in helpers.read_metrics(workdir) if "data/skipped" in m]
-  assert len(skipped) == 2 and all(s >= 1 for s in skipped)   # 11 files, batch 16: drawn every batch
-  lines = open(workdir / "skipped_files.txt").read().splitlines()
-  assert lines and all(l == f"{data / 'train' / 'c' / 'bad.png'}\tempty file (0 bytes)" for l in lines)
 
 
 def test_build_phantoms_roundtrip(tmp_path):

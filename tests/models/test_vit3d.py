@@ -72,6 +72,25 @@ def test_learned_3d_pos_embed_is_resampled_to_a_new_grid():
   np.testing.assert_allclose(grid[:, 0], grid[:, 3], atol=1e-6)
 
 
+def test_3d_pos_embed_resampling_is_separable_per_axis_in_d_h_w_order():
+  """Tricubic resampling of a product field f(d) g(h) k(w) is the product of the 1-D cubic
+  resamplings of the factors (the kernel is separable), each along its own axis, for up- and
+  downsampling; a grid read in another axis order (negative control) does not give it."""
+  rng = np.random.default_rng(0)
+  old, new = (3, 5, 4), (6, 4, 7)
+  factors = [rng.normal(size=n).astype(np.float32) for n in old]
+  field = np.einsum("d,h,w->dhw", *factors)[..., None] * np.array([1.0, -2.0], np.float32)
+  got = np.asarray(layers.interpolate_pos_embed(jnp.asarray(field.reshape(1, -1, 2)), old, new,
+                                                num_prefix=0)).reshape(*new, 2)
+  resized = [np.asarray(jax.image.resize(f, (n,), "cubic")) for f, n in zip(factors, new)]
+  want = np.einsum("d,h,w->dhw", *resized)[..., None] * np.array([1.0, -2.0], np.float32)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Negative control: the same tokens taken as a (w, h, d)-ordered grid.
+  swapped = np.asarray(layers.interpolate_pos_embed(
+      jnp.asarray(field.transpose(2, 1, 0, 3).reshape(1, -1, 2)), old, new, num_prefix=0))
+  assert not np.allclose(swapped.reshape(*new, 2), want, atol=1e-2)
+
+
 def test_scanned_rematted_stack_matches_unrolled_on_volumes():
   x = VOL[:, :, :, :8]
   unrolled = _vit()

@@ -1,19 +1,23 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
 train exactly like one process with 4 devices on the same global batches; the default mesh.dcn,
 a mesh that does not fit, SIGTERM to one process, and resume on another process count."""
+import json
 import os
 import shutil
 import signal
-import pytest
+import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 import jax
 import numpy as np
 
 from medfm_jax.train import checkpoint as ckpt_lib
 from tests import helpers
+from tests.parallel import fingerprint_worker
 
 # The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
 _ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.image_size=16", "--config.batch_size=16",
@@ -32,6 +36,12 @@ def _launch_two(args, workdir):
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
        "--timeout=600", "--", *args, f"--workdir={workdir}"],
       cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def _max_param_diff(a_dir, b_dir):
@@ -176,3 +186,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
+
+
+@pytest.mark.slow
+def test_fingerprint_device_path_agrees_on_two_processes():
+  """The checkpoint fingerprint's accelerators' path (forced on CPU devices) on 2 processes x 4
+  devices, kernels split over both processes: each process gets every leaf's sums (the output is
+  replicated), equal to the host path's and to the sums of the whole values in one process."""
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.parallel.fingerprint_worker", port, str(i)],
+                            cwd=helpers.REPO, env=helpers.subprocess_env(4, {"JAX_PLATFORMS": "cpu"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  expected = ckpt_lib.fingerprint(fingerprint_worker.global_values(), on_device=False)
+  assert [r["device"] for r in results] == [expected, expected]
+  assert [r["host"] for r in results] == [expected, expected]

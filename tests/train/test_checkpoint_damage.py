@@ -143,9 +143,28 @@ def test_fingerprint_on_device_equals_the_host_sums():
   expected = {k: _host_fingerprint(np.asarray(v)) for k, v in values.items()}
   assert ckpt_lib.fingerprint(on_device) == expected   # CPU devices: summed on the host
   assert ckpt_lib.fingerprint(values) == expected
-  # The accelerators' path (a jitted reduction where the arrays are), run on the CPU devices.
-  device_sums = np.asarray(ckpt_lib._device_sums(list(on_device.values())))  # pylint: disable=protected-access
-  assert dict(zip(on_device, device_sums.tolist())) == expected
+  # The accelerators' path (jitted reductions where the arrays are), forced on the CPU devices.
+  assert ckpt_lib.fingerprint(on_device, on_device=True) == expected
+
+
+def test_fingerprint_device_path_on_fsdp_sharded_kernels_equals_the_host_path():
+  """The accelerators' path forced on 8 CPU devices: kernels split over fsdp (and data x fsdp),
+  replicated biases, a leaf on a mesh in another device order and one on a single device (one
+  program per device order, each with a replicated output) give the host path's sums."""
+  rng = np.random.default_rng(1)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  reversed_mesh = jax.sharding.Mesh(np.array(jax.devices()[:8][::-1]), ("fsdp",))
+  put = lambda x, m, *spec: jax.device_put(x, jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec(*spec)))
+  state = {"params": {"qkv": {"kernel": put(rng.normal(size=(16, 48)).astype(np.float32), mesh, "fsdp"),
+                              "bias": put(rng.normal(size=(48,)).astype(np.float32), mesh)},
+                      "out": {"kernel": put(rng.normal(size=(48, 16)).astype(jnp.bfloat16), mesh, "fsdp", "data")},
+                      "embed": put(rng.normal(size=(8, 24)).astype(np.float32), reversed_mesh, "fsdp")},
+           "step": jax.device_put(np.int32(7), jax.devices()[3]),
+           "count": np.arange(5, dtype=np.int32)}                  # a host value: summed on the host
+  host = ckpt_lib.fingerprint(state, on_device=False)
+  assert host == {k: _host_fingerprint(np.asarray(v)) for k, v in
+                  zip(host, jax.tree.leaves(state))}
+  assert ckpt_lib.fingerprint(state, on_device=True) == host
 
 
 def _as_two_processes(workdir, state_of=lambda state: state):

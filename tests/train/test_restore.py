@@ -14,6 +14,7 @@ from medfm_jax.objectives import base
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import restore
 from medfm_jax.train.checkpoint import CheckpointError
+from tests import helpers
 
 
 class TowerObjective(base.Objective):
@@ -110,3 +111,75 @@ def test_missing_subtree_and_bad_path(tmp_path):
     restore.load_encoder(path)
   with pytest.raises(CheckpointError, match="no checkpoint found"):
     restore.load_encoder(str(tmp_path / "nowhere"))
+
+
+def _mae3d_checkpoint(workdir, volume, image_size=16):
+  """A fake 3D MAE checkpoint: a 1-block encoder with learned position embeddings for ``volume``
+  (None: a 2-D encoder at ``image_size``) and the saved config fields the restore reads."""
+  spatial = volume or (image_size, image_size)
+  model = vit.VisionTransformer("Mu/4", image_size=image_size, depth=1, width=48, num_heads=2,
+                                mlp_dim=96, pos_embed="learned", volume_size=volume)
+  encoder = helpers.random_params(jax.eval_shape(model.init, jax.random.PRNGKey(1),
+                                                 jnp.zeros((1, *spatial, 1)))["params"], seed=1)
+  data = {"image_size": image_size, **({"volume": {"size": list(volume)}} if volume else {})}
+  config = {"objective": {"name": "mae3d"}, "model": {"variant": "Mu/4", "pos_embed": "learned",
+                                                      "patch_3d": []}, "data": data}
+  return _write(workdir, {"params": {"encoder": encoder}}, {"step": 1, "config": json.dumps(config)}), encoder
+
+
+def _seg3d(init_from, volume):
+  from configs import seg3d  # pylint: disable=g-import-not-at-top  (configs load by path)
+  from medfm_jax.train import assemble  # pylint: disable=g-import-not-at-top  (imports every objective)
+  config = helpers.override(seg3d.get_config("tiny"), {
+      "init_from": init_from, "model.depth": 1, "model.width": 48, "model.num_heads": 2,
+      "model.mlp_dim": 96, "model.pos_embed": "learned", "data.volume.size": volume})
+  return assemble.build_objective(config)[0]
+
+
+def test_3d_mae_encoder_restores_into_segment3d_on_another_volume_grid(tmp_path):
+  """A 3D MAE encoder with learned positions on a 4x4x4 grid (16^3 crops, 4^3 patches) restored
+  into seg3d at 8x16x32 crops (a 2x4x8 grid: the same 64 tokens): the positions are resampled
+  tricubically between the two 3-D grids, not copied; a 2-D checkpoint is one line."""
+  path, encoder = _mae3d_checkpoint(tmp_path / "mae3d", (16, 16, 16))
+  fitted = _seg3d(path, (8, 16, 32))._pretrained  # pylint: disable=protected-access
+  expected = layers.interpolate_pos_embed(jnp.asarray(encoder["pos_embed"]), (4, 4, 4), (2, 4, 8), num_prefix=0)
+  assert fitted["pos_embed"].shape == encoder["pos_embed"].shape == (1, 64, 48)
+  np.testing.assert_allclose(fitted["pos_embed"], expected, atol=1e-6)
+  assert not np.allclose(fitted["pos_embed"], encoder["pos_embed"], atol=1e-3)
+  np.testing.assert_array_equal(fitted["patch_embed/proj/kernel"], encoder["patch_embed"]["proj"]["kernel"])
+  same = _seg3d(path, (16, 16, 16))._pretrained  # pylint: disable=protected-access
+  np.testing.assert_array_equal(same["pos_embed"], encoder["pos_embed"])
+
+  flat, _ = _mae3d_checkpoint(tmp_path / "mae2d", None, image_size=32)   # 8x8 = 64 tokens
+  with pytest.raises(CheckpointError, match=r"^init_from='[^']*mae2d': pos_embed: the checkpoint's 64 learned "
+                                           r"position embeddings on a 8x8 grid cannot be resampled to the "
+                                           r"model's 2x4x8 grid$"):
+    _seg3d(flat, (8, 16, 32))
+
+
+def test_3d_mae_run_initialised_from_a_3d_mae_on_another_volume_grid(tmp_path):
+  """``init_from`` a 3D MAE checkpoint (4x4x4 grid) into a 3D MAE run at 8x16x32 crops: the whole
+  model is restored and the encoder's learned positions resampled between the 3-D grids."""
+  from configs import mae3d  # pylint: disable=g-import-not-at-top  (configs load by path)
+  from medfm_jax.train import assemble  # pylint: disable=g-import-not-at-top  (imports every objective)
+
+  def objective(volume, init_from=""):
+    config = helpers.override(mae3d.get_config("tiny"), {
+        "init_from": init_from, "model.depth": 1, "model.width": 48, "model.num_heads": 2,
+        "model.mlp_dim": 96, "model.pos_embed": "learned", "data.volume.size": volume,
+        "objective.mask_block": 4})
+    obj = assemble.build_objective(config)[0]
+    return obj, jax.eval_shape(obj.init, jax.random.PRNGKey(0), {"image": jnp.zeros((1, *volume, 1))})[0]
+
+  _, abstract = objective((16, 16, 16))
+  params = helpers.random_params(abstract, seed=2)
+  config = {"objective": {"name": "mae3d"}, "model": {"variant": "Mu/4", "pos_embed": "learned", "patch_3d": []},
+            "data": {"image_size": 32, "volume": {"size": [16, 16, 16]}}}
+  path = _write(tmp_path / "mae3d", {"params": params}, {"step": 1, "config": json.dumps(config)})
+  obj, abstract = objective((8, 16, 32), path)
+  values = restore.init_from_values(obj, abstract, {})
+  pos = params["encoder"]["pos_embed"]
+  expected = layers.interpolate_pos_embed(jnp.asarray(pos), (4, 4, 4), (2, 4, 8), num_prefix=0)
+  np.testing.assert_allclose(values["params/encoder/pos_embed"], expected, atol=1e-6)
+  assert set(values) == {f"params/{k}" for k in restore._flat(params)}  # pylint: disable=protected-access
+  np.testing.assert_array_equal(values["params/decoder/pred/kernel"], params["decoder"]["pred"]["kernel"])

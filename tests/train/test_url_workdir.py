@@ -9,8 +9,11 @@ evaluate from ``init_from=gs://...`` (restore, results, embeddings), write an at
 config.json, build the sweep report, read folder/manifest datasets and log skipped files, and run a
 sweep stage (log, DONE, sweep.json), all with the cwd set to an empty folder that must stay empty.
 """
+import concurrent.futures
 import importlib
 import json
+import multiprocessing
+import operator
 import os
 import sys
 
@@ -169,6 +172,36 @@ def test_sweep_bookkeeping_in_a_bucket(bucket, tmp_path, monkeypatch):
   assert sorted(os.listdir(cwd)) == []
 
 
+@pytest.mark.slow
+def test_train_run_from_a_bucket_skips_damaged_files_and_logs_them_in_the_bucket(gcs, tmp_path, monkeypatch):
+  """On the GCS emulator: a 2-step MAE run (``loop.train``, what ``medfm_jax.main`` runs) reads a
+  folder dataset at ``gs://bucket/...`` holding an empty PNG with ``data.on_error=skip``; the run
+  counts the skipped draws in ``data/skipped`` and appends each read of the file to
+  ``skipped_files.txt`` in the gs:// workdir, and nothing lands under the working folder (no
+  ``./gs:``)."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  data, url = "gs://bucket/skips/data", "gs://bucket/skips/run"
+  rng = np.random.default_rng(2)
+  for split, n in (("train", 10), ("val", 8)):
+    for i in range(n):
+      export.write_image(f"{data}/{split}/c/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+  storage.write_bytes(f"{data}/train/c/bad.png", b"")
+  config = helpers.tiny_mae_config(**{
+      "data.source": "folder", "data.path": data, "data.on_error": "skip", "total_steps": 2,
+      "data.eval_examples": 8, "data.eval_batch_size": 8, "objective.recon_examples": 4})
+  loop.train(config, url, helpers.single_device_mesh(config))
+  rows = [json.loads(line) for line in gcs.read("bucket", "skips/run/metrics.jsonl").splitlines()]
+  skipped = [m["data/skipped"] for m in rows if "data/skipped" in m]
+  assert len(skipped) == 2 and all(s >= 1 for s in skipped)   # 11 files, batch 16: drawn every batch
+  lines = gcs.read("bucket", "skips/run/skipped_files.txt").decode().splitlines()
+  assert len(lines) >= sum(skipped), lines   # the input reads ahead of the steps (prefetch)
+  assert all(line == f"{data}/train/c/bad.png\tempty file (0 bytes)" for line in lines), lines
+  assert "skips/run/skipped_files.txt" in gcs.list("bucket", "skips/run/")
+  assert os.listdir(cwd) == []   # e.g. no ./gs:/bucket/skips/run
+
+
 def test_bucket_listings_show_what_tensorstore_wrote(gcs):
   """On the GCS emulator: orbax writes checkpoints through TensorStore, not gcsfs, so a folder
   listed before a new step was written must still show it (medfm_jax.storage turns gcsfs' listings
@@ -180,3 +213,31 @@ def test_bucket_listings_show_what_tensorstore_wrote(gcs):
   kv["checkpoints/6/state"] = b"6"
   assert sorted(p.name for p in root.iterdir()) == ["3", "6"]
   assert (root / "6").is_dir()
+
+
+def test_concurrent_appends_to_a_bucket_object_keep_every_line(gcs):
+  """An appended URL object is read, extended and rewritten (no append in object stores): the
+  input's reader threads skipping bad files at once must not lose each other's lines."""
+  url = "gs://bucket/appends/skipped_files.txt"
+  lines = [f"t{t}/{i}\n" for t in range(4) for i in range(6)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda line: storage.append_text(url, line), lines))
+  assert sorted(gcs.read("bucket", "appends/skipped_files.txt").decode().splitlines(keepends=True)) == sorted(lines)
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_log_skips_to_their_own_bucket_objects(gcs):
+  """A source pickled into another process (a grain worker) logs its skips to
+  ``skipped_files.worker<pid>.txt`` beside the URL log: processes rewriting one object would drop
+  each other's lines. The process that built the source writes the log itself."""
+  storage.write_bytes("gs://bucket/workers/data/bad.png", b"")
+  export.write_image("gs://bucket/workers/data/good.png", np.zeros((4, 4), np.uint8))
+  entries = [sources.Entry(f"gs://bucket/workers/data/{n}.png", label="x") for n in ("bad", "good")]
+  src = sources.FileSource(entries, ["x"], decode.Preprocess(), "skip", "gs://bucket/workers/run/skipped_files.txt")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    assert pool.submit(operator.getitem, src, 0).result()["skipped"] == 1
+    pid = pool.submit(os.getpid).result()
+  assert src[0]["skipped"] == 1
+  line = "gs://bucket/workers/data/bad.png\tempty file (0 bytes)\n"
+  assert gcs.read("bucket", f"workers/run/skipped_files.worker{pid}.txt").decode() == line
+  assert gcs.read("bucket", "workers/run/skipped_files.txt").decode() == line
