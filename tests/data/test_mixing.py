@@ -74,6 +74,7 @@ def test_mixed_stream_resumes_and_splits_over_processes():
                                                 process_count=n, source=_source()), 8)
 
 
+@pytest.mark.slow
 def test_workers_match_in_process_and_resume():
   in_process = helpers.take(pipeline.make_train_iterator(_mix_cfg(), 8, seed=5, source=_source()), 3)
   it = pipeline.make_train_iterator(_mix_cfg(num_workers=2), 8, seed=5, source=_source())

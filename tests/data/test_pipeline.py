@@ -65,6 +65,7 @@ def test_restore_state_reproduces_next_batches():
       lambda: pipeline.make_train_iterator(_cfg(), 8, seed=0, source=_source(20)), skip=4, check=3)
 
 
+@pytest.mark.slow
 def test_workers_restore_and_match_in_process_batches():
   cfg = _cfg(num_workers=2, prefetch=2)
   it = pipeline.make_train_iterator(cfg, 8, seed=0, source=_source())

@@ -49,6 +49,7 @@ def _randomize(model, seed=1):
 
 
 @pytest.mark.parametrize("kind, scan", [("clip", False), ("clip", True), ("siglip", False)])
+@pytest.mark.slow
 def test_parity(kind, scan):
   torch_model, config = _clip() if kind == "clip" else _siglip()
   _randomize(torch_model)

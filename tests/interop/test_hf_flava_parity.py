@@ -81,6 +81,7 @@ def _check(ours, ref, name):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_pretraining_parity(hf, scan):
   images, tokens, masked, patch_mask = _inputs()
   pixels, attn = _t(images).permute(0, 3, 1, 2), _t((tokens != 0).astype(np.int64))
@@ -149,6 +150,7 @@ def test_bad_state_dict_lists_problems(hf):
     hf_flava.config_from_hf(bad)
 
 
+@pytest.mark.slow
 def test_load_export_from_pretrained_round_trip(hf, tmp_path):
   """load(HF directory, scanned) -> export -> FlavaForPreTraining.from_pretrained: no key missing,
   unexpected or mismatched; the reloaded model reproduces our fused states and ITM / MMM-text logits

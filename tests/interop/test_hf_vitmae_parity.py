@@ -78,6 +78,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_forward_parity(case, scan):
   _, out, loss = _ours(case, scan)
   np.testing.assert_array_equal(np.asarray(out["mask"]), case["mask"])

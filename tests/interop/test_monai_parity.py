@@ -26,6 +26,7 @@ def monai_model():
   return model.eval()
 
 
+@pytest.mark.slow
 def test_unetr_matches_monai(monai_model):
   x = np.random.default_rng(0).standard_normal((2, 1, *SIZE)).astype(np.float32)
   with torch.no_grad():

@@ -159,6 +159,7 @@ def _check(ref, output, ours, theirs, what):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.slow
 def test_segment_anything_parity(prompt):
   sa = _sa_model()
   x = _inputs()
@@ -181,6 +182,7 @@ def test_segment_anything_parity(prompt):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS + ("padded points",))
+@pytest.mark.slow
 def test_hf_parity(prompt):
   hf = _hf_model()
   x = _inputs(seed=1)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from medfm_jax.metrics import attention_maps
@@ -14,6 +15,7 @@ def _model_and_params(**kw):
   return model, jax.jit(model.init)(jax.random.PRNGKey(1), images)["params"], images   # one compile
 
 
+@pytest.mark.slow
 def test_probs_reproduce_the_blocks_attention_output():
   model, params, images = _model_and_params()
   probs = attention_maps.cls_attention(model, params, images, patches_only=False)   # [b, h, T]

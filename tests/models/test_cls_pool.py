@@ -8,6 +8,7 @@ from medfm_jax.models import vit
 
 
 @pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.slow
 def test_cls_slot_holds_pooled_patch_tokens(pool):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
   base = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2)

@@ -37,6 +37,7 @@ def _torch_stem(params, width):
   return torch.nn.Sequential(*mods, proj)
 
 
+@pytest.mark.slow
 def test_conv_stem_matches_torch_reference():
   stem = vit.ConvStem(patch_size=8, width=32)
   x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
@@ -76,6 +77,7 @@ def test_conv_vit_logical_names_and_scan(conv_vit):
   np.testing.assert_allclose(scanned.apply({"params": vit.stack_layers(params)}, x), y, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_vit_sharded_forward_matches_single_device(conv_vit):
   model, params, x = conv_vit
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

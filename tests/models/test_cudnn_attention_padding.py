@@ -28,6 +28,7 @@ def cudnn_as_xla(monkeypatch):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.slow
 def test_cudnn_path_pads_to_multiples_of_8_and_matches_unpadded_attention(cudnn_as_xla, masked, causal):
   q, k, v = (jax.random.normal(jax.random.key(i), (4, 77, 2, 8)) for i in range(3))
   valid = np.arange(77)[None, :] < np.array([77, 60, 33, 5])[:, None]

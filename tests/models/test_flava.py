@@ -37,6 +37,7 @@ def tiny():
   return model, variables, params
 
 
+@pytest.mark.slow
 def test_shapes_and_logical_names(tiny):
   model, variables, params = tiny
   assert set(variables["params"]) == TOP_LEVEL
@@ -70,6 +71,7 @@ def _fuse_all(module, images, tokens):
   return mm, module.itm_logits(mm)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_fused_states(tiny):
   model, _, params = tiny
   images, tokens = _inputs()
@@ -85,6 +87,7 @@ def test_padding_does_not_change_fused_states(tiny):
   assert np.abs(mm_loose[:, :n] - mm[:, :n]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_image_tower_is_a_plain_vit(tiny):
   model, _, params = tiny
   images, _ = _inputs()

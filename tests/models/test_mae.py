@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from medfm_jax.models import mae, vit
 
@@ -35,6 +36,7 @@ def test_loss_on_hand_computable_input():
   np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_patches_do_not_reach_encoder():
   model = mae.MaskedAutoencoder(vit.VisionTransformer("Mu/4", image_size=16), 32, 1, 4)
   x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))

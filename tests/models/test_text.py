@@ -29,6 +29,7 @@ def causal():
   return model, jax.jit(model.init)(jax.random.PRNGKey(0), _tokens("a"))["params"]   # one compile
 
 
+@pytest.mark.slow
 def test_causal_outputs_ignore_later_tokens(causal):
   model, params = causal
   a, b = _tokens("a small lesion", "a small cyst!!")   # equal up to position 9 (bos + 8 bytes)
@@ -56,6 +57,7 @@ def test_padding_keys_masked_for_bidirectional():
   assert np.abs(unmasked.apply({"params": params}, shorter) - unmasked.apply({"params": params}, tok)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_pooling_positions(causal):
   model, params = causal
   tok = _tokens("abc", "a longer caption")
@@ -86,6 +88,7 @@ def test_variants():
     jax.eval_shape(_model(pooling="max").init, jax.random.PRNGKey(0), _tokens("a"))
 
 
+@pytest.mark.slow
 def test_bert_layout_tower():
   """``post_ln`` + ``embed_norm`` + ``pooler``: BERT's params (no final norm; a pooler), each block
   ``ln(x + f(x))`` (checked by hand on the first block), scanned == unrolled."""

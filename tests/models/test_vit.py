@@ -48,6 +48,7 @@ def test_params_carry_logical_names():
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.slow
 def test_scan_matches_unrolled(remat):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   unrolled = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.1)
@@ -74,6 +75,7 @@ def test_drop_path_only_in_training():
   assert not np.allclose(det, train)
 
 
+@pytest.mark.slow
 def test_learned_pos_embed_interpolates_and_registers():
   model = vit.VisionTransformer("Mu/4", image_size=16, pos_embed="learned", num_registers=2)
   variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))

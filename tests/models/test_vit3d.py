@@ -100,6 +100,7 @@ def test_scanned_rematted_stack_matches_unrolled_on_volumes():
                              unrolled.apply({"params": params}, x), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_sharded_volume_forward_matches_single_device():
   """data=2 x fsdp=4 over the 8 fake devices: params sharded by their logical names (the patch
   projection's embed dim over fsdp), the output equals the unsharded forward."""

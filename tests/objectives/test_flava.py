@@ -42,6 +42,7 @@ def _norm(tree):
   return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_mixed_batch_feeds_every_term(setup):
   objective, params, batch, run = setup
   assert int(batch["has_image"].sum()) == 12 and int(batch["has_text"].sum()) == 12   # 8 paired + 4 + 4
@@ -143,6 +144,7 @@ def test_device_equality_check_sees_gradient_scale(device_runners):
   helpers.assert_check_sees_gradient_scale(*device_runners, loss_atol=2e-5)
 
 
+@pytest.mark.slow
 def test_codebook_target(tmp_path):
   """mim_target='codebook': MIM heads predict the ids of a VQ codebook file (cross-entropy ~ ln K
   at init); a codebook with another patch size is refused by name."""

@@ -29,6 +29,7 @@ def test_block_noise_masks_whole_blocks():
   np.testing.assert_array_equal(blocks[..., 0].sum(1), [9, 9, 9])   # 75% of 12 blocks
 
 
+@pytest.mark.slow
 def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
   config = _config(**{"objective.mask_block": 8})
   objective = mae3d.Mae3dObjective(config)

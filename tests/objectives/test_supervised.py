@@ -37,6 +37,7 @@ def _init(obj):
 
 @pytest.mark.parametrize("scheme,new_keys", [("lora", {"lora"}), ("adapter", {"adapter_attn", "adapter_mlp"}),
                                              ("prompt", {"prompts"})])
+@pytest.mark.slow
 def test_only_scheme_params_and_head_get_gradients(scheme, new_keys):
   obj, params, _ = _shared(scheme)
   loss_fn = lambda p: obj.loss(p, {}, _batch(), jax.random.PRNGKey(1), 0)[0]
@@ -53,6 +54,7 @@ def test_only_scheme_params_and_head_get_gradients(scheme, new_keys):
 
 
 @pytest.mark.parametrize("scheme", ["lora", "adapter"])
+@pytest.mark.slow
 def test_peft_classifier_starts_as_base_classifier(scheme):
   _, p_base, base_logits = _shared("full")
   _, p_peft, logits = _shared(scheme)

@@ -191,6 +191,7 @@ def _biomedclip_run_source(tmp_path):
   return _biomedclip_source(tmp_path, "cls_last_hidden_state_pooler", "mlp", "linear", vocab=300, positions=96)[1]
 
 
+@pytest.mark.slow
 def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
   """BiomedCLIP: an open_clip directory with a timm trunk and a BERT text tower starts a CLIP run
   (the whole model: post-LN text tower, 'mlp' projection, timm ViT fields adopted). The run's
