@@ -9,8 +9,8 @@ Paper recipe (ViT-B/16, L/16, H/14) on a pod or GPU box, only config values chan
   python -m medfm_jax.main --config=configs/mae.py:vit_b16 --workdir=gs://BUCKET/mae_b16 \
       --config.mesh.fsdp=8 --config.dtype=bfloat16
 
-Benchmark run (docs/benchmark.md): ``bench`` = ``tiny`` for 2000 steps (~5 min of 2 quiet cores,
-630 CPU-s), the run that beats random init on lesion location by >= 5 points.
+Benchmark run (docs/benchmark.md): ``bench`` = ``tiny`` for 2000 steps (630 CPU-s measured, so
+about 5 min on 2 quiet cores), the run that beats random init on lesion location by >= 5 points.
 
 Variants: tiny | bench | vit_b16 | vit_l16 | vit_h14; append ``,key=value`` pairs to override fields.
 """
