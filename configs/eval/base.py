@@ -57,8 +57,9 @@ def eval_config(protocol: str, arg: str | None, default_variant: str = "tiny",
   # input: 'encoder' (frozen features) | 'pixels' (flattened raw pixels: a task's linear floor)
   c.features = ml_collections.ConfigDict(dict(input="encoder", pool="cls", train_examples=10000,
                                               batch_size=256))
+  # labels_per_class: the linear probe's label budget (rows per class drawn with probe.seed), 0 = all
   c.probe = ml_collections.ConfigDict(dict(epochs=90, batch_size=256, lr=1e-3, optimizer="adam",
-                                           weight_decay=0.0, seed=0))
+                                           weight_decay=0.0, seed=0, labels_per_class=0))
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
   # seg_probe: a phantom mask class (lesion | body | organ); balanced = inverse-frequency class
   # weights in the per-pixel cross-entropy (the lesion is ~1% of the pixels)

@@ -108,15 +108,17 @@ def ridge_scores(train_x, train_y, test_x, num_classes: int, lam: float) -> np.n
   return t @ w + y_mean
 
 
-def sample_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int) -> np.ndarray:
-  """Indices of ``shots`` examples per class, drawn without replacement with ``seed``."""
+def sample_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int,
+                 field: str = "fewshot.shots") -> np.ndarray:
+  """Indices of ``shots`` examples per class, drawn without replacement with ``seed``; ``field``
+  names the config field in the error when a class has fewer."""
   rng = np.random.default_rng(seed)
   out = []
   for c in range(num_classes):
     idx = np.flatnonzero(np.asarray(labels) == c)
     if len(idx) < shots:
-      raise ValueError(f"few-shot: class {c} has {len(idx)} examples in the feature pool, fewer than "
-                       f"fewshot.shots={shots}; raise features.train_examples")
+      raise ValueError(f"{field}={shots}: class {c} has {len(idx)} examples in the feature pool; "
+                       "raise features.train_examples")
     out.append(rng.choice(idx, shots, replace=False))
   return np.concatenate(out)
 

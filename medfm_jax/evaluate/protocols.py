@@ -55,6 +55,8 @@ def check_config(config) -> None:
         f"features.batch_size={c.features.batch_size}: must be a positive multiple of the process count")
   check(c.features.train_examples > 0, f"features.train_examples={c.features.train_examples}: must be > 0")
   check(c.probe.optimizer in probe.OPTIMIZERS, f"probe.optimizer={c.probe.optimizer!r}: allowed {probe.OPTIMIZERS}")
+  check(c.probe.get("labels_per_class", 0) >= 0,
+        f"probe.labels_per_class={c.probe.get('labels_per_class')}: must be >= 0 (0 = every train row)")
   check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
   if c.protocol == "seg_probe":
@@ -110,12 +112,19 @@ def class_names(config, label: str) -> tuple[str, ...]:
 
 def linear_probe_labels(config, mesh, labels) -> dict[str, dict]:
   """Linear probe of each of ``labels`` on one extraction of the frozen features:
-  {label: classification metrics (+ ``chance``: the majority-class rate of the eval rows)}."""
+  {label: classification metrics (+ ``chance``: the majority-class rate of the eval rows)}.
+  ``probe.labels_per_class`` > 0 fits on that many train rows per class (the label budget), drawn
+  with ``probe.seed`` from the ``features.train_examples`` pool."""
   train, test = _unlabelled_features(config, mesh)
+  budget = config.probe.get("labels_per_class", 0)
   out = {}
   for label in labels:
     names = class_names(config, label)
     (tx, ty), (vx, vy) = _labelled(*train, label), _labelled(*test, label)
+    if budget:
+      idx = probe.sample_shots(ty[label], budget, len(names), config.probe.seed,
+                               field="probe.labels_per_class")
+      tx, ty = tx[idx], {k: v[idx] for k, v in ty.items()}
     scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
     out[label] = dict(classification.classification_metrics(scores, vy[label], names),
                       chance=float(np.bincount(vy[label]).max() / len(vy[label])))

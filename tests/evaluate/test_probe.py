@@ -62,5 +62,7 @@ def test_sample_shots():
   idx = probe.sample_shots(y, 5, 3, seed=0)
   assert len(set(idx)) == 15 and np.all(np.bincount(y[idx]) == 5)
   assert not np.array_equal(idx, probe.sample_shots(y, 5, 3, seed=1))
-  with pytest.raises(ValueError, match="fewer than fewshot.shots=30"):
+  with pytest.raises(ValueError, match="fewshot.shots=30: class 0 has 20 examples"):
     probe.sample_shots(y, 30, 3, seed=0)
+  with pytest.raises(ValueError, match="probe.labels_per_class=30: class 0 has 20"):
+    probe.sample_shots(y, 30, 3, seed=0, field="probe.labels_per_class")

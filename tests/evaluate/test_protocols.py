@@ -9,7 +9,7 @@ import pytest
 
 from medfm_jax import config as config_lib
 from medfm_jax.data import pipeline
-from medfm_jax.evaluate import closing, embed, features, protocols, results as results_lib
+from medfm_jax.evaluate import closing, embed, features, probe, protocols, results as results_lib
 from medfm_jax.metrics import knn as knn_lib
 from medfm_jax.peft import lora
 from medfm_jax.train import checkpoint as ckpt_lib
@@ -142,6 +142,28 @@ def test_cli_knn_writes_results(mae_ckpt, tmp_path):
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["protocol"] == "knn" and results["k"] == 5 and results["metrics"]["num_examples"] == 64
   assert os.path.isfile(os.path.join(workdir, "results.md"))
+
+
+def test_linear_probe_label_budget(monkeypatch):
+  # probe.labels_per_class: the probe fits on exactly that many rows per class, drawn with
+  # probe.seed from the feature pool (raw pixels here: no encoder to compile).
+  c = _config("linear_probe", **{"features.input": "pixels", "probe.labels_per_class": 3,
+                                 "probe.epochs": 2})
+  fitted = []
+  real = probe.linear_probe
+  monkeypatch.setattr(probe, "linear_probe", lambda x, y, *a: fitted.append((x, y)) or real(x, y, *a))
+  mesh = helpers.single_device_mesh(c)
+  out = protocols.linear_probe_labels(c, mesh, ("modality",))
+  assert np.bincount(fitted[0][1]).tolist() == [3, 3, 3, 3] and 0 <= out["modality"]["accuracy"] <= 1
+  c.probe.seed = 1
+  protocols.linear_probe_labels(c, mesh, ("modality",))
+  assert fitted[1][0].shape == fitted[0][0].shape and not np.array_equal(fitted[1][0], fitted[0][0])
+  c.probe.labels_per_class = 200     # 256 pool rows over 4 modalities
+  with pytest.raises(ValueError, match=r"^probe.labels_per_class=200: class \d has \d+ examples"):
+    protocols.linear_probe_labels(c, mesh, ("modality",))
+  c.probe.labels_per_class = -1
+  with pytest.raises(config_lib.ConfigError, match=r"^probe.labels_per_class=-1: must be >= 0"):
+    protocols.check_config(c)
 
 
 def test_eval_config_errors_name_the_field():
