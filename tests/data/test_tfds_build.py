@@ -124,6 +124,7 @@ def test_resume_exact(built, tmp_path, source):
                                     skip=3, check=2)
 
 
+@pytest.mark.slow
 def test_tfds_source_in_worker_processes_resumes(built):
   cfg = _cfg(built[0], num_workers=1)
   it = pipeline.make_train_iterator(cfg, 4, seed=0)

@@ -113,6 +113,7 @@ def test_pretraining_parity(hf, scan):
   _check(logits, ref.contrastive_logits_per_image, "logits_per_image")
 
 
+@pytest.mark.slow
 def test_flava_model_import_and_export_round_trip(hf):
   images, tokens, _, patch_mask = _inputs(1)
   base = hf.flava                                          # a FlavaModel: no heads

@@ -207,6 +207,7 @@ def test_bench_torch_smoke():
   assert r["step_time_median_s"] > 0 and r["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_load_export_from_pretrained_round_trip(case, tmp_path):
   """load(HF directory, scanned) -> export -> ViTMAEForPreTraining.from_pretrained: no key missing
   or unexpected, and the reloaded torch model gives our predictions and loss (<= 1e-5) on the same

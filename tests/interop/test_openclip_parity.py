@@ -73,6 +73,7 @@ def test_import_export_round_trip(pool, tmp_path):
 
 @pytest.mark.parametrize("timm_tower, bert_tower, custom_text", [(True, False, False), (False, True, False),
                                                                    (False, False, True)])
+@pytest.mark.slow
 def test_mixed_tower_layouts(timm_tower, bert_tower, custom_text, tmp_path):
   """A timm trunk with open_clip's own text transformer (QuickGELU there only: timm towers ignore
   ``quick_gelu``), open_clip's own ViT with a BERT tower, and open_clip's own towers in a

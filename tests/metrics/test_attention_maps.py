@@ -34,6 +34,7 @@ def test_probs_reproduce_the_blocks_attention_output():
   np.testing.assert_allclose(maps.reshape(3, model.size.num_heads, 16), probs[:, :, 3:], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_encoder_gives_same_maps_and_png(tmp_path):
   model, params, images = _model_and_params()
   scanned = model.clone(scan=True)

@@ -64,6 +64,7 @@ def test_conv_layer_matches_lax_reference_with_padding_and_stride():
   np.testing.assert_allclose(y[0, 1, 2], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_vit_logical_names_and_scan(conv_vit):
   model, params, x = conv_vit
   boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]

@@ -44,6 +44,7 @@ def test_causal_outputs_ignore_later_tokens(causal):
   assert np.abs(ya[0, :9] - yb[0, :9]).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_padding_keys_masked_for_bidirectional():
   model = _model(causal=False, pooling="mean")
   tok = _tokens("ct with a lesion")
@@ -71,6 +72,7 @@ def test_pooling_positions(causal):
     np.testing.assert_allclose(_model(pooling=pooling).apply({"params": params}, tok), want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_matches_unrolled(causal):
   model, params = causal
   tok = _tokens("mri with calcifications", "x")

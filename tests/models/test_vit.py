@@ -65,6 +65,7 @@ def test_scan_matches_unrolled(remat):
   assert jax.tree.structure(vit.unstack_layers(stacked)) == jax.tree.structure(params)
 
 
+@pytest.mark.slow
 def test_drop_path_only_in_training():
   x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1))
   model = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.5)

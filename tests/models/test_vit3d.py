@@ -91,6 +91,7 @@ def test_3d_pos_embed_resampling_is_separable_per_axis_in_d_h_w_order():
   assert not np.allclose(swapped.reshape(*new, 2), want, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_scanned_rematted_stack_matches_unrolled_on_volumes():
   x = VOL[:, :, :, :8]
   unrolled = _vit()

@@ -79,6 +79,7 @@ def _get(tree, path):
   return tree
 
 
+@pytest.mark.slow
 def test_lora_export_matches_adapted_forward():
   obj, params, logits = _shared("lora")
   # Non-zero B so that the adapters change the function.
@@ -94,6 +95,7 @@ def test_lora_export_matches_adapted_forward():
                          adapted, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_metrics_count_valid_rows():
   obj, params, logits = _shared("full")
   labels = jnp.arange(8) % 6

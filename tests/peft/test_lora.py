@@ -133,6 +133,7 @@ def test_rslora_scale(unrolled):
   np.testing.assert_allclose(q(d2), 4.0 * q(d1), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_reach_b_only_at_init(unrolled):
   fwd, params, images = unrolled
   adapters, spec = lora.init(params, rank=4)

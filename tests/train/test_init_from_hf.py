@@ -61,6 +61,7 @@ def test_mae_continued_pretraining_from_vitmae(tmp_path):
   _assert_tree_equal(state.params, hf_vitmae.load(source)[1])
 
 
+@pytest.mark.slow
 def test_dinov2_teacher_and_student_from_dinov2_model(tmp_path):
   """DINOv2 continued pretraining: student and teacher backbones from Dinov2Model, positions
   resampled from HF's 6x6 grid to the run's 4x4 with HF's rule; the DINO head stays fresh."""
@@ -222,6 +223,7 @@ def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
   assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_siglip_run_from_an_open_clip_siglip_dir_and_back(tmp_path):
   """open_clip's SigLIP layout starts a SigLIP run: the loss, MAP pooling, no class token, the
   biased text head and every weight (logit bias included) adopted. The run config exports

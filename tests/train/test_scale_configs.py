@@ -42,6 +42,7 @@ def test_paper_config_is_fsdp_sharded(variant):
   assert config.model.decoder_width == 512 and config.model.decoder_depth == 8
 
 
+@pytest.mark.slow
 def test_vit_b16_bf16_train_step_traces_on_8_devices():
   hlo = _assembly("vit_b16")[1].lower().as_text()
   assert "bf16" in hlo and '"fsdp"' in hlo     # bf16 compute; fsdp sharding annotations
