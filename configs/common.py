@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.peak_tflops_per_device = 0.0  # 0 = look up the device table
 
   c.log_every = 50
-  c.eval_every = 500
+  c.eval_every = 500                      # 0: no in-training evaluation
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True

@@ -76,9 +76,11 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
   c = config
   objective = objectives.resolve(c.objective.get("name"))
   _check(c.dtype in vit.COMPUTE_DTYPES, f"dtype={c.dtype!r}: allowed {sorted(vit.COMPUTE_DTYPES)}")
-  for field in ("total_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
+  for field in ("total_steps", "batch_size", "grad_accum_steps", "log_every",
                 "checkpoint_every", "keep_checkpoints", "stop_check_every"):
     _check(isinstance(c[field], int) and c[field] > 0, f"{field}={c[field]!r}: must be a positive integer")
+  _check(isinstance(c.eval_every, int) and c.eval_every >= 0,
+         f"eval_every={c.eval_every!r}: must be a positive integer (or 0: no in-training evaluation)")
 
   # Optimizer and schedule (train/optim.py).
   _check(0 <= c.warmup_steps, f"warmup_steps={c.warmup_steps}: must be >= 0")

@@ -31,6 +31,7 @@ def test_valid_config_resolves_mesh():
     ({"objective.name": "simclr"}, 1, "objective.name"),
     ({"total_steps": 0}, 1, "total_steps"),
     ({"stop_check_every": 0}, 1, "stop_check_every"),
+    ({"eval_every": -1}, 1, "eval_every"),
     ({"data.channels": 2}, 1, "data.channels"),
     ({"model.remat": "some"}, 1, "model.remat"),
     ({"model.num_heads": 5}, 1, "model.num_heads"),

@@ -255,7 +255,8 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
     distributed.barrier("medfm_jax_train_step_compiled")   # first collectives start together
-    if step == 0:   # the untrained baseline every later eval is compared with
+    evaluating = config.eval_every > 0   # 0: no in-training evaluation (nothing compiled for it)
+    if step == 0 and evaluating:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
     progress = telemetry.Progress(step, total)
     window = []
@@ -285,7 +286,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
                      step, total, scalars["loss"], scalars["lr"], scalars["grad_norm"], dt,
                      scalars["images_per_s"], 100 * scalars["mfu"], telemetry.format_eta(timing["eta_s"]))
       t0 = time.perf_counter()
-      if step % config.eval_every == 0 or step == total:
+      if evaluating and (step % config.eval_every == 0 or step == total):
         _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
       saved = step % config.checkpoint_every == 0 or step == total
       if saved:

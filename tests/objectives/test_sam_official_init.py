@@ -29,11 +29,14 @@ def test_run_starts_from_a_segment_anything_checkpoint(tmp_path):
       f"data.image_size={S['image_size']},data.channels=3,model.variant='Mu/{S['patch_size']}',"
       f"model.width={S['width']},model.depth={S['depth']},model.num_heads={S['num_heads']},"
       f"model.mlp_dim={S['mlp_dim']},batch_size=2,total_steps=2,warmup_steps=1,checkpoint_every=2,"
-      "data.eval_examples=2,data.eval_batch_size=2,weight_decay=0.0")
+      "data.eval_examples=2,data.eval_batch_size=2,weight_decay=0.0,eval_every=0")   # no eval compiled
   c.model.sam.update(window_size=S["window_size"], global_attn_indexes=S["global_attn_indexes"],
                      prompt_dim=S["prompt_dim"], mask_in_chans=S["mask_in_chans"], decoder_heads=S["decoder_heads"],
                      decoder_mlp_dim=S["decoder_mlp_dim"], iou_head_hidden_dim=S["iou_head_hidden_dim"])
   state = loop.train(c, str(tmp_path / "run"), helpers.single_device_mesh(c))
+  logged = helpers.read_metrics(str(tmp_path / "run"))
+  assert [m["step"] for m in logged if "loss" in m] == [2]
+  assert not any(k.startswith("eval/") for m in logged for k in m)   # eval_every=0: none at all
   _, official, _ = sam_io.load(str(path), decoder_heads=S["decoder_heads"])
   trained, official = _flat(jax.device_get(state.params)), _flat(official)
   assert set(trained) == set(official)
