@@ -1,6 +1,7 @@
 r"""Promptable segmentation: SAM / MedSAM prompt encoder and mask decoder on an image encoder.
 
-Tiny CPU run on the phantoms' lesion masks (box prompts, MedSAM recipe, our ViT + neck):
+Tiny CPU run on the phantoms' lesion masks (box prompts, MedSAM recipe, our ViT + neck; lesions
+rendered at ``data.lesion_scale=2`` as in the phantom benchmark):
 
   python -m medfm_jax.main --config=configs/sam.py:tiny --workdir=runs/sam_tiny
 
@@ -13,13 +14,17 @@ The same from the quick-start MAE checkpoint (``runs/mae_tiny``), encoder fine-t
 
   python -m medfm_jax.main --config=configs/sam.py:tiny_mae,objective.freeze=lora --workdir=runs/sam_mae
 
+SAM's interactive recipe (a box or a point, then correction clicks) from the same MAE checkpoint:
+
+  python -m medfm_jax.main --config=configs/sam.py:tiny_sam --workdir=runs/sam_points
+
 Published recipes at 1024 px with SAM's own ViT-B encoder; point ``objective.sam_checkpoint`` at
 ``sam_vit_b_01ec64.pth`` or an HF ``facebook/sam-vit-base`` directory (and ``data.*`` at real data):
 
   python -m medfm_jax.main --config=configs/sam.py:medsam_vit_b --workdir=gs://BUCKET/medsam \
       --config.objective.sam_checkpoint=sam_vit_b_01ec64.pth --config.dtype=bfloat16
 
-Variants: tiny | tiny_mae | medsam_vit_b | sam_vit_b; append ``,key=value`` pairs to override.
+Variants: tiny | tiny_mae | tiny_sam | medsam_vit_b | sam_vit_b; append ``,key=value`` pairs to override.
 """
 import os
 import sys
@@ -69,20 +74,24 @@ def get_config(arg: str | None = None):
                                                   num_neg_points=0))
   c.data.flip = True
 
-  if variant in ("tiny", "tiny_mae"):
+  if variant in ("tiny", "tiny_mae", "tiny_sam"):
     c.model.variant = "Mu/4"              # the quick-start MAE encoder (configs/mae.py:tiny)
     c.model.sam.update(prompt_dim=64, decoder_heads=2, decoder_mlp_dim=128, iou_head_hidden_dim=64)
     c.data.image_size, c.data.channels, c.data.num_workers = 48, 1, 0
+    c.data.lesion_scale = 2.0             # the benchmark's rendering (docs/benchmark.md), as configs/mae.py:tiny
     c.data.eval_examples, c.data.eval_batch_size = 256, 64
     c.batch_size, c.lr, c.weight_decay = 32, 1e-3, 0.01
     c.lr_scaling = "none"
-    c.total_steps, c.warmup_steps = 800, 50
+    c.total_steps, c.warmup_steps = 1000, 100
     o.dice_smooth = 1e-5                  # MedSAM's; 1 hides 2-px lesions (docs/segmentation.md)
-    c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 400
-    if variant == "tiny_mae":
-      c.init_from = "runs/mae_tiny"
-      # Run Y of docs/segmentation.md: box Dice 0.750 (lesions 0.716) on the val split in ~17 min.
-      c.total_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 2400, 100, 400, 800
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 250, 500
+    if variant in ("tiny_mae", "tiny_sam"):
+      c.init_from = "runs/mae_tiny"       # python -m medfm_jax.main --config=configs/mae.py:tiny
+    if variant == "tiny_sam":
+      # SAM's recipe on the phantoms: a box or one point, 2 correction clicks per step; evals chain
+      # one point and 4 clicks (Dice per round, docs/segmentation.md).
+      o.recipe, o.freeze_prompt_encoder, o.rounds, o.eval_point_rounds, o.iou_weight = "sam", False, 3, 5, 1.0
+      c.total_steps, c.eval_every = 1600, 400
   elif variant == "medsam_vit_b":
     # MedSAM (Ma et al., 2024): SAM ViT-B at 1024 px, box prompts shifted 0-20 px, Dice + BCE,
     # prompt encoder frozen, AdamW lr 1e-4, weight decay 0.01, batch 160.
@@ -100,6 +109,6 @@ def get_config(arg: str | None = None):
     c.batch_size, c.lr, c.weight_decay = 256, 8e-4, 0.1
     c.total_steps = 90_000
   else:
-    raise ValueError(f"configs/sam.py: unknown variant {variant!r}; allowed: tiny, tiny_mae, medsam_vit_b, sam_vit_b")
+    raise ValueError(f"configs/sam.py: unknown variant {variant!r}; allowed: tiny, tiny_mae, tiny_sam, medsam_vit_b, sam_vit_b")
   common.apply_overrides(c, overrides)
   return c

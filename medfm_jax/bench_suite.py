@@ -171,9 +171,12 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
   hardware_flops = model_flops = telemetry.step_flops(lowered)
   # MFU counts the model's FLOPs: no remat recomputation, and attention as XLA dots (a cuDNN
   # flash-attention custom call is invisible to XLA's cost analysis).
-  if config.model.get("remat", "none") != "none" or config.model.get("attention_impl") != "xla":
+  impl = config.model.get("attention_impl")   # None: a model without the field (SAM's ViTDet: JAX's default)
+  if config.model.get("remat", "none") != "none" or impl not in (None, "xla"):
     plain = config.copy_and_resolve_references()
-    plain.model.remat, plain.model.attention_impl = "none", "xla"
+    plain.model.remat = "none"
+    if impl is not None:
+      plain.model.attention_impl = "xla"
     model_flops = telemetry.step_flops(assemble.assemble(plain, mesh).lower())
   program = _program_bytes(compiled)
   if program > _device_bytes_limit():
@@ -199,8 +202,7 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
           "mfu": tflops / telemetry.peak_tflops_per_device(config.peak_tflops_per_device),
           "program_memory_gib": program / 2**30,
           "process_peak_memory_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-          "attention_impl": vit.resolve_attention_impl(config.model.get("attention_impl", "auto"),
-                                                       config.dtype),
+          "attention_impl": vit.resolve_attention_impl(impl, config.dtype) if impl is not None else "default",
           "remat": config.model.get("remat", "none"), "loss": float(out["loss"])}
 
 

@@ -116,3 +116,44 @@ def test_training_prompts_encode_as_sam_prompts():
   np.testing.assert_allclose(run(params, box.reshape(1, 1, 2, 2), jnp.array([[[2, 3]]])), sam_box, atol=1e-6)
   np.testing.assert_allclose(run(params, jnp.concatenate([point, jnp.zeros_like(point)], 2), jnp.array([[[1, -1]]])),
                              sam_point, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_correction_rounds_feed_back_the_previous_logits(train):
+  """Round 2 of an interaction = round 1's prompt plus the click from round 1's error region, with
+  round 1's chosen low-res logits as the mask prompt (SAM's interactive training and its
+  evaluation), recomputed here from the model's own predict."""
+  c = sam_config.get_config("tiny,model.width=32,model.depth=1,model.num_heads=2,model.mlp_dim=32,"
+                            "data.image_size=16,objective.recipe='sam',objective.rounds=2")
+  obj = sam.SamObjective(c)
+  rng = np.random.default_rng(0)
+  target = np.zeros((2, 16, 16), np.float32)
+  target[0, 3:9, 4:12], target[1, 8:14, 2:7] = 1, 1
+  batch = {"image": jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32), "target": jnp.asarray(target),
+           "box": jnp.array([[4.0, 3.0, 11.0, 8.0], [2.0, 8.0, 6.0, 13.0]]),
+           "points": jnp.array([[[6.0, 5.0]], [[4.0, 10.0]]]), "point_labels": jnp.ones((2, 1), jnp.int32)}
+  key = jax.random.key(3)
+  corners, box_labels = batch["box"].reshape(2, 1, 2, 2), jnp.array([[[2, 3]]] * 2)
+  up = lambda x: jax.image.resize(x, (2, 16, 16), "bilinear")
+
+  @jax.jit
+  def rounds(params):
+    v = {"params": obj.effective_params(params)}
+    emb = obj.model.apply(v, batch["image"], method="embed_image")
+    _, ups, points, labels = obj._interact(v, emb, batch, key, "box", 2, train=train)  # pylint: disable=protected-access
+    first = obj.model.apply(v, emb, corners, box_labels, multimask_output=False, pad_points=False,
+                            method="predict")[0][:, 0, 0]                  # [B, h, w] low-res logits
+    click_rng = jax.random.split(key, 3)[2]                                 # the second round's key
+    click, label = (sam.correction_points(click_rng, ups[0], batch["target"]) if train
+                    else sam.center_points(ups[0], batch["target"]))
+    run = lambda masks: up(obj.model.apply(v, emb, points[:, None], labels[:, None], masks=masks,
+                                           multimask_output=False, pad_points=False, method="predict")[0][:, 0, 0])
+    return ups, points, labels, up(first), click, label, run(first[:, None]), run(None)
+
+  params = nn.unbox(jax.jit(lambda k: obj.init(k, batch)[0])(jax.random.key(0)))
+  ups, points, labels, first, click, label, second, no_mask = rounds(params)
+  np.testing.assert_allclose(ups[0], first, atol=1e-5)
+  np.testing.assert_array_equal(points[:, 2], click)
+  np.testing.assert_array_equal(labels, jnp.concatenate([box_labels[:, 0], label[:, None]], 1))
+  np.testing.assert_allclose(ups[1], second, atol=1e-5)
+  assert np.abs(np.asarray(ups[1]) - np.asarray(no_mask)).max() > 1e-3    # the mask prompt matters

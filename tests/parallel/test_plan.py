@@ -32,6 +32,8 @@ def test_fsdp_splits_state_8_ways_and_keeps_flops(tmp_path):
   assert 1 / 8 <= ratio < 1 / 7, ratio           # replicated: biases/norms too small to split
   assert fsdp["opt_state_gib"] / dp["opt_state_gib"] < 1 / 7
   np.testing.assert_allclose(fsdp["tflop_per_step"], dp["tflop_per_step"], rtol=1e-6)
+  accum = plan.plan(helpers.tiny_mae_config(**{"mesh.data": 8, "grad_accum_steps": 2}))
+  np.testing.assert_allclose(accum["tflop_per_step"], dp["tflop_per_step"], rtol=1e-6)  # both microbatches
   for r in (fsdp, dp):   # state + batch = the compiled program's (donated) arguments
     np.testing.assert_allclose(r["params_gib"] + r["opt_state_gib"] + r["other_state_gib"]
                                + r["batch_gib"], r["argument_gib"], rtol=0, atol=2 ** -20)  # 1 KiB
