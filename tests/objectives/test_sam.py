@@ -119,6 +119,7 @@ def test_training_prompts_encode_as_sam_prompts():
 
 
 @pytest.mark.parametrize("train", [False, True])
+@pytest.mark.slow   # ~15 CPU-s per case
 def test_correction_rounds_feed_back_the_previous_logits(train):
   """Round 2 of an interaction = round 1's prompt plus the click from round 1's error region, with
   round 1's chosen low-res logits as the mask prompt (SAM's interactive training and its
