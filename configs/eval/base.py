@@ -57,7 +57,8 @@ def eval_config(protocol: str, arg: str | None, default_variant: str = "tiny",
   # input: 'encoder' (frozen features) | 'pixels' (flattened raw pixels: a task's linear floor)
   c.features = ml_collections.ConfigDict(dict(input="encoder", pool="cls", train_examples=10000,
                                               batch_size=256))
-  # labels_per_class: the linear probe's label budget (rows per class drawn with probe.seed), 0 = all
+  # labels_per_class: the label budget of the linear probe and of finetune (rows per class drawn
+  # with probe.seed from the first features.train_examples train records), 0 = all
   c.probe = ml_collections.ConfigDict(dict(epochs=90, batch_size=256, lr=1e-3, optimizer="adam",
                                            weight_decay=0.0, seed=0, labels_per_class=0))
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))

@@ -73,6 +73,22 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SubsetSource:
+  """The records ``indices`` of ``source``, in that order (e.g. a label budget's train rows)."""
+  source: Any
+  indices: tuple[int, ...]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[self.indices[int(index)]]
+
+  def __repr__(self) -> str:
+    return f"SubsetSource({self.source!r}, {len(self.indices)} of its records)"
+
+
 def _seed32(seed: int) -> int:
   """Hashes any int seed to 32 bits (grain folds the epoch in by addition)."""
   return int(np.random.SeedSequence(int(seed) % 2 ** 64).generate_state(1)[0])

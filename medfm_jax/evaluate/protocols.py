@@ -110,6 +110,26 @@ def class_names(config, label: str) -> tuple[str, ...]:
   return supervised.class_names(ml_collections.ConfigDict(dict(config.data.to_dict(), label=label)))
 
 
+def budget_rows(config, pool_labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Rows of the pool (labels ``pool_labels``, -1 = unlabelled) in the label budget:
+  ``probe.labels_per_class`` rows per class drawn with ``probe.seed`` (linear probe and fine-tune
+  alike; a one-line ValueError when a class has fewer)."""
+  return probe.sample_shots(pool_labels, config.probe.labels_per_class, num_classes,
+                            config.probe.seed, field="probe.labels_per_class")
+
+
+def finetune_source(config, num_classes: int) -> pipeline.SubsetSource | None:
+  """The fine-tuning train records under the label budget (None: ``probe.labels_per_class`` 0,
+  the whole train split): the probe's pool, the first ``features.train_examples`` records of
+  ``data.train_split``, then :func:`budget_rows` of it, so that fine-tune and linear probe see the
+  same labelled rows at the same ``probe.seed``."""
+  if not config.probe.get("labels_per_class", 0):
+    return None
+  pool = pipeline.make_source(config.data, config.data.train_split, config.features.train_examples)
+  labels = np.array([pool[i][config.data.label] for i in range(len(pool))], np.int64)
+  return pipeline.SubsetSource(pool, tuple(int(i) for i in budget_rows(config, labels, num_classes)))
+
+
 def linear_probe_labels(config, mesh, labels) -> dict[str, dict]:
   """Linear probe of each of ``labels`` on one extraction of the frozen features:
   {label: classification metrics (+ ``chance``: the majority-class rate of the eval rows)}.
@@ -122,8 +142,7 @@ def linear_probe_labels(config, mesh, labels) -> dict[str, dict]:
     names = class_names(config, label)
     (tx, ty), (vx, vy) = _labelled(*train, label), _labelled(*test, label)
     if budget:
-      idx = probe.sample_shots(ty[label], budget, len(names), config.probe.seed,
-                               field="probe.labels_per_class")
+      idx = budget_rows(config, ty[label], len(names))
       tx, ty = tx[idx], {k: v[idx] for k, v in ty.items()}
     scores = probe.linear_probe(tx, ty[label], vx, len(names), config.probe)
     out[label] = dict(classification.classification_metrics(scores, vy[label], names),
@@ -172,7 +191,8 @@ def metrics_keys() -> tuple[str, ...]:
 
 def _finetune(config, mesh, names, workdir):
   train_dir = os.path.join(workdir, "finetune")
-  state = loop.train(config, train_dir, mesh)
+  source = finetune_source(config, len(names))
+  state = loop.train(config, train_dir, mesh, source=source)
   objective, _ = assemble.build_objective(config)
   scores, labels = _labelled(*features.apply_over_split(
       config, mesh, objective.logits, state.params, config.data.eval_split,
@@ -186,7 +206,7 @@ def _finetune(config, mesh, names, workdir):
                                                       jax.tree.leaves(trainable)) if t)
   return (classification.classification_metrics(scores, labels[config.data.label], names),
           {"scheme": config.objective.scheme, "steps": step, "trainable_params": n_train,
-           "export": export_dir})
+           "train_examples": None if source is None else len(source), "export": export_dir})
 
 
 def load_run(init_from: str, mesh, data_overrides: dict | None = None, objective_overrides: dict | None = None):

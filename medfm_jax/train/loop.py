@@ -124,11 +124,12 @@ class Trainer:
 
 
 def setup(config, workdir: str, checkpointer: ckpt_lib.Checkpointer | None = None,
-          mesh: jax.sharding.Mesh | None = None) -> Trainer:
-  """Assembles the run and its data; the train state is fresh or restored from ``workdir``."""
+          mesh: jax.sharding.Mesh | None = None, source=None) -> Trainer:
+  """Assembles the run and its data; the train state is fresh or restored from ``workdir``.
+  ``source`` replaces the train split's records (e.g. a label budget's subset)."""
   assembly = assemble_lib.assemble(config, mesh or mesh_lib.make_mesh(config.mesh))
   data_iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed,
-                                               jax.process_index(), jax.process_count(),
+                                               jax.process_index(), jax.process_count(), source=source,
                                                skip_log=pipeline.skip_log_path(workdir, jax.process_index()))
   restored = None
   if checkpointer is not None:
@@ -187,14 +188,15 @@ def _eval_and_log(trainer, eval_fn, eval_batches, step, writer) -> None:
 
 
 def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None,
-          hooks: Sequence[StepHook] = ()) -> state_lib.TrainState:
+          hooks: Sequence[StepHook] = (), source=None) -> state_lib.TrainState:
   """Runs (or resumes) training to ``config.total_steps``; returns the final state. ``workdir``
-  is a local path or a bucket URL; ``hooks`` run after every step (see :data:`StepHook`)."""
+  is a local path or a bucket URL; ``hooks`` run after every step (see :data:`StepHook`);
+  ``source`` replaces the train split's records (:func:`setup`)."""
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
   trainer = writer = error = None
   try:
     with StopSignals() as stop:
-      trainer = setup(config, workdir, checkpointer, mesh)
+      trainer = setup(config, workdir, checkpointer, mesh, source)
       writer = telemetry.MetricWriter(workdir)
       return _run(trainer, checkpointer, writer, hooks, stop)
   except BaseException as e:

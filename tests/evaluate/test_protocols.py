@@ -13,7 +13,7 @@ from medfm_jax.evaluate import closing, embed, features, probe, protocols, resul
 from medfm_jax.metrics import knn as knn_lib
 from medfm_jax.peft import lora
 from medfm_jax.train import checkpoint as ckpt_lib
-from medfm_jax.train import restore
+from medfm_jax.train import loop, restore
 from tests import helpers
 from tests.metrics import test_knn
 
@@ -164,6 +164,40 @@ def test_linear_probe_label_budget(monkeypatch):
   c.probe.labels_per_class = -1
   with pytest.raises(config_lib.ConfigError, match=r"^probe.labels_per_class=-1: must be >= 0"):
     protocols.check_config(c)
+
+
+class _StopTraining(Exception):
+  pass
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_finetune_label_budget(variant, monkeypatch):
+  # probe.labels_per_class: fine-tuning trains on exactly K rows per class of the probe's pool (the
+  # first features.train_examples train records), drawn with probe.seed. loop.train is replaced by
+  # a stub that records the source it would train on (nothing is compiled).
+  c = _config("finetune", variant, **{"data.label": "modality", "probe.labels_per_class": 3})
+  sources = []
+
+  def fake_train(config, workdir, mesh, source=None):
+    sources.append(source)
+    raise _StopTraining
+  monkeypatch.setattr(loop, "train", fake_train)
+  mesh = helpers.single_device_mesh(c)
+  for seed in (0, 1):
+    c.probe.seed = seed
+    with pytest.raises(_StopTraining):
+      protocols.run(c, "/tmp/unused", mesh)
+  a, b = sources
+  assert len(a) == 12 and np.bincount([a[i]["modality"] for i in range(len(a))]).tolist() == [3] * 4
+  assert max(a.indices) < c.features.train_examples and a.indices != b.indices
+  # The probe, given the same pool labels and seed, draws the same rows.
+  pool = pipeline.make_source(c.data, c.data.train_split, c.features.train_examples)
+  labels = np.array([pool[i]["modality"] for i in range(len(pool))])
+  c.probe.seed = 0
+  assert a.indices == tuple(protocols.budget_rows(c, labels, 4))
+  c.probe.labels_per_class = 200     # 256 pool rows over 4 modalities
+  with pytest.raises(ValueError, match=r"^probe.labels_per_class=200: class \d has \d+ examples"):
+    protocols.run(c, "/tmp/unused", mesh)
 
 
 def test_eval_config_errors_name_the_field():
