@@ -113,23 +113,26 @@ def main(argv, hooks=()):
     if final_eval is not None:
       _final_eval(config, final_eval, workdir)
   except protocols.EvalError as e:
-    sys.stderr.write(f"medfm_jax: final_eval: {e}\n")
-    sys.exit(2)
+    _exit_with_line(f"final_eval: {e}", 2)
   except checkpoint.CheckpointError as e:
-    sys.stderr.write(f"medfm_jax: checkpoint error: {e}\n")
-    sys.exit(2)
+    _exit_with_line(f"checkpoint error: {e}", 2)
   except config_lib.ConfigError as e:   # found once the data is opened (e.g. a missing split)
-    sys.stderr.write(f"medfm_jax: config error: {e}\n")
-    sys.exit(2)
+    _exit_with_line(f"config error: {e}", 2)
   except loop.Preempted as e:
-    sys.stderr.write(f"medfm_jax: {e}\n")
-    sys.exit(0)
+    _exit_with_line(str(e), 0)
   except loop.NonFiniteError as e:
-    sys.stderr.write(f"medfm_jax: {e}\n")
-    sys.exit(3)
+    _exit_with_line(str(e), 3)
   except decode.DataError as e:
-    sys.stderr.write(f"medfm_jax: data error: {e} (data.on_error='skip' skips and logs such files)\n")
-    sys.exit(2)
+    _exit_with_line(f"data error: {e} (data.on_error='skip' skips and logs such files)", 2)
+
+
+def _exit_with_line(message: str, code: int):
+  """Exits with ``medfm_jax: MESSAGE`` on a line of its own. After a run has started, library
+  threads may still be writing to stderr (orbax's save threads print tracebacks after a failed
+  save), possibly mid-line: the line starts after a newline, so it is never glued to theirs."""
+  sys.stderr.flush()
+  sys.stderr.write(f"\nmedfm_jax: {message}\n")
+  sys.exit(code)
 
 
 if __name__ == "__main__":
