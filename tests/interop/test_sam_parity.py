@@ -208,6 +208,7 @@ def test_hf_parity(prompt):
     _check("hf", "IoU scores", out[multimask][1], ref.iou_scores.numpy(), (prompt, multimask))
 
 
+@pytest.mark.slow   # reports the slow parity tests above; with them deselected it would only skip
 def test_parity_maxima_report():
   """Prints the maxima of the parity tests above (run with ``-s``); fails if they did not run."""
   if not MAXIMA:
