@@ -27,17 +27,15 @@ encoder from any of our checkpoints with an image encoder (MAE, DINO, CLIP image
 from __future__ import annotations
 
 import functools
-import io
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from medfm_jax import storage
-from medfm_jax.data import phantoms
+from medfm_jax.data import export, phantoms
 from medfm_jax.errors import check, config_errors
 from medfm_jax.interop import sam as sam_io
 from medfm_jax.models import sam as sam_lib
@@ -387,13 +385,7 @@ class SamObjective(base.Objective):
     del extra, rng
     picture = self.overlay(params, batch)
     if jax.process_index() == 0:
-      storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", png_bytes(picture))
-
-
-def png_bytes(picture: np.ndarray) -> bytes:
-  out = io.BytesIO()
-  Image.fromarray(picture).save(out, "PNG")
-  return out.getvalue()
+      storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", export.encode_png(picture))
 
 
 def overlay_grid(images, targets, preds, boxes=None, points=None, labels=None, scale: int = 4) -> np.ndarray:
