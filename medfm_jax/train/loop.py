@@ -242,10 +242,11 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
       skipped[0] += pipeline.pop_skipped(local)
       return mesh_lib.to_global_batch(local, mesh)
     batch = next_batch()   # first: a bad train file is reported before the eval split is opened
+    evaluating = config.eval_every > 0   # 0: no in-training evaluation (no eval split, nothing compiled)
     eval_batches = pipeline.make_eval_batches(
         data, data.eval_split, data.eval_batch_size, data.eval_examples,
         jax.process_index(), jax.process_count(),
-        skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index()))
+        skip_log=pipeline.skip_log_path(trainer.workdir, jax.process_index())) if evaluating else None
     t0 = time.perf_counter()
     lowered = step_fn.lower(trainer.state, batch)
     compiled = lowered.compile()
@@ -257,7 +258,6 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
                  compile_s, flops / 1e9, n_dev, dict(mesh.shape))
     writer.write(step, {"compile_time_s": compile_s})
     distributed.barrier("medfm_jax_train_step_compiled")   # first collectives start together
-    evaluating = config.eval_every > 0   # 0: no in-training evaluation (nothing compiled for it)
     if step == 0 and evaluating:   # the untrained baseline every later eval is compared with
       _eval_and_log(trainer, eval_fn, eval_batches, step, writer)
     progress = telemetry.Progress(step, total)
