@@ -258,19 +258,25 @@ class StepRun:
 class StepRunner:
   """The run's train step (``train.assemble``; the objective wrapped in :class:`GradScaled`) on
   its first train batch and initial state, compiled once per (config, mesh); :meth:`run` can
-  scale the gradients."""
+  scale the gradients. ``initial``: a host train state to start from (another runner's
+  ``initial_state`` of the same config) instead of compiling this mesh's init; a multi-device
+  runner compared with a 1-device one then compiles only its step."""
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, initial=None):
     assembly = assemble.assemble(config, mesh)
     self.config, self.mesh, self.objective = config, mesh, assembly.objective
     self.shardings = assembly.state_shardings   # of the TrainState
-    self._initial = jax.device_get(assembly.init_state())
+    self._initial = jax.device_get(assembly.init_state()) if initial is None else initial
     iterator = pipeline.make_train_iterator(assembly.data, config.batch_size, config.seed)
     self._batch = next(iterator)
     if hasattr(iterator, "close"):
       iterator.close()
     self._step = state_lib.jit_train_step(GradScaled(assembly.objective), assembly.tx, config,
                                           assembly.abstract_state)
+
+  @property
+  def initial_state(self):
+    return self._initial
 
   def run(self, n=2, grad_scale=1.0) -> StepRun:
     rows = len(jax.tree.leaves(mesh_lib.drop_non_numeric(self._batch))[0])

@@ -20,8 +20,10 @@ def device_runners():
   its 1-device reference run (SigLIP's loss and gradients are compared on both meshes in
   test_clip_losses)."""
   config = helpers.tiny_clip_config(**helpers.sgd_overrides(), **{"model.depth": 1})
-  reference = helpers.StepRunner(config, helpers.single_device_mesh(config)).run()
-  return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
+  one = helpers.StepRunner(config, helpers.single_device_mesh(config))
+  eight = helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
+                             initial=one.initial_state)   # sharded init: tests/train/test_trainer.py
+  return eight, one.run()
 
 
 @pytest.mark.slow

@@ -129,8 +129,10 @@ def device_runners():
   """The FLAVA step (all five losses, SGD) compiled on a 2x4 data x fsdp mesh, and its 1-device
   reference run."""
   config = helpers.tiny_flava_config(**helpers.sgd_overrides())
-  reference = helpers.StepRunner(config, helpers.single_device_mesh(config)).run()
-  return helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})), reference
+  one = helpers.StepRunner(config, helpers.single_device_mesh(config))
+  eight = helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
+                             initial=one.initial_state)   # sharded init: tests/train/test_trainer.py
+  return eight, one.run()
 
 
 @pytest.mark.slow
