@@ -71,7 +71,8 @@ def get_config(arg: str | None = None):
       num_multimask_outputs=3))
 
   c.data.segment = ml_collections.ConfigDict(dict(classes=("lesion",), jitter=20.0, num_points=1,
-                                                  num_neg_points=0))
+                                                  num_neg_points=0,
+                                                  train_examples=0))   # > 0: few-shot, the first N train images
   c.data.flip = True
 
   if variant in ("tiny", "tiny_mae", "tiny_sam"):
