@@ -65,13 +65,19 @@ def get_config(arg: str | None = None):
   c.model.variant = "B/16"                # the image encoder's sizes (ViT or ViTDet)
   c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0   # 0 = the variant's
   c.model.remat = "none"
+  # objective.encoder='vit': our ViT's fields, which init_from's checkpoint overwrites (main adopts
+  # its architecture: a DINO run's learned positions, registers, LayerScale, ...).
+  c.model.pos_embed, c.model.layer_norm_eps, c.model.layer_scale_init = "sincos2d", 1e-6, 0.0
+  c.model.num_registers, c.model.patch_embed, c.model.cls_pool, c.model.swiglu = 0, "patch", "token", False
+  c.model.activation, c.model.ln_pre = "gelu", False    # a CLIP image tower: quick_gelu, ln_pre
   c.model.sam = ml_collections.ConfigDict(dict(
       window_size=14, global_attn_indexes=(2, 5, 8, 11), prompt_dim=256, mask_in_chans=16,
       decoder_depth=2, decoder_heads=8, decoder_mlp_dim=2048, iou_head_hidden_dim=256,
       num_multimask_outputs=3))
 
   c.data.segment = ml_collections.ConfigDict(dict(classes=("lesion",), jitter=20.0, num_points=1,
-                                                  num_neg_points=0))
+                                                  num_neg_points=0,
+                                                  train_examples=0))   # > 0: few-shot, the first N train images
   c.data.flip = True
 
   if variant in ("tiny", "tiny_mae", "tiny_sam"):

@@ -54,9 +54,22 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
   :class:`DataSpec` or ``config.data``.
 
   ``folder`` / ``manifest`` / ``tfds`` read real images (see ``sources``); ``skip_log`` is the
-  file that skipped bad records are appended to with ``data.on_error='skip'``.
+  file that skipped bad records are appended to with ``data.on_error='skip'``. With
+  ``data.segment.train_examples`` N > 0 the train split is its first N records.
   """
   spec = spec_lib.resolve(data)
+  source = _make_source(spec, split, num_examples, skip_log)
+  few = spec.segment.train_examples if spec.segment is not None and split == spec.train_split else 0
+  if few:   # few-shot segmentation: the first N labelled train images
+    if few > len(source):
+      raise ValueError(f"data.segment.train_examples={few}: must be <= {len(source)}, the size of "
+                       f"split {split!r}")
+    source = SubsetSource(source, tuple(range(few)))
+  return source
+
+
+def _make_source(spec: DataSpec, split: str, num_examples: int | None,
+                 skip_log: str | None) -> RandomAccessSource:
   if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split:
     num_examples = spec.volume.train_volumes      # few-shot: the first N labelled volumes
   if spec.volume is not None and spec.source == "phantoms":

@@ -29,6 +29,7 @@ class PromptSpec:
   jitter: float = 20.0          # max box expansion per side, in pixels at 1024 px
   num_points: int = 1
   num_neg_points: int = 0
+  train_examples: int = 0       # few-shot: train on the first N images of the train split (0 = all)
 
   @classmethod
   def from_config(cls, raw) -> "PromptSpec":
@@ -39,12 +40,15 @@ class PromptSpec:
                        f"{[f.name for f in dataclasses.fields(cls)]}")
     spec = cls(classes=tuple(raw.get("classes", cls.classes)), jitter=float(raw.get("jitter", cls.jitter)),
                num_points=int(raw.get("num_points", cls.num_points)),
-               num_neg_points=int(raw.get("num_neg_points", cls.num_neg_points)))
+               num_neg_points=int(raw.get("num_neg_points", cls.num_neg_points)),
+               train_examples=int(raw.get("train_examples", cls.train_examples) or 0))
     bad = [c for c in spec.classes if c not in phantoms.MASK_CLASSES]
     if bad or not spec.classes:
       raise ValueError(f"data.segment.classes={spec.classes}: each must be one of {phantoms.MASK_CLASSES}")
     if spec.jitter < 0 or spec.num_points < 0 or spec.num_neg_points < 0:
       raise ValueError("data.segment.jitter, num_points and num_neg_points must be >= 0")
+    if spec.train_examples < 0:
+      raise ValueError(f"data.segment.train_examples={spec.train_examples}: must be >= 0 (0 = the whole train split)")
     return spec
 
   @property

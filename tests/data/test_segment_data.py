@@ -65,6 +65,21 @@ def test_pipeline_batches_carry_targets_and_prompts():
   assert len(evals) == 2 and not evals[1]["mask"][2:].any() and not evals[1]["target"][2:].any()
 
 
+def test_train_examples_restricts_the_train_split():
+  data = dict(source="phantoms", image_size=16, channels=1, flip=False, segment=dict(train_examples=3))
+  spec = spec_lib.resolve(data)
+  train, full = pipeline.make_source(spec, "train"), pipeline.make_source(spec_lib.resolve(
+      dict(data, segment={})), "train")
+  assert len(train) == 3 and len(pipeline.make_source(spec, "val")) == phantoms.SPLIT_SIZES["val"]
+  np.testing.assert_array_equal(train[2]["image"], full[2]["image"])
+  batch = next(pipeline.make_train_iterator(spec, 12, seed=0))      # 4 epochs of the 3 images
+  assert len({x.tobytes() for x in batch["image"]}) == 3
+  with pytest.raises(ValueError, match="data.segment.train_examples=-1: must be >= 0"):
+    spec_lib.resolve(dict(data, segment=dict(train_examples=-1)))
+  with pytest.raises(ValueError, match="data.segment.train_examples=2001: must be <= 2000"):
+    pipeline.make_source(spec_lib.resolve(dict(data, train_split="val", segment=dict(train_examples=2001))), "val")
+
+
 def test_manifest_mask_column(tmp_path):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   rows = ["path,label,mask"]

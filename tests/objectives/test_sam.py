@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import dino as dino_config
 from configs import sam as sam_config
 from medfm_jax import config as config_lib
 from medfm_jax.errors import ConfigError
-from medfm_jax.models import sam_encoder, sam_prompt
+from medfm_jax.models import sam_encoder, sam_prompt, vit
 from medfm_jax.objectives import sam
+from medfm_jax.train import restore
 
 
 def test_correction_points_come_from_the_error_region():
@@ -82,6 +84,16 @@ def test_config_errors():
     config_lib.validate(c)
   with pytest.raises(ConfigError, match="sam_checkpoint needs objective.encoder='vitdet'"):
     config_lib.validate(sam_config.get_config("tiny,objective.sam_checkpoint='x.pth'"))
+
+
+def test_init_from_adopts_the_checkpoints_encoder_architecture(monkeypatch):
+  # A DINO run's ViT has learned positions and registers: the SAM encoder must be built with them.
+  saved = dino_config.get_config("tiny,model.num_registers=2").to_dict()
+  monkeypatch.setattr(restore, "checkpoint_objective", lambda path: ("dino", saved))
+  c = sam_config.get_config("tiny,init_from='runs/dino_tiny'")
+  restore.adopt_architecture(c)
+  encoder = sam.build_model(c).image_encoder.encoder
+  assert (encoder.pos_embed, encoder.num_registers) == ("learned", 2)
 
 
 def test_overlay_grid_outlines():
