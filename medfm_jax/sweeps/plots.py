@@ -91,9 +91,9 @@ def loss_curves(groups: dict, path: str, title: str) -> bool:
 
 
 def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title: str) -> bool:
-  """Final metrics against swept field ``key``, error bars = std over seeds.
+  """Final metrics against swept field ``key``, error bars = ± 1 standard error over seeds.
 
-  ``series``: label (the other swept fields) -> {metric -> [(value of key, mean, std)]}.
+  ``series``: label (the other swept fields) -> {metric -> [(value of key, mean, s.e.)]}.
   """
   values = sorted({v for s in series.values() for pts in s.values() for v, _, _ in pts}, key=_sort_key)
   numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -131,7 +131,7 @@ def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title
   if not drawn:
     plt.close(fig)
     return False
-  fig.suptitle(title, fontsize=FONT + 3)
+  fig.suptitle(f"{title}\n(mean over seeds, error bars ± 1 standard error)", fontsize=FONT + 3)
   if len(series) > 1 or next(iter(series)) != "":
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False,
