@@ -21,6 +21,7 @@ UNITS = {
     "model.decoder_depth": "blocks",
     "model.depth": "blocks",
     "data.multicrop.num_local": "crops per image",
+    "objective.momentum_teacher": "teacher EMA momentum",
     "objective.lora_rank": "rank",
     "objective.init_logit_scale": "log scale",
     "lr": "base learning rate",

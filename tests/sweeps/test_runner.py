@@ -50,6 +50,8 @@ def test_point_names_short_stable_and_safe():
 
 def test_sweep_files_load_and_check_fields():
   for arg, n, kind in [("mae_mask_ratio.py:tiny", 3, "train"), ("dino_local_crops.py:tiny", 3, "train"),
+                       ("dino_teacher_momentum.py:tiny", 2, "train"),
+                       ("dino_teacher_momentum.py:vit_s16", 3, "train"),
                        ("clip_vs_siglip.py:tiny", 2, "train"), ("lora_rank.py:tiny", 4, "eval"),
                        ("mae_mask_ratio.py:vit_b16", 20, "train")]:
     s = spec.load("configs/sweeps/" + arg)
