@@ -6,7 +6,8 @@ r"""Sweep / run comparison report: a Markdown table and PNG plots.
 Writes DIR/report.md (one row per point: its swept fields, seeds, status and each metric's final
 value, mean ± standard error over the seeds of points that differ only by ``seed``: s.e. = sample
 std / sqrt(n)), DIR/loss_curves.png (training loss of every run overlaid) and DIR/vs_FIELD.png per
-swept field (final metrics against the field, error bars = ± 1 s.e. over seeds). DIR defaults to the only path given, else to the paths'
+swept field (final metrics against the field, error bars = ± 1 s.e. over seeds). Where points ran
+with several seeds, a section compares each metric's highest and lowest point with the seed spread. DIR defaults to the only path given, else to the paths'
 common parent. Metrics: ``loss`` and other metrics.jsonl keys (``eval/...``), an eval workdir's
 ``accuracy`` / ``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's
 ``eval/NAME`` folder (sweep --then_eval); default: all of them.
@@ -40,6 +41,35 @@ def _fmt(values: list[float]) -> str:
   return text if n == len(values) else f"{text} (n={n})"
 
 
+def separation(groups: dict[tuple, list], metrics: list[str]) -> list[str]:
+  """Markdown lines: per metric, the highest vs the lowest point (of those with >= 2 seeds that
+  have it), their difference, its s.e. (the points' s.e. in quadrature) and whether the two points'
+  ranges over seeds overlap; [] when fewer than two points ran with several seeds."""
+  rows = []
+  for m in metrics:
+    stats = []
+    for group, rs in groups.items():
+      v = [x for x in (r.metrics.get(m, float("nan")) for r in rs) if np.isfinite(x)]
+      if len(v) > 1:
+        mean, se, _ = mean_se(v)
+        stats.append((mean, se, min(v), max(v), collect.group_label(group)))
+    if len(stats) < 2:
+      continue
+    hi, lo = max(stats), min(stats)
+    diff, se = hi[0] - lo[0], float(np.hypot(hi[1], lo[1]))
+    ratio = f"{diff / se:.1f}" if se > 0 else "n/a"
+    overlap = "yes" if lo[3] >= hi[2] else "**no**"
+    rows.append(f"| {m} | {hi[4]} | {lo[4]} | {diff:.4f} | {se:.4f} | {ratio} | {overlap} |")
+  if not rows:
+    return []
+  return ["", "## Effect vs seed spread", "",
+          "Per metric, the point with the highest mean vs the one with the lowest (points run with "
+          "several seeds): difference, its standard error (the two s.e. in quadrature), their ratio, "
+          "and whether the two points' seed ranges (min-max) overlap.", "",
+          "| metric | highest | lowest | difference | s.e. | difference / s.e. | ranges overlap |",
+          "|---|---|---|---|---|---|---|", *rows]
+
+
 def build(paths: list[str], metrics: list[str], out: str) -> str:
   """Writes the report and plots into ``out`` (local or URL); returns the path of report.md."""
   runs = collect.load_runs(paths)
@@ -70,6 +100,7 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
     row = [collect.group_label(group), *[grid.format_value(g[f]) if f in g else "" for f in fields],
            str(len(rs)), status, *[_fmt([r.metrics.get(m, float("nan")) for r in rs]) for m in metrics]]
     lines.append("| " + " | ".join(row) + " |")
+  lines += separation(groups, metrics)
   if any(len(rs) > 1 for rs in groups.values()):
     lines += ["", "## Every run", "", "| run | status | " + " | ".join(metrics) + " |",
               "|" + "---|" * (len(metrics) + 2)]

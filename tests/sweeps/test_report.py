@@ -87,7 +87,8 @@ def test_report_rows_mean_se_and_plots(sweep_dir):
     accs = [0.5 + ratio / 4 + depth / 20 + s / 50 for s in (0, 1)]
     assert r[6] == f"{np.mean(accs):.4f} ± {_se(accs):.4f}"
   assert "standard error = sample std / sqrt(n)" in md
-  assert "## Every run" in md and len(rows) == 1 + 4 + 1 + 8
+  assert "## Effect vs seed spread" in md and "## Every run" in md
+  assert len(rows) == 1 + 4 + (1 + 3) + 1 + 8
   assert_png(os.path.join(sweep_dir, "loss_curves.png"))
   for field in ("mask_ratio", "decoder_depth"):
     assert "![Final metrics vs" in md and f"vs_{field}.png" in md
@@ -103,7 +104,8 @@ def test_mean_se_over_three_seeds_in_table_and_plot(tmp_path, monkeypatch):
   for seed in range(3):
     for ratio, acc in accs.items():
       name = f"mask_ratio={ratio},seed={seed}"
-      _run(os.path.join(root, name), [1.0, 0.9, 0.8, 0.7, 0.6], final_eval=0.5, acc=acc[seed])
+      _run(os.path.join(root, name), [1.0, 0.9, 0.8, 0.7, 0.6], final_eval=ratio + seed / 100,
+           acc=acc[seed])
       points.append({"name": name, "status": "done",
                      "overrides": {"objective.mask_ratio": ratio, "seed": seed}})
   with open(os.path.join(root, "sweep.json"), "w") as f:
@@ -112,9 +114,18 @@ def test_mean_se_over_three_seeds_in_table_and_plot(tmp_path, monkeypatch):
   monkeypatch.setattr(report.plots, "loss_curves", lambda *a: False)
   monkeypatch.setattr(report.plots, "metric_vs_field",
                       lambda key, series, *a: plotted.update(series[""]) or False)
-  rows = _table_rows(open(report.build([root], ["knn_tiny/accuracy"], root)).read())
-  assert rows[1][1:] == ["0.25", "3", "done", f"{np.mean(accs[0.25]):.4f} ± {_se(accs[0.25]):.4f}"]
-  assert rows[2][1:] == ["0.75", "3", "done", f"0.3650 ± {_se([0.36, 0.37]):.4f} (n=2)"]
+  rows = _table_rows(open(report.build([root], ["knn_tiny/accuracy", "eval/loss"], root)).read())
+  assert rows[1][1:4] == ["0.25", "3", "done"] and rows[2][1:4] == ["0.75", "3", "done"]
+  assert rows[1][4] == f"{np.mean(accs[0.25]):.4f} ± {_se(accs[0.25]):.4f}"
+  assert rows[2][4] == f"0.3650 ± {_se([0.36, 0.37]):.4f} (n=2)"
+  # Effect vs seed spread: accuracy's seed ranges overlap (0.30-0.41 vs 0.36-0.37), eval/loss's do
+  # not (0.25-0.27 vs 0.75-0.77; s.e. 0.0058 each).
+  acc_se = float(np.hypot(_se(accs[0.25]), 0.005))
+  assert rows[4] == ["knn_tiny/accuracy", "mask_ratio=0.75", "mask_ratio=0.25", "0.0150",
+                     f"{acc_se:.4f}", f"{0.015 / acc_se:.1f}", "yes"]
+  loss_se = float(np.hypot(_se([0.25, 0.26, 0.27]), _se([0.75, 0.76, 0.77])))
+  assert rows[5] == ["eval/loss", "mask_ratio=0.75", "mask_ratio=0.25", "0.5000", f"{loss_se:.4f}",
+                     f"{0.5 / loss_se:.1f}", "**no**"]
   (x0, mean0, se0), (x1, mean1, se1) = plotted["knn_tiny/accuracy"]
   assert (x0, x1) == (0.25, 0.75)
   assert se0 == pytest.approx(_se(accs[0.25])) and mean0 == pytest.approx(np.mean(accs[0.25]))
