@@ -1,14 +1,15 @@
-r"""DINO ablation: teacher EMA momentum (DINO paper, Section 5.3 / Table 6: the teacher), with the
-teacher's entropy, its KL to uniform, the centre norm and kNN at the end of each run.
+r"""DINO ablation: the teacher's EMA momentum (DINO paper: the momentum teacher), with the teacher's
+entropy, its KL to uniform, the centre norm and kNN at the end of each run.
 
   python -m medfm_jax.sweeps --config=configs/sweeps/dino_teacher_momentum.py:tiny \
-      --workdir=runs/dino_momentum --seeds=0,1
+      --workdir=runs/dino_momentum --seeds=0,1 \
+      --then_eval=configs/eval/linear_probe.py:tiny,data.label=lesion_location,features.pool=mean
   python -m medfm_jax.sweeps.report runs/dino_momentum
 
 Variants: tiny (momentum 0.996 / 0.98, 200 steps of configs/dino.py:tiny, closing table off: about
-3.5 CPU-minutes a point; the EMA keeps exp(-(1 - m) T / 2) of the random-init teacher after T steps,
-67% at 0.996 and 14% at 0.98, docs/benchmark.md#ablations) | vit_s16 (0.99 / 0.996 / 0.999 on the
-paper recipe). ``VARIANT,k=v`` overrides go to every point's base config.
+3 CPU-minutes a point; after T steps the EMA keeps exp(-(1 - m) T / 2) of the random-init teacher,
+67% at 0.996 and 14% at 0.98; docs/benchmark.md#ablations-issue-15-part-5) | vit_s16 (0.99 / 0.996
+/ 0.999 on the paper recipe). ``VARIANT,k=v`` overrides go to every point's base config.
 """
 import os
 import sys

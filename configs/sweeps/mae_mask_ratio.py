@@ -6,9 +6,10 @@ r"""MAE ablation: mask ratio (MAE paper, Table 1a; x decoder depth, Table 1b, at
   python -m medfm_jax.sweeps.report runs/mae_mask
 
 Variants: tiny (mask ratio 0.25 / 0.75 / 0.9, each the 600-step quick start configs/mae.py:tiny on
-the benchmark phantoms, closing table off: about 3.5 CPU-minutes a point; the benchmark linear probe
-on lesion location separates them, docs/benchmark.md#ablations) | vit_b16 (5 x 4 points of the
-paper recipe). ``VARIANT,k=v`` overrides go to every point's base config, e.g. ``tiny,total_steps=300``.
+the benchmark phantoms, closing table off: 2.5-5 CPU-minutes a point; with 2 seeds the benchmark
+linear probe does not separate them, docs/benchmark.md#ablations-issue-15-part-5) | vit_b16 (5 x 4
+points of the paper recipe). ``VARIANT,k=v`` overrides go to every point's base config, e.g.
+``tiny,total_steps=300``.
 """
 import os
 import sys

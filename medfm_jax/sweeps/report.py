@@ -7,10 +7,11 @@ Writes DIR/report.md (one row per point: its swept fields, seeds, status and eac
 value, mean ± standard error over the seeds of points that differ only by ``seed``: s.e. = sample
 std / sqrt(n)), DIR/loss_curves.png (training loss of every run overlaid) and DIR/vs_FIELD.png per
 swept field (final metrics against the field, error bars = ± 1 s.e. over seeds). Where points ran
-with several seeds, a section compares each metric's highest and lowest point with the seed spread. DIR defaults to the only path given, else to the paths'
-common parent. Metrics: ``loss`` and other metrics.jsonl keys (``eval/...``), an eval workdir's
-``accuracy`` / ``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's
-``eval/NAME`` folder (sweep --then_eval); default: all of them.
+with several seeds, a section compares each metric's highest and lowest point with the seed
+spread. DIR defaults to the only path given, else to the paths' common parent. Metrics: ``loss``
+and other metrics.jsonl keys (``eval/...``), an eval workdir's ``accuracy`` /
+``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's ``eval/NAME``
+folder (sweep --then_eval); default: all of them.
 """
 from __future__ import annotations
 
