@@ -40,6 +40,14 @@ def metric_label(metric: str) -> str:
   return metric
 
 
+def axis_label(metric: str) -> str:
+  """The y label: ``metric_label``, less an ``eval/NAME/`` prefix (the panel title has it)."""
+  if "/" not in metric:
+    return metric_label(metric)
+  name = metric.rsplit("/", 1)[1]
+  return f"{name} (fraction)" if name.endswith(("accuracy", "auroc", "_acc")) else name
+
+
 def field_label(key: str) -> str:
   return f"{key} ({UNITS[key]})" if key in UNITS else key
 
@@ -115,7 +123,7 @@ def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title
       drawn = True
     ax.set_title(metric)
     ax.set_xlabel(field_label(key))
-    ax.set_ylabel(metric_label(metric))
+    ax.set_ylabel(axis_label(metric))
     ax.grid(alpha=0.3)
     if numeric:
       ax.set_xticks(values)
