@@ -21,6 +21,7 @@ UNITS = {
     "model.decoder_depth": "blocks",
     "model.depth": "blocks",
     "data.multicrop.num_local": "crops per image",
+    "objective.momentum_teacher": "teacher EMA momentum",
     "objective.lora_rank": "rank",
     "objective.init_logit_scale": "log scale",
     "lr": "base learning rate",
@@ -37,6 +38,14 @@ def metric_label(metric: str) -> str:
   if metric == "loss":
     return "final training loss"
   return metric
+
+
+def axis_label(metric: str) -> str:
+  """The y label: ``metric_label``, less an ``eval/NAME/`` prefix (the panel title has it)."""
+  if "/" not in metric:
+    return metric_label(metric)
+  name = metric.rsplit("/", 1)[1]
+  return f"{name} (fraction)" if name.endswith(("accuracy", "auroc", "_acc")) else name
 
 
 def field_label(key: str) -> str:
@@ -91,9 +100,9 @@ def loss_curves(groups: dict, path: str, title: str) -> bool:
 
 
 def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title: str) -> bool:
-  """Final metrics against swept field ``key``, error bars = std over seeds.
+  """Final metrics against swept field ``key``, error bars = ± 1 standard error over seeds.
 
-  ``series``: label (the other swept fields) -> {metric -> [(value of key, mean, std)]}.
+  ``series``: label (the other swept fields) -> {metric -> [(value of key, mean, s.e.)]}.
   """
   values = sorted({v for s in series.values() for pts in s.values() for v, _, _ in pts}, key=_sort_key)
   numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -114,7 +123,7 @@ def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title
       drawn = True
     ax.set_title(metric)
     ax.set_xlabel(field_label(key))
-    ax.set_ylabel(metric_label(metric))
+    ax.set_ylabel(axis_label(metric))
     ax.grid(alpha=0.3)
     if numeric:
       ax.set_xticks(values)
@@ -131,7 +140,7 @@ def metric_vs_field(key: str, series: dict, metrics: list[str], path: str, title
   if not drawn:
     plt.close(fig)
     return False
-  fig.suptitle(title, fontsize=FONT + 3)
+  fig.suptitle(f"{title}\n(mean over seeds, error bars ± 1 standard error)", fontsize=FONT + 3)
   if len(series) > 1 or next(iter(series)) != "":
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False,

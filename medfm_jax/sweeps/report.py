@@ -4,12 +4,14 @@ r"""Sweep / run comparison report: a Markdown table and PNG plots.
       [--metric=eval/loss --metric=knn_tiny/accuracy] [--out=DIR]
 
 Writes DIR/report.md (one row per point: its swept fields, seeds, status and each metric's final
-value, mean ± sample std over the seeds of points that differ only by ``seed``), DIR/loss_curves.png
-(training loss of every run overlaid) and DIR/vs_FIELD.png per swept field (final metrics against
-the field, error bars = std over seeds). DIR defaults to the only path given, else to the paths'
-common parent. Metrics: ``loss`` and other metrics.jsonl keys (``eval/...``), an eval workdir's
-``accuracy`` / ``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's
-``eval/NAME`` folder (sweep --then_eval); default: all of them.
+value, mean ± standard error over the seeds of points that differ only by ``seed``: s.e. = sample
+std / sqrt(n)), DIR/loss_curves.png (training loss of every run overlaid) and DIR/vs_FIELD.png per
+swept field (final metrics against the field, error bars = ± 1 s.e. over seeds). Where points ran
+with several seeds, a section compares each metric's highest and lowest point with the seed
+spread. DIR defaults to the only path given, else to the paths' common parent. Metrics: ``loss``
+and other metrics.jsonl keys (``eval/...``), an eval workdir's ``accuracy`` /
+``balanced_accuracy`` / ``macro_auroc``, and ``NAME/accuracy``... of a point's ``eval/NAME``
+folder (sweep --then_eval); default: all of them.
 """
 from __future__ import annotations
 
@@ -22,20 +24,51 @@ from medfm_jax import storage
 from medfm_jax.sweeps import collect, grid, plots, runner
 
 
+def mean_se(values: list[float]) -> tuple[float, float, int]:
+  """(mean, standard error = sample std / sqrt(n), n) of the finite ``values``; s.e. 0 for n = 1."""
+  v = [x for x in values if np.isfinite(x)]
+  if not v:
+    return float("nan"), 0.0, 0
+  se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+  return float(np.mean(v)), se, len(v)
+
+
 def _fmt(values: list[float]) -> str:
-  v = [x for x in values if np.isfinite(x)]
-  if not v:
+  """``mean ± s.e.``; ``(n=k)`` appended where fewer runs than ``values`` have the metric."""
+  mean, se, n = mean_se(values)
+  if not n:
     return "n/a"
-  if len(v) == 1:
-    return f"{v[0]:.4f}"
-  return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+  text = f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {se:.4f}"
+  return text if n == len(values) else f"{text} (n={n})"
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-  v = [x for x in values if np.isfinite(x)]
-  if not v:
-    return float("nan"), 0.0
-  return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+def separation(groups: dict[tuple, list], metrics: list[str]) -> list[str]:
+  """Markdown lines: per metric, the highest vs the lowest point (of those with >= 2 seeds that
+  have it), their difference, its s.e. (the points' s.e. in quadrature) and whether the two points'
+  ranges over seeds overlap; [] when fewer than two points ran with several seeds."""
+  rows = []
+  for m in metrics:
+    stats = []
+    for group, rs in groups.items():
+      v = [x for x in (r.metrics.get(m, float("nan")) for r in rs) if np.isfinite(x)]
+      if len(v) > 1:
+        mean, se, _ = mean_se(v)
+        stats.append((mean, se, min(v), max(v), collect.group_label(group)))
+    if len(stats) < 2:
+      continue
+    hi, lo = max(stats), min(stats)
+    diff, se = hi[0] - lo[0], float(np.hypot(hi[1], lo[1]))
+    ratio = f"{diff / se:.1f}" if se > 0 else "n/a"
+    overlap = "yes" if lo[3] >= hi[2] else "**no**"
+    rows.append(f"| {m} | {hi[4]} | {lo[4]} | {diff:.4f} | {se:.4f} | {ratio} | {overlap} |")
+  if not rows:
+    return []
+  return ["", "## Effect vs seed spread", "",
+          "Per metric, the point with the highest mean vs the one with the lowest (points run with "
+          "several seeds): difference, its standard error (the two s.e. in quadrature), their ratio, "
+          "and whether the two points' seed ranges (min-max) overlap.", "",
+          "| metric | highest | lowest | difference | s.e. | difference / s.e. | ranges overlap |",
+          "|---|---|---|---|---|---|---|", *rows]
 
 
 def build(paths: list[str], metrics: list[str], out: str) -> str:
@@ -57,8 +90,9 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
   title = ", ".join(storage.path(p).name for p in paths)
 
   lines = [f"# Report: {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
-           "Values: final value of each metric; `mean ± std` (sample std) over seeds where a point ran "
-           "with several.", ""]
+           "Values: final value of each metric; `mean ± s.e.` over seeds where a point ran with several "
+           "(standard error = sample std / sqrt(n), n = the seeds column, or `(n=k)` where only k runs "
+           "have the metric). Plot error bars: ± 1 s.e.", ""]
   head = ["point", *[short[f] for f in fields], "seeds", "status", *metrics]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for group, rs in groups.items():
@@ -67,6 +101,7 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
     row = [collect.group_label(group), *[grid.format_value(g[f]) if f in g else "" for f in fields],
            str(len(rs)), status, *[_fmt([r.metrics.get(m, float("nan")) for r in rs]) for m in metrics]]
     lines.append("| " + " | ".join(row) + " |")
+  lines += separation(groups, metrics)
   if any(len(rs) > 1 for rs in groups.values()):
     lines += ["", "## Every run", "", "| run | status | " + " | ".join(metrics) + " |",
               "|" + "---|" * (len(metrics) + 2)]
@@ -92,8 +127,8 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
       others = {k: v for k, v in g.items() if k != key}
       label = collect.group_label(tuple(others.items())) if others else ""
       for m in metrics:
-        mean, std = _stats([r.metrics.get(m, float("nan")) for r in rs])
-        series.setdefault(label, {}).setdefault(m, []).append((g[key], mean, std))
+        mean, se, _ = mean_se([r.metrics.get(m, float("nan")) for r in rs])
+        series.setdefault(label, {}).setdefault(m, []).append((g[key], mean, se))
     name = f"vs_{grid.safe_name(short[key])}.png"
     if plots.metric_vs_field(key, series, metrics, out / name, f"{title}: final metrics vs {short[key]}"):
       figures.append((f"Final metrics vs {key}", name))

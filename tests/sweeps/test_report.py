@@ -62,8 +62,15 @@ def assert_png(path, min_size=(400, 250)):
   assert len(np.unique(px.reshape(-1, 3), axis=0)) > 20
 
 
+def _se(values):
+  """Standard error of the mean, written out: sample std / sqrt(n)."""
+  n = len(values)
+  mean = sum(values) / n
+  return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 @pytest.mark.slow
-def test_report_rows_mean_std_and_plots(sweep_dir):
+def test_report_rows_mean_se_and_plots(sweep_dir):
   path = report.build([sweep_dir], ["eval/loss", "knn_tiny/accuracy", "loss"], sweep_dir)
   md = open(path).read()
   rows = _table_rows(md)
@@ -76,14 +83,53 @@ def test_report_rows_mean_std_and_plots(sweep_dir):
     ratio, depth = float(r[1]), int(r[2])
     evals = [ratio + depth / 10 + s / 100 for s in (0, 1)]
     assert r[3] == "2" and r[4] == "done"
-    assert r[5] == f"{np.mean(evals):.4f} ± {np.std(evals, ddof=1):.4f}"
+    assert r[5] == f"{np.mean(evals):.4f} ± {_se(evals):.4f}"
     accs = [0.5 + ratio / 4 + depth / 20 + s / 50 for s in (0, 1)]
-    assert r[6] == f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}"
-  assert "## Every run" in md and len(rows) == 1 + 4 + 1 + 8
+    assert r[6] == f"{np.mean(accs):.4f} ± {_se(accs):.4f}"
+  assert "standard error = sample std / sqrt(n)" in md
+  assert "## Effect vs seed spread" in md and "## Every run" in md
+  assert len(rows) == 1 + 4 + (1 + 3) + 1 + 8
   assert_png(os.path.join(sweep_dir, "loss_curves.png"))
   for field in ("mask_ratio", "decoder_depth"):
     assert "![Final metrics vs" in md and f"vs_{field}.png" in md
     assert_png(os.path.join(sweep_dir, f"vs_{field}.png"))
+
+
+def test_mean_se_over_three_seeds_in_table_and_plot(tmp_path, monkeypatch):
+  """3 seeds (with 2, s.e. = population std: the two cannot be told apart); one seed lacks the
+  metric. The table and the plotted error bars are s.e. = sample std / sqrt(n), not std."""
+  root = str(tmp_path)
+  accs = {0.25: [0.30, 0.34, 0.41], 0.75: [0.36, 0.37, float("nan")]}
+  points = []
+  for seed in range(3):
+    for ratio, acc in accs.items():
+      name = f"mask_ratio={ratio},seed={seed}"
+      _run(os.path.join(root, name), [1.0, 0.9, 0.8, 0.7, 0.6], final_eval=ratio + seed / 100,
+           acc=acc[seed])
+      points.append({"name": name, "status": "done",
+                     "overrides": {"objective.mask_ratio": ratio, "seed": seed}})
+  with open(os.path.join(root, "sweep.json"), "w") as f:
+    json.dump({"points": points}, f)
+  plotted = {}
+  monkeypatch.setattr(report.plots, "loss_curves", lambda *a: False)
+  monkeypatch.setattr(report.plots, "metric_vs_field",
+                      lambda key, series, *a: plotted.update(series[""]) or False)
+  rows = _table_rows(open(report.build([root], ["knn_tiny/accuracy", "eval/loss"], root)).read())
+  assert rows[1][1:4] == ["0.25", "3", "done"] and rows[2][1:4] == ["0.75", "3", "done"]
+  assert rows[1][4] == f"{np.mean(accs[0.25]):.4f} ± {_se(accs[0.25]):.4f}"
+  assert rows[2][4] == f"0.3650 ± {_se([0.36, 0.37]):.4f} (n=2)"
+  # Effect vs seed spread: accuracy's seed ranges overlap (0.30-0.41 vs 0.36-0.37), eval/loss's do
+  # not (0.25-0.27 vs 0.75-0.77; s.e. 0.0058 each).
+  acc_se = float(np.hypot(_se(accs[0.25]), 0.005))
+  assert rows[4] == ["knn_tiny/accuracy", "mask_ratio=0.75", "mask_ratio=0.25", "0.0150",
+                     f"{acc_se:.4f}", f"{0.015 / acc_se:.1f}", "yes"]
+  loss_se = float(np.hypot(_se([0.25, 0.26, 0.27]), _se([0.75, 0.76, 0.77])))
+  assert rows[5] == ["eval/loss", "mask_ratio=0.75", "mask_ratio=0.25", "0.5000", f"{loss_se:.4f}",
+                     f"{0.5 / loss_se:.1f}", "**no**"]
+  (x0, mean0, se0), (x1, mean1, se1) = plotted["knn_tiny/accuracy"]
+  assert (x0, x1) == (0.25, 0.75)
+  assert se0 == pytest.approx(_se(accs[0.25])) and mean0 == pytest.approx(np.mean(accs[0.25]))
+  assert se1 == pytest.approx(0.005) and mean1 == pytest.approx(0.365)
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ from tests import helpers
 from tests.sweeps.test_report import _table_rows, assert_png
 
 # configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, 2 encoder blocks, batch 16, 4 steps,
-# checkpoint every 2 (sync), no closing table (final_eval).
+# checkpoint every 2 (sync); the sweep turns the closing table (final_eval) off itself.
 TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
         "warmup_steps=1,log_every=1,eval_every=1000,checkpoint_every=2,async_checkpointing=False,"
         "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,"
-        "model.depth=2,final_eval.config=")
+        "model.depth=2")
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
 EVAL = runner.eval_name(KNN)
@@ -49,7 +49,9 @@ def test_point_names_short_stable_and_safe():
 
 
 def test_sweep_files_load_and_check_fields():
-  for arg, n, kind in [("mae_mask_ratio.py:tiny", 4, "train"), ("dino_local_crops.py:tiny", 3, "train"),
+  for arg, n, kind in [("mae_mask_ratio.py:tiny", 3, "train"), ("dino_local_crops.py:tiny", 3, "train"),
+                       ("dino_teacher_momentum.py:tiny", 2, "train"),
+                       ("dino_teacher_momentum.py:vit_s16", 3, "train"),
                        ("clip_vs_siglip.py:tiny", 2, "train"), ("lora_rank.py:tiny", 4, "eval"),
                        ("mae_mask_ratio.py:vit_b16", 20, "train")]:
     s = spec.load("configs/sweeps/" + arg)
@@ -68,19 +70,19 @@ def test_dry_run_prints_exact_commands(tmp_path):
   out = io.StringIO()
   runner.dry_run(sweep, str(tmp_path / "s"), [KNN], seeds=[0, 1], out=out)
   lines = out.getvalue().splitlines()
-  assert len(lines) == 4 * 2 * 2     # points x seeds x (train + eval)
-  first = str(tmp_path / "s" / "mask_ratio=0.6,decoder_depth=1,seed=0")
-  assert sweep.base == ("configs/mae.py:tiny,total_steps=4,warmup_steps=1,log_every=1,eval_every=1000,"
-                        "checkpoint_every=2,data.image_size=16,batch_size=16,async_checkpointing=False,"
-                        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,"
-                        "model.decoder_heads=4,model.depth=2,final_eval.config=''")
+  assert len(lines) == 3 * 2 * 2     # points x seeds x (train + eval)
+  first = str(tmp_path / "s" / "mask_ratio=0.25,seed=0")
+  assert sweep.base == ("configs/mae.py:tiny,log_every=1,eval_every=1000,checkpoint_every=2,"
+                        "final_eval.config='',data.image_size=16,batch_size=16,total_steps=4,"
+                        "warmup_steps=1,async_checkpointing=False,data.eval_examples=16,"
+                        "data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,model.depth=2")
   assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
-                                 f"--workdir={first}", "--config.objective.mask_ratio=0.6",
-                                 "--config.model.decoder_depth=1", "--config.seed=0"])
+                                 f"--workdir={first}", "--config.objective.mask_ratio=0.25",
+                                 "--config.seed=0"])
   assert f"--config.init_from={first}" in lines[1] and "medfm_jax.evaluate" in lines[1]
   assert runner.eval_name(KNN).startswith("knn_tiny+") and runner.eval_name("configs/eval/knn.py:tiny") == "knn_tiny"
   assert f"--workdir={first}/eval/{runner.eval_name(KNN)}" in lines[1]
-  assert [l.split("seed=")[1][0] for l in lines[::2]] == ["0"] * 4 + ["1"] * 4   # seed-major
+  assert [l.split("seed=")[1][0] for l in lines[::2]] == ["0"] * 3 + ["1"] * 3   # seed-major
   assert not os.path.exists(tmp_path / "s")    # a dry run writes nothing
   with pytest.raises(grid.SweepError, match="--init_from is for sweeps over an eval config"):
     runner.plan(sweep, "x", init_from="runs/m")
