@@ -6,7 +6,7 @@ import pytest
 
 from configs import seg3d as seg3d_config
 from medfm_jax import config as config_lib
-from medfm_jax.data import pipeline
+from medfm_jax.data import phantoms3d, pipeline
 from medfm_jax.objectives import seg3d
 from tests import helpers
 
@@ -37,6 +37,13 @@ def test_few_shot_train_volumes_and_config_errors():
   c = seg3d_config.get_config("tiny")
   config_lib.validate(c, None, 1)
   assert len(pipeline.make_source(c.data, "train")) == 8 and len(pipeline.make_source(c.data, "val")) == 500
+  few = pipeline.make_source(c.data, "train")   # few-shot volumes are read once, then kept read-only
+  calls = []
+  few.source = type("Counting", (), {"__len__": lambda _: 8, "__getitem__": lambda _, i: calls.append(i) or
+                                     phantoms3d.VolumePhantomSource("train", 40)[i]})()
+  first, again = few[3], few[3]
+  assert calls == [3] and first["image"] is again["image"] and not again["image"].flags.writeable
+  np.testing.assert_array_equal(again["label_map"], phantoms3d.VolumePhantomSource("train", 40)[3]["label_map"])
   for key, value, message in (("objective.num_classes", 3, r"^objective.structures=.*needs objective.num_classes=3"),
                               ("data.volume.labels", False, r"^objective.name='seg3d' needs data.volume with labels"),
                               ("model.patch_3d", (4, 4, 2), r"^model.patch_3d=\(4, 4, 2\): the UNETR decoder needs cubic")):
