@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   c.objective.structures = ("background", "organ_1", "organ_2", "lesion")   # phantoms: see STRUCTURES
   c.objective.feature_size = 16
   c.objective.dice_weight = 1.0
+  c.objective.encoder_lr_mult = 1.0       # encoder lr / decoder lr (0 = frozen encoder)
   c.data.volume.labels = True
   c.data.volume.foreground_prob = 0.33    # nnU-Net's oversampling of foreground crops
   c.data.volume.train_volumes = 0         # few-shot: the first N labelled train volumes (0 = all)

@@ -6,7 +6,10 @@ Gaussian-weighted sliding windows and report Dice and HD95 per structure.
       --config.init_from=runs/mae3d_tiny --workdir=runs/eval/segment3d_mae3d_tiny
 
 An empty ``init_from`` is the random-init baseline. ``data.volume.train_volumes`` is the few-shot N.
-Variants: tiny | primus_m. Writes WORKDIR/results.{json,md} and WORKDIR/segment3d.png.
+Variants: tiny | fewshot | primus_m. ``fewshot`` is the learning-signal setup of docs/volumes.md
+(issue 19 part 8): tiny, N = 2 labelled phantoms (one CT, one MRI), the encoder frozen, 160 steps
+of batch 2 on the 32^3 crops the tiny 3D MAE was trained on. Writes WORKDIR/results.{json,md} and
+WORKDIR/segment3d.png.
 """
 import os
 import sys
@@ -20,7 +23,9 @@ from configs.eval import base  # noqa: E402
 
 def get_config(arg: str | None = None):
   variant, overrides = common.parse_arg(arg, default_variant="tiny")
-  c = seg3d.get_config(variant)
+  if variant not in ("tiny", "fewshot", "primus_m"):
+    raise ValueError(f"configs/eval/segment3d.py: unknown variant {variant!r}; allowed: tiny, fewshot, primus_m")
+  c = seg3d.get_config("tiny" if variant == "fewshot" else variant)
   shared = base.eval_config("segment3d", "tiny")
   for key in ("features", "probe", "knn", "fewshot"):   # protocols.check_config reads them
     c[key] = shared[key]
@@ -28,7 +33,14 @@ def get_config(arg: str | None = None):
   c.data.label = "finding"
   c.data.eval_split = "test"
   c.segment3d = ml_collections.ConfigDict(dict(overlap=0.5, mode="gaussian", sigma_scale=0.125, batch_size=4))
-  if variant == "tiny":
+  if variant in ("tiny", "fewshot"):
     c.data.eval_examples = 8              # whole 40^3 volumes, 32^3 windows
+  if variant == "fewshot":
+    c.data.volume.train_volumes = 2       # train volumes 0 (MRI) and 1 (CT)
+    c.data.volume.foreground_prob = 0.67
+    c.objective.encoder_lr_mult = 0.0     # frozen encoder: the decoder reads the init's features
+    c.batch_size, c.total_steps, c.warmup_steps = 2, 160, 16
+    c.eval_every, c.log_every, c.checkpoint_every = 0, 20, 160
+    c.segment3d.batch_size = 8
   common.apply_overrides(c, overrides)
   return c

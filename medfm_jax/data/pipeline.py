@@ -71,7 +71,10 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
 def _make_source(spec: DataSpec, split: str, num_examples: int | None,
                  skip_log: str | None) -> RandomAccessSource:
   if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split:
-    num_examples = spec.volume.train_volumes      # few-shot: the first N labelled volumes
+    few_shot = dataclasses.replace(spec, volume=dataclasses.replace(spec.volume, train_volumes=0))
+    source = make_source(few_shot, split, spec.volume.train_volumes, skip_log=skip_log)
+    # Few-shot: the first N labelled volumes, each read (rendered) once and then kept in memory.
+    return CachedSource(source) if len(source) <= FEW_SHOT_CACHE else source
   if spec.volume is not None and spec.source == "phantoms":
     return phantoms3d.VolumePhantomSource(split, spec.volume.source_size, seed=0,
                                           num_examples=num_examples)
@@ -84,6 +87,36 @@ def _make_source(spec: DataSpec, split: str, num_examples: int | None,
   if spec.source in SOURCES:
     return sources.make_file_source(spec, split, num_examples, skip_log)
   raise ValueError(f"data.source={spec.source!r} is not supported; allowed: {', '.join(SOURCES)}")
+
+
+FEW_SHOT_CACHE = 64    # few-shot volume sources up to this many records are kept in memory
+
+
+class CachedSource:
+  """``source`` with each record read once and kept (read-only arrays): for few-shot volume sets,
+  whose N records are otherwise re-read or re-rendered for every crop. Failed reads are not kept."""
+
+  def __init__(self, source):
+    self.source, self._records = source, {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if index not in self._records:
+      record = dict(self.source[index])
+      for value in record.values():
+        if isinstance(value, np.ndarray):
+          value.setflags(write=False)
+      self._records[index] = record
+    return dict(self._records[index])
+
+  def __getstate__(self):   # grain workers start with an empty cache
+    return {"source": self.source, "_records": {}}
+
+  def __repr__(self) -> str:
+    return f"CachedSource({self.source!r}, {len(self._records)} kept)"
 
 
 @dataclasses.dataclass(frozen=True)

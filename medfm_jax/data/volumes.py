@@ -146,8 +146,9 @@ def random_crop(volume: np.ndarray, label_map: np.ndarray | None, size: Sequence
                 rng: np.random.Generator, foreground_prob: float = 0.0):
   """A ``size`` crop of ``volume [D, H, W, C]`` (and its label map), padded (image: its minimum,
   labels: 0) where the volume is smaller. With probability ``foreground_prob`` (and a label map
-  with any voxel > 0) the crop is centred on a random labelled voxel (clamped inside the volume),
-  else placed uniformly. Draws the same random numbers either way."""
+  with any voxel > 0) the crop is centred on a random voxel of a foreground class drawn uniformly
+  among those present (nnU-Net's oversampling: small structures get as many crops as large ones),
+  clamped inside the volume; else placed uniformly. Draws the same random numbers either way."""
   volume, before = _pad_to(volume, size, float(volume.min()))
   if label_map is not None:
     label_map, _ = _pad_to(label_map, size, 0)
@@ -155,9 +156,12 @@ def random_crop(volume: np.ndarray, label_map: np.ndarray | None, size: Sequence
   limits = [n - s for n, s in zip(volume.shape[:3], size)]
   start = [int(c * (m + 1)) for c, m in zip(corner, limits)]
   if want_fg and label_map is not None:
-    fg = np.flatnonzero(label_map)
-    if fg.size:
-      centre = np.unravel_index(fg[int(pick * fg.size)], label_map.shape)
+    classes = np.flatnonzero(np.bincount(label_map.ravel())[1:]) + 1
+    if classes.size:
+      cls = classes[min(int(pick * classes.size), classes.size - 1)]
+      fg = np.flatnonzero(label_map == cls)
+      frac = pick * classes.size - int(pick * classes.size)   # the rest of pick draws the voxel
+      centre = np.unravel_index(fg[min(int(frac * fg.size), fg.size - 1)], label_map.shape)
       start = [int(np.clip(c - s // 2, 0, m)) for c, s, m in zip(centre, size, limits)]
   window = tuple(slice(b, b + s) for b, s in zip(start, size))
   return volume[window], None if label_map is None else label_map[window]

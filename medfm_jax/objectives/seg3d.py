@@ -8,7 +8,8 @@ sliding-window Dice and HD95 are the ``segment3d`` protocol's (``python -m medfm
 
 Config: ``objective.num_classes``, ``objective.feature_size`` (decoder width at full resolution),
 ``objective.dice_weight`` (loss = CE + w * (1 - mean soft Dice over the foreground classes)),
-``objective.structures`` (class names, background first).
+``objective.structures`` (class names, background first), ``objective.encoder_lr_mult`` (the
+encoder's lr relative to the decoder's; 0 freezes it: no update and no backward pass through it).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import optax
 from medfm_jax.errors import check, config_errors
 from medfm_jax.models import unetr, vit
 from medfm_jax.objectives import base
+from medfm_jax.peft import freeze
 
 
 def dice_ce_loss(logits, labels, num_classes: int, dice_weight: float = 1.0, smooth: float = 1e-5):
@@ -67,12 +69,15 @@ class Seg3dObjective(base.Objective):
           f"objective.structures={tuple(o.structures)}: needs objective.num_classes={o.num_classes} names")
     check(o.feature_size > 0 and o.dice_weight >= 0,
           f"objective.feature_size={o.feature_size}, objective.dice_weight={o.dice_weight}: must be > 0 / >= 0")
+    check(o.get("encoder_lr_mult", 1.0) >= 0,
+          f"objective.encoder_lr_mult={o.get('encoder_lr_mult')}: must be >= 0 (0 freezes the encoder)")
 
   def __init__(self, config, encoder_loader=None):
     super().__init__(config, encoder_loader)
     o = config.objective
     self.num_classes, self.dice_weight = int(o.num_classes), float(o.dice_weight)
     self.structures = tuple(o.structures)
+    self.encoder_lr_mult = float(o.get("encoder_lr_mult", 1.0))
     self.model = unetr.Unetr(vit.vit_from_config(config), self.num_classes, int(o.feature_size))
     self._pretrained = None
     if config.get("init_from"):
@@ -85,12 +90,22 @@ class Seg3dObjective(base.Objective):
       params["encoder"] = base.overwrite_params(params["encoder"], self._pretrained)
     return params, {}
 
+  def optimizer_kwargs(self):
+    """The encoder's steps (Adam and weight decay) scaled by ``encoder_lr_mult`` (0: none)."""
+    if self.encoder_lr_mult == 1.0:
+      return {}
+    mult = self.encoder_lr_mult
+    return {"lr_multipliers": lambda p: {k: jax.tree.map(lambda _: mult if k == "encoder" else 1.0, v)
+                                         for k, v in p.items()}}
+
   def logits(self, params, volumes, deterministic: bool = True, rng=None):
     rngs = {} if rng is None else {"dropout": rng}
     return self.model.apply({"params": params}, volumes, deterministic=deterministic, rngs=rngs)
 
   def loss(self, params, extra, batch, rng, step):
     del step
+    if self.encoder_lr_mult == 0:
+      params = {**params, "encoder": jax.lax.stop_gradient(params["encoder"])}
     logits = self.logits(params, batch["image"], deterministic=False, rng=rng)
     loss, metrics = dice_ce_loss(logits, batch["label_map"], self.num_classes, self.dice_weight)
     return loss, (metrics, extra)

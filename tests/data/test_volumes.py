@@ -51,6 +51,11 @@ def test_foreground_biased_crops_flips_and_padding():
   unbiased = sum(int((volumes.random_crop(vol, lab, (4, 4, 4), np.random.default_rng(s), 0.0)[1] == 2).any())
                  for s in range(20))
   assert unbiased < 10
+  lab[:4] = 1   # nnU-Net's class-balanced oversampling: the one class-2 voxel gets half the crops
+  small = sum(int((volumes.random_crop(vol, lab, (4, 4, 4), np.random.default_rng(s), 1.0)[1] == 2).any())
+              for s in range(40))
+  assert 12 <= small <= 28
+  lab[:4] = 0
   img, l = volumes.random_crop(vol[:2], lab[:2], (4, 4, 4), np.random.default_rng(0))   # padded
   assert img.shape == (4, 4, 4, 1) and (img[0] == vol.min()).all() and (l[0] == 0).all()
   seen = set()
