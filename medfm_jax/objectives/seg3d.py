@@ -21,7 +21,6 @@ import optax
 from medfm_jax.errors import check, config_errors
 from medfm_jax.models import unetr, vit
 from medfm_jax.objectives import base
-from medfm_jax.peft import freeze
 
 
 def dice_ce_loss(logits, labels, num_classes: int, dice_weight: float = 1.0, smooth: float = 1e-5):
