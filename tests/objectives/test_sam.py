@@ -9,7 +9,7 @@ from configs import dino as dino_config
 from configs import sam as sam_config
 from medfm_jax import config as config_lib
 from medfm_jax.errors import ConfigError
-from medfm_jax.models import sam_encoder, sam_prompt, vit
+from medfm_jax.models import sam_encoder, sam_prompt
 from medfm_jax.objectives import sam
 from medfm_jax.train import restore
 
