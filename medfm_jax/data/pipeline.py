@@ -55,10 +55,14 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
 
   ``folder`` / ``manifest`` / ``tfds`` read real images (see ``sources``); ``skip_log`` is the
   file that skipped bad records are appended to with ``data.on_error='skip'``. With
-  ``data.segment.train_examples`` N > 0 the train split is its first N records.
+  ``data.segment.train_examples`` N > 0 the train split is its first N records; with
+  ``data.volume.train_volumes`` N > 0 its first N volumes, kept in memory once read (N <= 64).
   """
   spec = spec_lib.resolve(data)
   source = _make_source(spec, split, num_examples, skip_log)
+  if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split \
+      and len(source) <= FEW_SHOT_CACHE:   # few-shot volumes: each read (rendered) once, then kept
+    source = CachedSource(source)
   few = spec.segment.train_examples if spec.segment is not None and split == spec.train_split else 0
   if few:   # few-shot segmentation: the first N labelled train images
     if few > len(source):
@@ -71,10 +75,7 @@ def make_source(data: DataSpec, split: str, num_examples: int | None = None, *,
 def _make_source(spec: DataSpec, split: str, num_examples: int | None,
                  skip_log: str | None) -> RandomAccessSource:
   if spec.volume is not None and spec.volume.train_volumes and split == spec.train_split:
-    few_shot = dataclasses.replace(spec, volume=dataclasses.replace(spec.volume, train_volumes=0))
-    source = make_source(few_shot, split, spec.volume.train_volumes, skip_log=skip_log)
-    # Few-shot: the first N labelled volumes, each read (rendered) once and then kept in memory.
-    return CachedSource(source) if len(source) <= FEW_SHOT_CACHE else source
+    num_examples = spec.volume.train_volumes      # few-shot: the first N labelled volumes
   if spec.volume is not None and spec.source == "phantoms":
     return phantoms3d.VolumePhantomSource(split, spec.volume.source_size, seed=0,
                                           num_examples=num_examples)
