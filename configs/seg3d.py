@@ -28,7 +28,8 @@ def get_config(arg: str | None = None):
   c.objective.name = "seg3d"
   c.objective.num_classes = phantoms3d.NUM_CLASSES
   c.objective.structures = ("background", "organ_1", "organ_2", "lesion")   # phantoms: see STRUCTURES
-  c.objective.feature_size = 16
+  c.objective.decoder = "unetr"          # 'unetr' | 'primus' (tokens only, models/patch_decoder.py)
+  c.objective.feature_size = 16           # UNETR's full-resolution width
   c.objective.dice_weight = 1.0
   c.objective.encoder_lr_mult = 1.0       # encoder lr / decoder lr (0 = frozen encoder)
   c.data.volume.labels = True

@@ -1,12 +1,15 @@
-"""3D segmentation fine-tuning: a volumetric ViT encoder + UNETR decoder (``models.unetr``) trained
-with Dice + cross-entropy on ``data.volume`` crops with label maps (``data.volume.labels=True``).
+"""3D segmentation fine-tuning: a volumetric ViT encoder + a UNETR (``models.unetr``) or Primus
+tokens-only (``models.patch_decoder``) decoder trained with Dice + cross-entropy on ``data.volume`` crops with label maps (``data.volume.labels=True``).
 
 With ``config.init_from`` (e.g. a ``mae3d`` run) the encoder starts from the checkpoint's encoder
 (the trainer's loader, as for the supervised objective); empty = random init. Held-out metrics:
 the loss and the hard Dice per structure (``dice_<name>``) on the eval crops; whole-volume
 sliding-window Dice and HD95 are the ``segment3d`` protocol's (``python -m medfm_jax.evaluate``).
 
-Config: ``objective.num_classes``, ``objective.feature_size`` (decoder width at full resolution),
+Config: ``objective.decoder`` (``patch_decoder.DECODERS``: 'unetr' has a skip from the input volume
+and conv skips from encoder blocks; 'primus' decodes the final tokens alone, so the result depends on
+the encoder's features), ``objective.num_classes``, ``objective.feature_size`` (UNETR's width at
+full resolution),
 ``objective.dice_weight`` (loss = CE + w * (1 - mean soft Dice over the foreground classes)),
 ``objective.structures`` (class names, background first), ``objective.encoder_lr_mult`` (the
 encoder's lr relative to the decoder's; 0 freezes it: no update and no backward pass through it).
@@ -19,7 +22,7 @@ import numpy as np
 import optax
 
 from medfm_jax.errors import check, config_errors
-from medfm_jax.models import unetr, vit
+from medfm_jax.models import patch_decoder, unetr, vit
 from medfm_jax.objectives import base
 
 
@@ -45,7 +48,7 @@ def hard_dice(pred, labels, cls: int):
 
 
 class Seg3dObjective(base.Objective):
-  """``config.objective``: num_classes, feature_size, dice_weight, structures; ``config.model``: the
+  """``config.objective``: decoder, num_classes, feature_size, dice_weight, structures; ``config.model``: the
   ViT fields (cubic power-of-two patches); ``config.data.volume`` with ``labels=True``."""
   name = "seg3d"
   image_encoders = {"encoder": ("params", "encoder")}
@@ -58,11 +61,14 @@ class Seg3dObjective(base.Objective):
     with config_errors():
       patch = vit.patch_3d_from_config(m) or (vit.size_from_config(m).patch_size,) * 3
       if len(set(patch)) != 1:
-        raise ValueError(f"model.patch_3d={patch}: the UNETR decoder needs cubic patches")
+        raise ValueError(f"model.patch_3d={patch}: the 3D segmentation decoders need cubic patches")
       unetr.num_levels(patch[0])
       size = vit.volume_size_from_config(d)
     check(all(s % patch[0] == 0 for s in size),
           f"data.volume.size={size}: must be divisible by the patch size {patch[0]}")
+    decoder = o.get("decoder", "unetr")
+    check(decoder in patch_decoder.DECODERS,
+          f"objective.decoder={decoder!r}: allowed: {', '.join(patch_decoder.DECODERS)}")
     check(o.num_classes >= 2, f"objective.num_classes={o.num_classes}: must be >= 2 (background + structures)")
     check(len(o.structures) == o.num_classes,
           f"objective.structures={tuple(o.structures)}: needs objective.num_classes={o.num_classes} names")
@@ -77,7 +83,8 @@ class Seg3dObjective(base.Objective):
     self.num_classes, self.dice_weight = int(o.num_classes), float(o.dice_weight)
     self.structures = tuple(o.structures)
     self.encoder_lr_mult = float(o.get("encoder_lr_mult", 1.0))
-    self.model = unetr.Unetr(vit.vit_from_config(config), self.num_classes, int(o.feature_size))
+    self.model = patch_decoder.segmentation_model(o.get("decoder", "unetr"), vit.vit_from_config(config),
+                                                  self.num_classes, int(o.feature_size))
     self._pretrained = None
     if config.get("init_from"):
       self._pretrained = self.pretrained_encoder(self.model.encoder, config.init_from,

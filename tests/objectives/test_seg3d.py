@@ -46,7 +46,8 @@ def test_few_shot_train_volumes_and_config_errors():
   np.testing.assert_array_equal(again["label_map"], phantoms3d.VolumePhantomSource("train", 40)[3]["label_map"])
   for key, value, message in (("objective.num_classes", 3, r"^objective.structures=.*needs objective.num_classes=3"),
                               ("data.volume.labels", False, r"^objective.name='seg3d' needs data.volume with labels"),
-                              ("model.patch_3d", (4, 4, 2), r"^model.patch_3d=\(4, 4, 2\): the UNETR decoder needs cubic")):
+                              ("model.patch_3d", (4, 4, 2), r"^model.patch_3d=\(4, 4, 2\): the 3D segmentation decoders need cubic"),
+                              ("objective.decoder", "vnet", r"^objective.decoder=.vnet.: allowed: unetr, primus$")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.validate(helpers.override(seg3d_config.get_config("tiny"), {key: value}), None, 1)
 
