@@ -11,6 +11,7 @@ import os
 import tempfile
 
 import jax
+from ml_collections import config_flags
 
 from medfm_jax import objectives
 from medfm_jax.data import decode, sources, tokenizers
@@ -20,7 +21,15 @@ from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import optim
 
-__all__ = ["ConfigError", "validate"]
+__all__ = ["ConfigError", "validate", "explicit_keys"]
+
+
+def explicit_keys(config_flag) -> set[str]:
+  """Dotted keys the command line set (``FLAGS['config']``): the ``k=v`` pairs after the variant
+  of ``--config=FILE:VARIANT,k=v`` and the ``--config.k=v`` flags."""
+  _, _, arg = config_flags.get_config_filename(config_flag).partition(":")
+  return {p.split("=", 1)[0] for p in arg.split(",") if "=" in p} | set(
+      config_flags.get_override_values(config_flag))
 
 
 def _writable(path: str) -> bool:

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from medfm_jax import config as config_lib
 from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.parallel import distributed
-from medfm_jax.train import checkpoint, restore
+from medfm_jax.train import checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config, e.g. configs/eval/knn.py:tiny.",
                                           lock_config=True)
@@ -37,7 +37,7 @@ def main(argv):
   distributed.initialize()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    restore.adopt_architecture(config)
+    protocols.adopt_checkpoint(config, config_lib.explicit_keys(flags.FLAGS["config"]))
     config_lib.validate(config, workdir)
     protocols.check_config(config)
     results = protocols.run(config, workdir)

@@ -20,8 +20,6 @@ from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import restore
 
 CLOSING_PROTOCOLS = ("linear_probe", "fewshot", "seg_probe")
-# The run's image geometry replaces the eval config's (the encoder was trained on it).
-_DATA_FIELDS = ("image_size", "channels", "mean", "std")
 
 
 def eval_config_for(eval_config, train_config, workdir: str, labels=()):
@@ -29,7 +27,7 @@ def eval_config_for(eval_config, train_config, workdir: str, labels=()):
   c = copy.deepcopy(eval_config)
   check(c, labels)
   c.init_from = workdir
-  for k in _DATA_FIELDS:
+  for k in restore.DATA_FIELDS:   # the run's image geometry (the encoder was trained on it)
     c.data[k] = train_config.data[k]
   restore.adopt_architecture(c)
   config_lib.validate(c)

@@ -20,7 +20,7 @@ from medfm_jax import config as config_lib
 from medfm_jax.evaluate import features, protocols
 from medfm_jax.parallel import distributed
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.train import checkpoint, restore
+from medfm_jax.train import checkpoint
 from medfm_jax import storage
 
 
@@ -44,7 +44,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   try:
-    restore.adopt_architecture(config)
+    protocols.adopt_checkpoint(config, config_lib.explicit_keys(f["config"]))
     config_lib.validate(config, f.workdir)
     protocols.check_config(config)
     path = export(config, f.workdir, f.split or config.data.eval_split,

@@ -36,10 +36,23 @@ PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment
              "seg_probe")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
+# Protocols that run the encoder on the eval config's data.*: they take the checkpoint's image
+# geometry (adopt_checkpoint); zero_shot / segment read the run's own data, segment3d volumes.
+ADOPTS_DATA = ("linear_probe", "knn", "fewshot", "finetune", "seg_probe")
 
 
 class EvalError(ValueError):
   """The requested evaluation cannot run on this checkpoint/config."""
+
+
+def adopt_checkpoint(config, explicit=()) -> None:
+  """What the eval CLIs take from ``config.init_from``: its encoder architecture
+  (``restore.adopt_architecture``) and, for ``ADOPTS_DATA`` protocols, its image geometry
+  (``restore.DATA_FIELDS``: image size, channels, normalisation) except the dotted keys the user set
+  (``explicit``, ``config_lib.explicit_keys``). No-op without ``init_from``."""
+  saved = restore.adopt_architecture(config)
+  if saved and config.get("protocol") in ADOPTS_DATA:
+    restore.adopt_data(config, saved, explicit)
 
 
 def check_config(config) -> None:

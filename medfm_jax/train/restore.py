@@ -45,6 +45,9 @@ from medfm_jax.train.checkpoint import CheckpointError
 ARCH_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "layer_norm_eps",
                "layer_scale_init", "num_registers", "activation", "swiglu", "ln_pre", "patch_embed",
                "cls_pool", "patch_3d")
+# Image geometry the encoder was trained at (data.*): the closing table always evaluates at the
+# run's; the eval CLIs adopt it unless set on the command line (:func:`adopt_data`).
+DATA_FIELDS = ("image_size", "channels", "mean", "std")
 # Parameters that only pretraining uses (iBOT mask token): dropped without complaint.
 PRETRAIN_ONLY = ("mask_token",)
 # Parameters a fine-tuning model adds on top of a pretrained encoder: fresh init is expected.
@@ -144,6 +147,25 @@ def adopt_architecture(config) -> dict:
       value = saved["model"][k]
       config.model[k] = tuple(value) if isinstance(value, list) else value
   return saved
+
+
+def adopt_data(config, saved: dict, explicit=()) -> dict:
+  """Copies the checkpoint's image geometry (``DATA_FIELDS`` of the saved config ``saved``'s
+  ``data``) into ``config.data``, except the dotted keys in ``explicit`` (``"data.image_size"``:
+  set by the user); returns {field: (old, new)} of the fields that changed (logged)."""
+  changed = {}
+  for k in DATA_FIELDS:
+    if f"data.{k}" in explicit or k not in saved.get("data", {}) or k not in config.data:
+      continue
+    value = saved["data"][k]
+    value = tuple(value) if isinstance(value, list) else value
+    if value != config.data[k]:
+      changed[k] = (config.data[k], value)
+      config.data[k] = value
+  for k, (old, new) in changed.items():
+    logging.info("init_from: data.%s %s -> %s (the checkpoint's; set it explicitly to override)",
+                 k, old, new)
+  return changed
 
 
 def load_encoder(init_from: str, weights: str = "default") -> tuple[Any, dict]:

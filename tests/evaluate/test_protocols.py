@@ -6,6 +6,8 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
 from medfm_jax.data import pipeline
@@ -198,6 +200,33 @@ def test_finetune_label_budget(variant, monkeypatch):
   c.probe.labels_per_class = 200     # 256 pool rows over 4 modalities
   with pytest.raises(ValueError, match=r"^probe.labels_per_class=200: class \d has \d+ examples"):
     protocols.run(c, "/tmp/unused", mesh)
+
+
+def test_eval_cli_adopts_the_checkpoint_image_geometry(tmp_path, monkeypatch):
+  # A 64-px, 3-channel run is evaluated at its size, channels and normalisation, not at the eval
+  # config's 32 px (it was silently before), unless the command line sets the field: in the
+  # variant string or as a --config.* flag.
+  run = helpers.tiny_mae_config(**{"data.image_size": 64, "data.channels": 3, "data.mean": (0.4,),
+                                   "data.std": (0.2,)})
+  saved = json.loads(run.to_json_best_effort())       # as read_meta decodes it: tuples are lists
+  monkeypatch.setattr(restore, "checkpoint_objective", lambda path: ("mae", saved))
+
+  def cli_data(arg, *args):
+    argv = ["evaluate", f"--config={helpers.REPO}/configs/eval/{arg}", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    protocols.adopt_checkpoint(fv.config, config_lib.explicit_keys(fv["config"]))
+    return fv.config.data
+
+  init = f"--config.init_from={tmp_path}"
+  d = cli_data("linear_probe.py:tiny", init)
+  assert (d.image_size, d.channels, d.mean, d.std) == (64, 3, (0.4,), (0.2,))
+  d = cli_data("seg_probe.py:tiny,data.image_size=32", init, "--config.data.channels=1")
+  assert (d.image_size, d.channels, d.mean) == (32, 1, (0.4,))
+  d = cli_data("linear_probe.py:tiny")                 # random init: the eval config's
+  assert (d.image_size, d.channels) == (32, 1)
 
 
 def test_eval_config_errors_name_the_field():
