@@ -116,6 +116,25 @@ def subprocess_env(devices=None, env_extra=None):
 
 NO_FINAL_EVAL = "--config.final_eval.config="   # the train CLI without its closing table
 
+# The tiny MAE of the CLI tests that only need *a* training run (resume, sweeps): 16 px, batch 16,
+# 2 encoder blocks, a 1-block decoder of width 32, 8 steps. Their processes then compile the same
+# programs (one compile, then hits in the persistent cache conftest.py sets up), whatever else
+# they vary: logging, checkpointing, data-only fields. The schedule's step counts are constants
+# in the train step, so they are fixed here too.
+TINY_MAE_CLI = {"data.image_size": 16, "batch_size": 16, "model.depth": 2, "model.decoder_width": 32,
+                "model.decoder_depth": 1, "total_steps": 8, "warmup_steps": 2,
+                "data.eval_examples": 16, "data.eval_batch_size": 16}
+
+
+def cli_flags(overrides: dict) -> list[str]:
+  """``{"a.b": 1}`` -> ``["--config.a.b=1"]``."""
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def config_arg(overrides: dict) -> str:
+  """``{"a.b": 1, "c": 2}`` -> ``"a.b=1,c=2"`` (appended to a ``--config=FILE:VARIANT`` argument)."""
+  return ",".join(f"{k}={v}" for k, v in overrides.items())
+
 
 def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None, cwd=REPO):
   """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many

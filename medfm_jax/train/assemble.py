@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from medfm_jax import objectives as objectives_lib
 from medfm_jax.data import spec as data_spec
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.parallel import programs
 from medfm_jax.train import optim, restore
 from medfm_jax.train import state as state_lib
 
@@ -40,7 +41,7 @@ class Assembly:
 
   def init_state(self) -> state_lib.TrainState:
     """The initial train state, created directly in its shardings (no host-side full copy)."""
-    init = jax.jit(lambda: mesh_lib.unbox(state_lib.named_init(
+    init = programs.jit_once(lambda: mesh_lib.unbox(state_lib.named_init(
         self.objective, self.tx, self.config.seed, _one_example(self.abstract_batch))),
                    out_shardings=self.state_shardings)
     with mesh_lib.use_mesh(self.mesh):
@@ -48,7 +49,7 @@ class Assembly:
 
   def init_params(self):
     """The initial params alone (no optimizer state), in their shardings."""
-    init = jax.jit(lambda: mesh_lib.unbox(self.objective.init(
+    init = programs.jit_once(lambda: mesh_lib.unbox(self.objective.init(
         state_lib.init_keys(self.config.seed)[0], _one_example(self.abstract_batch))[0]),
                    out_shardings=self.state_shardings.params)
     with mesh_lib.use_mesh(self.mesh):

@@ -11,6 +11,7 @@ import optax
 from medfm_jax.objectives import base as objectives_base
 from medfm_jax.objectives.base import Objective
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.parallel import programs
 from medfm_jax.train import optim, restore
 
 
@@ -47,7 +48,7 @@ def named_init(objective: Objective, tx, seed: int, batch) -> TrainState:
 def _boxed_init(objective: Objective, tx, seed: int, batch):
   """(named params, the plain initial TrainState), built by one compiled program (run eagerly,
   each of the init's ops would be compiled on its own)."""
-  state = jax.jit(lambda: named_init(objective, tx, seed, batch))()
+  state = programs.jit_once(lambda: named_init(objective, tx, seed, batch))()
   return state.params, mesh_lib.unbox(state)
 
 

@@ -15,6 +15,7 @@ from medfm_jax import config as config_lib
 from medfm_jax.data import phantoms, pipeline
 from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.objectives import sam
+from medfm_jax.parallel import programs
 from medfm_jax.train import checkpoint as ckpt_lib
 from tests import helpers
 
@@ -30,7 +31,7 @@ def sam_run(tmp_path_factory):
   config_lib.validate(config)
   objective = sam.SamObjective(config)
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in objective.data.abstract_batch(1).items()}
-  params = nn.unbox(jax.jit(lambda r: objective.init(r, batch)[0])(jax.random.key(1)))
+  params = nn.unbox(programs.jit_once(lambda r: objective.init(r, batch)[0])(jax.random.key(1)))
   workdir = str(tmp_path_factory.mktemp("sam_run"))
   ckpt_lib.export_params(workdir, 7, params, {"step": 7, "config": config.to_json_best_effort()})
   return workdir, config, objective, params

@@ -10,6 +10,7 @@ from PIL import Image
 from medfm_jax import segment
 from medfm_jax.interop import sam as sam_io
 from medfm_jax.models import sam as sam_lib
+from medfm_jax.parallel import programs
 
 SIZES = dict(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32, window_size=2,
              global_attn_indexes=(1,), prompt_dim=16, decoder_heads=2, decoder_mlp_dim=32, iou_head_hidden_dim=16)
@@ -18,7 +19,7 @@ SIZES = dict(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_di
 @pytest.mark.slow   # ~19 CPU-s: SAM compiles for every prompt row
 def test_segment_folder(tmp_path):
   model = sam_lib.build_sam(SIZES)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.zeros((1, 32, 32, 3)))["params"]
+  params = programs.jit_once(lambda x: model.init(jax.random.key(0), x))(jnp.zeros((1, 32, 32, 3)))["params"]
   weights = sam_io.export(params, sam_lib.full_config(SIZES), tmp_path / "w", format="segment_anything")
   (tmp_path / "img").mkdir()
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 20, 3), np.uint8)).save(tmp_path / "img" / "a.png")

@@ -7,12 +7,13 @@ from PIL import Image
 
 from medfm_jax.metrics import attention_maps
 from medfm_jax.models import vit
+from medfm_jax.parallel import programs
 
 
 def _model_and_params(**kw):
   model = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2, **kw)
   images = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 1))
-  return model, jax.jit(model.init)(jax.random.PRNGKey(1), images)["params"], images   # one compile
+  return model, programs.jit_once(model.init)(jax.random.PRNGKey(1), images)["params"], images   # one compile
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import vit
+from medfm_jax.parallel import programs
 
 
 @pytest.mark.parametrize("pool", ["max", "mean"])
@@ -12,7 +13,7 @@ from medfm_jax.models import vit
 def test_cls_slot_holds_pooled_patch_tokens(pool):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
   base = vit.VisionTransformer("Mu/4", image_size=16, num_registers=2)
-  variables = jax.jit(base.init)(jax.random.key(0), x)           # one compile, not one per op
+  variables = programs.jit_once(base.init)(jax.random.key(0), x)           # one compile, not one per op
   ref = base.apply(variables, x)                                   # [2, 1 + 2 + 16, 96]
   out = base.clone(cls_pool=pool).apply(variables, x)
   patches = np.asarray(ref[:, 3:])

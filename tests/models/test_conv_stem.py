@@ -9,6 +9,7 @@ import torch
 
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.parallel import programs
 
 
 def _model(**kw):
@@ -19,7 +20,7 @@ def _model(**kw):
 def conv_vit():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
   model = _model(mask_token=True)
-  return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), x))["params"], x   # one compile
+  return model, nn.unbox(programs.jit_once(model.init)(jax.random.key(0), x))["params"], x   # one compile
 
 
 def _torch_stem(params, width):
@@ -41,8 +42,9 @@ def _torch_stem(params, width):
 def test_conv_stem_matches_torch_reference():
   stem = vit.ConvStem(patch_size=8, width=32)
   x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
-  params = nn.unbox(jax.jit(stem.init)(jax.random.key(3), x))["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape), params)
+  params = nn.unbox(programs.jit_once(stem.init)(jax.random.key(3), x))["params"]
+  rng = np.random.default_rng(4)   # numpy: a jax.random draw compiles a program per shape
+  params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
   assert [params[f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 16, 32]
   y = stem.apply({"params": params}, x)                                     # [2, 3*2, 32]
   with torch.no_grad():

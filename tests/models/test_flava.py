@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from medfm_jax.models import flava, vit
+from medfm_jax.parallel import programs
 from tests import helpers
 
 TOP_LEVEL = {"image", "text", "multimodal", "image_to_mm", "text_to_mm", "image_projection",
@@ -29,7 +30,7 @@ def _inputs(seed=0, b=2):
 def tiny():
   model = helpers.tiny_flava_model()
   images, tokens = _inputs()
-  variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+  variables = programs.jit_once(model.init)(jax.random.key(0), images, tokens)
   # non-trivial cls / mask tokens (initialised to zeros)
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.1) * rng.normal(size=x.shape).astype(np.float32),

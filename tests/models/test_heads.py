@@ -5,11 +5,12 @@ import numpy as np
 
 from medfm_jax.models import heads
 from medfm_jax.objectives import dino_losses as dl
+from medfm_jax.parallel import programs
 
 
 def _init(head, d=24, b=6, seed=0):
   x = jax.random.normal(jax.random.PRNGKey(seed), (b, d))
-  return x, jax.jit(head.init)(jax.random.PRNGKey(1), x)
+  return x, programs.jit_once(head.init)(jax.random.PRNGKey(1), x)
 
 
 def _effective_kernel(params, gain=None):
@@ -101,7 +102,7 @@ def test_weight_norm_gradient_orthogonal_to_v():
 def test_patch_tokens_and_last_layer_mask():
   head = heads.DinoHead(out_dim=10, hidden_dim=16, bottleneck_dim=8)
   x = jnp.ones((2, 5, 12))
-  variables = jax.jit(head.init)(jax.random.PRNGKey(0), x)
+  variables = programs.jit_once(head.init)(jax.random.PRNGKey(0), x)
   assert jax.eval_shape(head.apply, variables, x).shape == (2, 5, 10)
   mask = heads.last_layer_mask(nn.unbox(variables)["params"])
   assert mask["last_layer"]["v"] is True and mask["mlp_0"]["kernel"] is False

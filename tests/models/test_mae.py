@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import mae, vit
+from medfm_jax.parallel import programs
 
 
 def test_random_masking_invariants():
@@ -41,7 +42,7 @@ def test_masked_patches_do_not_reach_encoder():
   model = mae.MaskedAutoencoder(vit.VisionTransformer("Mu/4", image_size=16), 32, 1, 4)
   x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
   noise = jax.random.uniform(jax.random.key(1), (1, 16))
-  variables = jax.jit(model.init, static_argnums=3)(jax.random.key(2), x, noise, 0.75)
+  variables = programs.jit_once(model.init, static_argnums=3)(jax.random.key(2), x, noise, 0.75)
   apply = jax.jit(model.apply, static_argnums=3)   # one compile (eagerly, each op compiles on its own)
   out = apply(variables, x, noise, 0.75)
   assert out["latent"].shape == (1, 1 + 4, 96) and out["pred"].shape == (1, 16, 16)

@@ -9,6 +9,7 @@ import pytest
 
 from medfm_jax.data import tokenizers
 from medfm_jax.models import layers, text, vit
+from medfm_jax.parallel import programs
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -26,7 +27,7 @@ def _tokens(*texts):
 @pytest.fixture(scope="module")
 def causal():
   model = _model(causal=True, pooling="eot")
-  return model, jax.jit(model.init)(jax.random.PRNGKey(0), _tokens("a"))["params"]   # one compile
+  return model, programs.jit_once(model.init)(jax.random.PRNGKey(0), _tokens("a"))["params"]   # one compile
 
 
 @pytest.mark.slow
@@ -38,7 +39,7 @@ def test_causal_outputs_ignore_later_tokens(causal):
   np.testing.assert_allclose(xa[0, :9], xb[0, :9], atol=1e-6)
   assert np.abs(xa[0, 9:] - xb[0, 9:]).max() > 1e-3
   bidir = _model(causal=False, pooling="cls")
-  p = jax.jit(bidir.init)(jax.random.PRNGKey(0), a[None])["params"]
+  p = programs.jit_once(bidir.init)(jax.random.PRNGKey(0), a[None])["params"]
   _, ya = bidir.apply({"params": p}, a[None], return_tokens=True)
   _, yb = bidir.apply({"params": p}, b[None], return_tokens=True)
   assert np.abs(ya[0, :9] - yb[0, :9]).max() > 1e-4
@@ -48,7 +49,7 @@ def test_causal_outputs_ignore_later_tokens(causal):
 def test_padding_keys_masked_for_bidirectional():
   model = _model(causal=False, pooling="mean")
   tok = _tokens("ct with a lesion")
-  params = jax.jit(model.init)(jax.random.PRNGKey(1), tok)["params"]
+  params = programs.jit_once(model.init)(jax.random.PRNGKey(1), tok)["params"]
   garbage = np.asarray(tok).copy()
   n = int((garbage != BYTES.pad_id).sum())
   shorter = jnp.asarray(garbage[:, :n + 3])      # same text, less padding
@@ -96,8 +97,9 @@ def test_bert_layout_tower():
   ``ln(x + f(x))`` (checked by hand on the first block), scanned == unrolled."""
   model = _model(causal=False, pooling="cls", post_ln=True, embed_norm=True, pooler=True, depth=1)
   tok = _tokens("mri with calcifications", "x")
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tok)["params"])
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+  params = nn.unbox(programs.jit_once(model.init)(jax.random.PRNGKey(0), tok)["params"])
+  rng = np.random.default_rng(1)   # numpy: a jax.random draw compiles a program per shape
+  params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), params)
   assert "norm" not in params and set(params["pooler"]) == {"kernel", "bias"}
   pooled, hidden = model.apply({"params": params}, tok, return_tokens=True)
   ln = lambda p, y: (y - y.mean(-1, keepdims=True)) / jnp.sqrt(y.var(-1, keepdims=True) + 1e-5) * p["scale"] + p["bias"]

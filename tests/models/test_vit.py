@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import layers, vit
+from medfm_jax.parallel import programs
 
 
 def test_sincos_values_match_formula():
@@ -53,13 +54,13 @@ def test_scan_matches_unrolled(remat):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   unrolled = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.1)
   scanned = unrolled.clone(scan=True, remat=remat)
-  params = nn.unbox(unrolled.init(jax.random.key(0), x))["params"]
+  params = nn.unbox(programs.jit_once(unrolled.init)(jax.random.key(0), x))["params"]
   stacked = vit.stack_layers(params)
   y0 = unrolled.apply({"params": params}, x)
   y1 = scanned.apply({"params": stacked}, x)
   np.testing.assert_allclose(y0, y1, atol=1e-5)
   # The scanned init has exactly the stacked structure.
-  init_scanned = nn.unbox(scanned.init(jax.random.key(0), x))["params"]
+  init_scanned = nn.unbox(programs.jit_once(scanned.init)(jax.random.key(0), x))["params"]
   assert jax.tree.structure(init_scanned) == jax.tree.structure(stacked)
   assert jax.tree.map(jnp.shape, init_scanned) == jax.tree.map(jnp.shape, stacked)
   assert jax.tree.structure(vit.unstack_layers(stacked)) == jax.tree.structure(params)

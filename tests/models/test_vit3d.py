@@ -7,6 +7,7 @@ import pytest
 
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.parallel import programs
 
 VOL = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 16, 12, 1)), jnp.float32)
 
@@ -49,7 +50,7 @@ def test_sincos3d_values_match_formula():
 
 def test_volume_forward_tokens_and_pos_embed_checks():
   model = _vit(patch_3d=(2, 4, 4))
-  variables = model.init(jax.random.PRNGKey(0), VOL)
+  variables = programs.jit_once(model.init)(jax.random.PRNGKey(0), VOL)
   out = model.apply(variables, VOL)
   assert out.shape == (2, 1 + 4 * 4 * 3, 48)
   with pytest.raises(ValueError, match="sincos3d"):
@@ -60,7 +61,7 @@ def test_volume_forward_tokens_and_pos_embed_checks():
 
 def test_learned_3d_pos_embed_is_resampled_to_a_new_grid():
   model = _vit(pos_embed="learned", patch_3d=(2, 4, 4), volume_size=(8, 16, 12))
-  variables = model.init(jax.random.PRNGKey(0), VOL)
+  variables = programs.jit_once(model.init)(jax.random.PRNGKey(0), VOL)
   assert variables["params"]["pos_embed"].value.shape == (1, 4 * 4 * 3, 48)
   assert model.apply(variables, jnp.ones((1, 16, 16, 12, 1))).shape == (1, 1 + 8 * 4 * 3, 48)
   # A field linear along d is resampled (tricubic, half-pixel centres) to a twice-as-deep grid
@@ -95,7 +96,7 @@ def test_3d_pos_embed_resampling_is_separable_per_axis_in_d_h_w_order():
 def test_scanned_rematted_stack_matches_unrolled_on_volumes():
   x = VOL[:, :, :, :8]
   unrolled = _vit()
-  params = nn.unbox(unrolled.init(jax.random.PRNGKey(1), x))["params"]
+  params = nn.unbox(programs.jit_once(unrolled.init)(jax.random.PRNGKey(1), x))["params"]
   scanned = _vit(remat="full", scan=True)
   np.testing.assert_allclose(scanned.apply({"params": vit.stack_layers(params)}, x),
                              unrolled.apply({"params": params}, x), atol=2e-5)

@@ -13,6 +13,7 @@ from medfm_jax.data import pipeline
 from medfm_jax.evaluate import protocols
 from medfm_jax.objectives import flava as flava_objective
 from medfm_jax.parallel import mesh as mesh_lib
+from medfm_jax.parallel import programs
 from medfm_jax.train import checkpoint, loop, restore
 from tests import helpers
 
@@ -26,7 +27,7 @@ def setup():
   objective = objectives.build(config)
   it = pipeline.make_train_iterator(config.data, config.batch_size, seed=0)
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-  params = nn.unbox(jax.jit(lambda: objective.init(jax.random.PRNGKey(0), batch)[0])())   # one compile
+  params = nn.unbox(programs.jit_once(lambda: objective.init(jax.random.PRNGKey(0), batch)[0])())   # one compile
 
   @jax.jit
   def run(params, batch):
@@ -159,7 +160,7 @@ def test_codebook_target(tmp_path):
   assert objective.model.image_vocab == 12
   it = pipeline.make_train_iterator(config.data, config.batch_size, seed=0)
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-  params = jax.jit(lambda: nn.unbox(objective.init(jax.random.PRNGKey(0), batch)[0]))()
+  params = programs.jit_once(lambda: nn.unbox(objective.init(jax.random.PRNGKey(0), batch)[0]))()
   _, (metrics, _) = jax.jit(lambda p: objective.loss(p, {}, batch, jax.random.PRNGKey(1), 0))(params)
   assert abs(float(metrics["mim_loss"]) - np.log(12)) < 1.0
   codebook.save_codebook(path, codebook.Codebook(rng.normal(size=(12, 64)).astype(np.float32), 8, 1, True))

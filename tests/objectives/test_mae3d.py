@@ -11,6 +11,7 @@ from medfm_jax import config as config_lib
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
 from medfm_jax.objectives import mae3d
+from medfm_jax.parallel import programs
 from tests import helpers
 
 
@@ -35,7 +36,7 @@ def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
   objective = mae3d.Mae3dObjective(config)
   assert objective.patch_shape == (4, 4, 4) and objective.block == (2, 2, 2) and objective.mask_block == 8
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 16, 1))
-  params, _ = objective.init(jax.random.PRNGKey(0), {"image": images})
+  params, _ = programs.jit_once(objective.init)(jax.random.PRNGKey(0), {"image": images})
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
   rng = jax.random.PRNGKey(3)

@@ -11,6 +11,7 @@ from medfm_jax import config as config_lib
 from medfm_jax.errors import ConfigError
 from medfm_jax.models import sam_encoder, sam_prompt
 from medfm_jax.objectives import sam
+from medfm_jax.parallel import programs
 from medfm_jax.train import restore
 
 
@@ -46,7 +47,7 @@ def test_box_equals_two_corner_points():
   """A box is the same two tokens as points labelled 2 / 3 (the training prompts rely on it)."""
   enc = sam_prompt.SamPromptEncoder(16, (4, 4), (32, 32), 8)
   boxes = jnp.array([[[3.0, 5.0, 20.0, 27.0]]])
-  params = jax.jit(lambda b: enc.init(jax.random.key(0), boxes=b))(boxes)
+  params = programs.jit_once(lambda b: enc.init(jax.random.key(0), boxes=b))(boxes)
   as_box, _ = jax.jit(lambda p, b: enc.apply(p, boxes=b))(params, boxes)
   as_points = jax.jit(lambda p, b: enc.apply(p, b, jnp.array([[[2, 3]]]), False, method="embed_points"))(
       params, boxes.reshape(1, 1, 2, 2))
@@ -121,7 +122,7 @@ def test_training_prompts_encode_as_sam_prompts():
   enc = sam_prompt.SamPromptEncoder(16, (4, 4), (32, 32), 8)
   box = jnp.array([[[3.0, 5.0, 20.0, 27.0]]])
   point = jnp.array([[[[7.0, 9.0]]]])
-  params = jax.jit(lambda b: enc.init(jax.random.key(0), boxes=b))(box)
+  params = programs.jit_once(lambda b: enc.init(jax.random.key(0), boxes=b))(box)
   run = jax.jit(lambda p, pts, lab: enc.apply(p, pts, lab, pad_points=False)[0])
   sam_box = jax.jit(lambda p, b: enc.apply(p, boxes=b)[0])(params, box)
   sam_point = jax.jit(lambda p, pts: enc.apply(p, pts, jnp.ones((1, 1, 1), jnp.int32))[0])(params, point)
@@ -163,7 +164,7 @@ def test_correction_rounds_feed_back_the_previous_logits(train):
                                            multimask_output=False, pad_points=False, method="predict")[0][:, 0, 0])
     return ups, points, labels, up(first), click, label, run(first[:, None]), run(None)
 
-  params = nn.unbox(jax.jit(lambda k: obj.init(k, batch)[0])(jax.random.key(0)))
+  params = nn.unbox(programs.jit_once(lambda k: obj.init(k, batch)[0])(jax.random.key(0)))
   ups, points, labels, first, click, label, second, no_mask = rounds(params)
   np.testing.assert_allclose(ups[0], first, atol=1e-5)
   np.testing.assert_array_equal(points[:, 2], click)

@@ -8,6 +8,7 @@ from configs import seg3d as seg3d_config
 from medfm_jax import config as config_lib
 from medfm_jax.data import phantoms3d, pipeline
 from medfm_jax.objectives import seg3d
+from medfm_jax.parallel import programs
 from tests import helpers
 
 
@@ -81,7 +82,7 @@ def test_frozen_encoder_gets_no_gradient():
   objective = _lr_mult_objective(0.0)[0]
   batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 8, 1)), jnp.float32),
            "label_map": jnp.asarray(np.random.default_rng(1).integers(0, 4, (1, 8, 8, 8)))}
-  params, extra = objective.init(jax.random.PRNGKey(0), batch)
+  params, extra = programs.jit_once(objective.init)(jax.random.PRNGKey(0), batch)
   grads = jax.jit(jax.grad(lambda p: objective.loss(p, extra, batch, jax.random.PRNGKey(1), 0)[0]))(params)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["encoder"]))   # no backward pass
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["decoder"]))

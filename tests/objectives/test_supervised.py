@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medfm_jax import objectives
+from medfm_jax.parallel import programs
 from medfm_jax.peft.lora import path_str
 from tests import helpers
 
@@ -32,7 +33,7 @@ def _batch():
 
 
 def _init(obj):
-  return jax.jit(lambda r, b: nn.unbox(obj.init(r, b)[0]))(jax.random.PRNGKey(0), _batch())
+  return programs.jit_once(lambda r, b: nn.unbox(obj.init(r, b)[0]))(jax.random.PRNGKey(0), _batch())
 
 
 @pytest.mark.parametrize("scheme,new_keys", [("lora", {"lora"}), ("adapter", {"adapter_attn", "adapter_mlp"}),

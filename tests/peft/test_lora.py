@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from medfm_jax.models import vit
+from medfm_jax.parallel import programs
 from medfm_jax.peft import lora
 
 ALL_ATTN = (r".*/attn/(query|key|value|out)/kernel$", r".*/mlp/fc1/kernel$")
@@ -16,7 +17,7 @@ ALL_ATTN = (r".*/attn/(query|key|value|out)/kernel$", r".*/mlp/fc1/kernel$")
 def _init(scan: bool):
   model = vit.VisionTransformer("Mu/4", image_size=16, scan=scan)
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-  return jax.jit(model.apply), nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images)), images
+  return jax.jit(model.apply), nn.unbox(programs.jit_once(model.init)(jax.random.PRNGKey(0), images)), images
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import vit
+from medfm_jax.parallel import programs
 from medfm_jax.peft import freeze
 from medfm_jax.peft.lora import path_str
 
@@ -16,7 +17,7 @@ def _model(**kw):
 
 
 def _init(model, x):
-  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
+  return nn.unbox(programs.jit_once(model.init)(jax.random.PRNGKey(0), x)["params"])
 
 
 def _paths(tree):

@@ -11,12 +11,10 @@ from medfm_jax.sweeps import grid, runner, spec
 from tests import helpers
 from tests.sweeps.test_report import _table_rows, assert_png
 
-# configs/sweeps/mae_mask_ratio.py:tiny shrunk: 16 px, 2 encoder blocks, batch 16, 4 steps,
+# configs/sweeps/mae_mask_ratio.py:tiny shrunk to the tests' shared tiny MAE run (8 steps),
 # checkpoint every 2 (sync); the sweep turns the closing table (final_eval) off itself.
-TINY = ("configs/sweeps/mae_mask_ratio.py:tiny,data.image_size=16,batch_size=16,total_steps=4,"
-        "warmup_steps=1,log_every=1,eval_every=1000,checkpoint_every=2,async_checkpointing=False,"
-        "data.eval_examples=16,data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,"
-        "model.depth=2")
+TINY = (f"configs/sweeps/mae_mask_ratio.py:tiny,{helpers.config_arg(helpers.TINY_MAE_CLI)},log_every=1,"
+        "eval_every=1000,checkpoint_every=2,async_checkpointing=False")
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
 EVAL = runner.eval_name(KNN)
@@ -73,9 +71,9 @@ def test_dry_run_prints_exact_commands(tmp_path):
   assert len(lines) == 3 * 2 * 2     # points x seeds x (train + eval)
   first = str(tmp_path / "s" / "mask_ratio=0.25,seed=0")
   assert sweep.base == ("configs/mae.py:tiny,log_every=1,eval_every=1000,checkpoint_every=2,"
-                        "final_eval.config='',data.image_size=16,batch_size=16,total_steps=4,"
-                        "warmup_steps=1,async_checkpointing=False,data.eval_examples=16,"
-                        "data.eval_batch_size=16,model.decoder_width=32,model.decoder_heads=4,model.depth=2")
+                        "final_eval.config='',data.image_size=16,batch_size=16,model.depth=2,"
+                        "model.decoder_width=32,model.decoder_depth=1,total_steps=8,warmup_steps=2,"
+                        "data.eval_examples=16,data.eval_batch_size=16,async_checkpointing=False")
   assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
                                  f"--workdir={first}", "--config.objective.mask_ratio=0.25",
                                  "--config.seed=0"])
@@ -100,12 +98,14 @@ def _crashing_at_step_3(plan):
 
 
 def _two_point_sweep(directory):
-  """A sweep file with TINY's base and 2 of its 4 points, which differ in both fields (so the
-  report draws a plot per field); returns its path. 2 points, not 4: each point's stages are
-  fresh processes that import JAX and compile (the 4 x 2 dry run above covers the grid)."""
+  """A sweep file with TINY's base and 2 points that differ in both fields (so the report draws a
+  plot per field); returns its path. The fields are data-only (phantom lesion size, flips), so
+  every stage compiles the programs of the other point and of the resume tests: each point's
+  stages are fresh processes that import JAX, and only the first of them compiles. (The 4 x 2
+  dry run above covers a real grid.)"""
   path = os.path.join(directory, "two_points.py")
-  points = [{"objective.mask_ratio": 0.6, "model.decoder_depth": 1},
-            {"objective.mask_ratio": 0.9, "model.decoder_depth": 2}]
+  points = [{"data.lesion_scale": 1.0, "data.flip": True},
+            {"data.lesion_scale": 2.0, "data.flip": False}]
   with open(path, "w") as f:
     f.write(f"BASE = {spec.load(TINY).base!r}\n\n\ndef get_sweep(arg=None):\n  return {points!r}\n")
   return path
@@ -120,13 +120,15 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
   args = [f"--config={sweep_file}", f"--workdir={wd}"]
   with monkeypatch.context() as m:
     m.setattr(runner, "plan", _crashing_at_step_3(runner.plan))
+    # One CPU device, as in the CLI run below and the resume tests: the same programs.
+    m.setenv("XLA_FLAGS", helpers.subprocess_env()["XLA_FLAGS"])
     assert runner.run(spec.load(sweep_file), wd) == 2
   assert capsys.readouterr().err.count("FAILED (exit -9)") == 2
   m = json.load(open(os.path.join(wd, "sweep.json")))
   assert [p["status"] for p in m["points"]] == ["failed"] * 2
   assert all(p["exit_code"] == -9 and p["error_tail"] and p["failed_stage"] == "train" for p in m["points"])
   names = [p["name"] for p in m["points"]]
-  assert names == ["mask_ratio=0.6,decoder_depth=1", "mask_ratio=0.9,decoder_depth=2"]
+  assert names == ["lesion_scale=1,flip=true", "lesion_scale=2,flip=false"]
 
   r = helpers.run_cli(args + [f"--then_eval={KNN}"], module="medfm_jax.sweeps")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -135,12 +137,12 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
   for name, p in zip(names, m["points"], strict=True):
     pdir = os.path.join(wd, name)
     rows = helpers.read_metrics(pdir)
-    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))
     # Two starts: at step 0, then (killed during step 3) resumed from the step-2 checkpoint.
     assert [row["step"] for row in rows if "compile_time_s" in row] == [0, 2]
     cfg = json.load(open(os.path.join(pdir, "config.json")))
-    assert cfg["objective"]["mask_ratio"] == p["overrides"]["objective.mask_ratio"]
-    assert cfg["model"]["decoder_depth"] == p["overrides"]["model.decoder_depth"]
+    assert cfg["data"]["lesion_scale"] == p["overrides"]["data.lesion_scale"]
+    assert cfg["data"]["flip"] == p["overrides"]["data.flip"]
     assert os.path.exists(os.path.join(pdir, "DONE"))
     assert os.path.exists(os.path.join(pdir, "eval", EVAL, "results.json"))
     assert os.path.exists(os.path.join(pdir, "eval", EVAL, "DONE"))
@@ -155,11 +157,11 @@ def test_tiny_sweep_end_to_end_resumes_after_a_crash(tmp_path, monkeypatch, caps
 
   path = report.build([wd], [], wd)
   rows = _table_rows(open(path).read())
-  assert rows[0][:5] == ["point", "mask_ratio", "decoder_depth", "seeds", "status"]
+  assert rows[0][:5] == ["point", "lesion_scale", "flip", "seeds", "status"]
   assert {"loss", "eval/loss", f"{EVAL}/accuracy", f"{EVAL}/macro_auroc"} <= set(rows[0])
   assert [r[0] for r in rows[1:]] == names
   assert all("n/a" not in r[rows[0].index(f"{EVAL}/accuracy")] for r in rows[1:])
-  for png in ("loss_curves.png", "vs_mask_ratio.png", "vs_decoder_depth.png"):
+  for png in ("loss_curves.png", "vs_lesion_scale.png", "vs_flip.png"):
     assert_png(os.path.join(wd, png))
 
 

@@ -20,12 +20,10 @@ from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop
 from tests import gcs_emulator, helpers
 
-# The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
-_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.image_size=16", "--config.batch_size=16",
-         "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-         "--config.total_steps=8", "--config.warmup_steps=2", "--config.log_every=1",
-         "--config.eval_every=0", "--config.checkpoint_every=3",   # no in-training eval: not checked here
-         "--config.data.eval_examples=16", "--config.data.eval_batch_size=16"]
+# The tests' shared tiny MAE run (8 steps; the check does not depend on its size).
+_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, *helpers.cli_flags(helpers.TINY_MAE_CLI),
+         "--config.log_every=1", "--config.eval_every=0",   # no in-training eval: not checked here
+         "--config.checkpoint_every=3"]
 
 
 def _final_params(workdir):
