@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import patch_decoder, unetr, vit
+from medfm_jax.parallel import programs
 
 VOL = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 8, 1)), jnp.float32)
 
@@ -38,8 +39,10 @@ def _with_tokens(tokens):
 
 def _decoder_and_logits(model, tokens):
   """(decoder params, logits(volumes, tokens)) with the encoder replaced by ``tokens``."""
-  with _with_tokens(tokens):
-    params = model.init(jax.random.PRNGKey(0), VOL)["params"]
+  with _with_tokens(tokens):   # traced inside the interception; one program each, not op by op
+    params = programs.jit_once(lambda: model.init(jax.random.PRNGKey(0), VOL))()["params"]
+
+  @jax.jit
   def logits(volumes, toks):
     with _with_tokens(toks):
       return model.apply({"params": params}, volumes)
