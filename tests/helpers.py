@@ -126,16 +126,6 @@ TINY_MAE_CLI = {"data.image_size": 16, "batch_size": 16, "model.depth": 2, "mode
                 "data.eval_examples": 16, "data.eval_batch_size": 16}
 
 
-def cli_flags(overrides: dict) -> list[str]:
-  """``{"a.b": 1}`` -> ``["--config.a.b=1"]``."""
-  return [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
-def config_arg(overrides: dict) -> str:
-  """``{"a.b": 1, "c": 2}`` -> ``"a.b=1,c=2"`` (appended to a ``--config=FILE:VARIANT`` argument)."""
-  return ",".join(f"{k}={v}" for k, v in overrides.items())
-
-
 def run_cli(args, env_extra=None, timeout=600, module="medfm_jax.main", devices=None, cwd=REPO):
   """Runs ``python -m medfm_jax.main`` (or ``module``) on ONE CPU device (``devices``: that many
   fake ones) in a fresh process, in the folder ``cwd``; the train CLI skips its closing table

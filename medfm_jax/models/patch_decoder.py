@@ -18,17 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from medfm_jax.models import layers, unetr, vit
-from medfm_jax.models.layers import constrain
 
 DECODERS = ("unetr", "primus")    # objective.decoder: UNETR (input + conv skips) | Primus (tokens only)
 
 _HE_INIT = nn.initializers.variance_scaling(2 / (1 + 1e-2 ** 2), "fan_in", "normal", in_axis=0, out_axis=-1)
-_ACT = ("batch", None, None, None, "act_embed")
 
 
 def stage_channels(width: int, num_classes: int, patch: int) -> tuple[int, ...]:
@@ -37,22 +34,6 @@ def stage_channels(width: int, num_classes: int, patch: int) -> tuple[int, ...]:
   ratio = (width / (2 * num_classes)) ** (1 / n)
   channels = [int(max(8, np.round((width / ratio ** (s + 1) + 1e-6) / 8) * 8)) for s in range(n)]
   return tuple(channels[:-1]) + (num_classes,)
-
-
-class UpConvBias3d(nn.Module):
-  """Stride-2, kernel-2 transposed convolution with bias: kernel ``[in, 2, 2, 2, out]``."""
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = layers.param_with_axes(self, "kernel", _HE_INIT, (x.shape[-1], 2, 2, 2, self.features),
-                                    (None, None, None, None, "embed"))
-    bias = layers.param_with_axes(self, "bias", layers.zeros, (self.features,), ("embed",))
-    b, d, h, w, _ = x.shape
-    y = jnp.einsum("bdhwc,cijko->bdihjwko", x.astype(self.dtype), kernel.astype(self.dtype))
-    y = y.reshape(b, 2 * d, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
-    return constrain(y, _ACT)
 
 
 class PatchDecoder(nn.Module):
@@ -67,7 +48,7 @@ class PatchDecoder(nn.Module):
     channels = stage_channels(tokens.shape[-1], self.num_classes, self.patch)
     y = tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1]).astype(self.dtype)
     for s, ch in enumerate(channels):
-      y = UpConvBias3d(ch, self.dtype, name=f"up{s}")(y)
+      y = unetr.UpConv3d(ch, self.dtype, use_bias=True, kernel_init=_HE_INIT, name=f"up{s}")(y)
       if s < len(channels) - 1:
         y = layers.exact_gelu(layers.LayerNorm(1e-6, self.dtype, name=f"norm{s}")(y))
     return y.astype(jnp.float32)

@@ -49,18 +49,24 @@ class Conv3d(nn.Module):
 
 
 class UpConv3d(nn.Module):
-  """Stride-2, kernel-2 transposed convolution (no bias): each input voxel writes its own 2x2x2
-  block, ``out[2d+i, 2h+j, 2w+k] = x[d, h, w] @ W[:, i, j, k]``; kernel ``[in, 2, 2, 2, out]``."""
+  """Stride-2, kernel-2 transposed convolution: each input voxel writes its own 2x2x2 block,
+  ``out[2d+i, 2h+j, 2w+k] = x[d, h, w] @ W[:, i, j, k]`` (+ bias with ``use_bias``); kernel
+  ``[in, 2, 2, 2, out]``, initialised by ``kernel_init`` (default: PyTorch's)."""
   features: int
   dtype: Any = jnp.float32
+  use_bias: bool = False
+  kernel_init: Any = _CONV_INIT
 
   @nn.compact
   def __call__(self, x):
-    kernel = layers.param_with_axes(self, "kernel", _CONV_INIT, (x.shape[-1], 2, 2, 2, self.features),
-                                    (None, None, None, None, "embed"))
+    kernel = layers.param_with_axes(self, "kernel", self.kernel_init,
+                                    (x.shape[-1], 2, 2, 2, self.features), (None, None, None, None, "embed"))
     b, d, h, w, _ = x.shape
     y = jnp.einsum("bdhwc,cijko->bdihjwko", x.astype(self.dtype), kernel.astype(self.dtype))
-    return constrain(y.reshape(b, 2 * d, 2 * h, 2 * w, self.features), _ACT)
+    y = y.reshape(b, 2 * d, 2 * h, 2 * w, self.features)
+    if self.use_bias:
+      y = y + layers.param_with_axes(self, "bias", nn.initializers.zeros, (self.features,), ("embed",)).astype(self.dtype)
+    return constrain(y, _ACT)
 
 
 def instance_norm(x, eps: float = 1e-5):

@@ -13,8 +13,9 @@ from tests.sweeps.test_report import _table_rows, assert_png
 
 # configs/sweeps/mae_mask_ratio.py:tiny shrunk to the tests' shared tiny MAE run (8 steps),
 # checkpoint every 2 (sync); the sweep turns the closing table (final_eval) off itself.
-TINY = (f"configs/sweeps/mae_mask_ratio.py:tiny,{helpers.config_arg(helpers.TINY_MAE_CLI)},log_every=1,"
-        "eval_every=1000,checkpoint_every=2,async_checkpointing=False")
+TINY = grid.base_arg("configs/sweeps/mae_mask_ratio.py:tiny", {
+    **helpers.TINY_MAE_CLI, "log_every": 1, "eval_every": 1000, "checkpoint_every": 2,
+    "async_checkpointing": False})
 KNN = ("configs/eval/knn.py:tiny,data.image_size=16,data.eval_examples=32,data.eval_batch_size=32,"
        "features.train_examples=64,features.batch_size=64,knn.k=5")
 EVAL = runner.eval_name(KNN)

@@ -16,12 +16,13 @@ import numpy as np
 
 from medfm_jax import storage
 from medfm_jax.data import build, decode, export, sources
+from medfm_jax.sweeps import runner
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop
 from tests import gcs_emulator, helpers
 
 # The tests' shared tiny MAE run (8 steps; the check does not depend on its size).
-_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, *helpers.cli_flags(helpers.TINY_MAE_CLI),
+_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, *runner.override_flags(helpers.TINY_MAE_CLI),
          "--config.log_every=1", "--config.eval_every=0",   # no in-training eval: not checked here
          "--config.checkpoint_every=3"]
 
