@@ -1,14 +1,14 @@
 """Compiler options by what a program is for.
 
-A program that runs once per run (parameter and state initialisation, a restore's resampling)
-gains nothing from LLVM's optimisation of its kernels, and on the CPU backend that optimisation is
-most of its compile time: :func:`jit_once` compiles such programs at XLA's
-``xla_backend_optimization_level=0`` on CPU (other backends keep their defaults). Measured on
-2026-11-30 (tests/conftest.py's XLA flags, CPU-s of ``compile``): the tiny MAE's train-state init
-4.6 -> 2.0, tiny CLIP 6.6 -> 2.6, its 8-device FSDP init 10.4 -> 3.3. The random bits are the
-same (integer arithmetic); their float transforms (normal, truncated normal) differ from the
-default compile by at most 2 float32 ulps in a few leaves (``tests/parallel/test_programs.py``
-checks every tiny objective's initial state).
+A program that runs once per run (parameter and train-state initialisation) gains nothing from
+LLVM's optimisation of its kernels, and on the CPU backend that optimisation is most of its
+compile time: :func:`jit_once` compiles such programs at XLA's ``xla_backend_optimization_level=0``
+on CPU (other backends keep their defaults). Measured on 2026-11-30 (tests/conftest.py's XLA
+flags, CPU-s of ``compile``): the tiny MAE's train-state init 4.6 -> 2.0, tiny CLIP 6.6 -> 2.6, its
+8-device FSDP init 10.4 -> 3.3. The random bits are the same (integer arithmetic); their float
+transforms (normal, truncated normal) differ from the default compile in a few leaves: within 2
+float32 ulps in the tiny MAE (``tests/parallel/test_programs.py``), by at most 7.5e-9 in the tiny
+DINOv2, CLIP and FLAVA states (checked by hand, 2026-11-30).
 
 Train and eval steps keep the default level: at level 0, XLA's CPU backend produced a NaN
 gradient norm at the tiny CLIP's second step that the default level does not (2026-11-30).
