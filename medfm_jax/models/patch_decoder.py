@@ -63,10 +63,7 @@ class Primus(nn.Module):
   @nn.compact
   def __call__(self, volumes, deterministic: bool = True):
     enc = self.encoder
-    patch = enc.patch_shape(3)
-    if len(set(patch)) != 1:
-      raise ValueError(f"Primus decoder: needs cubic patches, got model.patch_3d={patch}")
-    grid = vit.patch_grid(volumes.shape[1:4], patch)
+    patch, grid = unetr.cubic_patch_grid(enc, volumes, "Primus decoder")
     tokens = enc(volumes, deterministic=deterministic)
     return PatchDecoder(self.num_classes, patch[0], enc.dtype, name="decoder")(
         tokens[:, enc.num_prefix_tokens:], grid)

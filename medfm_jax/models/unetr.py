@@ -140,6 +140,15 @@ class UnetrDecoder(nn.Module):
     return Conv3d(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="out")(y).astype(jnp.float32)
 
 
+def cubic_patch_grid(encoder: vit.VisionTransformer, volumes, decoder: str):
+  """(the encoder's cubic patch ``(p, p, p)``, the token grid of ``volumes [b, D, H, W, c]``); a
+  ``decoder`` (named in the error) needs cubic patches."""
+  patch = encoder.patch_shape(3)
+  if len(set(patch)) != 1:
+    raise ValueError(f"{decoder}: needs cubic patches, got model.patch_3d={patch}")
+  return patch, vit.patch_grid(volumes.shape[1:4], patch)
+
+
 class Unetr(nn.Module):
   """A volumetric ViT encoder (``encoder``, cubic power-of-two patches) + :class:`UnetrDecoder`:
   ``[b, D, H, W, c]`` -> voxel logits ``[b, D, H, W, num_classes]`` float32."""
@@ -150,10 +159,7 @@ class Unetr(nn.Module):
   @nn.compact
   def __call__(self, volumes, deterministic: bool = True):
     enc = self.encoder
-    patch = enc.patch_shape(3)
-    if len(set(patch)) != 1:
-      raise ValueError(f"UNETR decoder: needs cubic patches, got model.patch_3d={patch}")
-    grid = vit.patch_grid(volumes.shape[1:4], patch)
+    patch, grid = cubic_patch_grid(enc, volumes, "UNETR decoder")
     layers_ = skip_layers(enc.size.depth, patch[0])
     tokens, hidden = enc(volumes, deterministic=deterministic, return_hidden=layers_)
     prefix = enc.num_prefix_tokens
