@@ -8,8 +8,6 @@ transformers imports torchvision when it is installed, so ``transformers.ViTMAEF
 failed too. On the first ``import torchvision`` (not before: torch is not imported otherwise), this
 tries to load the compiled ops and, where they do not load, declares those two ops' schemas. The
 model code the tests use needs none of torchvision's ops.
-
-With ``MEDFM_TEST_COMPILE_LOG=FILE`` it also logs every XLA compile (:func:`_wrap_compiler`).
 """
 import glob
 import importlib.abc
@@ -20,56 +18,55 @@ import sys
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
 
 
-class _OnFirstImport(importlib.abc.MetaPathFinder):
-  """Acts once, at the first import of the module ``name``: ``before(spec)`` runs before the
-  module's code, ``after(module)`` after it. The module itself is found and loaded as usual."""
-
-  def __init__(self, name, before=None, after=None):
-    self.name, self.before, self.after = name, before, after
+class _DeclareMissingTorchvisionOps(importlib.abc.MetaPathFinder):
+  """A meta-path finder that acts once, when torchvision is first imported, and finds nothing."""
 
   def find_spec(self, name, path=None, target=None):
     del path, target
-    if name != self.name:
+    if name != "torchvision":
       return None
     sys.meta_path.remove(self)
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if spec is None or not spec.origin:
       return None
+    import torch  # pylint: disable=g-import-not-at-top  (only once torchvision is imported)
+    try:
+      torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))[0])
+    except Exception:  # pylint: disable=broad-except  (a build for another torch: its ops are missing)
+      for op in ("nms", "qnms"):
+        try:
+          torch.library.define(f"torchvision::{op}", _NMS_SCHEMA)
+        except RuntimeError:   # already declared
+          pass
+    return None   # the regular finders import torchvision itself
+
+
+sys.meta_path.insert(0, _DeclareMissingTorchvisionOps())
+
+
+class _LogCompiles(importlib.abc.MetaPathFinder):
+  """With ``MEDFM_TEST_COMPILE_LOG=FILE``: once ``jax._src.compiler`` is imported, appends one JSON
+  line per XLA compile request of this process: the test that caused it (``PYTEST_CURRENT_TEST``,
+  inherited by the CLI subprocesses), the module name, persistent-cache hit or miss, and the CPU and
+  wall seconds spent (compiling, or reading the cache). It ranks the programs the suite compiles
+  and shows which ones miss the shared cache; it finds nothing and changes nothing else."""
+
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    if name != "jax._src.compiler":
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(name)
     loader_exec = spec.loader.exec_module
 
     def exec_module(module):
-      if self.before:
-        self.before(spec)
       loader_exec(module)
-      if self.after:
-        self.after(module)
+      _wrap_compiler(module)
     spec.loader.exec_module = exec_module
     return spec
 
 
-def _declare_missing_torchvision_ops(spec):
-  if not spec.origin:
-    return
-  import torch  # pylint: disable=g-import-not-at-top  (only once torchvision is imported)
-  try:
-    torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))[0])
-  except Exception:  # pylint: disable=broad-except  (a build for another torch: its ops are missing)
-    for op in ("nms", "qnms"):
-      try:
-        torch.library.define(f"torchvision::{op}", _NMS_SCHEMA)
-      except RuntimeError:   # already declared
-        pass
-
-
-sys.meta_path.insert(0, _OnFirstImport("torchvision", before=_declare_missing_torchvision_ops))
-
-
 def _wrap_compiler(compiler):
-  """With ``MEDFM_TEST_COMPILE_LOG=FILE``: appends one JSON line per XLA compile request of this
-  process: the test that caused it (``PYTEST_CURRENT_TEST``, inherited by the CLI subprocesses),
-  the module name, persistent-cache hit or miss, and the CPU and wall seconds spent (compiling, or
-  reading the cache). It ranks the programs the suite compiles and shows which ones miss the
-  shared cache; it changes nothing else."""
   import json  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   path, outcome = os.environ["MEDFM_TEST_COMPILE_LOG"], {}
@@ -100,4 +97,4 @@ def _wrap_compiler(compiler):
 
 
 if os.environ.get("MEDFM_TEST_COMPILE_LOG"):
-  sys.meta_path.insert(0, _OnFirstImport("jax._src.compiler", after=_wrap_compiler))
+  sys.meta_path.insert(0, _LogCompiles())
