@@ -187,7 +187,7 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
-      state, out = compiled(state, batch)
+      state, out = compiled(state, batch, assembly.train_step.schedule)
       jax.block_until_ready(out["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - t0)

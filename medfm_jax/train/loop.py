@@ -263,7 +263,7 @@ def _run(trainer: Trainer, checkpointer, writer, hooks: Sequence[StepHook] = (),
     progress = telemetry.Progress(step, total)
     window = []
     while step < total:
-      trainer.state, metrics = compiled(trainer.state, batch)
+      trainer.state, metrics = compiled(trainer.state, batch, step_fn.schedule)
       window.append(metrics)
       step += 1
       for hook in hooks:

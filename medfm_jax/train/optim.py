@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medfm_jax.parallel import mesh as mesh_lib
@@ -29,13 +30,39 @@ def effective_lr(config) -> float:
   raise ValueError(f"lr_scaling={rule!r}: allowed {LR_SCALINGS}")
 
 
-def lr_schedule(config) -> optax.Schedule:
-  """0 -> peak linearly over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``."""
-  peak = effective_lr(config)
-  warmup = min(config.warmup_steps, config.total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(config.total_steps, warmup + 1), end_value=config.min_lr)
+SCHEDULE_KEYS = ("peak_lr", "warmup_steps", "total_steps", "min_lr", "weight_decay", "weight_decay_end")
+
+
+def schedule_values(config) -> dict[str, np.float32]:
+  """The numbers the lr and weight-decay schedules read (keys ``SCHEDULE_KEYS``). The jitted
+  train step takes them as an argument rather than as constants of its program, so runs that
+  differ only in lr, warmup, length or weight decay (a sweep over them, a resumed run given more
+  steps) share one compiled step."""
+  end = config.get("weight_decay_end", None)
+  values = {"peak_lr": effective_lr(config), "warmup_steps": min(config.warmup_steps, config.total_steps),
+            "total_steps": config.total_steps, "min_lr": config.min_lr,
+            "weight_decay": config.weight_decay,
+            "weight_decay_end": config.weight_decay if end is None else end}
+  return {k: np.float32(v) for k, v in values.items()}
+
+
+def _values(config, schedule):
+  return schedule_values(config) if schedule is None else schedule
+
+
+def lr_schedule(config, schedule=None) -> optax.Schedule:
+  """0 -> peak linearly over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``
+  (optax's ``warmup_cosine_decay_schedule``, written on ``schedule``'s numbers: the config's by
+  default, or a traced step's arguments)."""
+  v = _values(config, schedule)
+  peak, warmup, end = v["peak_lr"], v["warmup_steps"], v["min_lr"]
+
+  def lr(count):
+    step = jnp.asarray(count, jnp.float32)
+    frac = jnp.clip((step - warmup) / jnp.maximum(v["total_steps"] - warmup, 1.0), 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup, peak * step / jnp.maximum(warmup, 1.0), cosine)
+  return lr
 
 
 def decay_mask(params) -> Any:
@@ -45,18 +72,20 @@ def decay_mask(params) -> Any:
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def weight_decay_schedule(config) -> float | optax.Schedule:
-  """``weight_decay``, or a cosine from it to ``weight_decay_end`` over ``total_steps`` (DINO:
-  0.04 -> 0.4)."""
+def weight_decay_schedule(config, schedule=None) -> Any:
+  """``weight_decay`` (the number itself), or, when the config sets a different
+  ``weight_decay_end``, a cosine from it to that over ``total_steps`` (DINO: 0.04 -> 0.4). Whether
+  it is scheduled comes from the config (it decides the optimizer state's structure), the numbers
+  from ``schedule`` (the config's by default)."""
   start, end = config.weight_decay, config.get("weight_decay_end", None)
+  v = _values(config, schedule)
   if end is None or end == start:
-    return start
-  steps = max(config.total_steps, 1)
+    return start if schedule is None else v["weight_decay"]
 
-  def schedule(count):
-    frac = jnp.clip(count / steps, 0.0, 1.0)
-    return end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-  return schedule
+  def wd(count):
+    frac = jnp.clip(count / jnp.maximum(v["total_steps"], 1.0), 0.0, 1.0)
+    return v["weight_decay_end"] + (v["weight_decay"] - v["weight_decay_end"]) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+  return wd
 
 
 def clip_per_param(max_norm: float) -> optax.GradientTransformation:
@@ -95,10 +124,19 @@ def _on_arrays(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
   return lambda params: mesh_lib.box_like(params, fn(mesh_lib.unbox(params)))
 
 
+class Optimizer(NamedTuple):
+  """An optax transformation (``init``, ``update``) that can be rebuilt around other schedule
+  numbers: ``with_schedule(values)`` is the same optimizer on ``values`` (``SCHEDULE_KEYS``; the
+  train step's traced arguments), with the same state structure."""
+  init: Callable[..., Any]
+  update: Callable[..., Any]
+  with_schedule: Callable[[dict], "Optimizer"]
+
+
 def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
                    lr_multipliers: Callable[[Any], Any] | None = None,
-                   frozen_for_steps: tuple[Callable[[Any], Any], int] | None = None
-                   ) -> optax.GradientTransformation:
+                   frozen_for_steps: tuple[Callable[[Any], Any], int] | None = None,
+                   schedule: dict | None = None) -> Optimizer:
   """AdamW (``optim.name='adamw'``: decoupled weight decay) or SGD (``'sgd'``: L2 weight decay,
   ``optim.momentum``), with warmup + cosine lr; weight decay (optionally scheduled) on kernels only.
 
@@ -106,8 +144,16 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
   (``'per_param'``). ``trainable(params) -> tree of bool``: frozen leaves get no update, no weight
   decay and no optimizer state. ``lr_multipliers(params) -> tree of floats`` scales each leaf's
   step (layer-wise lr decay). ``frozen_for_steps=(mask_fn, n)`` holds masked leaves still for the
-  first n steps.
+  first n steps. ``schedule``: the numbers of the lr and weight-decay schedules
+  (:func:`schedule_values`; default the config's).
   """
+  tx = _transformation(config, trainable, lr_multipliers, frozen_for_steps, schedule)
+  rebuild = lambda values: make_optimizer(config, trainable, lr_multipliers=lr_multipliers,
+                                          frozen_for_steps=frozen_for_steps, schedule=values)
+  return Optimizer(tx.init, tx.update, rebuild)
+
+
+def _transformation(config, trainable, lr_multipliers, frozen_for_steps, schedule):
   o = config.optim
   chain = []
   if config.grad_clip and config.grad_clip > 0:
@@ -118,11 +164,11 @@ def make_optimizer(config, trainable: Callable[[Any], Any] | None = None, *,
                  else clip_per_param(config.grad_clip))
   name = o.get("name", "adamw")
   if name == "adamw":
-    chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=weight_decay_schedule(config), mask=_on_arrays(decay_mask)))
+    chain.append(optax.adamw(lr_schedule(config, schedule), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=weight_decay_schedule(config, schedule), mask=_on_arrays(decay_mask)))
   elif name == "sgd":   # PyTorch SGD: L2 on kernels added to the gradient, then momentum
-    chain += [optax.add_decayed_weights(weight_decay_schedule(config), mask=_on_arrays(decay_mask)),
-              optax.sgd(lr_schedule(config), momentum=o.get("momentum", 0.0) or None)]
+    chain += [optax.add_decayed_weights(weight_decay_schedule(config, schedule), mask=_on_arrays(decay_mask)),
+              optax.sgd(lr_schedule(config, schedule), momentum=o.get("momentum", 0.0) or None)]
   else:
     raise ValueError(f"optim.name={name!r}: allowed {OPTIMIZERS}")
   if lr_multipliers is not None:

@@ -1,6 +1,7 @@
 """Train state, its sharded creation, and the jitted train step (accumulation, NaN guard)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -69,14 +70,15 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation, config):
-  """``step(state, batch) -> (state, metrics)``; on NaN/Inf the state is left unchanged and
-  ``nonfinite_step`` records the step."""
+def make_train_step(objective: Objective, tx: optim.Optimizer, config):
+  """``step(state, batch, schedule=None) -> (state, metrics)``; on NaN/Inf the state is left
+  unchanged and ``nonfinite_step`` records the step. ``schedule``: the lr and weight-decay
+  numbers (``optim.schedule_values``) as arguments; None: the config's, as constants."""
   accum = config.grad_accum_steps
-  schedule = optim.lr_schedule(config)
   grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, schedule: dict | None = None):
+    step_tx = tx if schedule is None else tx.with_schedule(schedule)
     rng = jax.random.fold_in(state.rng, state.step)
     if accum == 1:
       (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, batch, rng, state.step)
@@ -93,7 +95,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, conf
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, metrics = losses.mean(), jax.tree.map(jnp.mean, metrics)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = step_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = objective.after_update(params, extra, state.step)
     grad_norm = optax.tree.norm(grads)
@@ -102,18 +104,38 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, conf
     bad = state.replace(nonfinite_step=jnp.where(state.nonfinite_step < 0, state.step,
                                                  state.nonfinite_step))
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, bad)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=optim.lr_schedule(config, schedule)(state.step),
                    param_norm=optax.tree.norm(params))
     return new_state, metrics
 
   return train_step
 
 
-def jit_train_step(objective: Objective, tx: optax.GradientTransformation, config, abstract_state):
-  """The jitted train step: state donated and kept in the shardings of ``abstract_state``."""
+@dataclasses.dataclass(frozen=True)
+class ScheduledStep:
+  """A jitted ``step(state, batch, schedule)`` with the run's schedule numbers bound:
+  ``step(state, batch)``; ``lower(state, batch)`` for ahead-of-time compilation (its compiled
+  program takes ``(state, batch, self.schedule)``)."""
+  jitted: Any
+  schedule: dict
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.schedule)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.schedule)
+
+
+def jit_train_step(objective: Objective, tx: optim.Optimizer, config, abstract_state) -> ScheduledStep:
+  """The jitted train step: state donated and kept in the shardings of ``abstract_state``; the
+  config's schedule numbers are replicated arguments, not constants, so runs that differ only in
+  them (lr, warmup, total steps, weight decay) compile one program."""
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-  return jax.jit(make_train_step(objective, tx, config), donate_argnums=0,
-                 out_shardings=(shardings, None))
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  schedule = jax.device_put(optim.schedule_values(config), replicated)
+  return ScheduledStep(jax.jit(make_train_step(objective, tx, config), donate_argnums=0,
+                               out_shardings=(shardings, None)), schedule)
 
 
 def make_eval_step(objective: Objective):
