@@ -21,7 +21,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 INTENSITY = ("auto", "ct", "mr", "none")
 CT_CLIPS = ("window", "percentile")
@@ -201,6 +200,7 @@ def resample(volume: np.ndarray, spacing: Sequence[float], target: Sequence[floa
   # Output voxel i sits at (i + 0.5) * target - 0.5 * spacing in input-voxel-0 units / spacing.
   coords = [((np.arange(n) + 0.5) * t / s - 0.5) for n, t, s in zip(shape, target, spacing)]
   grid = np.meshgrid(*coords, indexing="ij")
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top  (heavy; every CLI process imports this module)
   def one(x):
     return ndimage.map_coordinates(x, grid, order=order, mode="nearest")
   if volume.ndim == 4:

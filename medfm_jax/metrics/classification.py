@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 
 def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -13,6 +12,7 @@ def binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
   n_pos, n_neg = int(positive.sum()), int((~positive).sum())
   if n_pos == 0 or n_neg == 0:
     return float("nan")
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (heavy; every CLI process imports this module)
   ranks = stats.rankdata(np.asarray(scores, np.float64))   # ties get their average rank
   return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 
 def dice(pred: np.ndarray, target: np.ndarray, cls: int) -> float:
@@ -30,6 +29,7 @@ def iou(pred: np.ndarray, target: np.ndarray, cls: int) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top  (heavy; most processes need no 3D metric)
   return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
@@ -40,6 +40,7 @@ def hd95(pred: np.ndarray, target: np.ndarray, cls: int, spacing: Sequence[float
     return float("nan")
   if not p.any() or not t.any():
     return float("inf")
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top  (heavy; most processes need no 3D metric)
   sp, st = _surface(p), _surface(t)
   to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
   to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
