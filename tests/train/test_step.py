@@ -98,6 +98,45 @@ def test_lr_schedule_warmup_then_cosine():
   np.testing.assert_allclose(sched(55), 1e-3 + (peak - 1e-3) * 0.5, rtol=1e-5)   # cosine midpoint
   np.testing.assert_allclose(sched(100), 1e-3, rtol=1e-5)
   assert optim.effective_lr(_config(lr=1.0, lr_scaling="sqrt", batch_size=4096)) == 2.0
+  # optax's warmup + cosine, which the schedule writes out on traced numbers.
+  for warmup, total in ((10, 100), (0, 50), (3, 3), (8, 5)):
+    c = _config(lr=0.2, min_lr=1e-3, warmup_steps=warmup, total_steps=total)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 0.2, min(warmup, total), max(total, min(warmup, total) + 1), 1e-3)
+    steps = np.arange(0, total + 3)
+    np.testing.assert_allclose([optim.lr_schedule(c)(i) for i in steps], [ref(i) for i in steps], rtol=1e-5, atol=1e-9)
+
+
+def _abstract(state):
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                                        jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def test_schedule_numbers_are_arguments_of_one_program():
+  """Configs that differ only in lr, warmup, length, min lr or weight decay (start and end) lower
+  to one train-step program (the trainer's ``jit_train_step``), and each run's numbers still act:
+  3 steps report each config's lr, and update the parameters like the step with the numbers as
+  constants. Negative control: a field that stays a constant (``grad_clip``) lowers to another
+  program."""
+  configs = [_config(weight_decay=0.04, weight_decay_end=0.4),
+             _config(lr=0.03, warmup_steps=1, total_steps=4, min_lr=1e-3, weight_decay=0.2, weight_decay_end=0.1),
+             _config(weight_decay=0.04, weight_decay_end=0.4, grad_clip=0.5)]
+  objective, batch = _RegressionObjective(configs[0]), _batch()
+  _, initial = state_lib._boxed_init(objective, optim.make_optimizer(configs[0]), 0, batch)  # pylint: disable=protected-access
+  steps = [state_lib.jit_train_step(objective, optim.make_optimizer(c), c, _abstract(initial)) for c in configs]
+  programs = [step.lower(initial, batch).as_text() for step in steps]
+  assert programs[0] == programs[1] and programs[0] != programs[2]
+  for config, step in zip(configs[:2], steps):
+    state = jax.tree.map(jnp.copy, initial)   # the step donates it
+    for i in range(3):
+      state, metrics = step(state, batch)
+      np.testing.assert_allclose(metrics["lr"], optim.lr_schedule(config)(i), rtol=1e-6)
+  constants = jax.jit(state_lib.make_train_step(objective, optim.make_optimizer(configs[1]), configs[1]))
+  ref = initial
+  for _ in range(3):
+    ref, _ = constants(ref, batch)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_weight_decay_only_on_kernels():
