@@ -29,6 +29,7 @@ from medfm_jax.metrics import attention_maps, knn, over_split
 from medfm_jax.models import heads, layers, vit
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
+from medfm_jax.parallel import programs
 from medfm_jax.peft import freeze
 
 CENTERINGS = ("center", "sinkhorn_knopp")
@@ -121,7 +122,7 @@ class DinoObjective(base.Objective):
     # cls features, replicated so every process can read them; built once, reused every eval.
     self._cls_features = jax.jit(lambda p, x: self.model.backbone.apply({"params": p}, x)[:, 0],
                                  out_shardings=PartitionSpec())
-    self._attention = jax.jit(  # (maps, images), replicated: process 0 writes them
+    self._attention = programs.jit_once(  # (maps, images), replicated: process 0 writes them; pictures only
         lambda p, x: (attention_maps.cls_attention(self.model.backbone, p, x[:4]), x[:4]),
         out_shardings=PartitionSpec())
 

@@ -14,6 +14,7 @@ from medfm_jax.errors import check
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
 from medfm_jax.objectives import base
+from medfm_jax.parallel import programs
 
 _EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across evaluations
 
@@ -49,8 +50,9 @@ class MaeObjective(base.Objective):
     self.mask_ratio = config.objective.mask_ratio
     self.norm_pix = config.objective.norm_pix_loss
     # Built once so every eval reuses the compiled program; replicated outputs are readable on
-    # every process (the batch spans all processes).
-    self._recon_columns = jax.jit(self._recon_columns_fn, out_shardings=P())
+    # every process (the batch spans all processes). A few pictures per eval: compiled like a
+    # run-once program (parallel.programs).
+    self._recon_columns = programs.jit_once(self._recon_columns_fn, out_shardings=P())
 
   def _noise(self, rng, images):
     num_patches = (images.shape[1] // self.patch) * (images.shape[2] // self.patch)
