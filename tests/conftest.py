@@ -16,6 +16,7 @@ without emptying a cache that others use.
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_SITE, os.environ.get("PY
 sys.path.insert(0, _SITE)
 import sitecustomize  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
+import filelock  # noqa: E402
 import fsspec  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -61,9 +63,27 @@ def train_mae_ckpt(workdir, seed=0):
   return workdir
 
 
+def built_once(tmp_path_factory, name, build):
+  """``build(directory)`` once per test run, not once per xdist worker: the workers share the
+  parent of their base temp directories, the first to arrive builds under a file lock, the others
+  wait for it and reuse the directory (for fixtures whose users only read it)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  directory, done = root / name, root / f"{name}.built"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      build(str(directory))
+      done.touch()
+  return str(directory)
+
+
 @pytest.fixture(scope="session")
 def mae_ckpt(tmp_path_factory):
-  return train_mae_ckpt(str(tmp_path_factory.mktemp("mae_tiny")))
+  """The tiny MAE run (read-only), trained once for all xdist workers."""
+  return built_once(tmp_path_factory, "mae_tiny", train_mae_ckpt)
 
 
 @pytest.fixture(scope="session")
