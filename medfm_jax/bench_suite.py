@@ -241,17 +241,18 @@ def _run_torch(case: Case, records: dict, smoke: bool, steps: int, warmup: int) 
   return out
 
 
-def _run_loader(case: Case, spec: str, batches, records: dict) -> dict[str, Any]:
+def _run_loader(case: Case, spec: str, batches, records: dict, smoke: bool) -> dict[str, Any]:
   config = load_config(spec)
+  images, num_batches = (32, 3) if smoke else (256, 20)   # smoke: the code path, not a measurement
   workers = min(16, os.cpu_count() or 1)
   rows = {}
   with tempfile.TemporaryDirectory() as root:
     png = os.path.join(root, "png")
-    export.export_phantoms(png, 256, config.data.image_size, "png")
+    export.export_phantoms(png, images, config.data.image_size, "png")
     for source, extra in (("phantoms", {}), ("folder", {"path": png, "splits": "train:1"})):
       data = config.data.copy_and_resolve_references()
       data.update(source=source, num_workers=workers, **extra)
-      rows[source] = pipeline.time_train_iterator(data, batches[0], num_batches=20)["images_per_s"]
+      rows[source] = pipeline.time_train_iterator(data, batches[0], num_batches=num_batches)["images_per_s"]
   consumed = records.get("mae_b16", {}).get("images_per_s")
   out = {"config": spec, "batch_size": batches[0], "workers": workers,
          "image_size": config.data.image_size, "consumed_images_per_s": consumed}
@@ -277,7 +278,7 @@ def run_case(case: Case, records: dict, smoke: bool, steps: int, warmup: int) ->
     elif case.kind == "torch":
       body = _run_torch(case, records, smoke, steps, warmup)
     else:
-      body = _run_loader(case, spec, batches, records)
+      body = _run_loader(case, spec, batches, records, smoke)
     status = {"status": "ok"}
   except Exception as e:  # pylint: disable=broad-except  (one case's failure must not end the suite)
     body, status = {}, {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
