@@ -66,9 +66,12 @@ def test_config_errors_are_one_line(key, value, message):
   assert "\n" not in str(e.value)
 
 
-def test_both_variants_validate():
-  for variant in ("tiny", "primus_m"):
+def test_variants_validate():
+  for variant in ("tiny", "tiny_seg", "primus_m"):
     config_lib.validate(mae3d_config.get_config(variant), None, 1)
+  tiny, tiny_seg = mae3d_config.get_config("tiny"), mae3d_config.get_config("tiny_seg")
+  assert tiny_seg.objective.norm_pix_loss and not tiny.objective.norm_pix_loss
+  assert tiny_seg.model == tiny.model and tiny_seg.data == tiny.data
   c = mae3d_config.get_config("primus_m")
   size = vit.size_from_config(c.model)
   assert (size.width, size.depth, size.num_heads, size.patch_size) == (864, 16, 12, 8)
