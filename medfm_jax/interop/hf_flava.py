@@ -287,7 +287,9 @@ def config_overrides(hf_config) -> dict[str, Any]:
   # MIM heads (DALL-E codebook ids) are imported only where they fit (train.restore).
   image = sizes(i) | dict(variant=torch_io.variant_name(*sizes(i).values(), i["patch_size"]), pos_embed="learned",
                           layer_norm_eps=float(i["layer_norm_eps"]), activation=_ACTIVATIONS[i["hidden_act"]],
-                          mask_token=True, embed_dim=cfg["embed_dim"])
+                          mask_token=True, embed_dim=cfg["embed_dim"],
+                          # HF's plain ViT, not configs/flava.py:tiny's tower
+                          patch_embed="patch", cls_pool="token", layer_scale_init=0.0)
   text_fields = sizes(t) | dict(context_length=int(t["max_position_embeddings"]), vocab_size=int(t["vocab_size"]),
                                 causal=False, pooling="cls", activation=_ACTIVATIONS[t["hidden_act"]],
                                 layer_norm_eps=float(t["layer_norm_eps"]), embed_norm=True)

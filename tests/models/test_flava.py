@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import flava as flava_config
 from medfm_jax.models import flava, vit
 from medfm_jax.parallel import programs
 from tests import helpers
@@ -132,3 +133,16 @@ def test_build_flava_from_config():
   full = flava.model_fields("full")
   assert (full["width"], full["depth"], full["text"]["depth"], full["multimodal"]["depth"],
           full["text"]["vocab_size"], full["embed_dim"]) == (768, 12, 12, 6, 30522, 768)
+
+
+def test_config_image_towers():
+  """configs/flava.py:tiny builds the image tower of configs/clip.py:tiny (conv stem, max-pooled
+  cls slot, LayerScale 0.1: what makes the tiny run beat random init), :full FLAVA's plain ViT, and
+  the fields can be overridden."""
+  towers = {}
+  for arg in ("tiny", "full", "full,model.patch_embed=conv,model.cls_pool=mean,model.layer_scale_init=0.5"):
+    image = flava.build_flava(flava_config.get_config(arg), _Tok()).image
+    towers[arg.split(",")[0] if arg.count(",") == 0 else "override"] = (
+        image.patch_embed, image.cls_pool, image.layer_scale_init)
+  assert towers == {"tiny": ("conv", "max", 0.1), "full": ("patch", "token", 0.0),
+                    "override": ("conv", "mean", 0.5)}

@@ -265,11 +265,13 @@ def test_flava_run_from_hf_keeps_unfit_heads_fresh(cls, tmp_path, caplog):
   """A pixel-target FLAVA run from FlavaForPreTraining / FlavaModel: every tensor of the source is
   imported but the heads that it lacks (FlavaModel: all) or holds in other shapes (HF's MIM /
   MMM-image heads predict 40 codebook ids, the run's 4x4x1 pixels): those keep their fresh init,
-  said in one log line."""
+  said in one log line. The run starts from the tiny recipe's image tower (conv stem, max-pooled
+  cls slot, LayerScale), which the source's plain ViT replaces."""
   from medfm_jax.interop import hf_flava  # pylint: disable=import-outside-toplevel
   source = _flava_source(tmp_path, getattr(transformers, cls))
+  recipe_tower = {"model.patch_embed": "conv", "model.cls_pool": "max", "model.layer_scale_init": 0.1}
   with caplog.at_level("WARNING"):
-    state = _initial_state(helpers.tiny_flava_config(init_from=source))
+    state = _initial_state(helpers.tiny_flava_config(init_from=source, **recipe_tower))
   ref = hf_flava.load(source)[1]
   heads = objectives.resolve("flava").hf_optional_heads
   fresh = ("mim_head", "mmm_image_head") if cls == "FlavaForPreTraining" else heads
