@@ -37,7 +37,7 @@ ENTRY_POINTS = len(LAYERS)   # the layer of any top-level module not listed abov
 # imports only some code paths need.
 LOCAL_IMPORTS_ALLOWED = ("torch", "transformers", "safetensors", "pydicom", "nibabel", "tensorflow_datasets",
                          "array_record", "tokenizers", "sentencepiece", "kubernetes", "tensorboardX",
-                         "jax._src")
+                         "jax._src", "scipy")
 
 
 def _group(module: str) -> str:
