@@ -1,6 +1,7 @@
 """Compiler options by what a program is for.
 
-A program that runs once per run (parameter and train-state initialisation) gains nothing from
+A program that runs once per run (parameter and train-state initialisation; also the few
+pictures an evaluation writes: MAE reconstructions, DINO attention maps) gains nothing from
 LLVM's optimisation of its kernels, and on the CPU backend that optimisation is most of its
 compile time: :func:`jit_once` compiles such programs at XLA's ``xla_backend_optimization_level=0``
 on CPU (other backends keep their defaults). Measured on 2026-11-30 (tests/conftest.py's XLA

@@ -78,9 +78,9 @@ def weight_decay_schedule(config, schedule=None) -> Any:
   it is scheduled comes from the config (it decides the optimizer state's structure), the numbers
   from ``schedule`` (the config's by default)."""
   start, end = config.weight_decay, config.get("weight_decay_end", None)
-  v = _values(config, schedule)
   if end is None or end == start:
-    return start if schedule is None else v["weight_decay"]
+    return start if schedule is None else schedule["weight_decay"]
+  v = _values(config, schedule)
 
   def wd(count):
     frac = jnp.clip(count / jnp.maximum(v["total_steps"], 1.0), 0.0, 1.0)

@@ -107,8 +107,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def _abstract(state):
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
-                                        jax.sharding.PartitionSpec())
+  sharding = jax.sharding.NamedSharding(helpers.single_device_mesh(None), jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
