@@ -396,7 +396,15 @@ class VisionTransformer(nn.Module):
     if not self.class_token:
       raise ValueError(f"model.cls_pool={self.cls_pool!r} needs model.class_token=True (its output slot)")
     patches = x[:, self.num_prefix_tokens:]
-    pooled = patches.max(axis=1) if self.cls_pool == "max" else patches.mean(axis=1)
+    if self.cls_pool == "max":
+      # The maximum gathered at its argmax, not ``patches.max``: JAX's max gradient goes to the
+      # entries equal to the forward maximum, and XLA may recompute ``patches`` in another fusion
+      # with other rounding, so no entry is equal (gradient 0/0 = NaN at XLA's CPU optimisation
+      # level 0, gradients lost at level 1). The gather reads the very values it differentiates.
+      index = jnp.argmax(patches, axis=1)
+      pooled = jnp.take_along_axis(patches, index[:, None], axis=1)[:, 0]
+    else:
+      pooled = patches.mean(axis=1)
     return constrain(jnp.concatenate([pooled[:, None], x[:, 1:]], axis=1), ("batch", "seq", "act_embed"))
 
   def _embed_patches(self, images, patch, width):
