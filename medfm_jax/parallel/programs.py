@@ -11,8 +11,9 @@ transforms (normal, truncated normal) differ from the default compile in a few l
 float32 ulps in the tiny MAE (``tests/parallel/test_programs.py``), by at most 7.5e-9 in the tiny
 DINOv2, CLIP and FLAVA states (checked by hand, 2026-11-30).
 
-Train and eval steps keep the default level: at level 0, XLA's CPU backend produced a NaN
-gradient norm at the tiny CLIP's second step that the default level does not (2026-11-30).
+Train and eval steps keep the default level: their kernels run at every step. (A NaN gradient
+norm that the tiny CLIP's step once gave at level 0 was the max-pooled cls slot's gradient, which
+depended on how XLA fused the model; ``models/vit.py`` gathers the maximum at its argmax since.)
 """
 from __future__ import annotations
 
