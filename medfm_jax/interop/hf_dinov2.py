@@ -390,7 +390,7 @@ def export(params: dict, config, out_dir) -> str:
   ``Dinov2WithRegistersModel``) ``.from_pretrained`` loads, at our image size. ``config``: what
   :func:`load` took, our config or a run config (see :func:`cfg_from_run`)."""
   cfg = _as_cfg(config)
-  flat = traverse_util.flatten_dict(vit.unstack_layers(nn.unbox(params)))
+  flat = traverse_util.flatten_dict(vit.unstack_layers(torch_io.host_params(params)))
   if cfg.get("pos_embed") == "sincos2d":     # our fixed positions, written as HF's learned ones
     g = cfg["image_size"] // cfg["patch_size"]
     flat[("pos_embed",)] = layers.sincos_2d(cfg["width"], g, g)[None]

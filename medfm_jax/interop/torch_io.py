@@ -460,14 +460,16 @@ def flat_shapes(init_fn: Callable[[], dict]) -> dict[tuple[str, ...], tuple[int,
 
 def to_param_tree(flat: dict[tuple[str, ...], np.ndarray], scan: bool) -> dict:
   """Flat unrolled ``{path: array}`` -> nested params (numpy float32), stacked for a scanned encoder."""
-  params = traverse_util.unflatten_dict(flat)
-  if not scan:
-    return params
-  with jax.default_device(jax.devices("cpu")[0]):
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), vit.stack_layers(params))
+  params = traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  return vit.stack_layers(params, stack=np.stack) if scan else params
+
+
+def host_params(params: dict) -> dict:
+  """Params (boxed or not) as numpy float32 on the host: slicing, stacking and reshaping them then
+  compiles nothing (on jax arrays each eager op of a new shape is a program of its own)."""
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), nn.unbox(params))
 
 
 def from_param_tree(params: dict) -> dict[tuple[str, ...], np.ndarray]:
   """Inverse of :func:`to_param_tree`: params (boxed or not, unrolled or scanned) -> flat unrolled."""
-  flat = traverse_util.flatten_dict(vit.unstack_layers(nn.unbox(params)))
-  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  return traverse_util.flatten_dict(vit.unstack_layers(host_params(params)))

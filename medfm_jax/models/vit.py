@@ -170,16 +170,17 @@ class Encoder(nn.Module):
     return (x, [hidden[i] for i in collect]) if collect else x
 
 
-def stack_layers(params: dict, prefix: str = "layer_") -> dict:
+def stack_layers(params: dict, prefix: str = "layer_", stack=jnp.stack) -> dict:
   """Unrolled ``{layer_i: p}`` -> scanned ``{layers: {block: stacked p}}``, at every nesting level
-  (each stack keeps its own depth, e.g. an MAE encoder and its shallower decoder)."""
+  (each stack keeps its own depth, e.g. an MAE encoder and its shallower decoder). ``stack``:
+  ``np.stack`` stacks numpy params on the host (weight conversion: nothing to compile)."""
   ids = sorted(int(k[len(prefix):]) for k in params if k.startswith(prefix) and k[len(prefix):].isdigit())
   if ids != list(range(len(ids))):
     raise ValueError(f"layer keys {ids} are not 0..n-1")
-  out = {k: stack_layers(v, prefix) if isinstance(v, dict) else v
+  out = {k: stack_layers(v, prefix, stack) if isinstance(v, dict) else v
          for k, v in params.items() if not (k.startswith(prefix) and k[len(prefix):].isdigit())}
   if ids:
-    out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{prefix}{i}"] for i in ids])}
+    out["layers"] = {"block": jax.tree.map(lambda *xs: stack(xs), *[params[f"{prefix}{i}"] for i in ids])}
   return out
 
 

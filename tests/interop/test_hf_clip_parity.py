@@ -1,5 +1,7 @@
 """Parity with Hugging Face CLIPModel / SiglipModel: imported weights give the same image/text
 embeddings, logits and loss (float32, highest matmul precision) as the torch models."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -48,6 +50,14 @@ def _randomize(model, seed=1):
       p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _embed_and_loss(model, params, images, tokens, kind):
+  """Our image and text embeddings and contrastive loss as one program (eager, every op of the
+  model compiles on its own); one per model, shared by the parity and export tests."""
+  img, txt = model.apply({"params": params}, images, tokens)
+  return img, txt, clip_losses.contrastive_loss(img, txt, params["logit_scale"], params.get("logit_bias"), kind)
+
+
 @pytest.mark.parametrize("kind, scan", [("clip", False), ("clip", True), ("siglip", False)])
 @pytest.mark.slow
 def test_parity(kind, scan):
@@ -63,9 +73,8 @@ def test_parity(kind, scan):
   model = hf_clip.build_model(config, scan=scan)
   params = hf_clip.convert(torch_model, config, scan=scan)
   with jax.default_matmul_precision("highest"):
-    img, txt = model.apply({"params": params}, images, tokens.astype(np.int32))
-    bias = params.get("logit_bias")
-    loss = clip_losses.contrastive_loss(img, txt, params["logit_scale"], bias, kind)
+    img, txt, loss = _embed_and_loss(model, params, images, tokens.astype(np.int32), kind)
+  bias = params.get("logit_bias")
   unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
   np.testing.assert_allclose(unit(img), ref.image_embeds.numpy(), atol=1e-5)   # HF returns them normalised
   np.testing.assert_allclose(unit(txt), ref.text_embeds.numpy(), atol=1e-5)
@@ -89,6 +98,11 @@ def _text_embeds(torch_model, tokens, mask):
   return getattr(out, "pooler_output", out).numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(model, params, tokens, attention_mask=None):
+  return model.apply({"params": params}, tokens, attention_mask=attention_mask, method=model.encode_text)
+
+
 def test_padding_comes_from_the_attention_mask_not_pad_token_id():
   """HF CLIP's default pad_token_id is 1, an ordinary id: a caption holding it must embed as in HF
   (it did not when ids equal to pad_token_id were masked: 0.18 max |diff| on that row)."""
@@ -106,7 +120,7 @@ def test_padding_comes_from_the_attention_mask_not_pad_token_id():
   unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
   with jax.default_matmul_precision("highest"):
     for kwargs in ({}, {"attention_mask": mask}):
-      ours = model.apply({"params": params}, tokens.astype(np.int32), method=model.encode_text, **kwargs)
+      ours = _encode_text(model, params, tokens.astype(np.int32), **kwargs)
       np.testing.assert_allclose(unit(ours), unit(ref), atol=1e-5)
 
 
@@ -132,7 +146,7 @@ def test_export_round_trip(kind, tmp_path):
     ref = back.eval()(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
                       attention_mask=torch.from_numpy(mask) if kind == "clip" else None)
   with jax.default_matmul_precision("highest"):
-    img, txt = model.apply({"params": params}, images, tokens.astype(np.int32))
+    img, txt, _ = _embed_and_loss(model, params, images, tokens.astype(np.int32), kind)
   unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
   np.testing.assert_allclose(unit(img), ref.image_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(unit(txt), ref.text_embeds.numpy(), atol=1e-5)

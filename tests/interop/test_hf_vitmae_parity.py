@@ -1,6 +1,8 @@
 """Numerical parity of our MaskedAutoencoder with Hugging Face ``ViTMAEForPreTraining`` (torch, CPU)."""
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,13 +66,24 @@ def case(request, tmp_path_factory):
               logits=out.logits.numpy(), loss=out.loss.item(), mask=out.mask.numpy(), latent=latent.numpy())
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward(model, params, images, noise, patch_size):
+  """Our forward and norm-pix loss as one program (eager, each op of the model compiles on its own)."""
+  out = model.apply({"params": params}, images, noise, 0.75)
+  return out, mae.mae_loss(images, out["pred"], out["mask"], patch_size, norm_pix_loss=True)
+
+
+def _run(model, params, case):
+  """``(outputs, loss)`` of our model on the case's pixels (NCHW torch -> NHWC) and noise."""
+  images = jnp.asarray(case["pixels"].numpy().transpose(0, 2, 3, 1))
+  out, loss = _forward(model, params, images, jnp.asarray(case["noise"].numpy()), case["config"].patch_size)
+  return out, float(loss)
+
+
 def _ours(case, scan):
   params = hf_vitmae.convert_vitmae(hf_vitmae.load_torch_state_dict(case["path"]), case["config"], scan=scan)
-  model = hf_vitmae.build_mae(case["config"], scan=scan)
-  images = jnp.asarray(case["pixels"].numpy().transpose(0, 2, 3, 1))
-  out = model.apply({"params": params}, images, jnp.asarray(case["noise"].numpy()), 0.75)
-  loss = mae.mae_loss(images, out["pred"], out["mask"], case["config"].patch_size, norm_pix_loss=True)
-  return params, out, float(loss)
+  out, loss = _run(hf_vitmae.build_mae(case["config"], scan=scan), params, case)
+  return params, out, loss
 
 
 def _max_diff(a, b):
@@ -222,8 +235,6 @@ def test_load_export_from_pretrained_round_trip(case, tmp_path):
   assert back.config.norm_pix_loss and back.config.layer_norm_eps == case["config"].layer_norm_eps
   with torch.no_grad():
     ref = back.eval()(case["pixels"], noise=case["noise"])
-  images = jnp.asarray(case["pixels"].numpy().transpose(0, 2, 3, 1))
-  out = model.apply({"params": params}, images, jnp.asarray(case["noise"].numpy()), 0.75)
-  loss = mae.mae_loss(images, out["pred"], out["mask"], case["config"].patch_size, norm_pix_loss=True)
+  out, loss = _run(model, params, case)
   assert _max_diff(out["pred"], ref.logits.numpy()) <= ATOL
-  assert abs(float(loss) - ref.loss.item()) <= ATOL
+  assert abs(loss - ref.loss.item()) <= ATOL

@@ -1,5 +1,10 @@
 """ViT-C convolutional stem (``model.patch_embed='conv'``): torch reference parity, logical names,
-scan, sharding, mask token, keep_ids and errors."""
+scan, sharding, mask token, keep_ids and errors.
+
+Params come from helpers.random_params (numpy, nothing to compile) and forwards run as one jitted
+program each (eager, every op of the model compiles on its own)."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,18 +14,31 @@ import torch
 
 from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
-from medfm_jax.parallel import programs
+from tests.helpers import random_params
 
 
 def _model(**kw):
   return vit.VisionTransformer("Mu/4", image_size=16, patch_embed="conv", **kw)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, x, **kwargs):
+  return model.apply({"params": params}, x, **kwargs)
+
+
+def _normal(shape, seed):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _params(model, x, std=0.05):
+  return random_params(jax.eval_shape(model.init, jax.random.key(0), x)["params"], std=std)
+
+
 @pytest.fixture(scope="module")
 def conv_vit():
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+  x = _normal((4, 16, 16, 1), 1)
   model = _model(mask_token=True)
-  return model, nn.unbox(programs.jit_once(model.init)(jax.random.key(0), x))["params"], x   # one compile
+  return model, _params(model, x), x
 
 
 def _torch_stem(params, width):
@@ -41,12 +59,10 @@ def _torch_stem(params, width):
 @pytest.mark.slow
 def test_conv_stem_matches_torch_reference():
   stem = vit.ConvStem(patch_size=8, width=32)
-  x = jax.random.normal(jax.random.key(2), (2, 24, 16, 3))
-  params = nn.unbox(programs.jit_once(stem.init)(jax.random.key(3), x))["params"]
-  rng = np.random.default_rng(4)   # numpy: a jax.random draw compiles a program per shape
-  params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
+  x = _normal((2, 24, 16, 3), 2)
+  params = _params(stem, x, std=0.2)         # about the scale of the init (+ 0.1 noise) it replaces
   assert [params[f"conv_{i}"]["kernel"].shape[-1] for i in range(3)] == [8, 16, 32]
-  y = stem.apply({"params": params}, x)                                     # [2, 3*2, 32]
+  y = _apply(stem, params, x)                                               # [2, 3*2, 32]
   with torch.no_grad():
     ref = _torch_stem(params, 32)(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2))
   ref = ref.flatten(2).transpose(1, 2).numpy()                              # row-major tokens
@@ -56,9 +72,9 @@ def test_conv_stem_matches_torch_reference():
 
 def test_conv_layer_matches_lax_reference_with_padding_and_stride():
   conv = layers.Conv(5, 3, strides=2, padding=1)
-  x = jax.random.normal(jax.random.key(0), (1, 7, 6, 2))
-  p = nn.unbox(conv.init(jax.random.key(1), x))["params"]
-  y = conv.apply({"params": p}, x)
+  x = _normal((1, 7, 6, 2), 0)
+  p = _params(conv, x, std=0.5)
+  y = _apply(conv, p, x)
   # Direct sum over the 3x3 window of the zero-padded input at output (1, 2): input rows 1..3, cols 3..5.
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
   want = np.einsum("hwi,hwio->o", xp[0, 2:5, 4:7], np.asarray(p["kernel"])) + np.asarray(p["bias"])
@@ -74,10 +90,10 @@ def test_conv_vit_logical_names_and_scan(conv_vit):
   assert leaves and all(isinstance(a, nn.Partitioned) for a in leaves)
   assert boxed["patch_embed"]["conv_0"]["kernel"].names == (None, None, None, "embed")
   assert set(params["patch_embed"]) == {"conv_0", "conv_1", "proj"}
-  y = model.apply({"params": params}, x)
+  y = _apply(model, params, x)
   assert y.shape == (4, 1 + 16, 96)
   scanned = model.clone(scan=True)
-  np.testing.assert_allclose(scanned.apply({"params": vit.stack_layers(params)}, x), y, atol=1e-5)
+  np.testing.assert_allclose(_apply(scanned, vit.stack_layers(params), x), y, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -90,13 +106,13 @@ def test_conv_vit_sharded_forward_matches_single_device(conv_vit):
   sharded = jax.tree.map(lambda p, s: jax.device_put(p, jax.sharding.NamedSharding(mesh, s)), params, specs)
   with mesh_lib.use_mesh(mesh):
     xs = jax.device_put(x, mesh_lib.batch_sharding(mesh, 4))
-    y = jax.jit(lambda p, a: model.apply({"params": p}, a))(sharded, xs)
-  np.testing.assert_allclose(y, model.apply({"params": params}, x), atol=1e-5)
+    y = _apply(model, sharded, xs)
+  np.testing.assert_allclose(y, _apply(model, params, x), atol=1e-5)
 
 
 def test_conv_vit_mask_token_and_keep_ids(conv_vit):
   model, params, x = conv_vit
-  apply = lambda img, **kw: model.apply({"params": params}, img, **kw)
+  apply = lambda img, **kw: _apply(model, params, img, **kw)
   # Every token masked: nothing depends on the pixels any more.
   all_masked = np.ones((4, 16), bool)
   np.testing.assert_allclose(apply(x, patch_mask=all_masked), apply(2 * x + 1, patch_mask=all_masked),

@@ -1,5 +1,11 @@
 """FLAVA model: shapes, logical names on every param, padding invariance of the fused states, the
-image tower as a plain restorable ViT, and building from a config."""
+image tower as a plain restorable ViT, and building from a config.
+
+Params come from helpers.random_params (numpy, nothing to compile) and their names from
+jax.eval_shape; forwards run as one jitted program per model, method and shape (eager, every op
+compiles on its own)."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,33 +30,35 @@ def _inputs(seed=0, b=2):
   tokens = np.zeros((b, 8), np.int32)
   tokens[:, :5] = rng.integers(1, 50, (b, 5))
   tokens[1, 3:] = 0                          # a shorter text
-  return jnp.asarray(images), jnp.asarray(tokens)
+  return images, tokens
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="method")
+def _apply(model, params, *args, method=None, **kwargs):
+  return model.apply({"params": params}, *args, method=method, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def tiny():
   model = helpers.tiny_flava_model()
   images, tokens = _inputs()
-  variables = programs.jit_once(model.init)(jax.random.key(0), images, tokens)
-  # non-trivial cls / mask tokens (initialised to zeros)
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.1) * rng.normal(size=x.shape).astype(np.float32),
-                        nn.unbox(variables["params"]))
-  return model, variables, params
+  boxed = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+  # non-trivial everywhere, cls / mask tokens included (initialised to zeros)
+  return model, boxed, helpers.random_params(boxed, seed=1)
 
 
 @pytest.mark.slow
 def test_shapes_and_logical_names(tiny):
-  model, variables, params = tiny
-  assert set(variables["params"]) == TOP_LEVEL
+  model, boxed, params = tiny
+  assert set(boxed) == TOP_LEVEL
   assert isinstance(model.image, vit.VisionTransformer)
-  for path, leaf in traverse_util.flatten_dict(variables["params"]).items():
+  for path, leaf in traverse_util.flatten_dict(boxed).items():
     assert isinstance(leaf, nn.Partitioned), path
     assert len(leaf.names) == leaf.value.ndim, path
   images, tokens = _inputs()
-  mask = jnp.zeros((2, 16), bool).at[:, ::3].set(True)
-  apply = jax.jit(model.apply, static_argnames="method")   # one compile per method, not per op
-  out = apply({"params": params}, images, tokens, patch_mask=mask)
+  mask = np.zeros((2, 16), bool)
+  mask[:, ::3] = True
+  out = _apply(model, params, images, tokens, patch_mask=mask)
   shapes = {k: v.shape for k, v in out.items()}
   assert shapes == dict(image_hidden=(2, 17, 32), text_hidden=(2, 8, 32), mm_hidden=(2, 1 + 17 + 8, 32),
                         image_embedding=(2, 24), text_embedding=(2, 24), mim_logits=(2, 17, 48),
@@ -58,11 +66,13 @@ def test_shapes_and_logical_names(tiny):
                         itm_logits=(2, 2), logit_scale=())
   assert out["image_embedding"].dtype == jnp.float32 and out["itm_logits"].dtype == jnp.float32
   # the patch mask swaps in the mask token: masked rows change, the methods compose like __call__
-  hidden = apply({"params": params}, images, mask, method="encode_image")
+  hidden = _apply(model, params, images, mask, method="encode_image")
   np.testing.assert_allclose(hidden, out["image_hidden"], atol=1e-6)
-  unmasked = apply({"params": params}, images, method="encode_image")
+  unmasked = _apply(model, params, images, method="encode_image")
   assert np.abs(unmasked - hidden).max() > 1e-3
-  np.testing.assert_allclose(float(nn.unbox(variables["params"]["logit_scale"])), np.log(1 / 0.07), rtol=1e-6)
+  # the init's logit scale (XLA drops the rest of the init from this program)
+  logit_scale = programs.jit_once(lambda k: nn.unbox(model.init(k, images, tokens)["params"]["logit_scale"]))
+  np.testing.assert_allclose(float(logit_scale(jax.random.key(0))), np.log(1 / 0.07), rtol=1e-6)
   assert float(out["logit_scale"]) == float(params["logit_scale"])
 
 
@@ -77,15 +87,15 @@ def _fuse_all(module, images, tokens):
 def test_padding_does_not_change_fused_states(tiny):
   model, _, params = tiny
   images, tokens = _inputs()
-  longer = jnp.pad(tokens, ((0, 0), (0, 4)))              # 4 more padding positions
-  mm, itm = model.apply({"params": params}, images, tokens, method=_fuse_all)
-  mm_long, itm_long = model.apply({"params": params}, images, longer, method=_fuse_all)
+  longer = np.pad(tokens, ((0, 0), (0, 4)))               # 4 more padding positions
+  mm, itm = _apply(model, params, images, tokens, method=_fuse_all)
+  mm_long, itm_long = _apply(model, params, images, longer, method=_fuse_all)
   n = 1 + 17 + 3                                           # mm cls, image, the shorter text's tokens
   np.testing.assert_allclose(mm_long[:, :n], mm[:, :n], atol=2e-5)
   np.testing.assert_allclose(itm_long, itm, atol=2e-5)
   # ... while the padding *is* attended to without the mask
   loose = model.clone(text=model.text.clone(mask_padding=False))
-  mm_loose, _ = loose.apply({"params": params}, images, longer, method=_fuse_all)
+  mm_loose, _ = _apply(loose, params, images, longer, method=_fuse_all)
   assert np.abs(mm_loose[:, :n] - mm[:, :n]).max() > 1e-3
 
 
@@ -93,8 +103,8 @@ def test_padding_does_not_change_fused_states(tiny):
 def test_image_tower_is_a_plain_vit(tiny):
   model, _, params = tiny
   images, _ = _inputs()
-  direct = model.image.apply({"params": params["image"]}, images)
-  np.testing.assert_allclose(direct, model.apply({"params": params}, images, method="encode_image"), atol=1e-6)
+  direct = _apply(model.image, params["image"], images)
+  np.testing.assert_allclose(direct, _apply(model, params, images, method="encode_image"), atol=1e-6)
 
 
 def _config(**objective):

@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -5,7 +7,24 @@ import numpy as np
 import pytest
 
 from medfm_jax.models import layers, vit
-from medfm_jax.parallel import programs
+from tests.helpers import random_params
+
+# Params come from helpers.random_params (numpy, nothing to compile; non-trivial norms) and inits'
+# structures, shapes and dtypes from jax.eval_shape; forward passes run as one jitted program each
+# (eager, every op of the model and every jax.random shape of its init compiles on its own).
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("deterministic",))
+def _apply(model, variables, *args, **kwargs):
+  return model.apply(variables, *args, **kwargs)
+
+
+def _images(shape, seed=1):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _params(model, x, seed=0):
+  return random_params(jax.eval_shape(model.init, jax.random.key(0), x)["params"], seed)
 
 
 def test_sincos_values_match_formula():
@@ -51,16 +70,16 @@ def test_params_carry_logical_names():
 @pytest.mark.parametrize("remat", ["none", "full"])
 @pytest.mark.slow
 def test_scan_matches_unrolled(remat):
-  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  x = _images((2, 16, 16, 3))
   unrolled = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.1)
   scanned = unrolled.clone(scan=True, remat=remat)
-  params = nn.unbox(programs.jit_once(unrolled.init)(jax.random.key(0), x))["params"]
+  params = _params(unrolled, x)
   stacked = vit.stack_layers(params)
-  y0 = unrolled.apply({"params": params}, x)
-  y1 = scanned.apply({"params": stacked}, x)
+  y0 = _apply(unrolled, {"params": params}, x)
+  y1 = _apply(scanned, {"params": stacked}, x)
   np.testing.assert_allclose(y0, y1, atol=1e-5)
   # The scanned init has exactly the stacked structure.
-  init_scanned = nn.unbox(programs.jit_once(scanned.init)(jax.random.key(0), x))["params"]
+  init_scanned = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x))["params"]
   assert jax.tree.structure(init_scanned) == jax.tree.structure(stacked)
   assert jax.tree.map(jnp.shape, init_scanned) == jax.tree.map(jnp.shape, stacked)
   assert jax.tree.structure(vit.unstack_layers(stacked)) == jax.tree.structure(params)
@@ -68,44 +87,47 @@ def test_scan_matches_unrolled(remat):
 
 @pytest.mark.slow
 def test_drop_path_only_in_training():
-  x = jax.random.normal(jax.random.key(1), (8, 16, 16, 1))
+  x = _images((8, 16, 16, 1))
   model = vit.VisionTransformer("Mu/4", image_size=16, drop_path=0.5)
-  variables = model.init(jax.random.key(0), x)
-  det = model.apply(variables, x)
-  np.testing.assert_array_equal(det, model.apply(variables, x))
-  train = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  variables = {"params": _params(model, x)}
+  det = _apply(model, variables, x)
+  np.testing.assert_array_equal(det, _apply(model, variables, x))
+  train = _apply(model, variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
   assert not np.allclose(det, train)
 
 
 @pytest.mark.slow
 def test_learned_pos_embed_interpolates_and_registers():
   model = vit.VisionTransformer("Mu/4", image_size=16, pos_embed="learned", num_registers=2)
-  variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))
-  assert variables["params"]["pos_embed"].value.shape == (1, 16, 96)
-  out = model.apply(variables, jnp.ones((1, 24, 24, 1)))       # 6x6 grid from a 4x4 table
+  x = np.ones((1, 16, 16, 1), np.float32)
+  params = _params(model, x)
+  assert params["pos_embed"].shape == (1, 16, 96)
+  out = _apply(model, {"params": params}, np.ones((1, 24, 24, 1), np.float32))   # 6x6 grid from a 4x4 table
   assert out.shape == (1, 1 + 2 + 36, 96)
 
 
 def test_bfloat16_compute_keeps_float32_params():
   model = vit.VisionTransformer("Mu/4", image_size=16, dtype=jnp.bfloat16)
-  variables = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1))))
+  x = jnp.ones((1, 16, 16, 1))
+  variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  assert model.apply(variables, jnp.ones((1, 16, 16, 1))).dtype == jnp.bfloat16
+  assert jax.eval_shape(model.apply, variables, x).dtype == jnp.bfloat16
 
 
 def test_mask_token_replaces_masked_patches_only():
   model = vit.VisionTransformer("Mu/4", image_size=16, mask_token=True, layer_norm_eps=1e-6)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
-  assert nn.unbox(params)["mask_token"].shape == (1, 1, model.size.width)
+  x = _images((2, 16, 16, 1), seed=0)
+  params = _params(model, x)
+  assert params["mask_token"].shape == (1, 1, model.size.width)
   none = np.zeros((2, 16), bool)
-  np.testing.assert_array_equal(model.apply({"params": params}, x, patch_mask=none),
-                                model.apply({"params": params}, x))
+  np.testing.assert_array_equal(_apply(model, {"params": params}, x, patch_mask=none),
+                                _apply(model, {"params": params}, x))
   # A masked patch no longer depends on its pixels: two images differing only there agree.
   mask = none.copy()
   mask[:, 0] = True
-  y = x.at[:, :4, :4].set(5.0)       # patch 0 is the top-left 4x4 block
-  np.testing.assert_allclose(model.apply({"params": params}, x, patch_mask=mask),
-                             model.apply({"params": params}, y, patch_mask=mask), atol=1e-6)
+  y = x.copy()
+  y[:, :4, :4] = 5.0                 # patch 0 is the top-left 4x4 block
+  np.testing.assert_allclose(_apply(model, {"params": params}, x, patch_mask=mask),
+                             _apply(model, {"params": params}, y, patch_mask=mask), atol=1e-6)
   with pytest.raises(ValueError, match="mask_token"):
-    vit.VisionTransformer("Mu/4", image_size=16).init(jax.random.PRNGKey(1), x, patch_mask=mask)
+    jax.eval_shape(vit.VisionTransformer("Mu/4", image_size=16).init, jax.random.PRNGKey(1), x, patch_mask=mask)

@@ -38,7 +38,7 @@ def test_masked_cross_entropy_matches_reference_and_ignores_junk_labels():
   mlm_labels = np.where(valid, labels, -1)
   np.testing.assert_allclose(jax.jit(fl.mlm_loss)(logits, mlm_labels),
                              _ce_reference(logits, labels, valid), rtol=1e-5)
-  np.testing.assert_allclose(fl.mim_codebook_loss(logits, labels, valid),
+  np.testing.assert_allclose(jax.jit(fl.mim_codebook_loss)(logits, labels, valid),
                              _ce_reference(logits, labels, valid), rtol=1e-5)
 
 
@@ -54,12 +54,13 @@ def _pixel_reference(pred, target, mask, norm_pix):
 def test_mim_pixel_loss_matches_reference_and_mae(norm_pix):
   rng = np.random.default_rng(1)
   images = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
-  target = np.asarray(mae_model.vit.patchify(jnp.asarray(images), 4))    # [2, 4, 48]
+  target = np.asarray(jax.jit(mae_model.vit.patchify, static_argnums=1)(images, 4))    # [2, 4, 48]
   pred = rng.normal(size=target.shape).astype(np.float32)
   mask = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], bool)
   got = jax.jit(fl.mim_pixel_loss, static_argnums=3)(pred, target, mask, norm_pix)
   np.testing.assert_allclose(got, _pixel_reference(pred, target, mask, norm_pix), rtol=1e-5)
-  np.testing.assert_allclose(got, mae_model.mae_loss(images, pred, mask, 4, norm_pix), rtol=1e-5)
+  mae_loss = jax.jit(mae_model.mae_loss, static_argnums=(3, 4))
+  np.testing.assert_allclose(got, mae_loss(images, pred, mask, 4, norm_pix), rtol=1e-5)
 
 
 def test_itm_loss_and_accuracy_match_reference():
@@ -67,10 +68,10 @@ def test_itm_loss_and_accuracy_match_reference():
   logits = rng.normal(size=(9, 2)).astype(np.float32)
   labels = rng.integers(0, 2, 9).astype(np.int32)
   valid = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0], bool)
-  np.testing.assert_allclose(fl.itm_loss(logits, labels, valid),
+  np.testing.assert_allclose(jax.jit(fl.itm_loss)(logits, labels, valid),
                              _ce_reference(logits, labels, valid), rtol=1e-5)
   acc = (logits.argmax(-1) == labels)[valid].mean()
-  np.testing.assert_allclose(fl.masked_accuracy(logits, labels, valid), acc, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fl.masked_accuracy)(logits, labels, valid), acc, rtol=1e-6)
 
 
 def _all_terms(logits_text, logits_itm, pred, target):
@@ -119,16 +120,16 @@ def test_hard_negatives_follow_the_restricted_softmax():
 
 
 def test_rows_without_negative_return_themselves_and_feed_a_finite_itm_loss():
-  sim = jnp.array([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0]])
-  valid_cols = jnp.array([False, True, False])       # only row 1's own column is paired
-  idx, has = fl.sample_hard_negatives(sim, valid_cols, jnp.arange(3), jax.random.key(1))
+  sim = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0]], np.float32)
+  valid_cols = np.array([False, True, False])        # only row 1's own column is paired
+  idx, has = jax.jit(fl.sample_hard_negatives)(sim, valid_cols, np.arange(3, dtype=np.int32), jax.random.key(1))
   np.testing.assert_array_equal(has, [True, False, True])
   np.testing.assert_array_equal(idx, [1, 1, 1])
 
   def loss(logits):
     return fl.itm_loss(logits, jnp.zeros(3, jnp.int32), has & jnp.array([False, True, False]))
 
-  value, grad = jax.value_and_grad(loss)(jnp.ones((3, 2)))
+  value, grad = jax.jit(jax.value_and_grad(loss))(np.ones((3, 2), np.float32))   # one program, not one per op
   assert value == 0.0 and np.all(np.isfinite(grad)) and not np.any(grad)
 
 
@@ -167,9 +168,9 @@ def test_same_sequences_and_excluded_negatives():
   tokens = rng.integers(0, 5, (12, 6)).astype(np.int32)
   tokens[3] = tokens[7] = tokens[0]
   tokens[5, :-1] = tokens[0, :-1]                                   # differs only in the last token
-  same = np.asarray(fl.same_sequences(jnp.asarray(tokens)))
+  same = np.asarray(jax.jit(fl.same_sequences)(tokens))
   np.testing.assert_array_equal(same, (tokens[:, None] == tokens[None]).all(-1))
-  sim = jnp.zeros((12, 12))
-  idx, has = fl.sample_hard_negatives(sim, jnp.ones(12, bool), jnp.arange(12),
-                                                jax.random.PRNGKey(0), jnp.asarray(same))
+  sim = np.zeros((12, 12), np.float32)
+  idx, has = jax.jit(fl.sample_hard_negatives)(sim, np.ones(12, bool), np.arange(12, dtype=np.int32),
+                                               jax.random.PRNGKey(0), same)
   assert not np.any(same[np.arange(12), np.asarray(idx)] & np.asarray(has))

@@ -34,7 +34,8 @@ def _init(**kw):
 
 
 def _encoder_params(**kw):
-  return jax.tree.map(np.asarray, jax.jit(_init(**kw))())
+  """Numpy params of the encoder (helpers.random_params: no init program to compile)."""
+  return helpers.random_params(_abstract(**kw))
 
 
 def _abstract(**kw):
