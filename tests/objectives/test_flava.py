@@ -200,14 +200,18 @@ def test_full_config_has_the_paper_model():
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 302_085_751 - 768
 
 
+# The learning scenario's overrides of helpers.tiny_flava_config. The FLAVA run from an HF model
+# (tests/train/test_init_from_hf.py) uses them too, so it reuses this run's compiled programs.
+LEARNING_RUN = {"total_steps": 60, "batch_size": 64, "warmup_steps": 5, "lr": 2e-3, "eval_every": 1000,
+                "checkpoint_every": 60, "data.eval_examples": 128, "data.eval_batch_size": 64,
+                "objective.zero_shot_labels": ("modality",)}
+
+
 def flava_learning_run(workdir, seed=0):
   """60 steps of the test-sized FLAVA (batch 64) and the zero-shot protocol on its checkpoint (the
   scenario of the next test, re-measured per seed by ``tools/seed_spread.py``): (config, eval
   metrics at steps 0 and 60, zero-shot protocol results)."""
-  config = helpers.tiny_flava_config(**{"total_steps": 60, "batch_size": 64, "warmup_steps": 5,
-                                        "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 60,
-                                        "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                        "objective.zero_shot_labels": ("modality",), "seed": seed})
+  config = helpers.tiny_flava_config(**LEARNING_RUN, seed=seed)
   loop.train(config, workdir, helpers.single_device_mesh(config))
   first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
   # The protocol on the hook's split and examples: it must reproduce the hook's final numbers.
