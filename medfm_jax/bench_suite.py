@@ -57,10 +57,7 @@ JSONL, TABLE = "bench_gpu.jsonl", "bench_gpu.md"
 _CONFIGS = epath.Path(__file__).parent.parent / "configs"
 _LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 _NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
-# The tests' shared tiny MAE (tests/helpers.TINY_MAE_CLI: 16 px, batch 16, 2 blocks, a 1-block
-# decoder of width 32): on one CPU device the smoke run's mae_b16 step is that of the CLI tests'
-# runs, which the persistent compilation cache then holds.
-_MAE_SMOKE = ("mae.py:tiny,data.image_size=16,model.depth=2,model.decoder_width=32,model.decoder_depth=1", (16,))
+_MAE_SMOKE = ("mae.py:tiny,data.image_size=16,model.depth=1,model.decoder_depth=1", (8,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +77,14 @@ _MAE = "mae.py:vit_b16,dtype=bfloat16"
 CASES = (
     Case("mae_b16", "jax", _MAE, (1024, 512, 256)),
     Case("mae_b16_xla", "jax", _MAE + ",model.attention_impl=xla", (1024, 512, 256),
-         smoke=(_MAE_SMOKE[0] + ",model.attention_impl=xla", _MAE_SMOKE[1])),
+         smoke=(_MAE_SMOKE[0] + ",model.attention_impl=xla", (8,))),
     Case("torch_mae_eager", "torch"),
     Case("torch_mae_compile", "torch", torch_compile=True),
-    Case("loader_224", "loader", _MAE, (256,), smoke=_MAE_SMOKE),
+    Case("loader_224", "loader", _MAE, (256,), smoke=(_MAE_SMOKE[0], (8,))),
     Case("mae_b16_remat_dots", "jax", _MAE + ",model.remat=dots", (1024, 512, 256),
-         smoke=(_MAE_SMOKE[0] + ",model.remat=dots", _MAE_SMOKE[1])),
+         smoke=(_MAE_SMOKE[0] + ",model.remat=dots", (8,))),
     Case("mae_b16_remat_full", "jax", _MAE + ",model.remat=full", (1024, 512, 256),
-         smoke=(_MAE_SMOKE[0] + ",model.remat=full", _MAE_SMOKE[1])),
+         smoke=(_MAE_SMOKE[0] + ",model.remat=full", (8,))),
     Case("mae_b16_lhs", "jax", _MAE, (1024, 512, 256), xla_flags=_LHS),
     Case("mae_b16_no_triton_gemm", "jax", _MAE, (1024, 512, 256), xla_flags=_NO_TRITON_GEMM),
     Case("clip_b16", "jax", "clip.py:vit_b16,dtype=bfloat16", (1024, 512, 256),
