@@ -108,7 +108,8 @@ def _pairwise_auroc(scores, positive):
   return np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
 
 
-@pytest.mark.xdist_group("clip_ckpt")   # -n 2: clip_ckpt is trained once
+# -n 2: one worker trains clip_ckpt once, next to the CLIP learning test whose programs it reuses.
+@helpers.xdist_group_of(test_clip.test_learning_signal_ci, "clip")
 @pytest.mark.slow
 def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
   evals = [m for m in helpers.read_metrics(clip_ckpt) if "eval/i2t_r@5" in m]
@@ -124,7 +125,8 @@ def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
     assert evals[1][f"eval/{k}"] == pytest.approx(v, abs=1e-6), k
 
 
-@pytest.mark.xdist_group("clip_ckpt")   # -n 2: clip_ckpt is trained once
+# -n 2: one worker trains clip_ckpt once, next to the CLIP learning test whose programs it reuses.
+@helpers.xdist_group_of(test_clip.test_learning_signal_ci, "clip")
 @pytest.mark.slow
 def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   c = helpers.tiny_eval_config("zero_shot", init_from=clip_ckpt, **{"data.label": "modality",

@@ -16,6 +16,7 @@ from medfm_jax.interop import hf_clip, hf_dinov2, hf_vitmae
 from medfm_jax.models import layers
 from medfm_jax.train import assemble, checkpoint, restore
 from tests import helpers
+from tests.objectives import test_flava
 
 _TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -285,6 +286,7 @@ def test_flava_run_from_hf_keeps_unfit_heads_fresh(cls, tmp_path, caplog):
   assert len(lines) == 1 and expected in lines[0] and lines[0].count("(") == 1, lines
 
 
+@helpers.xdist_group_of(test_flava.test_learning_signal_ci_and_restore, "flava")
 @pytest.mark.slow
 def test_flava_run_from_flava_model_trains(tmp_path):
   """FLAVA end to end from an HF ``FlavaModel`` directory: the run adopts its towers (here over a
@@ -293,7 +295,6 @@ def test_flava_run_from_flava_model_trains(tmp_path):
   test (tests/objectives/test_flava.py: 1-block towers, embeddings of 32, the byte tokenizer's 260
   ids) and the run its batch and eval sizes, so the two share their compiled programs."""
   from medfm_jax.train import loop  # pylint: disable=import-outside-toplevel
-  from tests.objectives import test_flava  # pylint: disable=import-outside-toplevel
   source = _flava_source(tmp_path, transformers.FlavaModel, depth=1, text_vocab=260, projection_dim=32)
   config = helpers.tiny_flava_config(**{
       **test_flava.LEARNING_RUN, "init_from": source, "total_steps": 2, "checkpoint_every": 2,
