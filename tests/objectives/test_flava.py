@@ -40,7 +40,8 @@ def setup():
 
 
 def _norm(tree):
-  return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+  """Squared L2 norm of ``tree`` (in numpy: an eager jnp op per leaf shape would compile each)."""
+  return float(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.slow
@@ -85,7 +86,7 @@ def test_no_masked_token_and_no_negative_give_finite_zero_terms(setup):
   loss, metrics, grads = run(params, empty)
   assert np.isfinite(float(loss))
   assert all(np.isfinite(float(v)) for v in metrics.values())
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   for t in ("mim", "mlm", "mmm_image", "mmm_text"):
     assert float(metrics[f"{t}_loss"]) == 0, t
   assert float(metrics["itm_negative_fraction"]) == 0              # the lone pair stays positive
