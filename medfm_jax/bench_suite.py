@@ -28,6 +28,8 @@ mae_b16's images/s to theirs. The first record describes the machine (device, dr
 
 ``--smoke`` runs every case at tiny size on whatever backend there is (a CPU test runs it, so the
 suite cannot rot); cases that need a GPU (cuDNN attention) are recorded as skipped with the reason.
+The own-process cases then share one child process that has all their flags: the smoke run checks
+their code path, not their flags' effect.
 """
 from __future__ import annotations
 
@@ -285,24 +287,26 @@ def run_case(case: Case, records: dict, smoke: bool, steps: int, warmup: int) ->
   return {"case": case.name, **status, "xla_flags": case.xla_flags, "wall_s": time.perf_counter() - t0, **body}
 
 
-def _run_in_subprocess(case: Case, out: epath.Path, smoke: bool, steps: int, warmup: int,
-                       timeout_s: float) -> dict[str, Any]:
-  """Runs ``case`` in a fresh process with its XLA_FLAGS (read once, at backend start)."""
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {case.xla_flags}".strip())
+def _run_in_subprocess(cases: list[Case], out: epath.Path, smoke: bool, steps: int, warmup: int,
+                       timeout_s: float) -> dict[str, dict[str, Any]]:
+  """Runs ``cases`` in one fresh process with their XLA_FLAGS (read once, at backend start);
+  returns their records by name."""
+  flags = " ".join(c.xla_flags for c in cases)
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
   env["PYTHONPATH"] = os.pathsep.join([str(_CONFIGS.parent), env.get("PYTHONPATH", "")])
-  cmd = [sys.executable, "-m", "medfm_jax.bench", "--suite=gpu", f"--out={out}", f"--cases={case.name}",
-         f"--steps={steps}", f"--warmup={warmup}", "--suite_child"] + (["--smoke"] if smoke else [])
+  cmd = [sys.executable, "-m", "medfm_jax.bench", "--suite=gpu", f"--out={out}",
+         f"--cases={','.join(c.name for c in cases)}", f"--steps={steps}", f"--warmup={warmup}",
+         "--suite_child"] + (["--smoke"] if smoke else [])
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout_s, 1) if np.isfinite(timeout_s) else None)
   except subprocess.TimeoutExpired:
-    return {"case": case.name, "status": "failed", "reason": f"timed out after {timeout_s:.0f} s",
-            "xla_flags": case.xla_flags}
+    return {c.name: {"case": c.name, "status": "failed", "reason": f"timed out after {timeout_s:.0f} s",
+                     "xla_flags": c.xla_flags} for c in cases}
   records = read_records(out)
-  if case.name in records:
-    return records.pop(case.name)
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-  return {"case": case.name, "status": "failed", "reason": f"exit {proc.returncode}: {tail[0][:300]}",
-          "xla_flags": case.xla_flags}
+  return {c.name: records[c.name] if c.name in records else
+          {"case": c.name, "status": "failed", "reason": f"exit {proc.returncode}: {tail[0][:300]}",
+           "xla_flags": c.xla_flags} for c in cases}
 
 
 def read_records(out) -> dict[str, dict]:
@@ -329,12 +333,19 @@ def run_suite(out, smoke: bool = False, cases=None, steps: int = 10, warmup: int
     (out / JSONL).write_text("")
     telemetry.append_jsonl(jsonl, machine_record())
   records = read_records(out)
+  done_in_child = {}
   for case in selected:
     elapsed = time.perf_counter() - start
-    if elapsed > deadline_s:
+    if case.name in done_in_child:
+      record = done_in_child.pop(case.name)
+    elif elapsed > deadline_s:
       record = {"case": case.name, "status": "skipped", "reason": f"deadline {deadline_s:.0f} s reached"}
     elif case.xla_flags and not child:
-      record = _run_in_subprocess(case, out, smoke, steps, warmup, deadline_s - elapsed)
+      # --smoke checks the code path, not the flags' effect: one child runs every own-process case
+      # (one process start and one compile of the tiny step instead of one per case).
+      group = [c for c in selected[selected.index(case):] if c.xla_flags] if smoke else [case]
+      done_in_child = _run_in_subprocess(group, out, smoke, steps, warmup, deadline_s - elapsed)
+      record = done_in_child.pop(case.name)
     else:
       record = run_case(case, records, smoke, steps, warmup)
     records[case.name] = record

@@ -101,6 +101,18 @@ def own_xdist_group(test):
   return pytest.mark.xdist_group(f"{test.__module__}.{test.__name__}")(test)
 
 
+def xdist_group_of(test, module_group):
+  """Puts the decorated test in the xdist group of ``test``, a test marked :func:`own_xdist_group`
+  in a module whose group is ``module_group``: ``-n 2`` then runs both on one worker, one after
+  the other. For a test that reuses ``test``'s compiled programs (from the persistent cache),
+  which it would otherwise compile at the same time on the other worker."""
+  def mark(other):
+    for name in (module_group, f"{test.__module__}.{test.__name__}"):
+      other = pytest.mark.xdist_group(name)(other)
+    return other
+  return mark
+
+
 def subprocess_env(devices=None, env_extra=None):
   """``os.environ`` for a fresh process: the repo first on ``PYTHONPATH``, conftest's XLA flags
   but one CPU device (``devices``: that many fake ones) instead of its 8, then ``env_extra``."""

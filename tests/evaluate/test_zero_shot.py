@@ -8,6 +8,7 @@ from medfm_jax.evaluate import protocols, results as results_lib
 from medfm_jax.metrics import retrieval, zero_shot
 from medfm_jax.train import restore
 from tests import helpers
+from tests.objectives import test_clip
 
 
 def _fake_embed(texts):
@@ -52,11 +53,18 @@ def test_recall_at_k_matches_brute_force():
     retrieval.recall_at_k(img, txt[:5])
 
 
+def _clip_ckpt_config():
+  """2 steps of the CLIP learning test's run (tests/objectives/test_clip.py: batch 32, 128 eval
+  pairs in batches of 64), whose compiled steps it reuses, with zero-shot on both label fields."""
+  return helpers.tiny_clip_config(**{**test_clip.LEARNING_RUN, "total_steps": 2, "checkpoint_every": 2,
+                                     "objective.zero_shot_labels": ("finding", "modality")})
+
+
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory):
   from medfm_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("clip_tiny"))
-  config = helpers.tiny_clip_config(total_steps=2, checkpoint_every=2)
+  config = _clip_ckpt_config()
   loop.train(config, workdir, helpers.single_device_mesh(config))
   return workdir
 
@@ -100,7 +108,8 @@ def _pairwise_auroc(scores, positive):
   return np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
 
 
-@pytest.mark.xdist_group("clip_ckpt")   # -n 2: clip_ckpt is trained once
+# -n 2: one worker trains clip_ckpt once, next to the CLIP learning test whose programs it reuses.
+@helpers.xdist_group_of(test_clip.test_learning_signal_ci, "clip")
 @pytest.mark.slow
 def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
   evals = [m for m in helpers.read_metrics(clip_ckpt) if "eval/i2t_r@5" in m]
@@ -108,7 +117,7 @@ def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
   for m in evals:
     assert m["eval/i2t_r@1"] <= m["eval/i2t_r@5"] <= m["eval/i2t_r@10"]
   # The final values are the float64 reference's on the saved (step-2) parameters.
-  config = helpers.tiny_clip_config()   # the eval split and sizes of the clip_ckpt run
+  config = _clip_ckpt_config()   # the eval split and sizes of the clip_ckpt run
   want = reference_image_text_metrics(clip_ckpt, config.data.eval_split, config.data.eval_examples,
                                       config.data.eval_batch_size, ("finding", "modality"))
   assert len(want) == 12
@@ -116,7 +125,8 @@ def test_eval_hook_writes_zero_shot_and_retrieval(clip_ckpt):
     assert evals[1][f"eval/{k}"] == pytest.approx(v, abs=1e-6), k
 
 
-@pytest.mark.xdist_group("clip_ckpt")   # -n 2: clip_ckpt is trained once
+# -n 2: one worker trains clip_ckpt once, next to the CLIP learning test whose programs it reuses.
+@helpers.xdist_group_of(test_clip.test_learning_signal_ci, "clip")
 @pytest.mark.slow
 def test_zero_shot_protocol_on_clip_checkpoint(clip_ckpt, tmp_path):
   c = helpers.tiny_eval_config("zero_shot", init_from=clip_ckpt, **{"data.label": "modality",

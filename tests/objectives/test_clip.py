@@ -97,13 +97,18 @@ def test_recipe_configs_validate(variant):
   assert config_lib.validate(config, None, num_devices=8)["fsdp"] == 8
 
 
+# The learning scenario's overrides of helpers.tiny_clip_config. The CLIP checkpoint of the
+# zero-shot tests (tests/evaluate/test_zero_shot.py) is trained with them too, so it reuses this
+# run's compiled train and eval steps.
+LEARNING_RUN = {"total_steps": 40, "batch_size": 32, "warmup_steps": 5, "lr": 2e-3, "eval_every": 1000,
+                "checkpoint_every": 1000, "data.eval_examples": 128, "data.eval_batch_size": 64,
+                "objective.zero_shot_labels": ("modality",)}
+
+
 def clip_learning_run(workdir, seed=0):
   """40 steps of the test-sized CLIP (the scenario of the next test, re-measured per seed by
   ``tools/seed_spread.py``): the eval metrics at steps 0 and 40."""
-  config = helpers.tiny_clip_config(**{"total_steps": 40, "batch_size": 32, "warmup_steps": 5,
-                                       "lr": 2e-3, "eval_every": 1000, "checkpoint_every": 1000,
-                                       "data.eval_examples": 128, "data.eval_batch_size": 64,
-                                       "objective.zero_shot_labels": ("modality",), "seed": seed})
+  config = helpers.tiny_clip_config(**LEARNING_RUN, seed=seed)
   loop.train(config, workdir, helpers.single_device_mesh(config))
   first, last = [m for m in helpers.read_metrics(workdir) if "eval/i2t_r@5" in m]
   return first, last

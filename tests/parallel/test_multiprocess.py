@@ -1,6 +1,7 @@
 """Two processes on localhost (launch/local.py: jax.distributed + gloo, 2 fake devices each)
 train exactly like one process with 4 devices on the same global batches; the default mesh.dcn,
-a mesh that does not fit, SIGTERM to one process, and resume on another process count."""
+a mesh that does not fit, resume on another process count and, in that resumed run, SIGTERM to one
+process."""
 import json
 import os
 import shutil
@@ -24,7 +25,10 @@ _ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.i
          "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
          "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
          "--config.eval_every=3", "--config.checkpoint_every=2", "--config.async_checkpointing=False",
-         "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
+         "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2",
+         # A constant lr after the warmup: a run resumed with more total steps (the SIGTERM
+         # scenario below) takes the same step 3 as the 3-step runs.
+         "--config.lr_scaling=none", "--config.lr=1.5e-4", "--config.min_lr=1.5e-4"]
 # The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
 # the data axis (DCN), and mesh.fsdp=2 stays inside each.
 _MULTI = []
@@ -55,7 +59,10 @@ def test_two_processes_match_one_and_each_resumes_on_the_other_count(tmp_path):
   """2 processes x 2 devices train like 1 process x 4 devices (losses, evals, params). Then each
   run's step-3 checkpoint is removed (as if killed before it) and the run resumes from step 2 on
   the other process count: the data stream continues at batch 2 and step 3 ends within float
-  tolerance of the uninterrupted run."""
+  tolerance of the uninterrupted run. The 2-process resume is also the SIGTERM scenario (one
+  launch instead of two): given 200 steps, its process 1 gets a SIGTERM after step 3 and both
+  processes stop after the same step (one where they compare their stop flags), save it jointly
+  and exit 0; process 0 names the other process's signal."""
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   t0 = time.perf_counter()
   result = _launch_two(_ARGS + _MULTI, multi)
@@ -91,17 +98,54 @@ def test_two_processes_match_one_and_each_resumes_on_the_other_count(tmp_path):
     shutil.copytree(source, moved)
     shutil.rmtree(os.path.join(moved, "checkpoints", "3"))
     if source == single:
-      result = _launch_two(_ARGS + _MULTI, moved)
-      out = result.stdout
+      out = _preempt_resumed_two(moved)
     else:
       result = helpers.run_cli(_ARGS + _SINGLE + [f"--workdir={moved}"], devices=4)
       out = result.stderr
-    assert result.returncode == 0, out[-4000:]
+      assert result.returncode == 0, out[-4000:]
     assert f"written by {counts}: the data stream continues at batch 2" in out
     np.testing.assert_allclose(step_loss(moved)[3], step_loss(source)[3], rtol=0, atol=1e-5)
     diff = _max_param_diff(os.path.join(source, "checkpoints", "3"), os.path.join(moved, "checkpoints", "3"))
     print(f"{counts}: max |param diff| {diff:.2e}")
     assert diff <= 1e-5
+
+
+def _preempt_resumed_two(workdir):
+  """Resumes ``workdir`` (a 1-process run, its step-3 checkpoint removed) on 2 processes with 200
+  total steps, sends SIGTERM to process 1 once step 4 is logged, checks that both processes stop
+  after the same step and save it jointly, and returns the launcher's output."""
+  args = [a for a in _ARGS if not any(f in a for f in ("total_steps", "checkpoint_every", "eval_every"))]
+  proc = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+       "--timeout=600", "--", *args, *_MULTI, "--config.total_steps=200",
+       "--config.checkpoint_every=3", "--config.keep_checkpoints=100",   # step 3's, kept to compare
+       "--config.eval_every=0",   # no in-training eval (not checked here)
+       f"--workdir={workdir}"],
+      cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 600
+  while time.monotonic() < deadline and proc.poll() is None:
+    if any("loss" in m and m["step"] >= 4 for m in helpers.read_metrics(workdir)):
+      break
+    time.sleep(0.1)
+  victim = _child_with(proc.pid, "--process_id=1")
+  assert victim is not None
+  os.kill(victim, signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+  lines = {i: [l for l in out.splitlines() if l.startswith(f"[{i}] medfm_jax: ")] for i in (0, 1)}
+  assert len(lines[0]) == 1 and len(lines[1]) == 1, out[-4000:]
+  assert lines[1][0].startswith("[1] medfm_jax: SIGTERM: stopped after step ")
+  assert lines[0][0].startswith("[0] medfm_jax: a signal on another process: stopped after step ")
+  steps = {int(lines[i][0].split("stopped after step ")[1].split()[0]) for i in (0, 1)}
+  assert len(steps) == 1, lines
+  step = steps.pop()
+  # The flags are all-gathered every stop_check_every=10 steps and at checkpoint steps (every 3).
+  assert 4 <= step < 200 and (step % 10 == 0 or step % 3 == 0), step
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", str(step), "data"))) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  # The source run's steps 1-3, then the resumed run's from step 3 on.
+  assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == [1, 2, 3, *range(3, step + 1)]
+  return out
 
 
 @pytest.mark.slow
@@ -151,42 +195,6 @@ def _child_with(parent_pid, needle):
     if ppid == parent_pid and needle in cmdline:
       return int(pid)
   return None
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-  """SIGTERM to process 1 only: both processes stop after the same step (one where they compare
-  their stop flags), save it jointly and exit 0; process 0 names the other process's signal."""
-  workdir = tmp_path / "preempted"
-  args = [a for a in _ARGS if not any(f in a for f in ("total_steps", "checkpoint_every", "eval_every"))]
-  proc = subprocess.Popen(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *args, "--config.total_steps=200", "--config.checkpoint_every=1000",
-       "--config.eval_every=0",   # no in-training eval (not checked here)
-       f"--workdir={workdir}"],
-      cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.monotonic() + 600
-  while time.monotonic() < deadline and proc.poll() is None:
-    if (workdir / "metrics.jsonl").exists() and any(
-        "loss" in m and m["step"] >= 2 for m in helpers.read_metrics(workdir)):
-      break
-    time.sleep(0.1)
-  victim = _child_with(proc.pid, "--process_id=1")
-  assert victim is not None
-  os.kill(victim, signal.SIGTERM)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-4000:]
-  lines = {i: [l for l in out.splitlines() if l.startswith(f"[{i}] medfm_jax: ")] for i in (0, 1)}
-  assert len(lines[0]) == 1 and len(lines[1]) == 1, out[-4000:]
-  assert lines[1][0].startswith("[1] medfm_jax: SIGTERM: stopped after step ")
-  assert lines[0][0].startswith("[0] medfm_jax: a signal on another process: stopped after step ")
-  steps = {int(lines[i][0].split("stopped after step ")[1].split()[0]) for i in (0, 1)}
-  assert len(steps) == 1, lines
-  step = steps.pop()
-  assert 2 <= step < 200 and step % 10 == 0   # the flags are all-gathered every stop_check_every=10 steps
-  assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data")) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
-  assert [m["step"] for m in helpers.read_metrics(workdir) if "loss" in m] == list(range(1, step + 1))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from medfm_jax.interop import hf_clip, hf_dinov2, hf_vitmae
 from medfm_jax.models import layers
 from medfm_jax.train import assemble, checkpoint, restore
 from tests import helpers
+from tests.objectives import test_flava
 
 _TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -215,8 +216,8 @@ def test_clip_run_from_a_biomedclip_layout_open_clip_dir_and_back(tmp_path):
   images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   tokens = np.zeros((2, 80), np.int64)
   tokens[0, :5], tokens[1, :9] = rng.integers(1, 259, 5), rng.integers(1, 259, 9)
-  with jax.default_matmul_precision("highest"):
-    img, txt = model.apply({"params": params}, images, tokens.astype(np.int32))
+  with jax.default_matmul_precision("highest"):   # one compile, not one per eager op
+    img, txt = jax.jit(model.apply)({"params": params}, images, tokens.astype(np.int32))
   with torch.no_grad():
     ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
@@ -242,21 +243,23 @@ def test_siglip_run_from_an_open_clip_siglip_dir_and_back(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   tokens = rng.integers(1, 259, (2, 80))
-  with jax.default_matmul_precision("highest"):
-    img, txt = objectives.build(config).model.apply({"params": params}, images, tokens.astype(np.int32))
+  with jax.default_matmul_precision("highest"):   # one compile, not one per eager op
+    img, txt = jax.jit(objectives.build(config).model.apply)({"params": params}, images, tokens.astype(np.int32))
   with torch.no_grad():
     ref_img = back.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     ref_txt = back.encode_text(torch.from_numpy(tokens)).numpy()
   assert np.abs(np.asarray(img) - ref_img).max() <= 1e-5 and np.abs(np.asarray(txt) - ref_txt).max() <= 1e-5
 
 
-def _flava_source(tmp_path, cls):
+def _flava_source(tmp_path, cls, depth=2, text_vocab=300, projection_dim=24):
   """A tiny random HF FLAVA (``cls``: FlavaModel or FlavaForPreTraining) whose MIM heads, if any,
-  predict 40 codebook ids."""
+  predict 40 codebook ids; image and text towers of ``depth`` blocks."""
+  tower = dict(_TOWER, num_hidden_layers=depth)
   config = transformers.FlavaConfig(
-      image_config=dict(_TOWER, image_size=16, patch_size=4, num_channels=1, vocab_size=40),
-      text_config=dict(_TOWER, vocab_size=300, max_position_embeddings=80), multimodal_config=dict(_TOWER, num_hidden_layers=1),
-      hidden_size=32, projection_dim=24, init_codebook=False)
+      image_config=dict(tower, image_size=16, patch_size=4, num_channels=1, vocab_size=40),
+      text_config=dict(tower, vocab_size=text_vocab, max_position_embeddings=80),
+      multimodal_config=dict(_TOWER, num_hidden_layers=1), hidden_size=32, projection_dim=projection_dim,
+      init_codebook=False)
   return _save(cls(config), tmp_path / cls.__name__)
 
 
@@ -283,15 +286,22 @@ def test_flava_run_from_hf_keeps_unfit_heads_fresh(cls, tmp_path, caplog):
   assert len(lines) == 1 and expected in lines[0] and lines[0].count("(") == 1, lines
 
 
+@helpers.xdist_group_of(test_flava.test_learning_signal_ci_and_restore, "flava")
 @pytest.mark.slow
 def test_flava_run_from_flava_model_trains(tmp_path):
-  """FLAVA end to end from an HF ``FlavaModel`` directory: the run adopts its towers and trains 2
-  steps (heads fresh) to a finite loss; the checkpoint's config holds the adopted fields."""
+  """FLAVA end to end from an HF ``FlavaModel`` directory: the run adopts its towers (here over a
+  config that asks for other ones) and trains 2 steps (heads fresh) to a finite loss; the
+  checkpoint's config holds the adopted fields. The source has the shapes of the FLAVA learning
+  test (tests/objectives/test_flava.py: 1-block towers, embeddings of 32, the byte tokenizer's 260
+  ids) and the run its batch and eval sizes, so the two share their compiled programs."""
   from medfm_jax.train import loop  # pylint: disable=import-outside-toplevel
-  source = _flava_source(tmp_path, transformers.FlavaModel)
-  config = helpers.tiny_flava_config(init_from=source, total_steps=2, checkpoint_every=2)
+  source = _flava_source(tmp_path, transformers.FlavaModel, depth=1, text_vocab=260, projection_dim=32)
+  config = helpers.tiny_flava_config(**{
+      **test_flava.LEARNING_RUN, "init_from": source, "total_steps": 2, "checkpoint_every": 2,
+      "model.depth": 2, "model.text.depth": 2, "model.embed_dim": 24, "model.text.vocab_size": 300})
   restore.adopt_architecture(config)
   loop.train(config, str(tmp_path / "run"), helpers.single_device_mesh(config))
-  saved = checkpoint.read_meta(str(tmp_path / "run"))["config"]
-  assert (saved["model"]["depth"], saved["model"]["multimodal"]["width"], saved["model"]["text"]["context_length"]) == (2, 32, 80)
+  saved = checkpoint.read_meta(str(tmp_path / "run"))["config"]["model"]
+  assert (saved["depth"], saved["text"]["depth"], saved["embed_dim"], saved["text"]["vocab_size"],
+          saved["multimodal"]["width"], saved["text"]["context_length"]) == (1, 1, 32, 260, 32, 80)
   assert np.isfinite([m["loss"] for m in helpers.read_metrics(str(tmp_path / "run")) if "loss" in m][-1])

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.xdist_group("trainer")   # module fixtures compile mult
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-  config = helpers.tiny_mae_config(**{"total_steps": 3, "checkpoint_every": 3, "mesh.data": 1, "mesh.fsdp": 8})
+  # No in-training eval (its fsdp=8 eval programs are checked nowhere here).
+  config = helpers.tiny_mae_config(**{"total_steps": 3, "checkpoint_every": 3, "eval_every": 0,
+                                      "mesh.data": 1, "mesh.fsdp": 8})
   workdir = str(tmp_path_factory.mktemp("fsdp8"))
   state = loop.train(config, workdir, mesh_lib.make_mesh(config.mesh))
   return config, workdir, state
