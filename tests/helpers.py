@@ -285,9 +285,10 @@ class StepRunner:
   its first train batch and initial state, compiled once per (config, mesh); :meth:`run` can
   scale the gradients. ``initial``: a host train state to start from (another runner's
   ``initial_state`` of the same config) instead of compiling this mesh's init; a multi-device
-  runner compared with a 1-device one then compiles only its step."""
+  runner compared with a 1-device one then compiles only its step. ``compiler_options``: XLA's
+  options for the step's compile (e.g. its optimisation level)."""
 
-  def __init__(self, config, mesh, initial=None):
+  def __init__(self, config, mesh, initial=None, compiler_options=None):
     assembly = assemble.assemble(config, mesh)
     self.config, self.mesh, self.objective = config, mesh, assembly.objective
     self.shardings = assembly.state_shardings   # of the TrainState
@@ -298,10 +299,18 @@ class StepRunner:
       iterator.close()
     self._step = state_lib.jit_train_step(GradScaled(assembly.objective), assembly.tx, config,
                                           assembly.abstract_state)
+    self._compiler_options, self._compiled = compiler_options, None
 
   @property
   def initial_state(self):
     return self._initial
+
+  def _call_step(self, state, batch):
+    if self._compiler_options is None:
+      return self._step(state, batch)
+    if self._compiled is None:
+      self._compiled = self._step.lower(state, batch).compile(compiler_options=self._compiler_options)
+    return self._compiled(state, batch, self._step.schedule)
 
   def run(self, n=2, grad_scale=1.0) -> StepRun:
     rows = len(jax.tree.leaves(mesh_lib.drop_non_numeric(self._batch))[0])
@@ -311,7 +320,7 @@ class StepRunner:
       batch = mesh_lib.to_global_batch(local, self.mesh)
       state = jax.device_put(self._initial, self.shardings)
       for _ in range(n):
-        state, metrics = self._step(state, batch)
+        state, metrics = self._call_step(state, batch)
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return StepRun([m["loss"] for m in history], [m["grad_norm"] for m in history],
                    self._initial.params, jax.device_get(state.params), history, state)
