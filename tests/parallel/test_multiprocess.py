@@ -28,7 +28,12 @@ _ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.i
          "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2",
          # A constant lr after the warmup: a run resumed with more total steps (the SIGTERM
          # scenario below) takes the same step 3 as the 3-step runs.
-         "--config.lr_scaling=none", "--config.lr=1.5e-4", "--config.min_lr=1.5e-4"]
+         "--config.lr_scaling=none", "--config.lr=0.1", "--config.min_lr=0.1",
+         # Plain SGD (helpers.sgd_overrides): parameter differences follow gradient differences.
+         # Adam divides tiny gradients by their own size, so reduction-order noise in a
+         # near-zero gradient became a full-size update (1.2e-5 at XLA level 0, 2026-11-30).
+         "--config.optim.name=sgd", "--config.optim.momentum=0.0", "--config.grad_clip=0.0",
+         "--config.weight_decay=0.0"]
 # The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
 # the data axis (DCN), and mesh.fsdp=2 stays inside each.
 _MULTI = []
@@ -91,6 +96,10 @@ def test_two_processes_match_one_and_each_resumes_on_the_other_count(tmp_path):
   print(f"max |param diff| {max(diffs):.2e}, max |loss diff| "
         f"{np.max(np.abs(np.subtract(loss(multi), loss(single)))):.2e}")
   assert max(diffs) <= 1e-5
+  # ... while one step moves the parameters by far more (a gradient-scale bug would show).
+  one_step = _max_param_diff(os.path.join(single, "checkpoints", "2"), os.path.join(single, "checkpoints", "3"))
+  print(f"largest change of a parameter in step 3: {one_step:.2e}")
+  assert one_step > 100 * 1e-5
 
   step_loss = lambda w: {m["step"]: m["loss"] for m in helpers.read_metrics(w) if "loss" in m}
   for source, counts in ((single, "1 process(es), this run has 2"), (multi, "2 process(es), this run has 1")):
