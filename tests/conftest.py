@@ -8,7 +8,7 @@ Compiling dominates the suite (the models are tiny, the steps few), so the tests
 compiles in 4.3 instead of 6.7 CPU-s and runs in 17 instead of 9 ms, the tiny CLIP's 5.3 instead
 of 10.5 CPU-s and 34 instead of 20 ms; the objective, trainer, evaluation and resume tests take
 about 10% less CPU (2026-11-30). Level 0 and the default agree to float32 rounding (one CLIP train
-step, gradients within 1e-6 relative); ``tests/parallel/test_programs.py`` runs the tiny CLIP's
+step, gradients within 1e-6 relative); ``tests/objectives/test_clip.py`` runs the tiny CLIP's
 step at both levels and compares them. (It once did not: the max-pooled cls slot's gradient
 depended on XLA's fusion, NaN at level 0; fixed in ``models/vit.py``.) Level 1 saves nothing
 measurable (the same tests, 245 vs 249 CPU-s). ``--xla_llvm_disable_expensive_passes`` also

@@ -133,6 +133,10 @@ NO_FINAL_EVAL = "--config.final_eval.config="   # the train CLI without its clos
 # programs (one compile, then hits in the persistent cache conftest.py sets up), whatever else
 # they vary: logging, checkpointing, data-only fields, and the schedule's numbers (lr, warmup,
 # total steps: arguments of the compiled step, train.state.jit_train_step).
+# XLA's default CPU optimisation level (production's), which the tests' XLA_FLAGS lower to 0
+# (tests/conftest.py): compiler options for the checks that compare the two.
+PRODUCTION_XLA = {"xla_backend_optimization_level": 3}
+
 TINY_MAE_CLI = {"data.image_size": 16, "batch_size": 16, "model.depth": 2, "model.decoder_width": 32,
                 "model.decoder_depth": 1, "total_steps": 8, "warmup_steps": 2,
                 "data.eval_examples": 16, "data.eval_batch_size": 16}

@@ -37,6 +37,18 @@ def test_device_equality_check_sees_gradient_scale(device_runners):
   helpers.assert_check_sees_gradient_scale(*device_runners)
 
 
+@pytest.mark.slow
+def test_tests_xla_level_trains_as_the_production_compile(device_runners):
+  """The reference run (compiled at the tests' XLA level 0, tests/conftest.py) against the same
+  two SGD steps compiled at production's level 3: the same losses, gradient norms and updates.
+  CLIP tiny's tower (conv stem, max-pooled cls slot, LayerScale) and a text tower; the max pool's
+  old gradient failed this (image-tower updates up to 65% off)."""
+  eight, reference = device_runners
+  production = helpers.StepRunner(eight.config, helpers.single_device_mesh(eight.config),
+                                  initial=eight.initial_state, compiler_options=helpers.PRODUCTION_XLA)
+  helpers.assert_same_training(production.run(), reference)
+
+
 def test_no_weight_decay_on_logit_scale_and_bias():
   config = helpers.tiny_clip_config(**{"objective.loss": "siglip"})
   objective = objectives.build(config)

@@ -1,18 +1,13 @@
 """Run-once programs (``parallel.programs.jit_once``: the train-state init) compile without the
-CPU backend's optimisation and give the default compile's state to within 2 float32 ulps; the
-train step the tests compile at that level (tests/conftest.py) trains as the production compile."""
+CPU backend's optimisation and give the default compile's state to within 2 float32 ulps."""
 import jax
 import numpy as np
-import pytest
 
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.parallel import programs
 from medfm_jax.train import assemble
 from medfm_jax.train import state as state_lib
 from tests import helpers
-
-# XLA's default CPU optimisation level, which the tests' XLA_FLAGS lower to 0 (tests/conftest.py).
-PRODUCTION = {"xla_backend_optimization_level": 3}
 
 
 def test_init_state_matches_the_default_compile_within_two_ulps():
@@ -21,7 +16,7 @@ def test_init_state_matches_the_default_compile_within_two_ulps():
   once = jax.device_get(assembly.init_state())
   example = assemble._one_example(assembly.abstract_batch)  # pylint: disable=protected-access
   default = jax.device_get(jax.jit(lambda: mesh_lib.unbox(state_lib.named_init(
-      assembly.objective, assembly.tx, config.seed, example)), compiler_options=PRODUCTION)())
+      assembly.objective, assembly.tx, config.seed, example)), compiler_options=helpers.PRODUCTION_XLA)())
   differing = 0
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(once)[0], jax.tree.leaves(default),
                           strict=True):
@@ -38,15 +33,3 @@ def test_init_state_matches_the_default_compile_within_two_ulps():
   # two compiles bitwise equal, this line, not the module, needs revisiting.
   assert programs.once_compiler_options() == programs.ONCE_CPU_OPTIONS and differing > 0
 
-
-@pytest.mark.slow
-def test_train_step_at_the_tests_level_trains_as_the_production_compile():
-  """Two SGD steps of the tiny CLIP (conv stem, max-pooled cls slot, LayerScale, text tower),
-  compiled at the tests' level and at XLA's default: the same losses, gradient norms and updates.
-  The max-pooled slot's old gradient failed this (up to 65% off in image-tower leaves)."""
-  config = helpers.tiny_clip_config(**helpers.sgd_overrides(), **{"model.depth": 1})
-  tests_level = helpers.StepRunner(config, helpers.single_device_mesh(config),
-                                   compiler_options={"xla_backend_optimization_level": 0})
-  production = helpers.StepRunner(config, helpers.single_device_mesh(config),
-                                  initial=tests_level.initial_state, compiler_options=PRODUCTION)
-  helpers.assert_same_training(tests_level.run(), production.run())
