@@ -21,30 +21,34 @@ from tests import helpers
 from tests.parallel import fingerprint_worker
 
 # The tiny MAE with 2 encoder blocks (the check does not depend on depth; each process compiles).
-_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, "--config.data.image_size=16", "--config.batch_size=16",
-         "--config.model.depth=2", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-         "--config.total_steps=3", "--config.warmup_steps=1", "--config.log_every=1",
-         "--config.eval_every=3", "--config.checkpoint_every=2", "--config.async_checkpointing=False",
-         "--config.data.eval_examples=16", "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2",
-         # A constant lr after the warmup: a run resumed with more total steps (the SIGTERM
-         # scenario below) takes the same step 3 as the 3-step runs.
-         "--config.lr_scaling=none", "--config.lr=0.1", "--config.min_lr=0.1",
-         # Plain SGD (helpers.sgd_overrides): parameter differences follow gradient differences.
-         # Adam divides tiny gradients by their own size, so reduction-order noise in a
-         # near-zero gradient became a full-size update (1.2e-5 at XLA level 0, 2026-11-30).
-         "--config.optim.name=sgd", "--config.optim.momentum=0.0", "--config.grad_clip=0.0",
-         "--config.weight_decay=0.0"]
+# Plain SGD at a constant lr 0.1 (helpers.sgd_overrides; weight_decay_end stays unset): parameter
+# differences follow gradient differences. Adam divides tiny gradients by their own size, so
+# reduction-order noise in a near-zero gradient became a full-size update (1.2e-5 at XLA level 0,
+# 2026-11-30). The lr is constant after the warmup (1 step, given after the overrides: the last
+# flag wins), so a run resumed with more total steps (the SIGTERM scenario below) takes the same
+# step 3 as the 3-step runs.
+_SGD = [f"--config.{k}={v}" for k, v in helpers.sgd_overrides(lr=0.1).items() if v is not None]
+_ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, *_SGD, "--config.data.image_size=16",
+         "--config.batch_size=16", "--config.model.depth=2", "--config.model.decoder_width=32",
+         "--config.model.decoder_depth=1", "--config.total_steps=3", "--config.warmup_steps=1",
+         "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint_every=2",
+         "--config.async_checkpointing=False", "--config.data.eval_examples=16",
+         "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
 # The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
 # the data axis (DCN), and mesh.fsdp=2 stays inside each.
 _MULTI = []
 _SINGLE = ["--config.mesh.data=2"]
 
 
+def _two_process_command(args, workdir):
+  """``launch/local.py`` with 2 processes x 2 CPU devices running the train CLI on ``args``."""
+  return [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
+          "--timeout=600", "--", *args, f"--workdir={workdir}"]
+
+
 def _launch_two(args, workdir):
-  return subprocess.run(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *args, f"--workdir={workdir}"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=660)
+  return subprocess.run(_two_process_command(args, workdir), cwd=helpers.REPO, capture_output=True,
+                        text=True, timeout=660)
 
 
 def _free_port() -> int:
@@ -125,11 +129,10 @@ def _preempt_resumed_two(workdir):
   after the same step and save it jointly, and returns the launcher's output."""
   args = [a for a in _ARGS if not any(f in a for f in ("total_steps", "checkpoint_every", "eval_every"))]
   proc = subprocess.Popen(
-      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
-       "--timeout=600", "--", *args, *_MULTI, "--config.total_steps=200",
-       "--config.checkpoint_every=3", "--config.keep_checkpoints=100",   # step 3's, kept to compare
-       "--config.eval_every=0",   # no in-training eval (not checked here)
-       f"--workdir={workdir}"],
+      _two_process_command([*args, *_MULTI, "--config.total_steps=200",
+                            "--config.checkpoint_every=3", "--config.keep_checkpoints=100",   # step 3's, kept to compare
+                            "--config.eval_every=0"],   # no in-training eval (not checked here)
+                           workdir),
       cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and proc.poll() is None:

@@ -32,4 +32,3 @@ def test_init_state_matches_the_default_compile_within_two_ulps():
   # differ in the last bit somewhere (2 of 185 leaves on 2026-11-30). If a jax update makes the
   # two compiles bitwise equal, this line, not the module, needs revisiting.
   assert programs.once_compiler_options() == programs.ONCE_CPU_OPTIONS and differing > 0
-
