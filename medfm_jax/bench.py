@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medfm_jax import bench_suite, bench_torch
-from medfm_jax.data import build, export, phantoms, pipeline
+from medfm_jax.data import build, image_files, phantoms, pipeline
 from medfm_jax.models import vit
 from medfm_jax.train import telemetry
 
@@ -51,8 +51,8 @@ def write_bench_data(root: str, num_examples: int, image_size: int) -> dict[str,
   """Writes a PNG folder, a DICOM folder and a TFDS dataset (from the PNGs) of phantoms under
   ``root``; returns the data.* overrides that read each (all examples in the train split)."""
   png, dcm = os.path.join(root, "png"), os.path.join(root, "dicom")
-  export.export_phantoms(png, num_examples, image_size, "png")
-  export.export_phantoms(dcm, num_examples, image_size, "dicom")
+  image_files.export_phantoms(png, num_examples, image_size, "png")
+  image_files.export_phantoms(dcm, num_examples, image_size, "dicom")
   build.build("folder", os.path.join(root, "tfds"), "bench", path=png, splits="train:1")
   return {"phantoms": {"source": "phantoms"},
           "folder": {"source": "folder", "path": png, "splits": "train:1"},

@@ -49,7 +49,7 @@ import numpy as np
 from etils import epath
 
 from medfm_jax import bench_torch
-from medfm_jax.data import export, pipeline
+from medfm_jax.data import image_files, pipeline
 from medfm_jax.models import vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.sweeps import spec as sweep_spec
@@ -250,7 +250,7 @@ def _run_loader(case: Case, spec: str, batches, records: dict, smoke: bool) -> d
   rows = {}
   with tempfile.TemporaryDirectory() as root:
     png = os.path.join(root, "png")
-    export.export_phantoms(png, images, config.data.image_size, "png")
+    image_files.export_phantoms(png, images, config.data.image_size, "png")
     for source, extra in (("phantoms", {}), ("folder", {"path": png, "splits": "train:1"})):
       data = config.data.copy_and_resolve_references()
       data.update(source=source, num_workers=workers, **extra)

@@ -46,7 +46,7 @@ from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from medfm_jax import storage
-from medfm_jax.data import decode, export, phantoms, phantoms3d, sources, volume_sources
+from medfm_jax.data import decode, image_files, phantoms, phantoms3d, sources, volume_sources
 from medfm_jax.data.decode import DataError
 
 SOURCES = ("folder", "manifest", "phantoms")
@@ -108,9 +108,9 @@ def write_split(out_dir: str, name: str, split: str, examples: Iterator[Example]
     for ex in examples:
       if stats is not None:
         stats.add(ex.image, max_value)
-      mask = {} if ex.mask is None else {"mask": export.encode_png(ex.mask[..., None])}
+      mask = {} if ex.mask is None else {"mask": image_files.encode_png(ex.mask[..., None])}
       yield feats.encode_example({
-          "image": export.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
+          "image": image_files.encode_png(ex.image), "label": ex.label, "modality": ex.modality,
           "caption": ex.caption, "patient_id": ex.patient_id, "path": ex.path, **mask})
   return _write_records(out_dir, name, split, encoded(), feats, shard_size)
 

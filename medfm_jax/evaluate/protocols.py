@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from medfm_jax import objectives as objectives_lib
 from medfm_jax import storage
 from medfm_jax.errors import check
-from medfm_jax.data import export, phantoms, pipeline, volumes
+from medfm_jax.data import image_files, phantoms, pipeline, volumes
 from medfm_jax.evaluate import features, probe, sliding_window
 from medfm_jax.metrics import classification, knn
 from medfm_jax.metrics import segmentation as seg_metrics
@@ -305,7 +305,7 @@ def _segment(config, mesh, workdir):
   prompts = ["box"] + [f"points_{k}" for k in range(1, s.point_rounds + 1)]
   overlay = ""
   if picture is not None and jax.process_index() == 0:
-    overlay = str(storage.write_bytes(storage.path(workdir) / "segment.png", export.encode_png(picture)))
+    overlay = str(storage.write_bytes(storage.path(workdir) / "segment.png", image_files.encode_png(picture)))
   return {"protocol": "segment", "init_from": config.init_from, "label": "target mask",
           "split": d.eval_split, "metrics": metrics, "prompts": prompts, "classes": list(s.classes),
           "class_examples": counts, "recipe": run_config.objective.recipe,

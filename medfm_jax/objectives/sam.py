@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from medfm_jax import storage
-from medfm_jax.data import export, phantoms
+from medfm_jax.data import image_files, phantoms
 from medfm_jax.errors import check, config_errors
 from medfm_jax.interop import sam as sam_io
 from medfm_jax.models import sam as sam_lib
@@ -385,7 +385,7 @@ class SamObjective(base.Objective):
     del extra, rng
     picture = self.overlay(params, batch)
     if jax.process_index() == 0:
-      storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", export.encode_png(picture))
+      storage.write_bytes(storage.path(workdir) / "overlays" / f"step_{step:07d}.png", image_files.encode_png(picture))
 
 
 def overlay_grid(images, targets, preds, boxes=None, points=None, labels=None, scale: int = 4) -> np.ndarray:

@@ -13,7 +13,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_windowing
 
-from medfm_jax.data import decode, export, transforms
+from medfm_jax.data import decode, image_files, transforms
 
 RNG = np.random.default_rng(0)
 HU_STORED = RNG.integers(-1000, 2000, (32, 32)).astype(np.int16)
@@ -28,11 +28,11 @@ def test_png_jpeg_and_16bit_png_tiff_roundtrip(tmp_path):
   rgb = RNG.integers(0, 256, (20, 28, 3), dtype=np.uint8)
   img16 = RNG.integers(0, 65536, (20, 28), dtype=np.uint16)
   for name, arr in (("a.png", img8), ("rgb.png", rgb), ("b16.png", img16), ("c16.tif", img16)):
-    got = _decode_file(export.write_image(str(tmp_path / name), arr)).pixels
+    got = _decode_file(image_files.write_image(str(tmp_path / name), arr)).pixels
     assert got.dtype == arr.dtype
     np.testing.assert_array_equal(got, arr.reshape(got.shape))
   smooth = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))[..., None]
-  got = _decode_file(export.write_image(str(tmp_path / "j.jpg"), smooth, quality=95)).pixels
+  got = _decode_file(image_files.write_image(str(tmp_path / "j.jpg"), smooth, quality=95)).pixels
   assert got.shape == (32, 32, 1) and np.abs(got.astype(int) - smooth).mean() < 2
 
 
@@ -51,7 +51,7 @@ def test_16bit_window_modes():
 
 
 def test_dicom_hounsfield_units_match_pydicom(tmp_path):
-  path = export.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
+  path = image_files.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
                             window=(40.0, 400.0))
   d = _decode_file(path)
   ds = pydicom.dcmread(path)
@@ -63,7 +63,7 @@ def test_dicom_hounsfield_units_match_pydicom(tmp_path):
 @pytest.mark.parametrize("preset", ["lung", "mediastinum", "soft_tissue", "bone", "brain", "file"])
 def test_dicom_windows_match_pydicom_reference(tmp_path, preset):
   center, width = (10.0, 600.0) if preset == "file" else decode.WINDOW_PRESETS[preset]
-  path = export.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
+  path = image_files.write_dicom(str(tmp_path / "ct.dcm"), HU_STORED, slope=2.0, intercept=-1024.0,
                             window=(center, width))
   ds = pydicom.dcmread(path)
   ds.WindowCenter, ds.WindowWidth = center, width
@@ -77,8 +77,8 @@ def test_dicom_windows_match_pydicom_reference(tmp_path, preset):
 
 def test_dicom_monochrome1_is_inverted_and_minmax_without_window(tmp_path):
   stored = np.arange(256, dtype=np.uint16).reshape(16, 16) * 8
-  m2 = _decode_file(export.write_dicom(str(tmp_path / "m2.dcm"), stored))
-  m1 = _decode_file(export.write_dicom(str(tmp_path / "m1.dcm"), stored, photometric="MONOCHROME1"))
+  m2 = _decode_file(image_files.write_dicom(str(tmp_path / "m2.dcm"), stored))
+  m1 = _decode_file(image_files.write_dicom(str(tmp_path / "m1.dcm"), stored, photometric="MONOCHROME1"))
   assert m1.invert and m2.window is None
   a, b = decode.to_display(m2, "auto"), decode.to_display(m1, "auto")
   assert a.min() == 0 and a.max() == 255
@@ -87,7 +87,7 @@ def test_dicom_monochrome1_is_inverted_and_minmax_without_window(tmp_path):
 
 def test_multiframe_dicom_frames_and_header(tmp_path):
   frames = RNG.integers(0, 4096, (3, 16, 12)).astype(np.uint16)
-  path = export.write_dicom(str(tmp_path / "mf.dcm"), frames, patient_id="P7", modality="MR")
+  path = image_files.write_dicom(str(tmp_path / "mf.dcm"), frames, patient_id="P7", modality="MR")
   assert decode.dicom_info(path) == decode.DicomInfo(3, "P7", "MR")
   for f in range(3):
     np.testing.assert_array_equal(_decode_file(path, f).pixels[..., 0], frames[f])
@@ -107,17 +107,17 @@ def test_compressed_transfer_syntaxes_decode(tmp_path, syntax):
   path = str(tmp_path / "c.dcm")
   if syntax == uids.JPEGBaseline8Bit:
     img = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))
-    export.write_dicom_encapsulated(path, [_jpeg(img)], syntax, 32, 32)
+    image_files.write_dicom_encapsulated(path, [_jpeg(img)], syntax, 32, 32)
     got = _decode_file(path).pixels[..., 0]
     assert np.abs(got - img).mean() < 2
     return
-  export.write_dicom(path, HU_STORED, transfer_syntax=syntax, intercept=-1024.0)
+  image_files.write_dicom(path, HU_STORED, transfer_syntax=syntax, intercept=-1024.0)
   assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
   np.testing.assert_array_equal(_decode_file(path).pixels[..., 0], HU_STORED - 1024.0)
 
 
 def test_unsupported_transfer_syntax_is_one_clear_line(tmp_path):
-  path = export.write_dicom_encapsulated(str(tmp_path / "video.dcm"), [b"\0" * 64],
+  path = image_files.write_dicom_encapsulated(str(tmp_path / "video.dcm"), [b"\0" * 64],
                                          uids.MPEG4HP41, 16, 16)
   with pytest.raises(decode.DataError) as e:
     _decode_file(path)
@@ -150,7 +150,7 @@ def test_native_fast_path_masks_bits_above_high_bit_like_pydicom(tmp_path, signe
   vals = RNG.integers(-2048 if signed else 0, 2048 if signed else 4096, (2, 8, 8))
   raw = (vals & 0xFFF) | (RNG.integers(0, 16, vals.shape) << 12)      # garbage in bits 12-15
   raw = raw.astype(np.uint16).view(np.int16 if signed else np.uint16)
-  ds = export.dicom_dataset(raw)
+  ds = image_files.dicom_dataset(raw)
   ds.BitsStored, ds.HighBit = 12, 11
   path = str(tmp_path / "b12.dcm")
   ds.save_as(path, enforce_file_format=True)

@@ -108,8 +108,8 @@ def _seg_source_dicom(path, pixels):
   """A CT image with the attributes a DICOM SEG writer needs of its source (patient, study, frame
   of reference, plane geometry)."""
   import pydicom  # pylint: disable=import-outside-toplevel
-  from medfm_jax.data import export  # pylint: disable=import-outside-toplevel
-  ds = pydicom.dcmread(export.write_dicom(str(path), pixels))
+  from medfm_jax.data import image_files  # pylint: disable=import-outside-toplevel
+  ds = pydicom.dcmread(image_files.write_dicom(str(path), pixels))
   for k, v in dict(PatientName="Phantom^A", PatientID="p1", PatientBirthDate="", PatientSex="O",
                    StudyDate="20260101", StudyTime="000000", ReferringPhysicianName="", StudyID="1",
                    AccessionNumber="", SeriesNumber=1, InstanceNumber=1,

@@ -9,7 +9,7 @@ import pytest
 from pydicom import uid as uids
 
 from configs import common
-from medfm_jax.data import decode, export, pipeline, sources
+from medfm_jax.data import decode, image_files, pipeline, sources
 from tests import helpers
 
 RNG = np.random.default_rng(1)
@@ -17,7 +17,7 @@ RNG = np.random.default_rng(1)
 
 def _png(path, value=None, size=(16, 16)):
   img = RNG.integers(0, 256, size, dtype=np.uint8) if value is None else np.full(size, value, np.uint8)
-  export.write_image(str(path), img)
+  image_files.write_image(str(path), img)
   return img
 
 
@@ -29,7 +29,7 @@ def tree(tmp_path_factory):
           "b_nodule/sub/y.png": _png(root / "b_nodule" / "sub" / "y.png"),
           "a_normal/z.png": _png(root / "a_normal" / "z.png")}
   frames = RNG.integers(0, 4096, (3, 16, 16)).astype(np.uint16)
-  export.write_dicom(str(root / "a_normal" / "mf.dcm"), frames, patient_id="P1", modality="MR")
+  image_files.write_dicom(str(root / "a_normal" / "mf.dcm"), frames, patient_id="P1", modality="MR")
   (root / "a_normal" / "notes.txt").write_text("not an image")
   (root / "a_normal" / ".hidden.png").write_bytes(b"")
   return root, imgs, frames
@@ -155,10 +155,10 @@ def _bad_file(folder, kind):
     path.write_text("hello")
   elif kind == "unsupported_syntax":
     path = folder / "video.dcm"
-    export.write_dicom_encapsulated(str(path), [b"\0" * 64], uids.MPEG4HP41, 16, 16)
+    image_files.write_dicom_encapsulated(str(path), [b"\0" * 64], uids.MPEG4HP41, 16, 16)
   elif kind == "malformed_value":   # RescaleIntercept (DS) '-10x4': pydicom raises ValueError
     path = folder / "malformed.dcm"
-    export.write_dicom(str(path), np.zeros((16, 16), np.int16), intercept=-1024.0)
+    image_files.write_dicom(str(path), np.zeros((16, 16), np.int16), intercept=-1024.0)
     path.write_bytes(path.read_bytes().replace(b"DS\x06\x00-1024 ", b"DS\x06\x00-10x4 ", 1))
   return str(path)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from medfm_jax.data import export, pipeline
+from medfm_jax.data import image_files, pipeline
 from medfm_jax.data import spec as data_spec
 from medfm_jax.parallel import mesh as mesh_lib
 from tests import helpers
@@ -81,7 +81,7 @@ def test_abstract_batch_of_another_spec_fails_the_comparison(resolved):
 def test_abstract_batch_counts_skips_of_file_sources(tmp_path):
   """``data.on_error='skip'`` file sources add ``data_skipped`` (phantoms never do)."""
   for i in range(4):
-    export.write_image(str(tmp_path / f"{i}.png"), np.full((20, 20), 40 * i, np.uint8))
+    image_files.write_image(str(tmp_path / f"{i}.png"), np.full((20, 20), 40 * i, np.uint8))
   (tmp_path / "bad.png").write_bytes(b"not a png")
   manifest = tmp_path / "m.csv"
   manifest.write_text("path,label\n" + "".join(f"{tmp_path / n},x\n" for n in

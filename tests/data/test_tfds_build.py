@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from medfm_jax.data import decode, export, pipeline
+from medfm_jax.data import decode, image_files, pipeline
 from tests import helpers
 
 RNG = np.random.default_rng(2)
@@ -31,8 +31,8 @@ def built(tmp_path_factory):
   for i in range(24):
     img = RNG.integers(0, 256, (16, 16), dtype=np.uint8)
     img16 = RNG.integers(0, 65536, (12, 20), dtype=np.uint16)
-    export.write_image(str(root / "png" / f"{i}.png"), img)
-    export.write_image(str(root / "png16" / f"{i}.png"), img16)
+    image_files.write_image(str(root / "png" / f"{i}.png"), img)
+    image_files.write_image(str(root / "png16" / f"{i}.png"), img16)
     images[f"{i}.png"], images16[f"{i}.png"] = img, img16
     rows.append(f"{i}.png,{'ab'[i % 2]},caption {i},pat{i % 8}\n")
   for sub in ("png", "png16"):
@@ -111,10 +111,10 @@ def test_resume_exact(built, tmp_path, source):
     cfg = _cfg(out)
   elif source == "png_folder":
     for i in range(10):
-      export.write_image(str(tmp_path / "c" / f"{i}.png"), RNG.integers(0, 256, (20, 18), dtype=np.uint8))
+      image_files.write_image(str(tmp_path / "c" / f"{i}.png"), RNG.integers(0, 256, (20, 18), dtype=np.uint8))
     cfg = _cfg(out, source="folder", path=str(tmp_path), splits="train:1")
   else:
-    export.export_phantoms(str(tmp_path / "d"), 10, 16, "dicom")
+    image_files.export_phantoms(str(tmp_path / "d"), 10, 16, "dicom")
     rows = [f"{os.path.relpath(os.path.join(d, f), tmp_path)},{os.path.basename(d)}\n"
             for d, _, fs in os.walk(tmp_path / "d") for f in fs]
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(rows))
@@ -176,8 +176,8 @@ def test_build_masks_roundtrip(tmp_path):
     m = np.zeros((16, 16), np.uint8)
     m[2 + i:8 + i, 3:9], m[10:14, 10:15] = 1, 2
     ids[f"{i}.png"] = m
-    export.write_image(str(tmp_path / "data" / "c" / f"{i}.png"), np.where(m > 0, 200, 20).astype(np.uint8))
-    export.write_image(str(tmp_path / "data" / "c" / f"{i}_mask.png"), m)
+    image_files.write_image(str(tmp_path / "data" / "c" / f"{i}.png"), np.where(m > 0, 200, 20).astype(np.uint8))
+    image_files.write_image(str(tmp_path / "data" / "c" / f"{i}_mask.png"), m)
   build.build("folder", str(tmp_path / "out"), "seg", path=str(tmp_path / "data"), splits="train:1.0")
   cfg = _cfg(str(tmp_path / "out"), name="seg", splits="train:1.0")
   src = pipeline.make_source(cfg, "train")

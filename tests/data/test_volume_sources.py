@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from medfm_jax.data import export, phantoms3d, pipeline, volume_sources, volumes
+from medfm_jax.data import image_files, phantoms3d, pipeline, volume_sources, volumes
 from medfm_jax.data.decode import DataError
 from tests import helpers
 
@@ -75,13 +75,13 @@ def _write_series(folder, volume, *, shuffle_seed=0, sagittal=True, slope=1.0, i
   order = np.random.default_rng(shuffle_seed).permutation(volume.shape[2])
   for n, x in enumerate(order):
     stored = np.rint((volume[::-1, :, x] - intercept) / slope).astype(np.int16)   # rows: -z
-    ds = export.dicom_dataset(stored, slope=slope, intercept=intercept, patient_id="P7")
+    ds = image_files.dicom_dataset(stored, slope=slope, intercept=intercept, patient_id="P7")
     ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]       # row dir +P, column dir -S
     ds.ImagePositionPatient = [float(x * sx), 0.0, float((volume.shape[0] - 1) * sz)]
     ds.PixelSpacing = [f"{sz:g}", f"{sy:g}"]                # between rows (z), between columns (y)
     ds.SliceThickness = thickness
-    export._save_dicom(str(folder / f"img{n:03d}"), ds)  # pylint: disable=protected-access
+    image_files._save_dicom(str(folder / f"img{n:03d}"), ds)  # pylint: disable=protected-access
   return series
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from medfm_jax import storage
-from medfm_jax.data import build, decode, export, sources
+from medfm_jax.data import build, decode, image_files, sources
 from medfm_jax.sweeps import runner
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop
@@ -295,7 +295,7 @@ def test_bucket_workdir_on_the_gcs_emulator(tmp_path, straight, gcs):
   bad = sources.Entry("gs://bucket/resume/data/bad.png", label="x")
   storage.write_bytes(bad.path, b"not a png")
   good = sources.Entry("gs://bucket/resume/data/good.png", label="x")
-  export.write_image(good.path, np.zeros((4, 4), np.uint8))
+  image_files.write_image(good.path, np.zeros((4, 4), np.uint8))
   src = sources.FileSource([bad, good] * 2, ["x"], decode.Preprocess(), "skip",
                            sources.skip_log_path(url))
   assert [src[i]["skipped"] for i in (0, 2)] == [1, 1]

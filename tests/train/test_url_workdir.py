@@ -26,7 +26,7 @@ from fsspec.implementations import local
 from orbax.checkpoint._src.path import gcs_utils
 
 from medfm_jax import main, storage
-from medfm_jax.data import decode, export, sources
+from medfm_jax.data import decode, image_files, sources
 from medfm_jax.evaluate import embed, protocols, results
 from medfm_jax.metrics import attention_maps
 from medfm_jax.train import restore
@@ -133,8 +133,8 @@ def test_data_inputs_from_a_bucket(bucket, tmp_path, monkeypatch):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
-  export.export_phantoms("gs://bkt/data", 6, image_size=16)
-  export.write_image("gs://bkt/data/.hidden/skip.png", np.zeros((4, 4), np.uint8))
+  image_files.export_phantoms("gs://bkt/data", 6, image_size=16)
+  image_files.write_image("gs://bkt/data/.hidden/skip.png", np.zeros((4, 4), np.uint8))
   entries, classes = sources.list_folder("gs://bkt/data")
   assert len(entries) == 6 and all(e.path.startswith("gs://bkt/data/") for e in entries)
   assert classes == sorted({e.label for e in entries})
@@ -186,7 +186,7 @@ def test_train_run_from_a_bucket_skips_damaged_files_and_logs_them_in_the_bucket
   rng = np.random.default_rng(2)
   for split, n in (("train", 10), ("val", 8)):
     for i in range(n):
-      export.write_image(f"{data}/{split}/c/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+      image_files.write_image(f"{data}/{split}/c/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
   storage.write_bytes(f"{data}/train/c/bad.png", b"")
   config = helpers.tiny_mae_config(**{
       "data.source": "folder", "data.path": data, "data.on_error": "skip", "total_steps": 2,
@@ -231,7 +231,7 @@ def test_grain_worker_processes_log_skips_to_their_own_bucket_objects(gcs):
   ``skipped_files.worker<pid>.txt`` beside the URL log: processes rewriting one object would drop
   each other's lines. The process that built the source writes the log itself."""
   storage.write_bytes("gs://bucket/workers/data/bad.png", b"")
-  export.write_image("gs://bucket/workers/data/good.png", np.zeros((4, 4), np.uint8))
+  image_files.write_image("gs://bucket/workers/data/good.png", np.zeros((4, 4), np.uint8))
   entries = [sources.Entry(f"gs://bucket/workers/data/{n}.png", label="x") for n in ("bad", "good")]
   src = sources.FileSource(entries, ["x"], decode.Preprocess(), "skip", "gs://bucket/workers/run/skipped_files.txt")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
