@@ -16,7 +16,8 @@ Scenarios (cheapest first):
              4-step MAE checkpoint), plus the same probe at random init (the checkpoint's
              architecture) and with shuffled train labels (what misaligned rows would score).
   mae        tests/train/test_trainer.py::test_tiny_run_heldout_loss_drops_below_trivial.
-  clip       tests/objectives/test_clip.py::test_learning_signal_ci.
+  clip       tests/objectives/test_clip.py::test_learning_signal_ci[clip].
+  siglip     the same with SigLIP's loss (test_learning_signal_ci[siglip]).
   flava      tests/objectives/test_flava.py::test_learning_signal_ci_and_restore (with the zero-shot
              protocol's difference from the hook's final numbers, which the test wants 0).
 """
@@ -75,8 +76,8 @@ def _mae(workdir, seed):
   return {"eval_loss@0": first, "eval_loss@300": last, "trivial": 15 / 16}
 
 
-def _clip(workdir, seed):
-  first, last = test_clip.clip_learning_run(workdir, seed)
+def _clip(workdir, seed, loss="clip"):
+  first, last = test_clip.clip_learning_run(workdir, seed, loss)
   out = {}
   for k in ("zero_shot_modality_accuracy", "i2t_r@5", "t2i_r@5"):
     out[f"{k}@0"], out[f"{k}@40"] = first[f"eval/{k}"], last[f"eval/{k}"]
@@ -95,7 +96,8 @@ def _flava(workdir, seed):
   return out
 
 
-SCENARIOS = {"synthetic": _synthetic, "probe": _probe, "mae": _mae, "clip": _clip, "flava": _flava}
+SCENARIOS = {"synthetic": _synthetic, "probe": _probe, "mae": _mae, "clip": _clip,
+             "siglip": lambda workdir, seed: _clip(workdir, seed, "siglip"), "flava": _flava}
 
 
 def main(argv=None):
