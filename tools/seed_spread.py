@@ -6,7 +6,7 @@ and masks; the probe scenario also seeds the linear probe). Where a threshold cl
 was learned, the same protocol is also measured at random init. Prints one table row per metric
 (one column per seed) and the wall/CPU seconds of each scenario. Not part of the test command::
 
-  python tools/seed_spread.py --seeds 0,1,2 --scenarios synthetic,probe,mae,clip,flava
+  python tools/seed_spread.py --seeds 0,1,2 --scenarios synthetic,probe,mae,clip,siglip,flava
 
 Scenarios (cheapest first):
   synthetic  the kNN, linear-probe and ridge evaluators and the k-means codebook on constructed
