@@ -195,10 +195,12 @@ class DinoObjective(base.Objective):
       patch_probs = self._teacher_probs(teacher["patch_logits"], extra["ibot_center"], temp, valid)
       ibot = dino_losses.ibot_patch_loss(student["patch_logits"], patch_probs, valid, o.student_temp)
       metrics.update(ibot_loss=ibot, masked_fraction=jnp.mean(masks.astype(jnp.float32)))
+      metrics.update({f"ibot_{k}": v for k, v in dino_losses.teacher_metrics(patch_probs, valid).items()})
       loss = loss + o.ibot_loss_weight * ibot
       if self.centering == "center":
         new_extra["ibot_center"] = dino_losses.update_center(
             extra["ibot_center"], teacher["patch_logits"], o.center_momentum, weights=valid)
+        metrics["ibot_center_norm"] = jnp.linalg.norm(new_extra["ibot_center"])
     return loss, (metrics, new_extra)
 
   def evaluate(self, params, extra, mesh, step):

@@ -40,18 +40,23 @@ def dino_cross_entropy(student_logits: Array, teacher_probs: Array, student_temp
   return jnp.sum(jnp.where(valid, ce, 0.0)) / n_pairs
 
 
-def teacher_metrics(teacher_probs: Array) -> dict[str, Array]:
+def teacher_metrics(teacher_probs: Array, valid: Array | None = None) -> dict[str, Array]:
   """Collapse diagnostics for teacher probabilities ``[..., K]`` (all leading axes pooled).
 
   - ``teacher_entropy``: mean over samples of ``-sum_k p log p`` (-> 0: one-hot collapse).
   - ``teacher_kl_to_uniform``: ``KL(p_bar || U) = sum_k p_bar log p_bar + ln K`` with ``p_bar``
     the mean teacher distribution over batch and views (-> 0: uniform collapse).
+
+  ``valid`` (the leading shape, bool) restricts both to its True rows (iBOT's masked patches).
   """
   p = jax.lax.stop_gradient(_f32(teacher_probs))
   k = p.shape[-1]
+  p = p.reshape(-1, k)
+  w = jnp.ones(p.shape[0]) if valid is None else _f32(jnp.asarray(valid).reshape(-1))
+  w = w / jnp.maximum(jnp.sum(w), 1.0)
   plogp = lambda q: jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
-  entropy = -jnp.mean(jnp.sum(plogp(p), axis=-1))
-  p_bar = jnp.mean(p.reshape(-1, k), axis=0)
+  entropy = -jnp.sum(w * jnp.sum(plogp(p), axis=-1))
+  p_bar = w @ p
   kl = jnp.sum(plogp(p_bar)) + math.log(k)
   return {"teacher_entropy": entropy, "teacher_kl_to_uniform": kl}
 

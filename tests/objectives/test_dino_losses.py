@@ -108,6 +108,17 @@ def test_uniform_collapse_metrics():
   assert not dl.collapse_warning(0.5 * math.log(k), k)
 
 
+def test_teacher_metrics_valid_rows_equal_metrics_of_those_rows():
+  rng = np.random.default_rng(9)
+  probs = np_softmax(rng.normal(size=(3, 5, 16)) / 0.3).astype(np.float32)
+  valid = rng.uniform(size=(3, 5)) < 0.5
+  probs[~valid] = np.eye(16)[0]                    # one-hot rows that must not count
+  metrics = jax.jit(dl.teacher_metrics)
+  out = metrics(probs, valid)
+  for key, value in metrics(probs[valid]).items():
+    np.testing.assert_allclose(out[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_update_center_momentum():
   rng = np.random.default_rng(2)
   center = rng.normal(size=(1, 16)).astype(np.float32)
