@@ -9,6 +9,7 @@ DIR/results.md (accuracy, balanced accuracy, macro AUROC, per-class table).
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
@@ -48,7 +49,8 @@ def main(argv):
   except protocols.EvalError as e:
     _fail("eval error", e)
   if jax.process_index() == 0:
-    json_path, md_path = results_lib.write(workdir, results)
+    # The eval config next to its numbers: which budget, seeds and checkpoint produced them.
+    json_path, md_path = results_lib.write(workdir, {**results, "config": json.loads(config.to_json_best_effort())})
     m = results["metrics"]
     if config.protocol in ("segment", "segment3d"):
       key = "mean_dice" if config.protocol == "segment3d" else "dice_box"

@@ -143,6 +143,8 @@ def test_cli_knn_writes_results(mae_ckpt, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["protocol"] == "knn" and results["k"] == 5 and results["metrics"]["num_examples"] == 64
+  # The config that produced the numbers travels with them.
+  assert results["config"]["knn"]["k"] == 5 and results["config"]["init_from"] == mae_ckpt
   assert os.path.isfile(os.path.join(workdir, "results.md"))
 
 
