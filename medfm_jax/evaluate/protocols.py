@@ -36,6 +36,9 @@ PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment
              "seg_probe")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
+# Labels that are the lesion's place in the image: a horizontal flip or a random crop of the
+# training image changes them (fine-tuning would learn from wrong labels).
+POSITION_LABELS = ("lesion_location",)
 # Protocols that run the encoder on the eval config's data.*: they take the checkpoint's image
 # geometry (adopt_checkpoint); zero_shot / segment read the run's own data, segment3d volumes.
 ADOPTS_DATA = ("linear_probe", "knn", "fewshot", "finetune", "seg_probe")
@@ -72,6 +75,12 @@ def check_config(config) -> None:
         f"probe.labels_per_class={c.probe.get('labels_per_class')}: must be >= 0 (0 = every train row)")
   check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
+  if c.protocol == "finetune" and c.data.label in POSITION_LABELS:
+    d = c.data
+    still = (not d.get("flip", True) and tuple(d.get("crop_scale", (0.0, 1.0))) == (1.0, 1.0)
+             and tuple(d.get("crop_ratio", (0.0, 1.0))) == (1.0, 1.0))
+    check(still, f"data.label={d.label!r} is the lesion's image quadrant, which flips and random crops change: "
+                 "set data.flip=False, data.crop_scale=(1.0, 1.0) and data.crop_ratio=(1.0, 1.0)")
   if c.protocol == "seg_probe":
     check(c.seg_probe.mask in phantoms.MASK_CLASSES,
           f"seg_probe.mask={c.seg_probe.mask!r}: allowed {phantoms.MASK_CLASSES}")

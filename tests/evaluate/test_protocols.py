@@ -170,6 +170,20 @@ def test_linear_probe_label_budget(monkeypatch):
     protocols.check_config(c)
 
 
+def test_finetune_refuses_augmentations_that_change_a_location_label():
+  # A horizontal flip moves the lesion to the other side and a random crop can move it to another
+  # quadrant, while the label stays: fine-tuning on lesion_location needs both off.
+  still = {"data.label": "lesion_location", "data.flip": False, "data.crop_scale": (1.0, 1.0),
+           "data.crop_ratio": (1.0, 1.0)}
+  _config("finetune", "full", **still)
+  for field, value in (("data.flip", True), ("data.crop_scale", (0.5, 1.0)), ("data.crop_ratio", (0.75, 1.33))):
+    with pytest.raises(config_lib.ConfigError, match=field.split(".")[1]) as e:
+      _config("finetune", "full", **{**still, field: value})
+    assert "\n" not in str(e.value)
+  _config("linear_probe", **{**still, "data.flip": True})   # frozen features: no train-time flip
+  _config("finetune", "full", **{"data.label": "modality"})   # labels a flip keeps
+
+
 class _StopTraining(Exception):
   pass
 
