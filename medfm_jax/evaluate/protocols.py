@@ -21,6 +21,7 @@ from medfm_jax import objectives as objectives_lib
 from medfm_jax import storage
 from medfm_jax.errors import check
 from medfm_jax.data import image_files, phantoms, pipeline, volumes
+from medfm_jax.data import spec as data_spec
 from medfm_jax.evaluate import features, probe, sliding_window
 from medfm_jax.metrics import classification, knn
 from medfm_jax.metrics import segmentation as seg_metrics
@@ -76,9 +77,9 @@ def check_config(config) -> None:
   check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
   if c.protocol == "finetune" and c.data.label in POSITION_LABELS:
-    d = c.data
-    still = (not d.get("flip", True) and tuple(d.get("crop_scale", (0.0, 1.0))) == (1.0, 1.0)
-             and tuple(d.get("crop_ratio", (0.0, 1.0))) == (1.0, 1.0))
+    d, default = c.data, data_spec.DataSpec   # unset fields: the pipeline's defaults
+    still = (not d.get("flip", default.flip) and tuple(d.get("crop_scale", default.crop_scale)) == (1.0, 1.0)
+             and tuple(d.get("crop_ratio", default.crop_ratio)) == (1.0, 1.0))
     check(still, f"data.label={d.label!r} is the lesion's image quadrant, which flips and random crops change: "
                  "set data.flip=False, data.crop_scale=(1.0, 1.0) and data.crop_ratio=(1.0, 1.0)")
   if c.protocol == "seg_probe":
