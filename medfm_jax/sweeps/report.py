@@ -21,7 +21,10 @@ import numpy as np
 from absl import app, flags
 
 from medfm_jax import storage
-from medfm_jax.sweeps import collect, grid, plots, runner
+from medfm_jax.sweeps import collect, grid, plots
+
+
+MAX_TITLE_PATHS = 3   # more sources are summarised in titles as "N runs in PARENT"
 
 
 def mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -71,6 +74,44 @@ def separation(groups: dict[tuple, list], metrics: list[str]) -> list[str]:
           "|---|---|---|---|---|---|---|", *rows]
 
 
+def versus_random_init(groups: dict[tuple, list], metrics: list[str]) -> list[str]:
+  """Markdown lines: each point evaluated from a pretrained checkpoint against the point that
+  differs from it only by ``init=random`` (same protocol, budget, recipe): both means, the
+  difference, its s.e. (the two s.e. in quadrature) and their ratio; [] without such pairs."""
+  by_rest: dict[tuple, dict] = {}
+  for group in groups:
+    g = dict(group)
+    if "init" not in g:
+      return []
+    rest = tuple((k, v) for k, v in group if k != "init" and not k.startswith("init."))
+    by_rest.setdefault(rest, {})[group] = g["init"]
+  rows = []
+  for rest, members in by_rest.items():
+    random = [grp for grp, init in members.items() if init == collect.RANDOM_INIT]
+    if len(random) != 1:
+      continue
+    for group, init in members.items():
+      if init == collect.RANDOM_INIT:
+        continue
+      for m in metrics:
+        a = mean_se([r.metrics.get(m, float("nan")) for r in groups[group]])
+        b = mean_se([r.metrics.get(m, float("nan")) for r in groups[random[0]]])
+        if not (a[2] and b[2]):
+          continue
+        diff, se = a[0] - b[0], float(np.hypot(a[1], b[1]))
+        ratio = f"{diff / se:+.1f}" if se > 0 and a[2] > 1 and b[2] > 1 else "n/a"
+        rows.append(f"| {m} | {collect.group_label(group)} | {a[0]:.4f} ± {a[1]:.4f} ({a[2]}) | "
+                    f"{b[0]:.4f} ± {b[1]:.4f} ({b[2]}) | {diff:+.4f} | {se:.4f} | {ratio} |")
+  if not rows:
+    return []
+  return ["", "## Pretrained vs random init", "",
+          "Each point evaluated from a pretrained checkpoint against the point that differs only by "
+          "`init=random`: mean ± s.e. (replicates: seeds, pretraining seeds, label draws), the "
+          "difference, its standard error (the two s.e. in quadrature) and their ratio.", "",
+          "| metric | point | pretrained (n) | random init (n) | difference | s.e. | difference / s.e. |",
+          "|---|---|---|---|---|---|---|", *rows]
+
+
 def build(paths: list[str], metrics: list[str], out: str) -> str:
   """Writes the report and plots into ``out`` (local or URL); returns the path of report.md."""
   runs = collect.load_runs(paths)
@@ -84,10 +125,11 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
   groups: dict[tuple, list] = {}
   for r in runs:
     groups.setdefault(r.group, []).append(r)
-  fields = list(dict.fromkeys(k for r in runs for k in r.overrides if k != runner.SEED))
+  fields = list(dict.fromkeys(k for r in runs for k in r.overrides if k not in collect.REPLICATES))
   short = grid.short_keys(fields)
   out = storage.path(out)
-  title = ", ".join(storage.path(p).name for p in paths)
+  names = [storage.path(p).name for p in paths]
+  title = ", ".join(names) if len(names) <= MAX_TITLE_PATHS else f"{len(names)} runs in {common_parent(paths) or '.'}"
 
   lines = [f"# Report: {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
            "Values: final value of each metric; `mean ± s.e.` over seeds where a point ran with several "
@@ -101,6 +143,7 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
     row = [collect.group_label(group), *[grid.format_value(g[f]) if f in g else "" for f in fields],
            str(len(rs)), status, *[_fmt([r.metrics.get(m, float("nan")) for r in rs]) for m in metrics]]
     lines.append("| " + " | ".join(row) + " |")
+  lines += versus_random_init(groups, metrics)
   lines += separation(groups, metrics)
   if any(len(rs) > 1 for rs in groups.values()):
     lines += ["", "## Every run", "", "| run | status | " + " | ".join(metrics) + " |",

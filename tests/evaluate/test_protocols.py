@@ -182,6 +182,9 @@ def test_finetune_refuses_augmentations_that_change_a_location_label():
     assert "\n" not in str(e.value)
   _config("linear_probe", **{**still, "data.flip": True})   # frozen features: no train-time flip
   _config("finetune", "full", **{"data.label": "modality"})   # labels a flip keeps
+  for variant in ("full_spatial", "lora_spatial"):   # the recipes made for such labels pass as they are
+    c = _config("finetune", variant, **{"data.label": "lesion_location"})
+    assert (c.objective.pool, c.objective.layer_decay) == ("mean", 0.0)
 
 
 class _StopTraining(Exception):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from medfm_jax.sweeps import report
 from medfm_jax.sweeps import collect
+from medfm_jax.train import checkpoint
 from tests import helpers
 
 
@@ -166,3 +167,56 @@ def test_unknown_metric_and_path_are_one_line_errors(sweep_dir, tmp_path):
     report.build([sweep_dir], ["eval/nope"], str(tmp_path))
   with pytest.raises(collect.ReportError, match="not a sweep folder"):
     report.build([str(tmp_path)], [], str(tmp_path))
+
+
+def _pretraining(path, objective, seed):
+  """A plain checkpoint whose meta config names ``objective`` and ``seed`` (what init_from reads)."""
+  config = {"seed": seed, "total_steps": 2000, "objective": {"name": objective, "mask_ratio": 0.75}}
+  checkpoint.export_params(str(path), 2000, {"w": np.zeros(2, np.float32)}, {"config": json.dumps(config)})
+  return str(path)
+
+
+def _evaluation(path, accuracy, init_from="", seed=0, budget=10, scheme="full", recorded=True):
+  """An eval workdir: results.json with the eval config it recorded (or, as written before configs
+  were recorded, none)."""
+  os.makedirs(path)
+  config = {"protocol": "finetune", "seed": seed, "init_from": init_from, "data": {"label": "lesion_location"},
+            "objective": {"scheme": scheme}, "probe": {"labels_per_class": budget, "seed": 0}}
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"metrics": {"accuracy": accuracy}, **({"config": config} if recorded else {})}, f)
+  return str(path)
+
+
+def test_evaluations_group_by_pretraining_recipe_and_pair_with_random_init(tmp_path, monkeypatch):
+  """Evaluations of three pretraining seeds of one recipe are replicates of one point (as are the
+  random inits' seeds); each pretrained point is paired with the random-init point of its budget
+  and scheme. Runs without a recorded config do not make every field look swept."""
+  mae = [_pretraining(tmp_path / f"mae_s{s}", "mae", s) for s in range(3)]
+  acc = {("mae", 10): [0.33, 0.32, 0.34], ("random", 10): [0.27, 0.28, 0.29],
+         ("mae", 100): [0.42, 0.46, 0.41], ("random", 100): [0.39, 0.41, 0.36]}
+  dirs = []
+  for (init, budget), values in acc.items():
+    for s, a in enumerate(values):
+      dirs.append(_evaluation(tmp_path / f"ft_{budget}_{init}{s}", a, init_from=mae[s] if init == "mae" else "",
+                              seed=0 if init == "mae" else s, budget=budget))
+  lora = _evaluation(tmp_path / "ft_lora", 0.30, init_from=mae[0], scheme="lora")
+  monkeypatch.setattr(report.plots, "loss_curves", lambda *a: False)        # the tables are the subject
+  monkeypatch.setattr(report.plots, "metric_vs_field", lambda *a: False)
+  old = _evaluation(tmp_path / "ft_old", 0.50, recorded=False)
+  path = report.build([*dirs, lora, old], ["accuracy"], str(tmp_path / "out"))
+  md = open(path).read()
+  rows = {r[0]: r for r in _table_rows(md)}
+  assert rows["point"][1:5] == ["init", "scheme", "labels_per_class", "seeds"]
+  for (init, budget), values in acc.items():
+    row = rows[f"init={init},scheme=full,labels_per_class={budget}"]
+    assert row[4] == "3" and row[6] == f"{np.mean(values):.4f} ± {_se(values):.4f}", row
+  assert rows["init=mae,scheme=lora,labels_per_class=10"][6] == "0.3000"
+  pairs = {r[1]: r for r in _table_rows(md.split("## Pretrained vs random init")[1].split("## Effect")[0])}
+  assert set(pairs) == {"point", "init=mae,scheme=full,labels_per_class=10", "init=mae,scheme=full,labels_per_class=100"}
+  diff = np.mean(acc[("mae", 10)]) - np.mean(acc[("random", 10)])
+  se = float(np.hypot(_se(acc[("mae", 10)]), _se(acc[("random", 10)])))
+  assert pairs["init=mae,scheme=full,labels_per_class=10"][4:] == [f"{diff:+.4f}", f"{se:.4f}", f"{diff / se:+.1f}"]
+  # A second recipe (another objective) is a point of its own, not a replicate of the first.
+  dino = _evaluation(tmp_path / "ft_dino", 0.25, init_from=_pretraining(tmp_path / "dino_s0", "dino", 0))
+  rows = {r[0]: r for r in _table_rows(open(report.build([*dirs[:3], dino], ["accuracy"], str(tmp_path / "out2"))).read())}
+  assert rows["init=mae"][2] == "3" and rows["init=dino"][2] == "1"

@@ -52,6 +52,9 @@ def test_sweep_files_load_and_check_fields():
                        ("dino_teacher_momentum.py:tiny", 2, "train"),
                        ("dino_teacher_momentum.py:vit_s16", 3, "train"),
                        ("clip_vs_siglip.py:tiny", 2, "train"), ("lora_rank.py:tiny", 4, "eval"),
+                       ("label_efficiency.py:finetune_full", 3, "eval"),
+                       ("label_efficiency.py:finetune_lora", 3, "eval"),
+                       ("label_efficiency.py:linear_probe", 3, "eval"),
                        ("mae_mask_ratio.py:vit_b16", 20, "train")]:
     s = spec.load("configs/sweeps/" + arg)
     assert (len(s.points), s.kind) == (n, kind), arg
