@@ -37,9 +37,11 @@ PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment
              "seg_probe")
 FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
 FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
-# Labels that are the lesion's place in the image: a horizontal flip or a random crop of the
-# training image changes them (fine-tuning would learn from wrong labels).
-POSITION_LABELS = ("lesion_location",)
+# Labels that training-time geometry changes while the label stays (fine-tuning would learn from
+# wrong labels): the lesion's quadrant moves under a horizontal flip or a random crop; its size
+# class (area as a fraction of the image) grows when a random crop is resized to the full image.
+FLIP_CHANGES = ("lesion_location",)
+CROP_CHANGES = ("lesion_location", "lesion_size")
 # Protocols that run the encoder on the eval config's data.*: they take the checkpoint's image
 # geometry (adopt_checkpoint); zero_shot / segment read the run's own data, segment3d volumes.
 ADOPTS_DATA = ("linear_probe", "knn", "fewshot", "finetune", "seg_probe")
@@ -59,6 +61,23 @@ def adopt_checkpoint(config, explicit=()) -> None:
     restore.adopt_data(config, saved, explicit)
 
 
+def _check_label_geometry(d) -> None:
+  """Fine-tuning augmentations must not change the label: no flips for ``FLIP_CHANGES``, no random
+  crops for ``CROP_CHANGES`` (unset fields: the pipeline's defaults, ``DataSpec``)."""
+  default = data_spec.DataSpec
+  flips = d.get("flip", default.flip)
+  crops = (tuple(d.get("crop_scale", default.crop_scale)) != (1.0, 1.0)
+           or tuple(d.get("crop_ratio", default.crop_ratio)) != (1.0, 1.0))
+  if d.label in FLIP_CHANGES:
+    check(not flips and not crops, f"data.label={d.label!r} is the lesion's image quadrant, which flips and "
+          "random crops change: set data.flip=False, data.crop_scale=(1.0, 1.0) and data.crop_ratio=(1.0, 1.0) "
+          "(configs/eval/finetune.py:full_spatial / lora_spatial)")
+  elif d.label in CROP_CHANGES:
+    check(not crops, f"data.label={d.label!r} is the lesion's area as a fraction of the image, which a random "
+          "crop resized to the full image changes: set data.crop_scale=(1.0, 1.0) and data.crop_ratio=(1.0, 1.0) "
+          "(configs/eval/finetune.py:full_spatial / lora_spatial)")
+
+
 def check_config(config) -> None:
   """Eval-protocol fields (``configs/eval/*.py``); call after ``config.validate``. With
   ``init_from``, ``encoder_weights`` must name a tower the checkpoint's objective declares
@@ -76,12 +95,8 @@ def check_config(config) -> None:
         f"probe.labels_per_class={c.probe.get('labels_per_class')}: must be >= 0 (0 = every train row)")
   check(c.probe.epochs > 0 and c.probe.batch_size > 0 and c.probe.lr > 0,
         f"probe.epochs={c.probe.epochs}, probe.batch_size={c.probe.batch_size}, probe.lr={c.probe.lr}: must be > 0")
-  if c.protocol == "finetune" and c.data.label in POSITION_LABELS:
-    d, default = c.data, data_spec.DataSpec   # unset fields: the pipeline's defaults
-    still = (not d.get("flip", default.flip) and tuple(d.get("crop_scale", default.crop_scale)) == (1.0, 1.0)
-             and tuple(d.get("crop_ratio", default.crop_ratio)) == (1.0, 1.0))
-    check(still, f"data.label={d.label!r} is the lesion's image quadrant, which flips and random crops change: "
-                 "set data.flip=False, data.crop_scale=(1.0, 1.0) and data.crop_ratio=(1.0, 1.0)")
+  if c.protocol == "finetune":
+    _check_label_geometry(c.data)
   if c.protocol == "seg_probe":
     check(c.seg_probe.mask in phantoms.MASK_CLASSES,
           f"seg_probe.mask={c.seg_probe.mask!r}: allowed {phantoms.MASK_CLASSES}")

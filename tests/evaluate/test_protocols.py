@@ -170,7 +170,7 @@ def test_linear_probe_label_budget(monkeypatch):
     protocols.check_config(c)
 
 
-def test_finetune_refuses_augmentations_that_change_a_location_label():
+def test_finetune_refuses_augmentations_that_change_a_location_or_size_label():
   # A horizontal flip moves the lesion to the other side and a random crop can move it to another
   # quadrant, while the label stays: fine-tuning on lesion_location needs both off.
   still = {"data.label": "lesion_location", "data.flip": False, "data.crop_scale": (1.0, 1.0),
@@ -182,6 +182,11 @@ def test_finetune_refuses_augmentations_that_change_a_location_label():
     assert "\n" not in str(e.value)
   _config("linear_probe", **{**still, "data.flip": True})   # frozen features: no train-time flip
   _config("finetune", "full", **{"data.label": "modality"})   # labels a flip keeps
+  # The size class is the lesion's area fraction: a crop resized to the full image enlarges it; a flip does not.
+  _config("finetune", "full", **{**still, "data.label": "lesion_size", "data.flip": True})
+  for field, value in (("data.crop_scale", (0.5, 1.0)), ("data.crop_ratio", (0.75, 1.33))):
+    with pytest.raises(config_lib.ConfigError, match="lesion_size.*" + field.split(".")[1]):
+      _config("finetune", "full", **{**still, "data.label": "lesion_size", field: value})
   for variant in ("full_spatial", "lora_spatial"):   # the recipes made for such labels pass as they are
     c = _config("finetune", variant, **{"data.label": "lesion_location"})
     assert (c.objective.pool, c.objective.layer_decay) == ("mean", 0.0)
