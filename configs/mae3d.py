@@ -15,7 +15,9 @@ Published size (Primus-M: 8^3 patches, width 864, 16 layers, 12 heads; 160^3 cro
 per-patch normalised targets (``objective.norm_pix_loss``) and 800 steps (about 540 CPU-s, 12 min
 wall on the shared 2 cores). On few-shot segmentation (``segment3d.py:fewshot_primus``) it leads
 random init by +0.33 SE over 4 seeds, and by +1.0 SE over 8 seeds with the fine-tuning stopped at
-150 steps (vol7); both are short of the 3 SE bar:
+150 steps (vol7). Pretrained for 1,300 steps (``,total_steps=1300,warmup_steps=65``: 900 CPU-s, the
+20-minute budget) it leads by +1.6 SE at 150 steps over 8 seeds (vol8). All are short of the 3 SE
+bar:
 
   python -m medfm_jax.main --config=configs/mae3d.py:tiny_seg --workdir=runs/mae3d_tiny_seg
 
