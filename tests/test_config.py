@@ -101,3 +101,16 @@ def test_final_eval_is_checked_before_training():
     main._final_eval_config(c)  # pylint: disable=protected-access
   c.final_eval.config = ""
   assert main._final_eval_config(c) is None  # pylint: disable=protected-access
+
+
+def test_dino_tiny_ibot_is_the_measured_recipe():
+  """configs/dino.py:tiny_ibot is the run docs/benchmark.md measured (tiny_v2 plus these overrides,
+  its closing table aside): a change to either must be re-measured."""
+  from configs import dino  # pylint: disable=g-import-not-at-top  (config files are loaded by path)
+  measured = helpers.override(dino.get_config("tiny_v2"), {
+      "model.patch_embed": "conv", "model.cls_pool": "max", "model.layer_scale_init": 0.1,
+      "objective.momentum_teacher": 0.99, "data.patch_masks.probability": 1.0,
+      "data.patch_masks.ratio": (0.3, 0.7), "objective.dino_loss_weight": 0.0,
+      "objective.ibot_loss_weight": 1.0, "data.multicrop.num_local": 0, "total_steps": 1000})
+  assert dino.get_config("tiny_ibot").to_dict() == measured.to_dict()
+  config_lib.validate(dino.get_config("tiny_ibot"), None, 1)
