@@ -6,9 +6,10 @@ r"""Fine-tuning through the shared trainer (supervised objective): the variant i
 Variants (tiny scale; add ``,model.variant=B/16,...`` or start from vit_b16 for ViT-B/16):
   full (layer-wise lr decay 0.75) | last_n (last 2 blocks) | linear_probe | lora (r=8, q/v) |
   prompt (8 prompt tokens) | adapter (bottleneck 16, after attention and MLP) | vit_b16 (full) |
-  full_spatial, lora_spatial: for labels that are a place in the image (``lesion_location``): no
-  flips or random crops (they would move the lesion but keep its label), mean-pooled tokens, no
-  layer-wise lr decay; the recipe of docs/benchmark.md's label-efficiency fine-tuning.
+  full_spatial, lora_spatial: for labels that image geometry changes (``lesion_location``,
+  ``lesion_size``): no flips or random crops (they would move or enlarge the lesion but keep its
+  label), mean-pooled tokens, no layer-wise lr decay; the recipe of docs/benchmark.md's
+  label-efficiency fine-tuning.
 Writes WORKDIR/finetune (train run), WORKDIR/export (plain merged checkpoint), results.{json,md}.
 """
 import os
