@@ -24,7 +24,7 @@ from medfm_jax import storage
 from medfm_jax.sweeps import collect, grid, plots
 
 
-MAX_TITLE_PATHS = 3   # more sources are summarised in titles as "N runs in PARENT"
+MAX_TITLE_PATHS = 3   # more sources are summarised in titles as "N sources in PARENT"
 
 
 def mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -129,7 +129,7 @@ def build(paths: list[str], metrics: list[str], out: str) -> str:
   short = grid.short_keys(fields)
   out = storage.path(out)
   names = [storage.path(p).name for p in paths]
-  title = ", ".join(names) if len(names) <= MAX_TITLE_PATHS else f"{len(names)} runs in {common_parent(paths) or '.'}"
+  title = ", ".join(names) if len(names) <= MAX_TITLE_PATHS else f"{len(names)} sources in {common_parent(paths) or '.'}"
 
   lines = [f"# Report: {title}", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), "",
            "Values: final value of each metric; `mean ± s.e.` over seeds where a point ran with several "
