@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from configs import mae
+from configs import dino, mae
 from medfm_jax import config as config_lib
 from tests import helpers
 
@@ -106,7 +106,6 @@ def test_final_eval_is_checked_before_training():
 def test_dino_tiny_ibot_is_the_measured_recipe():
   """configs/dino.py:tiny_ibot is the run docs/benchmark.md measured (tiny_v2 plus these overrides,
   its closing table aside): a change to either must be re-measured."""
-  from configs import dino  # pylint: disable=g-import-not-at-top  (config files are loaded by path)
   measured = helpers.override(dino.get_config("tiny_v2"), {
       "model.patch_embed": "conv", "model.cls_pool": "max", "model.layer_scale_init": 0.1,
       "objective.momentum_teacher": 0.99, "data.patch_masks.probability": 1.0,
