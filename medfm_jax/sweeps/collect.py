@@ -186,7 +186,7 @@ def load_runs(paths: list[str]) -> list[Run]:
   cache: dict = {}
   everyone = runs + loose
   configs = [run_config(r.workdir, cache) for r in everyone]
-  varying = varying_fields(configs) if len(everyone) > 1 else []
+  varying = varying_fields(configs)   # one run differs from nobody: []
   for run, config in zip(everyone, configs):
     run.overrides.update({k: config.get(k) for k in varying if k not in run.overrides})
   for run in everyone:
