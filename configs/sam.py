@@ -65,6 +65,7 @@ def get_config(arg: str | None = None):
   c.model.variant = "B/16"                # the image encoder's sizes (ViT or ViTDet)
   c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0   # 0 = the variant's
   c.model.remat = "none"
+  c.model.attention_chunk = 0             # encoder='vitdet': > 0 = global attention N queries at a time (memory)
   # objective.encoder='vit': our ViT's fields, which init_from's checkpoint overwrites (main adopts
   # its architecture: a DINO run's learned positions, registers, LayerScale, ...).
   c.model.pos_embed, c.model.layer_norm_eps, c.model.layer_scale_init = "sincos2d", 1e-6, 0.0

@@ -88,15 +88,17 @@ def build_prompt_and_decoder(cfg: dict[str, Any], grid: int, dtype=jnp.float32):
 
 
 def build_sam(cfg: dict[str, Any] | None = None, dtype=jnp.float32, remat: bool = False,
-              attention_impl: str | None = None, **overrides) -> SegmentAnything:
-  """SAM with its own ViTDet image encoder, sized by ``cfg`` (fields: :data:`DEFAULTS`)."""
+              attention_impl: str | None = None, attention_chunk: int = 0, **overrides) -> SegmentAnything:
+  """SAM with its own ViTDet image encoder, sized by ``cfg`` (fields: :data:`DEFAULTS`);
+  ``attention_chunk > 0`` computes global attention that many queries at a time (less memory,
+  same outputs: :class:`~medfm_jax.models.sam_encoder.RelPosAttention`)."""
   cfg = full_config(cfg, **overrides)
   if cfg["image_size"] % cfg["patch_size"]:
     raise ValueError(f"SAM image_size={cfg['image_size']} is not divisible by patch_size={cfg['patch_size']}")
   encoder = SamImageEncoder(cfg["image_size"], cfg["patch_size"], cfg["width"], cfg["depth"], cfg["num_heads"],
                             cfg["mlp_dim"], cfg["prompt_dim"], cfg["window_size"], tuple(cfg["global_attn_indexes"]),
                             cfg["use_abs_pos"], cfg["use_rel_pos"], cfg["qkv_bias"], cfg["layer_norm_eps"], dtype,
-                            remat, attention_impl)
+                            remat, attention_impl, attention_chunk)
   return SegmentAnything(encoder, *build_prompt_and_decoder(cfg, cfg["image_size"] // cfg["patch_size"], dtype))
 
 

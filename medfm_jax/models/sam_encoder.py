@@ -72,6 +72,9 @@ class RelPosAttention(nn.Module):
 
   ``rel_pos_h / rel_pos_w [2 s - 1, head_dim]`` are created for the grid ``rel_pos_size`` (the
   window, or the whole pretraining grid for global blocks) and linearly resized for other grids.
+  ``query_chunk > 0`` computes the attention of at most that many queries at a time (a rematerialised
+  loop), so the ``[b, heads, queries, keys]`` bias, logits and probabilities never exist whole: a
+  global block at 1024 px holds ``12 x 4096 x 4096`` of each in float32 otherwise (805 MB apiece).
   """
   num_heads: int
   rel_pos_size: tuple[int, int]
@@ -79,6 +82,7 @@ class RelPosAttention(nn.Module):
   qkv_bias: bool = True
   dtype: Any = jnp.float32
   implementation: str | None = None
+  query_chunk: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -90,19 +94,54 @@ class RelPosAttention(nn.Module):
     proj = lambda name: layers.DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"),
                                             use_bias=self.qkv_bias, dtype=self.dtype, name=name)(tokens)
     q, k, v = (constrain(proj(n), ("batch", "seq", "act_heads", "act_kv")) for n in ("query", "key", "value"))
-    bias = None
+    table_h = table_w = None
     if self.use_rel_pos:
       sh, sw = self.rel_pos_size
       rel_h = layers.param_with_axes(self, "rel_pos_h", nn.initializers.zeros, (2 * sh - 1, head_dim), (None, "kv"))
       rel_w = layers.param_with_axes(self, "rel_pos_w", nn.initializers.zeros, (2 * sw - 1, head_dim), (None, "kv"))
-      grid_q = q.reshape(b, h, w, self.num_heads, head_dim)
-      bias_h = jnp.einsum("byxnc,ykc->bnyxk", grid_q, relative_positions(h, h, rel_h).astype(self.dtype))
-      bias_w = jnp.einsum("byxnc,xkc->bnyxk", grid_q, relative_positions(w, w, rel_w).astype(self.dtype))
-      bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+      table_h = relative_positions(h, h, rel_h).astype(self.dtype)     # [query row, key row, c]
+      table_w = relative_positions(w, w, rel_w).astype(self.dtype)     # [query col, key col, c]
+    if 0 < self.query_chunk < h * w:
+      out = _chunked_rel_pos_attention(q, k, v, table_h, table_w, (h, w), self.query_chunk, self.implementation)
+    else:
+      rows, cols = np.divmod(np.arange(h * w), w)
+      out = _rel_pos_attention(q, k, v, table_h, table_w, rows, cols, self.implementation)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
     y = layers.DenseGeneral((d,), ("heads", "kv", "embed"), contract_dims=2, dtype=self.dtype, name="out")(out)
     return y.reshape(b, h, w, d)
+
+
+def _rel_pos_attention(q, k, v, table_h, table_w, rows, cols, implementation):
+  """Attention of queries ``q [b, n, heads, c]`` at grid rows / cols ``[n]`` over all keys
+  ``k, v [b, h * w, heads, c]``, with the decomposed bias ``q . table_h[row, key row] +
+  q . table_w[col, key col]`` (none when the tables are None)."""
+  bias = None
+  if table_h is not None:
+    b, n, heads, _ = q.shape
+    bias_h = jnp.einsum("bqnc,qkc->bnqk", q, table_h[rows])
+    bias_w = jnp.einsum("bqnc,qkc->bnqk", q, table_w[cols])
+    bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, n, -1)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+def _chunked_rel_pos_attention(q, k, v, table_h, table_w, grid, chunk, implementation):
+  """:func:`_rel_pos_attention` over ``chunk`` queries at a time (the last chunk zero-padded), each
+  chunk rematerialised in the backward pass, so only one chunk's ``[b, heads, chunk, h * w]``
+  intermediates are alive at once."""
+  b, n, heads, c = q.shape
+  num = -(-n // chunk)
+  pad = num * chunk - n
+  positions = np.pad(np.arange(n), (0, pad)).reshape(num, chunk)
+  rows, cols = np.divmod(positions, grid[1])
+  q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, num, chunk, heads, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(args):
+    q_chunk, r, cl = args
+    return _rel_pos_attention(q_chunk, k, v, table_h, table_w, r, cl, implementation)
+
+  out = jax.lax.map(one, (q_chunks, jnp.asarray(rows), jnp.asarray(cols)))
+  return out.swapaxes(0, 1).reshape(b, num * chunk, heads, c)[:, :n]
 
 
 class ViTDetBlock(nn.Module):
@@ -116,6 +155,7 @@ class ViTDetBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  query_chunk: int = 0                  # > 0: attention over at most this many queries at a time
 
   @nn.compact
   def __call__(self, x):
@@ -126,7 +166,7 @@ class ViTDetBlock(nn.Module):
       y, padded = window_partition(y, ws)
     y = RelPosAttention(self.num_heads, (ws, ws) if ws > 0 else tuple(self.grid_size), self.use_rel_pos,
                         self.qkv_bias, self.dtype, None if self.use_rel_pos else self.attention_impl,
-                        name="attn")(y)
+                        self.query_chunk, name="attn")(y)
     if ws > 0:
       y = window_unpartition(y, ws, padded, (h, w))
     t = (x + y).reshape(b, h * w, d)
@@ -154,7 +194,9 @@ class SamImageEncoder(nn.Module):
   """SAM's ViT image encoder: ``images [b, H, W, c]`` -> ``[b, H/p, W/p, out_chans]``.
 
   The learned absolute position grid is created for ``image_size`` and bicubically resized for
-  other input sizes (SAM itself only runs at ``image_size``).
+  other input sizes (SAM itself only runs at ``image_size``). ``attention_chunk > 0`` bounds the
+  attention memory of the blocks with more tokens than that (the global ones; see
+  :class:`RelPosAttention`); the outputs are the same.
   """
   image_size: int = 1024
   patch_size: int = 16
@@ -172,6 +214,7 @@ class SamImageEncoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  attention_chunk: int = 0
 
   @nn.compact
   def __call__(self, images, deterministic: bool = True):  # pylint: disable=unused-argument
@@ -192,7 +235,7 @@ class SamImageEncoder(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, 0 if i in self.global_attn_indexes else self.window_size,
                     (g0, g0), self.use_rel_pos, self.qkv_bias, self.layer_norm_eps, self.dtype,
-                    self.attention_impl, name=f"layer_{i}")(x)
+                    self.attention_impl, self.attention_chunk, name=f"layer_{i}")(x)
     return ConvNeck(self.out_chans, 1e-6, self.dtype, name="neck")(x)
 
 

@@ -65,7 +65,8 @@ def build_model(config) -> sam_lib.SegmentAnything:
   if config.objective.get("encoder", "vit") == "vit":
     return sam_lib.build_sam_on_vit(vit.vit_from_config(config), config.data.image_size,
                                     {k: v for k, v in cfg.items() if k not in _ENCODER_FIELDS})
-  return sam_lib.build_sam(cfg, dtype=vit.COMPUTE_DTYPES[config.dtype], remat=config.model.get("remat", "none") != "none")
+  return sam_lib.build_sam(cfg, dtype=vit.COMPUTE_DTYPES[config.dtype], remat=config.model.get("remat", "none") != "none",
+                           attention_chunk=config.model.get("attention_chunk", 0))
 
 
 def dice_loss(logits, target, smooth: float = 1.0):
@@ -165,6 +166,11 @@ class SamObjective(base.Objective):
     check(not (o.get("encoder", "vit") == "vitdet" and config.get("init_from")),
           "init_from restores one of our ViTs: use objective.encoder='vit' (or objective.sam_checkpoint for "
           "official SAM weights)")
+    chunk = config.model.get("attention_chunk", 0)
+    check(isinstance(chunk, int) and chunk >= 0,
+          f"model.attention_chunk={chunk!r}: an integer >= 0 (0: whole attention; N: N queries at a time)")
+    check(not (chunk and o.get("encoder", "vit") != "vitdet"),
+          "model.attention_chunk applies to SAM's own image encoder: set objective.encoder='vitdet' or leave it 0")
     check(not (o.get("sam_checkpoint") and o.get("encoder", "vit") != "vitdet"),
           "objective.sam_checkpoint needs objective.encoder='vitdet' (SAM's own image encoder)")
     with config_errors():
