@@ -170,16 +170,14 @@ def time_train_step(config, batch_size: int, steps: int, warmup: int) -> dict[st
   lowered = assembly.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  hardware_flops = model_flops = telemetry.step_flops(lowered)
-  # MFU counts the model's FLOPs: no remat recomputation, and attention as XLA dots (a cuDNN
+  # Hardware FLOPs: the step as compiled, loops unrolled (XLA's cost analysis counts a loop body
+  # once). MFU counts the model's FLOPs: no remat recomputation, and attention as XLA dots (a cuDNN
   # flash-attention custom call is invisible to XLA's cost analysis).
+  flops = lambda c: telemetry.step_flops(lowered if c is None else assemble.assemble(c, mesh).lower())
+  hardware_flops = flops(telemetry.flop_counting_config(config))
+  model_config = telemetry.flop_counting_config(config, model_flops=True)
+  model_flops = hardware_flops if model_config is None else flops(model_config)
   impl = config.model.get("attention_impl")   # None: a model without the field (SAM's ViTDet: JAX's default)
-  if config.model.get("remat", "none") != "none" or impl not in (None, "xla"):
-    plain = config.copy_and_resolve_references()
-    plain.model.remat = "none"
-    if impl is not None:
-      plain.model.attention_impl = "xla"
-    model_flops = telemetry.step_flops(assemble.assemble(plain, mesh).lower())
   program = _program_bytes(compiled)
   if program > _device_bytes_limit():
     raise MemoryError(f"program needs {program / 2**30:.1f} GiB")

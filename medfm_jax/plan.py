@@ -10,8 +10,8 @@ row per run (``--json=FILE`` appends the numbers as a JSON line):
 * per-device bytes of params, optimizer state, other state (EMA teacher, ...), the batch, and
   the step's peak temporaries (``compiled.memory_analysis()``); whether the total fits the chip;
 * FLOPs per step (XLA cost analysis of the whole step before partitioning, with any
-  ``model.scan`` loop and ``grad_accum_steps`` microbatch loop unrolled since the analysis counts a
-  loop body once);
+  ``model.scan`` loop, ``grad_accum_steps`` microbatch loop and ``model.attention_chunk`` query loop
+  unrolled since the analysis counts a loop body once);
 * an estimated step time and MFU on ``--chip``: ``max(compute, collectives)`` with perfect
   overlap, from the chip's peak (``train/telemetry.PEAK_TFLOPS``) and interconnect bandwidth
   (:data:`CHIPS`); so the MFU is an upper bound. Collective bytes are parsed from the partitioned
@@ -153,12 +153,11 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  if config.model.get("scan", False) or config.get("grad_accum_steps", 1) > 1:
-    # FLOPs of the same step unrolled: the layer scan and the gradient-accumulation scan are loops
-    # whose body XLA's cost analysis counts once (one accumulation step = one full-batch step).
-    unrolled = config.copy_and_resolve_references()
-    unrolled.model.scan = False
-    unrolled.grad_accum_steps = 1
+  unrolled = telemetry.flop_counting_config(config)
+  if unrolled is not None:
+    # FLOPs of the same step unrolled: the layer scan, the gradient-accumulation scan and chunked
+    # attention are loops whose body XLA's cost analysis counts once (one accumulation step = one
+    # full-batch step).
     lowered = assemble.assemble(unrolled, mesh, batch).lower()
   n = jax.device_count()
   mem = compiled.memory_analysis()

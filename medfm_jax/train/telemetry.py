@@ -40,6 +40,33 @@ def peak_tflops_per_device(override: float = 0.0) -> float:
   return float("nan")
 
 
+def flop_counting_config(config, model_flops: bool = False):
+  """A copy of ``config`` whose train step XLA's cost analysis counts whole, or ``None`` when
+  ``config``'s own step already is. The analysis counts a loop body once, so the layer scan
+  (``model.scan``), gradient accumulation (``grad_accum_steps``) and query-chunked attention
+  (``model.attention_chunk``) are unrolled: same math, same FLOPs. ``model_flops`` also drops
+  remat recomputation and lowers attention as XLA dots (for MFU)."""
+  model = config.model
+  loops = (model.get("scan", False) or config.get("grad_accum_steps", 1) > 1
+           or model.get("attention_chunk", 0) > 0)
+  extra = model_flops and (model.get("remat", "none") != "none"
+                           or model.get("attention_impl") not in (None, "xla"))
+  if not (loops or extra):
+    return None
+  out = config.copy_and_resolve_references()
+  for key, value in (("scan", False), ("attention_chunk", 0)):
+    if key in out.model:
+      out.model[key] = value
+  if "grad_accum_steps" in out:
+    out.grad_accum_steps = 1
+  if model_flops:
+    if "remat" in out.model:
+      out.model.remat = "none"
+    if out.model.get("attention_impl") is not None:
+      out.model.attention_impl = "xla"
+  return out
+
+
 def step_flops(lowered) -> float:
   """Total FLOPs of one call of a lowered (not yet compiled) XLA program, all devices together.
 

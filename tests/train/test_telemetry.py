@@ -56,3 +56,18 @@ def test_step_flops_falls_back_to_the_cpu_client_where_lowered_analysis_is_missi
   assert telemetry.step_flops(PluginLowered()) == pytest.approx(2 * 64 * 32 * 16, rel=0.1)
   assert telemetry.peak_tflops_per_device(123.0) == 123.0
   assert telemetry.peak_tflops_per_device() > 0
+
+
+def test_flop_counting_config_unrolls_every_loop_the_cost_analysis_counts_once():
+  from configs import mae as mae_config, sam as sam_config   # pylint: disable=import-outside-toplevel
+  plain = mae_config.get_config("tiny")
+  assert telemetry.flop_counting_config(plain) is None            # nothing to unroll: its own step
+  looped = mae_config.get_config("tiny,model.scan=True,grad_accum_steps=2,model.remat=full")
+  hardware = telemetry.flop_counting_config(looped)
+  assert (hardware.model.scan, hardware.grad_accum_steps, hardware.model.remat) == (False, 1, "full")
+  model = telemetry.flop_counting_config(looped, model_flops=True)
+  assert (model.model.remat, model.model.attention_impl) == ("none", "xla")
+  assert looped.model.scan and looped.grad_accum_steps == 2       # the caller's config is untouched
+  sam = sam_config.get_config("tiny,objective.encoder='vitdet',model.attention_chunk=512")
+  assert telemetry.flop_counting_config(sam).model.attention_chunk == 0
+  assert "attention_impl" not in telemetry.flop_counting_config(sam, model_flops=True).model
