@@ -18,6 +18,10 @@ soon as it finishes (a run cut short keeps what it measured), then writes ``DIR/
   mae_b16_no_triton_gemm mae_b16 with Triton GEMM fusion off (own process)
   clip_b16               CLIP B/16 image and text towers, bf16
   dinov2_l14             DINOv2 ViT-L/14, 2 x 224 + 8 x 98 crops, iBOT + KoLeo, bf16
+  medsam_b_1024          MedSAM's step (SAM ViT-B image encoder at 1024 px, box prompts, Dice + BCE),
+                         bf16, global attention 1024 queries at a time; GPU only (its CPU step at
+                         batch 1 is in docs/segmentation.md: a tiny SAM step compiles too slowly
+                         for the smoke test's budget)
 
 Each JAX record: the batch, compile time, median step time, images/s, TFLOP/s (model FLOPs: XLA's
 cost analysis of the lowered step without remat and with XLA attention, ``telemetry.step_flops``), MFU against the device table's dense bf16 peak (H100/H200 SXM 989,
@@ -93,6 +97,8 @@ CASES = (
          smoke=("clip.py:tiny,data.image_size=16,model.depth=1,model.text.depth=1", (8,))),
     Case("dinov2_l14", "jax", "dino.py:vit_l14,dtype=bfloat16", (256, 128, 64),
          smoke=("dino.py:tiny_v2,model.depth=1", (8,))),
+    Case("medsam_b_1024", "jax", "sam.py:medsam_vit_b,dtype=bfloat16,model.attention_chunk=1024", (16, 4, 1),
+         needs_gpu=True),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 # In smoke mode the GPU-only attention is replaced by XLA's, so the case's code path still runs.
