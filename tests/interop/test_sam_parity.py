@@ -181,6 +181,21 @@ def test_segment_anything_parity(prompt):
       _check("segment_anything", "IoU scores", iou[i], ref_iou.numpy(), (prompt, multimask))
 
 
+@pytest.mark.slow
+def test_segment_anything_parity_with_attention_chunks():
+  """The chunked global attention (``attention_chunk``; 8 x 8 = 64 tokens in chunks of 5: 13
+  chunks, the last padded) against Meta's encoder with the same imported weights."""
+  sa = _sa_model()
+  x = _inputs()
+  with torch.no_grad():
+    emb_ref = sa.image_encoder(torch.from_numpy(x["pixels"]).permute(0, 3, 1, 2)).numpy()
+  _, params, cfg = _ours("segment_anything")
+  model = sam_lib.build_sam(cfg, attention_chunk=5)
+  emb = jax.jit(lambda v, p: model.apply(v, p, method="embed_image"))({"params": params}, jnp.asarray(x["pixels"]))
+  _check("segment_anything", "image embeddings, attention_chunk=5", np.asarray(emb), emb_ref.transpose(0, 2, 3, 1),
+         "chunks")
+
+
 @pytest.mark.parametrize("prompt", PROMPTS + ("padded points",))
 @pytest.mark.slow
 def test_hf_parity(prompt):
