@@ -103,6 +103,17 @@ def test_final_eval_is_checked_before_training():
   assert main._final_eval_config(c) is None  # pylint: disable=protected-access
 
 
+def test_dino_tiny_spatial_is_the_measured_recipe():
+  """configs/dino.py:tiny_spatial is the DINO run docs/benchmark.md fine-tuned (tiny plus these
+  overrides, its closing table aside): a change to either must be re-measured."""
+  measured = helpers.override(dino.get_config("tiny"), {
+      "model.patch_embed": "conv", "model.cls_pool": "max", "model.layer_scale_init": 0.1,
+      "data.flip": False, "data.multicrop.global_scale": (0.7, 1.0), "data.multicrop.num_local": 0})
+  assert dino.get_config("tiny_spatial").to_dict() == measured.to_dict()
+  assert dino.get_config("tiny").data.multicrop.num_local == 4     # the plain recipe is unchanged
+  config_lib.validate(dino.get_config("tiny_spatial"), None, 1)
+
+
 def test_dino_tiny_ibot_is_the_measured_recipe():
   """configs/dino.py:tiny_ibot is the run docs/benchmark.md measured (tiny_v2 plus these overrides,
   its closing table aside): a change to either must be re-measured."""
