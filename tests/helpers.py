@@ -90,7 +90,6 @@ def override(c, overrides, allow_new=()):
 
 
 def single_device_mesh(config):
-  from medfm_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   return mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
@@ -328,6 +327,15 @@ class StepRunner:
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return StepRun([m["loss"] for m in history], [m["grad_norm"] for m in history],
                    self._initial.params, jax.device_get(state.params), history, state)
+
+
+def sharded_and_reference_runs(config, mesh_shape):
+  """``config``'s step compiled on a mesh of ``mesh_shape`` (a :class:`StepRunner` started from the
+  1-device runner's initial state: the sharded init is tested in tests/train/test_trainer.py), and
+  the 1-device reference run."""
+  one = StepRunner(config, single_device_mesh(config))
+  sharded = StepRunner(config, mesh_lib.make_mesh(mesh_shape), initial=one.initial_state)
+  return sharded, one.run()
 
 
 def assert_same_training(run: StepRun, ref: StepRun, loss_atol=1e-5, rtol=1e-4):

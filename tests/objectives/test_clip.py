@@ -9,7 +9,6 @@ import pytest
 
 from medfm_jax import config as config_lib
 from medfm_jax import objectives
-from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import assemble, checkpoint, loop, optim
 from tests import helpers
 
@@ -22,10 +21,7 @@ def device_runners():
   its 1-device reference run (SigLIP's loss and gradients are compared on both meshes in
   test_clip_losses)."""
   config = helpers.tiny_clip_config(**helpers.sgd_overrides(), **{"model.depth": 1})
-  one = helpers.StepRunner(config, helpers.single_device_mesh(config))
-  eight = helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
-                             initial=one.initial_state)   # sharded init: tests/train/test_trainer.py
-  return eight, one.run()
+  return helpers.sharded_and_reference_runs(config, {"data": 2, "fsdp": 4, "tensor": 1})
 
 
 @pytest.mark.slow

@@ -92,10 +92,8 @@ def device_runners():
   fsdp=8, its 2-step run there, and the 1-device reference run."""
   config = helpers.tiny_dino_config("tiny_v2", **helpers.sgd_overrides())
   assert config.objective.centering == "sinkhorn_knopp" and config.objective.ibot_separate_head
-  one = helpers.StepRunner(config, helpers.single_device_mesh(config))
-  eight = helpers.StepRunner(config, mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}),
-                             initial=one.initial_state)   # sharded init: tests/train/test_trainer.py
-  return eight, eight.run(), one.run()
+  eight, reference = helpers.sharded_and_reference_runs(config, {"data": 1, "fsdp": 8, "tensor": 1})
+  return eight, eight.run(), reference
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from medfm_jax import objectives
 from medfm_jax.data import pipeline
 from medfm_jax.evaluate import protocols
 from medfm_jax.objectives import flava as flava_objective
-from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.parallel import programs
 from medfm_jax.train import checkpoint, loop, restore
 from tests import helpers
@@ -131,10 +130,7 @@ def device_runners():
   """The FLAVA step (all five losses, SGD) compiled on a 2x4 data x fsdp mesh, and its 1-device
   reference run."""
   config = helpers.tiny_flava_config(**helpers.sgd_overrides())
-  one = helpers.StepRunner(config, helpers.single_device_mesh(config))
-  eight = helpers.StepRunner(config, mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}),
-                             initial=one.initial_state)   # sharded init: tests/train/test_trainer.py
-  return eight, one.run()
+  return helpers.sharded_and_reference_runs(config, {"data": 2, "fsdp": 4, "tensor": 1})
 
 
 @pytest.mark.slow
