@@ -18,7 +18,9 @@ tokenizer file; only config values change):
       --config.data.source=manifest --config.data.path=gs://BUCKET/pairs.csv \
       --config.data.tokenizer_path=bert/tokenizer.json --config.mesh.fsdp=8 --config.dtype=bfloat16
 
-Variants: tiny | full. Loss weights: ``objective.weights.<term>`` (contrastive, mim, mlm, itm,
+Variants: tiny | tiny_contrastive (tiny with the contrastive term weighted 3x, temperature 0.02 at
+init and 800 steps: the tiny recipe that beats random init on the benchmark over pretraining seeds;
+about 1,850 CPU-s) | full. Loss weights: ``objective.weights.<term>`` (contrastive, mim, mlm, itm,
 mmm_image, mmm_text; 0 turns a term off). Batch composition: ``data.mix`` (ratios of paired,
 image-only and text-only examples; exact per global batch).
 """
@@ -34,11 +36,15 @@ from configs import common  # noqa: E402  (config files are loaded by path)
 from medfm_jax.models import flava as flava_lib  # noqa: E402
 
 
+_RECIPE_SIZES = {"tiny_contrastive": "tiny"}   # recipe variants and the model size they build
+
+
 def get_config(arg: str | None = None):
   variant, overrides = common.parse_arg(arg, default_variant="tiny")
-  if variant not in flava_lib.VARIANTS:
+  size = _RECIPE_SIZES.get(variant, variant)
+  if size not in flava_lib.VARIANTS:
     raise ValueError(f"configs/flava.py: unknown variant {variant!r}; allowed: "
-                     f"{', '.join(flava_lib.VARIANTS)}")
+                     f"{', '.join([*flava_lib.VARIANTS, *_RECIPE_SIZES])}")
   c = common.base_config()
   c.objective.name = "flava"
   c.objective.weights = ml_collections.ConfigDict(dict(
@@ -53,7 +59,7 @@ def get_config(arg: str | None = None):
   c.objective.max_logit_scale = math.log(100.0)
   c.objective.zero_shot_labels = ("finding", "modality")
 
-  c.model = ml_collections.ConfigDict(flava_lib.model_fields(variant))
+  c.model = ml_collections.ConfigDict(flava_lib.model_fields(size))
   c.model.drop_path = 0.0
   c.model.patch_embed = "patch"              # 'patch' | 'conv' (ViT-C stem)
   c.model.cls_pool = "token"                 # 'token' | 'max' | 'mean'
@@ -87,7 +93,7 @@ def get_config(arg: str | None = None):
   c.data.eval_examples, c.data.eval_batch_size = 2000, 256
   c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 5000
 
-  if variant == "tiny":
+  if size == "tiny":
     common.tiny_image_text(c)
     c.total_steps, c.warmup_steps = 600, 50
     c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
@@ -102,5 +108,13 @@ def get_config(arg: str | None = None):
     # init (-0.2 points); with this one seed 0 beats it by 6.7 points, seed 1 does not (-0.7; two
     # seeds +3.0 +- 3.8, docs/benchmark.md). The full recipe keeps FLAVA's plain ViT.
     c.model.patch_embed, c.model.cls_pool, c.model.layer_scale_init = "conv", "max", 0.1
+  if variant == "tiny_contrastive":
+    # tiny's contrastive loss sits on the plateau of an encoder that matches modality only
+    # (ln(pairs / 4)) and, for some seeds, never leaves it in 600 steps. Three times its weight, a
+    # sharper initial temperature (0.02, logit scale ln 50) and 800 steps get seeds 0 and 1 past
+    # it (docs/benchmark.md).
+    c.objective.weights.contrastive = 3.0
+    c.objective.init_logit_scale = 3.912
+    c.total_steps = 800
   common.apply_overrides(c, overrides)
   return c

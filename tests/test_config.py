@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from configs import dino, mae
+from configs import dino, flava, mae
 from medfm_jax import config as config_lib
 from tests import helpers
 
@@ -112,6 +112,19 @@ def test_dino_tiny_spatial_is_the_measured_recipe():
   assert dino.get_config("tiny_spatial").to_dict() == measured.to_dict()
   assert dino.get_config("tiny").data.multicrop.num_local == 4     # the plain recipe is unchanged
   config_lib.validate(dino.get_config("tiny_spatial"), None, 1)
+
+
+def test_flava_tiny_contrastive_is_the_measured_recipe():
+  """configs/flava.py:tiny_contrastive is the FLAVA run docs/benchmark.md probed over pretraining
+  seeds 0 and 1 (tiny plus these overrides, its closing table aside): a change to either must be
+  re-measured."""
+  measured = helpers.override(flava.get_config("tiny"), {
+      "objective.weights.contrastive": 3.0, "objective.init_logit_scale": 3.912, "total_steps": 800})
+  assert flava.get_config("tiny_contrastive").to_dict() == measured.to_dict()
+  assert flava.get_config("tiny").total_steps == 600     # the plain recipe is unchanged
+  config_lib.validate(flava.get_config("tiny_contrastive"), None, 1)
+  with pytest.raises(ValueError, match="allowed: tiny, full, tiny_contrastive"):
+    flava.get_config("tiny_contrastiv")
 
 
 def test_dino_tiny_ibot_is_the_measured_recipe():
