@@ -19,7 +19,7 @@ tokenizer file; only config values change):
       --config.data.tokenizer_path=bert/tokenizer.json --config.mesh.fsdp=8 --config.dtype=bfloat16
 
 Variants: tiny | tiny_contrastive (tiny with the contrastive term weighted 3x, temperature 0.02 at
-init and 800 steps: the tiny recipe that beats random init on the benchmark over pretraining seeds;
+init and 800 steps: the tiny recipe that beats random init on the benchmark over 3 pretraining seeds;
 about 1,850 CPU-s) | full. Loss weights: ``objective.weights.<term>`` (contrastive, mim, mlm, itm,
 mmm_image, mmm_text; 0 turns a term off). Batch composition: ``data.mix`` (ratios of paired,
 image-only and text-only examples; exact per global batch).
@@ -111,7 +111,7 @@ def get_config(arg: str | None = None):
   if variant == "tiny_contrastive":
     # tiny's contrastive loss sits on the plateau of an encoder that matches modality only
     # (ln(pairs / 4)) and, for some seeds, never leaves it in 600 steps. Three times its weight, a
-    # sharper initial temperature (0.02, logit scale ln 50) and 800 steps get seeds 0 and 1 past
+    # sharper initial temperature (0.02, logit scale ln 50) and 800 steps get seeds 0-2 past
     # it (docs/benchmark.md).
     c.objective.weights.contrastive = 3.0
     c.objective.init_logit_scale = 3.912

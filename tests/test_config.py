@@ -116,7 +116,7 @@ def test_dino_tiny_spatial_is_the_measured_recipe():
 
 def test_flava_tiny_contrastive_is_the_measured_recipe():
   """configs/flava.py:tiny_contrastive is the FLAVA run docs/benchmark.md probed over pretraining
-  seeds 0 and 1 (tiny plus these overrides, its closing table aside): a change to either must be
+  seeds 0-2 (tiny plus these overrides, its closing table aside): a change to either must be
   re-measured."""
   measured = helpers.override(flava.get_config("tiny"), {
       "objective.weights.contrastive": 3.0, "objective.init_logit_scale": 3.912, "total_steps": 800})
