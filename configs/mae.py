@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
   c.objective.mask_ratio = 0.75
   c.objective.norm_pix_loss = True
   c.objective.recon_examples = 8          # images in the eval reconstruction PNG
+  c.objective.knn_train_examples = 0      # > 0: kNN / few-shot monitor bank (labelled train images)
 
   c.model.variant = "B/16"                # encoder, see medfm_jax.models.vit.VARIANTS
   c.model.width = c.model.depth = c.model.num_heads = c.model.mlp_dim = 0   # 0 = the variant's
@@ -73,6 +74,7 @@ def get_config(arg: str | None = None):
     c.lr = 1.5e-4 * 16                    # effective 6e-4 at batch 64: short run, small model
     c.total_steps, c.warmup_steps = 600, 50
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
+    c.objective.knn_train_examples = 1024   # few-shot modality climbs from step 0 (docs/benchmark.md)
     common.tiny_final_eval(c)
     if variant == "bench":
       c.total_steps, c.warmup_steps = 2000, 100

@@ -6,7 +6,7 @@ and masks; the probe scenario also seeds the linear probe). Where a threshold cl
 was learned, the same protocol is also measured at random init. Prints one table row per metric
 (one column per seed) and the wall/CPU seconds of each scenario. Not part of the test command::
 
-  python tools/seed_spread.py --seeds 0,1,2 --scenarios synthetic,probe,mae,clip,siglip,flava
+  python tools/seed_spread.py --seeds 0,1,2 --scenarios synthetic,probe,mae,dino,dinov2,clip,siglip,flava
 
 Scenarios (cheapest first):
   synthetic  the kNN, linear-probe and ridge evaluators and the k-means codebook on constructed
@@ -15,7 +15,9 @@ Scenarios (cheapest first):
   probe      tests/evaluate/test_protocols.py::test_feature_protocols (modality linear probe on the
              4-step MAE checkpoint), plus the same probe at random init (the checkpoint's
              architecture) and with shuffled train labels (what misaligned rows would score).
-  mae        tests/train/test_trainer.py::test_tiny_run_heldout_loss_drops_below_trivial.
+  mae        tests/objectives/test_mae.py::test_learning_signal_ci.
+  dino       tests/objectives/test_dino.py::test_learning_signal_ci[dino].
+  dinov2     the same with the DINOv2 recipe (test_learning_signal_ci[dinov2]).
   clip       tests/objectives/test_clip.py::test_learning_signal_ci[clip].
   siglip     the same with SigLIP's loss (test_learning_signal_ci[siglip]).
   flava      tests/objectives/test_flava.py::test_learning_signal_ci_and_restore (with the zero-shot
@@ -39,8 +41,7 @@ from medfm_jax.evaluate import probe as probe_lib  # noqa: E402
 from tests.evaluate import test_probe, test_protocols  # noqa: E402
 from tests.metrics import test_knn  # noqa: E402
 from tests.models import test_codebook  # noqa: E402
-from tests.objectives import test_clip, test_flava  # noqa: E402
-from tests.train import test_trainer  # noqa: E402
+from tests.objectives import test_clip, test_dino, test_flava, test_mae  # noqa: E402
 
 
 def _synthetic(workdir, seed):
@@ -71,9 +72,21 @@ def _probe(workdir, seed):
   return out
 
 
+def _monitor_rows(first, last, keys):
+  """``{metric@STEP: value}`` of the eval metrics ``keys`` at the first and last eval."""
+  return {f"{k}@{m['step']}": m[f"eval/{k}"] for m in (first, last) for k in keys}
+
+
+_MONITOR = ("fewshot1_modality_acc", "fewshot10_modality_acc", "knn_modality_acc")
+
+
 def _mae(workdir, seed):
-  first, last = test_trainer.mae_learning_run(workdir, seed)
-  return {"eval_loss@0": first, "eval_loss@300": last, "trivial": 15 / 16}
+  first, last = test_mae.mae_learning_run(workdir, seed)
+  return dict(_monitor_rows(first, last, ("loss", *_MONITOR)), trivial=15 / 16)
+
+
+def _dino(workdir, seed, objective="dino"):
+  return _monitor_rows(*test_dino.dino_learning_run(workdir, seed, objective), _MONITOR)
 
 
 def _clip(workdir, seed, loss="clip"):
@@ -96,7 +109,8 @@ def _flava(workdir, seed):
   return out
 
 
-SCENARIOS = {"synthetic": _synthetic, "probe": _probe, "mae": _mae, "clip": _clip,
+SCENARIOS = {"synthetic": _synthetic, "probe": _probe, "mae": _mae, "dino": _dino,
+             "dinov2": lambda workdir, seed: _dino(workdir, seed, "dinov2"), "clip": _clip,
              "siglip": lambda workdir, seed: _clip(workdir, seed, "siglip"), "flava": _flava}
 
 
@@ -119,12 +133,19 @@ def main(argv=None):
       print(f"# {name} seed {seed} done ({time.perf_counter() - wall:.0f} s)", file=sys.stderr, flush=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"\n{name}: {wall:.0f} s wall, {cpu:.0f} s CPU for {len(seeds)} seed(s)")
-    print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |")
-    print("|---" * (len(seeds) + 2) + "|")
+    # A metric logged at step 0 and at a later step also gets its gain (later - step 0): the paired
+    # difference the learning-signal tests assert, with mean - 3 sample s.d. (their margin rule).
+    for k in [k for k in rows if k.endswith("@0")]:
+      later = [j for j in rows if j.startswith(k[:-1]) and j != k]
+      for j in later:
+        rows[f"{j} - {k}"] = {s: rows[j][s] - rows[k][s] for s in seeds}
+    print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | mean - 3 sample s.d. |")
+    print("|---" * (len(seeds) + 3) + "|")
     for k, by_seed in rows.items():
-      vals = [by_seed[s] for s in seeds]
-      print(f"| {k} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {np.mean(vals):.4f} ± {np.std(vals):.4f} |",
-            flush=True)
+      vals = np.array([by_seed[s] for s in seeds])
+      low = vals.mean() - 3 * vals.std(ddof=1) if len(vals) > 1 else float("nan")
+      print(f"| {k} | " + " | ".join(f"{v:.4f}" for v in vals) +
+            f" | {vals.mean():.4f} ± {vals.std():.4f} | {low:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Classifiers on frozen features: linear probe (BatchNorm without affine -> linear, MAE's
-protocol), ridge regression and k-shot sampling for few-shot evaluation; the linear segmentation
+protocol) and ridge regression for few-shot evaluation (support sampling and the nearest-centroid
+classifier: ``metrics.fewshot``); the linear segmentation
 probe (the same linear layer on every patch token, logits upsampled bilinearly to the pixels).
 
 BatchNorm without affine is applied with the statistics of the whole (fixed) train feature set:
@@ -106,21 +107,6 @@ def ridge_scores(train_x, train_y, test_x, num_classes: int, lam: float) -> np.n
   y_mean = y.mean(0)
   w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ (y - y_mean))
   return t @ w + y_mean
-
-
-def sample_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int,
-                 field: str = "fewshot.shots") -> np.ndarray:
-  """Indices of ``shots`` examples per class, drawn without replacement with ``seed``; ``field``
-  names the config field in the error when a class has fewer."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for c in range(num_classes):
-    idx = np.flatnonzero(np.asarray(labels) == c)
-    if len(idx) < shots:
-      raise ValueError(f"{field}={shots}: class {c} has {len(idx)} examples in the feature pool; "
-                       "raise features.train_examples")
-    out.append(rng.choice(idx, shots, replace=False))
-  return np.concatenate(out)
 
 
 def seg_upsample(logits, size: int):

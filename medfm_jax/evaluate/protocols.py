@@ -23,7 +23,7 @@ from medfm_jax.errors import check
 from medfm_jax.data import image_files, phantoms, pipeline, volumes
 from medfm_jax.data import spec as data_spec
 from medfm_jax.evaluate import features, probe, sliding_window
-from medfm_jax.metrics import classification, knn
+from medfm_jax.metrics import classification, fewshot, knn
 from medfm_jax.metrics import segmentation as seg_metrics
 from medfm_jax.models import heads
 from medfm_jax.objectives import clip, mae3d, supervised
@@ -35,7 +35,7 @@ from medfm_jax.train import state as state_lib
 
 PROTOCOLS = ("linear_probe", "knn", "fewshot", "finetune", "zero_shot", "segment", "segment3d",
              "seg_probe")
-FEWSHOT_CLASSIFIERS = ("ridge", "logistic")
+FEWSHOT_CLASSIFIERS = ("ridge", "logistic", "centroid")
 FEATURE_INPUTS = ("encoder", "pixels")   # features.input: frozen encoder features | raw pixels
 # Labels that training-time geometry changes while the label stays (fine-tuning would learn from
 # wrong labels): the lesion's quadrant moves under a horizontal flip or a random crop; its size
@@ -152,7 +152,7 @@ def budget_rows(config, pool_labels: np.ndarray, num_classes: int) -> np.ndarray
   """Rows of the pool (labels ``pool_labels``, -1 = unlabelled) in the label budget:
   ``probe.labels_per_class`` rows per class drawn with ``probe.seed`` (linear probe and fine-tune
   alike; a one-line ValueError when a class has fewer)."""
-  return probe.sample_shots(pool_labels, config.probe.labels_per_class, num_classes,
+  return fewshot.sample_shots(pool_labels, config.probe.labels_per_class, num_classes,
                             config.probe.seed, field="probe.labels_per_class")
 
 
@@ -202,13 +202,19 @@ def _knn(config, mesh, names):
 
 
 def _fewshot(config, mesh, names):
+  """k-shot (``fewshot.shots`` per class) classifiers, one support draw per seed 0..``fewshot.seeds``
+  - 1 from the labelled feature pool: ridge, logistic regression, or nearest centroid (centred on
+  the whole pool's mean, ``metrics.fewshot``)."""
   (tx, ty), (vx, vy) = _frozen_features(config, mesh)
   f, label = config.fewshot, config.data.label
+  centre = tx.astype(np.float64).mean(0)
   per_seed = []
   for seed in range(f.seeds):
-    idx = probe.sample_shots(ty[label], f.shots, len(names), seed)
+    idx = fewshot.sample_shots(ty[label], f.shots, len(names), seed)
     if f.classifier == "ridge":
       scores = probe.ridge_scores(tx[idx], ty[label][idx], vx, len(names), f.ridge_lambda)
+    elif f.classifier == "centroid":
+      scores = fewshot.centroid_scores(tx[idx], ty[label][idx], vx, len(names), centre)
     else:
       stats = probe.batchnorm_stats(tx[idx])
       params = probe.train_linear(probe.normalize(tx[idx], stats), ty[label][idx], len(names),

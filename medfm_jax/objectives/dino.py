@@ -22,10 +22,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from medfm_jax import storage
-from medfm_jax.data import phantoms
 from medfm_jax.data import spec as data_spec
 from medfm_jax.errors import check, config_errors
-from medfm_jax.metrics import attention_maps, knn, over_split
+from medfm_jax.metrics import attention_maps, feature_monitor
 from medfm_jax.models import heads, layers, vit
 from medfm_jax.objectives import base
 from medfm_jax.objectives import dino_losses
@@ -204,23 +203,13 @@ class DinoObjective(base.Objective):
     return loss, (metrics, new_extra)
 
   def evaluate(self, params, extra, mesh, step):
-    """kNN (k=20, T=0.07) top-1 accuracy of teacher cls features on phantom labels: a bank of
-    ``objective.knn_train_examples`` train images, queried with ``data.eval_examples`` val images."""
+    """kNN and few-shot accuracy of the teacher's cls features (``metrics.feature_monitor``): a
+    bank of ``objective.knn_train_examples`` train images, queried with ``data.eval_examples``."""
     del params, step
-    d = self.data
-
     teacher = extra["teacher"]["backbone"]
-    embed = lambda split, n: over_split.map_over_split(
-        d, mesh, lambda batch: self._cls_features(teacher, batch["image"]), split, n,
-        d.eval_batch_size)
-
-    train_x, train_y = embed(d.train_split, self.config.objective.knn_train_examples)
-    val_x, val_y = embed(d.eval_split, d.eval_examples)
-    k = min(20, len(train_x))
-    return {f"knn_{name}_acc": knn.knn_accuracy(train_x, train_y[name], val_x, val_y[name],
-                                                 num_classes, k=k)
-            for name, num_classes in (("finding", len(phantoms.FINDINGS)),
-                                      ("modality", len(phantoms.MODALITIES)))}
+    return feature_monitor.frozen_feature_metrics(
+        self.data, mesh, lambda images: self._cls_features(teacher, images),
+        self.config.objective.knn_train_examples)
 
   def eval_artifacts(self, params, extra, batch, rng, workdir, step):
     """PNG of the teacher's last-layer cls attention per head on the first eval images."""

@@ -11,6 +11,8 @@ from PIL import Image
 
 from medfm_jax import storage
 from medfm_jax.errors import check
+from medfm_jax.metrics import feature_monitor
+from medfm_jax.models import heads
 from medfm_jax.models import mae as mae_model
 from medfm_jax.models import vit
 from medfm_jax.objectives import base
@@ -20,8 +22,9 @@ _EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across e
 
 
 class MaeObjective(base.Objective):
-  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples; ``config.model``: the ViT
-  fields + decoder_width, decoder_depth, decoder_heads."""
+  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples, knn_train_examples (> 0: the
+  frozen-feature monitor's bank, 0 = off); ``config.model``: the ViT fields + decoder_width,
+  decoder_depth, decoder_heads."""
   name = "mae"
   image_encoders = {"encoder": ("params", "encoder")}
   hf_export = ("vitmae", ("params",))
@@ -38,6 +41,8 @@ class MaeObjective(base.Objective):
     check(m.get("patch_embed", "patch") != "conv", "model.patch_embed='conv' is not allowed with "
           "objective.name='mae': the stem's overlapping receptive fields would show masked patches' "
           "pixels to the encoder")
+    bank = config.objective.get("knn_train_examples", 0)
+    check(bank >= 0, f"objective.knn_train_examples={bank}: must be >= 0 (0 = no feature monitor)")
 
   def __init__(self, config, encoder_loader=None):
     super().__init__(config, encoder_loader)
@@ -53,6 +58,7 @@ class MaeObjective(base.Objective):
     # every process (the batch spans all processes). A few pictures per eval: compiled like a
     # run-once program (parallel.programs).
     self._recon_columns = programs.jit_once(self._recon_columns_fn, out_shardings=P())
+    self._pooled_features = jax.jit(self._pooled_features_fn, out_shardings=P())
 
   def _noise(self, rng, images):
     num_patches = (images.shape[1] // self.patch) * (images.shape[2] // self.patch)
@@ -82,6 +88,23 @@ class MaeObjective(base.Objective):
     per_patch = mae_model.patch_losses(images, out["pred"], self.patch_shape, self.norm_pix)
     per_example = (per_patch * out["mask"]).sum(1) / out["mask"].sum(1)
     return {"loss": base.masked_sum(per_example, batch["mask"])}
+
+  def _pooled_features_fn(self, params, images):
+    """The encoder on whole (unmasked) images, patch tokens mean-pooled: the features MAE's
+    evaluations probe."""
+    encoder = self.model.encoder
+    tokens = encoder.apply({"params": params["encoder"]}, images)
+    return heads.pool_tokens(tokens, "mean", encoder.num_prefix_tokens)
+
+  def evaluate(self, params, extra, mesh, step):
+    """With ``objective.knn_train_examples`` > 0: kNN and few-shot accuracy of the encoder's
+    mean-pooled features (``metrics.feature_monitor``)."""
+    del extra, step
+    bank = self.config.objective.get("knn_train_examples", 0)
+    if not bank:
+      return {}
+    return feature_monitor.frozen_feature_metrics(
+        self.data, mesh, lambda images: self._pooled_features(params, images), bank)
 
   def reconstruct(self, params, images):
     """-> (masked input, reconstruction with visible patches pasted back), both shaped like

@@ -56,6 +56,8 @@ class Mae3dObjective(mae.MaeObjective):
     check(m.get("pos_embed", "sincos3d") in ("sincos3d", "learned"),
           f"model.pos_embed={m.get('pos_embed')!r}: volumes allow 'sincos3d' or 'learned'")
     check(m.get("patch_embed", "patch") == "patch", "model.patch_embed: volumes allow only 'patch'")
+    check(not config.objective.get("knn_train_examples", 0), "objective.knn_train_examples: the "
+          "frozen-feature monitor classifies 2D images; set 0 for volumes")
 
   def __init__(self, config, encoder_loader=None):
     super().__init__(config, encoder_loader)

@@ -1,6 +1,5 @@
-"""Frozen-feature classifiers: linear probe, ridge, k-shot sampling."""
+"""Frozen-feature classifiers: linear probe, ridge (k-shot sampling: tests/metrics/test_fewshot.py)."""
 import numpy as np
-import pytest
 from ml_collections import ConfigDict
 
 from medfm_jax.evaluate import probe
@@ -55,14 +54,3 @@ def test_ridge_matches_closed_form():
   reg[-1, -1] = 0
   w = np.linalg.solve(xa.T @ xa + reg, xa.T @ np.eye(3)[y])
   np.testing.assert_allclose(scores, np.concatenate([ts, np.ones((200, 1))], 1) @ w, atol=1e-6)
-
-
-def test_sample_shots():
-  y = np.repeat(np.arange(3), 20)
-  idx = probe.sample_shots(y, 5, 3, seed=0)
-  assert len(set(idx)) == 15 and np.all(np.bincount(y[idx]) == 5)
-  assert not np.array_equal(idx, probe.sample_shots(y, 5, 3, seed=1))
-  with pytest.raises(ValueError, match="fewshot.shots=30: class 0 has 20 examples"):
-    probe.sample_shots(y, 30, 3, seed=0)
-  with pytest.raises(ValueError, match="probe.labels_per_class=30: class 0 has 20"):
-    probe.sample_shots(y, 30, 3, seed=0, field="probe.labels_per_class")

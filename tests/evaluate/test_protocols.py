@@ -12,12 +12,13 @@ from ml_collections import config_flags
 from medfm_jax import config as config_lib
 from medfm_jax.data import pipeline
 from medfm_jax.evaluate import closing, embed, features, probe, protocols, results as results_lib
+from medfm_jax.metrics import fewshot as fewshot_lib
 from medfm_jax.metrics import knn as knn_lib
 from medfm_jax.peft import lora
 from medfm_jax.train import checkpoint as ckpt_lib
 from medfm_jax.train import loop, restore
 from tests import helpers
-from tests.metrics import test_knn
+from tests.metrics import test_fewshot, test_knn
 
 
 def _config(protocol, variant="tiny", **overrides):
@@ -86,6 +87,21 @@ def test_feature_protocols(mae_ckpt, tmp_path, monkeypatch):
   json_path, md_path = results_lib.write(str(tmp_path / "few"), few)
   assert json.load(open(json_path))["metrics"]["per_class"][0]["class"] == "none"
   assert "| accuracy | " in open(md_path).read() and "± " in open(md_path).read()
+  # Nearest centroid: each seed's support draw, centred on the whole pool's mean, gives the
+  # accuracy of the float64 reference loop (tests/metrics/test_fewshot.py).
+  c = _config("fewshot", init_from=mae_ckpt, **{"fewshot.classifier": "centroid", "fewshot.shots": 1,
+                                                 "data.label": "modality"})
+  calls, real_centroid = [], fewshot_lib.centroid_scores
+  monkeypatch.setattr(fewshot_lib, "centroid_scores",
+                      lambda *a: calls.append(a) or real_centroid(*a))
+  centroid = protocols.run(c, str(tmp_path / "centroid"))
+  (pool_x, _), (_, query_y) = protocols._frozen_features(c, helpers.single_device_mesh(c))  # pylint: disable=protected-access
+  assert len(calls) == 2 and centroid["classifier"] == "centroid"
+  for (support_x, support_y, query_x, classes, centre), seed in zip(calls, centroid["seeds"]):
+    assert (len(support_x), classes) == (4, 4) and sorted(support_y) == [0, 1, 2, 3]
+    np.testing.assert_allclose(centre, pool_x.astype(np.float64).mean(0))
+    want = test_fewshot.reference_predictions(support_x, support_y, query_x, centre, 4)
+    assert seed["accuracy"] == np.mean(want == query_y["modality"])
 
 
 @pytest.mark.slow
