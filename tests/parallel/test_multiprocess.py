@@ -33,7 +33,8 @@ _ARGS = ["--config=configs/mae.py:tiny", helpers.NO_FINAL_EVAL, *_SGD, "--config
          "--config.model.decoder_depth=1", "--config.total_steps=3", "--config.warmup_steps=1",
          "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint_every=2",
          "--config.async_checkpointing=False", "--config.data.eval_examples=16",
-         "--config.data.eval_batch_size=16", "--config.mesh.fsdp=2"]
+         "--config.data.eval_batch_size=16", "--config.objective.knn_train_examples=0",
+         "--config.mesh.fsdp=2"]
 # The 2-process run gives no mesh.dcn flags: the default (mesh.dcn.data=-1) puts the processes on
 # the data axis (DCN), and mesh.fsdp=2 stays inside each.
 _MULTI = []

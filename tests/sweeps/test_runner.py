@@ -77,7 +77,8 @@ def test_dry_run_prints_exact_commands(tmp_path):
   assert sweep.base == ("configs/mae.py:tiny,log_every=1,eval_every=1000,checkpoint_every=2,"
                         "final_eval.config='',data.image_size=16,batch_size=16,model.depth=2,"
                         "model.decoder_width=32,model.decoder_depth=1,total_steps=8,warmup_steps=2,"
-                        "data.eval_examples=16,data.eval_batch_size=16,async_checkpointing=False")
+                        "data.eval_examples=16,data.eval_batch_size=16,objective.knn_train_examples=0,"
+                        "async_checkpointing=False")
   assert lines[0] == shlex.join([runner.python_exe(), "-m", "medfm_jax.main", f"--config={sweep.base}",
                                  f"--workdir={first}", "--config.objective.mask_ratio=0.25",
                                  "--config.seed=0"])
