@@ -135,9 +135,9 @@ PRODUCTION_XLA = {"xla_backend_optimization_level": 3}
 # The tiny MAE of the CLI tests that only need *a* training run (resume, sweeps): 16 px, batch 16,
 # 2 encoder blocks, a 1-block decoder of width 32, 8 steps, no frozen-feature monitor. Their
 # processes then compile the same programs (one compile, then hits in the persistent cache
-# conftest.py sets up), whatever else
-# they vary: logging, checkpointing, data-only fields, and the schedule's numbers (lr, warmup,
-# total steps: arguments of the compiled step, train.state.jit_train_step).
+# conftest.py sets up), whatever else they vary: logging, checkpointing, data-only fields, and the
+# schedule's numbers (lr, warmup, total steps: arguments of the compiled step,
+# train.state.jit_train_step).
 TINY_MAE_CLI = {"data.image_size": 16, "batch_size": 16, "model.depth": 2, "model.decoder_width": 32,
                 "model.decoder_depth": 1, "total_steps": 8, "warmup_steps": 2,
                 "data.eval_examples": 16, "data.eval_batch_size": 16, "objective.knn_train_examples": 0}
