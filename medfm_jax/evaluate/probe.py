@@ -1,7 +1,7 @@
 """Classifiers on frozen features: linear probe (BatchNorm without affine -> linear, MAE's
 protocol) and ridge regression for few-shot evaluation (support sampling and the nearest-centroid
-classifier: ``metrics.fewshot``); the linear segmentation
-probe (the same linear layer on every patch token, logits upsampled bilinearly to the pixels).
+classifier: ``metrics.fewshot``); the linear segmentation probe (the same linear layer on every
+patch token, logits upsampled bilinearly to the pixels).
 
 BatchNorm without affine is applied with the statistics of the whole (fixed) train feature set:
 the limit of MAE's running statistics, as the features never change during probing.

@@ -153,7 +153,7 @@ def budget_rows(config, pool_labels: np.ndarray, num_classes: int) -> np.ndarray
   ``probe.labels_per_class`` rows per class drawn with ``probe.seed`` (linear probe and fine-tune
   alike; a one-line ValueError when a class has fewer)."""
   return fewshot.sample_shots(pool_labels, config.probe.labels_per_class, num_classes,
-                            config.probe.seed, field="probe.labels_per_class")
+                              config.probe.seed, field="probe.labels_per_class")
 
 
 def finetune_source(config, num_classes: int) -> pipeline.SubsetSource | None:
