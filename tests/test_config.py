@@ -38,6 +38,7 @@ def test_valid_config_resolves_mesh():
     ({"grad_clip_mode": "layer"}, 1, "grad_clip_mode"),
     ({"weight_decay_end": -0.1}, 1, "weight_decay_end"),
     ({"model.attention_impl": "flash"}, 1, "model.attention_impl"),
+    ({"objective.knn_train_examples": -1}, 1, "objective.knn_train_examples"),
 ])
 def test_each_bad_field_is_named(overrides, num_devices, field):
   with pytest.raises(config_lib.ConfigError) as e:

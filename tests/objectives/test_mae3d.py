@@ -59,6 +59,7 @@ def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
     ("data.volume.size", (16, 16, 14), r"^data.volume.size=\(16, 16, 14\): must be divisible by the patch"),
     ("objective.mask_ratio", 0.99, r"^objective.mask_ratio=0.99: keeps no block"),
     ("model.pos_embed", "sincos2d", r"^model.pos_embed='sincos2d': volumes allow"),
+    ("objective.knn_train_examples", 64, r"^objective.knn_train_examples: the frozen-feature monitor"),
 ])
 def test_config_errors_are_one_line(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as e:
