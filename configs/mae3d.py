@@ -16,8 +16,8 @@ per-patch normalised targets (``objective.norm_pix_loss``) and 800 steps (about 
 wall on the shared 2 cores). On few-shot segmentation (``segment3d.py:fewshot_primus``) it leads
 random init by +0.33 SE over 4 seeds, and by +1.0 SE over 8 seeds with the fine-tuning stopped at
 150 steps (vol7). Pretrained for 1,300 steps (``,total_steps=1300,warmup_steps=65``: 900 CPU-s, the
-20-minute budget) it leads by +1.6 SE at 150 steps over 8 seeds (vol8). All are short of the 3 SE
-bar:
+20-minute budget) it leads by +1.6 SE at 150 steps over 8 seeds (vol8), and by +1.26 SE over 29
+seeds fixed in advance (vol9; +0.4 SE on the 21 fresh seeds). All are short of the 3 SE bar:
 
   python -m medfm_jax.main --config=configs/mae3d.py:tiny_seg --workdir=runs/mae3d_tiny_seg
 
