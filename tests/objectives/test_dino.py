@@ -162,9 +162,10 @@ def test_dinov2_lr_multipliers_layerwise_and_patch_embed():
 
 
 # Per objective: the configs/dino.py variant of the CI-sized learning run and its overrides: 2
-# blocks, batch 16, 16-px global crops, 400 steps. DINOv2 (DINO + iBOT + KoLeo + Sinkhorn-Knopp +
-# LayerScale) runs on tiny_spatial's tower, views and teacher momentum: tiny_v2's own 0.996 leaves
-# the teacher mostly at its init in a short run (docs/benchmark.md, part 6).
+# blocks, batch 8, 16-px global crops, 400 steps (batch 16 separates more, 1-shot gains 0.178 ±
+# 0.027 / 0.181 ± 0.027, at 1.5 times the CPU: docs/benchmark.md, part 6). DINOv2 (DINO + iBOT +
+# KoLeo + Sinkhorn-Knopp + LayerScale) runs on tiny_spatial's tower, views and teacher momentum:
+# tiny_v2's own 0.996 leaves the teacher mostly at its init in a short run.
 _SPATIAL_VIEWS = {"model.patch_embed": "conv", "model.cls_pool": "max", "data.flip": False,
                   "data.multicrop.global_scale": (0.7, 1.0), "data.multicrop.num_local": 0,
                   "objective.momentum_teacher": 0.99}
@@ -180,7 +181,7 @@ def dino_learning_run(workdir, seed=0, objective="dino"):
   variant, overrides = LEARNING_RUNS[objective]
   steps = LEARNING_STEPS
   config = helpers.override(dino.get_config(variant), {
-      **overrides, "seed": seed, "model.depth": 2, "batch_size": 16, "data.image_size": 16,
+      **overrides, "seed": seed, "model.depth": 2, "batch_size": 8, "data.image_size": 16,
       "data.multicrop.global_size": 16, "total_steps": steps, "log_every": 100, "eval_every": steps,
       "checkpoint_every": steps, "data.eval_examples": 512, "objective.knn_train_examples": 512,
       "final_eval.config": ""})
@@ -191,16 +192,16 @@ def dino_learning_run(workdir, seed=0, objective="dino"):
 
 # Per objective: the least gains (accuracy, step 0 -> 400) of the teacher's few-shot modality
 # accuracy, 1-shot and 10-shot (the monitor's nearest centroid over 50 support draws, 512 queries):
-# mean - 3 sample s.d. of the gains, rounded down, from tools/seed_spread.py --scenarios dino,dinov2,
-# seeds 0/1/2/3/4 (2026-12-01):
-# - DINO: 1-shot 0.561 / 0.602 / 0.524 / 0.588 / 0.564 -> 0.693 / 0.787 / 0.727 / 0.775 / 0.749
-#   (gains 0.178 ± 0.027); 10-shot 0.745 / 0.788 / 0.656 / 0.769 / 0.738 -> 0.822 / 0.921 / 0.825 /
-#   0.896 / 0.892 (gains 0.132 ± 0.035).
-# - DINOv2: 1-shot 0.563 / 0.587 / 0.508 / 0.596 / 0.537 -> 0.717 / 0.772 / 0.711 / 0.750 / 0.748
-#   (gains 0.181 ± 0.027); 10-shot 0.743 / 0.780 / 0.656 / 0.771 / 0.708 -> 0.890 / 0.925 / 0.861 /
-#   0.890 / 0.905 (gains 0.163 ± 0.037).
-# kNN modality (bank 512) moves 0.029 ± 0.025 / 0.018 ± 0.017: within its spread, not asserted.
-LEARNING_MARGINS = {"dino": (0.09, 0.02), "dinov2": (0.10, 0.05)}
+# mean - 3 sample s.d. of the gains, rounded down (None: not asserted, mean - 3 s.d. <= 0), from
+# tools/seed_spread.py --scenarios dino,dinov2, seeds 0/1/2/3/4 (2026-12-01):
+# - DINO: 1-shot 0.561 / 0.602 / 0.524 / 0.588 / 0.564 -> 0.646 / 0.751 / 0.683 / 0.718 / 0.704
+#   (gains 0.132 ± 0.028); 10-shot 0.745 / 0.788 / 0.656 / 0.769 / 0.738 -> 0.800 / 0.903 / 0.804 /
+#   0.860 / 0.860 (gains 0.106 ± 0.035, mean - 3 s.d. -0.000).
+# - DINOv2: 1-shot 0.563 / 0.587 / 0.508 / 0.596 / 0.537 -> 0.660 / 0.739 / 0.688 / 0.695 / 0.698
+#   (gains 0.138 ± 0.037); 10-shot 0.743 / 0.780 / 0.656 / 0.771 / 0.708 -> 0.833 / 0.909 / 0.816 /
+#   0.848 / 0.860 (gains 0.122 ± 0.037).
+# kNN modality (bank 512) moves 0.024 ± 0.022 / 0.009 ± 0.013: within its spread, not asserted.
+LEARNING_MARGINS = {"dino": (0.04, None), "dinov2": (0.02, 0.01)}
 
 
 @helpers.own_xdist_group   # uses no module fixture
@@ -214,4 +215,4 @@ def test_learning_signal_ci(tmp_path, objective):
   assert (first["step"], last["step"]) == (0, LEARNING_STEPS)
   for shots, margin in zip((1, 10), LEARNING_MARGINS[objective]):
     k = f"eval/fewshot{shots}_modality_acc"
-    assert last[k] - first[k] > margin, (k, first[k], last[k])
+    assert margin is None or last[k] - first[k] > margin, (k, first[k], last[k])
