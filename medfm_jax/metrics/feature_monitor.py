@@ -32,10 +32,11 @@ def frozen_feature_metrics(data, mesh, embed: Callable, bank_examples: int,
   seen + 1). A few-shot score is left out (one log line) when a class has fewer than K images in
   the bank.
   """
-  run = lambda split, n: over_split.map_over_split(
-      data, mesh, lambda batch: embed(batch["image"]), split, n, data.eval_batch_size)
-  bank = min(bank_examples, len(pipeline.make_source(data, data.train_split)))
-  bank_x, bank_y = run(data.train_split, bank)
+  run = lambda split, n, source=None: over_split.map_over_split(
+      data, mesh, lambda batch: embed(batch["image"]), split, n, data.eval_batch_size,
+      source=source)
+  train = pipeline.make_source(data, data.train_split)   # built once: its size cuts the bank
+  bank_x, bank_y = run(data.train_split, min(bank_examples, len(train)), train)
   query_x, query_y = run(data.eval_split, data.eval_examples)
   out = {}
   for name in over_split.LABELS:
