@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   c.objective.name = "mae"
   c.objective.mask_ratio = 0.75
   c.objective.norm_pix_loss = True
+  c.objective.visible_loss_weight = 0.0   # > 0: also reconstruct the visible patches (MAE: masked only)
   c.objective.recon_examples = 8          # images in the eval reconstruction PNG
   c.objective.knn_train_examples = 0      # > 0: kNN / few-shot monitor bank (labelled train images)
 

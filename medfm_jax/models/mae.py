@@ -122,7 +122,12 @@ def patch_losses(images, pred, patch_size: int | tuple[int, ...], norm_pix_loss:
   return jnp.square(pred - target).mean(-1)
 
 
-def mae_loss(images, pred, mask, patch_size: int | tuple[int, ...], norm_pix_loss: bool = True):
-  """Mean per-patch MSE over the masked patches only (= the MSE over masked pixels / voxels)."""
+def mae_loss(images, pred, mask, patch_size: int | tuple[int, ...], norm_pix_loss: bool = True,
+             visible_weight: float = 0.0):
+  """Mean per-patch MSE over the masked patches (= the MSE over masked pixels / voxels), plus
+  ``visible_weight`` x the mean over the visible patches (0, MAE's recipe: masked only)."""
   per_patch = patch_losses(images, pred, patch_size, norm_pix_loss)
-  return (per_patch * mask).sum() / mask.sum()
+  loss = (per_patch * mask).sum() / mask.sum()
+  if visible_weight:
+    loss = loss + visible_weight * (per_patch * (1.0 - mask)).sum() / jnp.maximum((1.0 - mask).sum(), 1.0)
+  return loss

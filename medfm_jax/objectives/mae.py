@@ -21,8 +21,13 @@ from medfm_jax.parallel import programs
 _EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across evaluations
 
 
+def check_visible_loss_weight(config) -> None:
+  visible = config.objective.get("visible_loss_weight", 0.0)
+  check(visible >= 0, f"objective.visible_loss_weight={visible}: must be >= 0 (0 = loss on the masked patches only)")
+
+
 class MaeObjective(base.Objective):
-  """``config.objective``: mask_ratio, norm_pix_loss, recon_examples, knn_train_examples (> 0: the
+  """``config.objective``: mask_ratio, norm_pix_loss, visible_loss_weight, recon_examples, knn_train_examples (> 0: the
   frozen-feature monitor's bank, 0 = off); ``config.model``: the ViT fields + decoder_width,
   decoder_depth, decoder_heads."""
   name = "mae"
@@ -41,6 +46,7 @@ class MaeObjective(base.Objective):
     check(m.get("patch_embed", "patch") != "conv", "model.patch_embed='conv' is not allowed with "
           "objective.name='mae': the stem's overlapping receptive fields would show masked patches' "
           "pixels to the encoder")
+    check_visible_loss_weight(config)
     bank = config.objective.get("knn_train_examples", 0)
     check(bank >= 0, f"objective.knn_train_examples={bank}: must be >= 0 (0 = no feature monitor)")
 
@@ -54,6 +60,7 @@ class MaeObjective(base.Objective):
     self.mask_block = 1                           # patches masked together (whole blocks)
     self.mask_ratio = config.objective.mask_ratio
     self.norm_pix = config.objective.norm_pix_loss
+    self.visible_weight = float(config.objective.get("visible_loss_weight", 0.0))
     # Built once so every eval reuses the compiled program; replicated outputs are readable on
     # every process (the batch spans all processes). A few pictures per eval: compiled like a
     # run-once program (parallel.programs).
@@ -79,7 +86,8 @@ class MaeObjective(base.Objective):
   def loss(self, params, extra, batch, rng, step):
     images = batch["image"]
     out = self._forward(params, images, rng, deterministic=False)
-    loss = mae_model.mae_loss(images, out["pred"], out["mask"], self.patch_shape, self.norm_pix)
+    loss = mae_model.mae_loss(images, out["pred"], out["mask"], self.patch_shape, self.norm_pix,
+                              self.visible_weight)
     return loss, ({"mask_fraction": out["mask"].mean()}, extra)
 
   def eval_metrics(self, params, extra, batch, rng):

@@ -30,6 +30,8 @@ def test_loss_on_hand_computable_input():
   mask = jnp.array([[1.0, 0.0, 1.0, 0.0]])
   # Masked patches 0 and 2: squared errors 1 and 9 -> mean 5.
   assert float(mae.mae_loss(images, pred, mask, 1, norm_pix_loss=False)) == 5.0
+  # visible_weight adds w x the visible patches' mean (patches 1 and 3: (4 + 16) / 2 = 10).
+  assert float(mae.mae_loss(images, pred, mask, 1, norm_pix_loss=False, visible_weight=0.5)) == 10.0
   # norm_pix_loss: per patch (x - mean)/sqrt(var_unbiased + 1e-6) over a 2-pixel patch (patch 1, 2 channels).
   images2 = jnp.array([[1.0, 3.0], [2.0, 2.0]]).reshape(1, 1, 2, 2)
   pred2 = jnp.zeros((1, 2, 2))

@@ -49,6 +49,11 @@ def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
   expected = (np.square(pred - np.asarray(images)) * voxel_mask).sum() / voxel_mask.sum()
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   assert float(metrics["mask_fraction"]) == 0.75
+  # objective.visible_loss_weight adds w x the MSE on the visible voxels (same params, masks).
+  both = mae3d.Mae3dObjective(_config(**{"objective.mask_block": 8, "objective.visible_loss_weight": 0.5}))
+  loss_both = jax.jit(lambda p: both.loss(p, {}, {"image": images}, rng, 0)[0])(params)
+  visible = (np.square(pred - np.asarray(images)) * (1 - voxel_mask)).sum() / (1 - voxel_mask).sum()
+  np.testing.assert_allclose(loss_both, expected + 0.5 * visible, rtol=1e-5)
   # The mask is constant over 8^3-voxel blocks.
   v = voxel_mask[0, ..., 0].reshape(2, 8, 2, 8, 2, 8)
   assert (v.min((1, 3, 5)) == v.max((1, 3, 5))).all()
@@ -60,6 +65,7 @@ def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
     ("objective.mask_ratio", 0.99, r"^objective.mask_ratio=0.99: keeps no block"),
     ("model.pos_embed", "sincos2d", r"^model.pos_embed='sincos2d': volumes allow"),
     ("objective.knn_train_examples", 64, r"^objective.knn_train_examples: the frozen-feature monitor"),
+    ("objective.visible_loss_weight", -1.0, r"^objective.visible_loss_weight=-1.0: must be >= 0"),
 ])
 def test_config_errors_are_one_line(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as e:
