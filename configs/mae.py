@@ -31,6 +31,8 @@ def get_config(arg: str | None = None):
   c.objective.mask_ratio = 0.75
   c.objective.norm_pix_loss = True
   c.objective.visible_loss_weight = 0.0   # > 0: also reconstruct the visible patches (MAE: masked only)
+  c.objective.encoder_tokens = "visible"  # 'all': mask tokens in the encoder (SimMIM; needs model.mask_token)
+  c.model.mask_token = False              # the encoder's learned [MASK] embedding ('all' needs it)
   c.objective.recon_examples = 8          # images in the eval reconstruction PNG
   c.objective.knn_train_examples = 0      # > 0: kNN / few-shot monitor bank (labelled train images)
 

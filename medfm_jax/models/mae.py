@@ -89,6 +89,9 @@ class MaskedAutoencoder(nn.Module):
   decoder_depth: int = 8
   decoder_heads: int = 16
   decoder_mlp_dim: int | None = None  # default 4 x decoder_width
+  # 'visible' (MAE): the encoder sees only the kept patches. 'all' (SimMIM, nnssl's Primus MAE):
+  # every patch, the masked ones replaced by the encoder's learned mask token (needs mask_token).
+  encoder_tokens: str = "visible"
 
   @nn.compact
   def __call__(self, images, noise, mask_ratio: float, deterministic: bool = True, mask_block: int = 1):
@@ -96,7 +99,13 @@ class MaskedAutoencoder(nn.Module):
     patch = enc.patch_shape(images.ndim - 2)
     grid = vit.patch_grid(images.shape[1:-1], patch)
     keep_ids, mask, restore_ids = random_masking(noise, mask_ratio, mask_block)
-    latent = self.encoder(images, keep_ids=keep_ids, deterministic=deterministic)
+    if self.encoder_tokens == "all":
+      latent = self.encoder(images, patch_mask=mask > 0, deterministic=deterministic)
+      restore_ids = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)   # already in order
+    elif self.encoder_tokens == "visible":
+      latent = self.encoder(images, keep_ids=keep_ids, deterministic=deterministic)
+    else:
+      raise ValueError(f"encoder_tokens={self.encoder_tokens!r}: allowed 'visible', 'all'")
     decoder = MaeDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads,
                          int(np.prod(patch)) * images.shape[-1], enc.layer_norm_eps, enc.dtype,
                          enc.remat, enc.scan, self.decoder_mlp_dim, enc.attention_impl, name="decoder")

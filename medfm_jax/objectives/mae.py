@@ -21,13 +21,19 @@ from medfm_jax.parallel import programs
 _EVAL_NOISE_SEED = 1234   # fixed masks make held-out losses comparable across evaluations
 
 
-def check_visible_loss_weight(config) -> None:
+def check_loss_fields(config) -> None:
+  """``objective.visible_loss_weight`` and ``objective.encoder_tokens`` (2D and 3D MAE)."""
   visible = config.objective.get("visible_loss_weight", 0.0)
   check(visible >= 0, f"objective.visible_loss_weight={visible}: must be >= 0 (0 = loss on the masked patches only)")
+  tokens = config.objective.get("encoder_tokens", "visible")
+  check(tokens in ("visible", "all"), f"objective.encoder_tokens={tokens!r}: allowed 'visible' (MAE), "
+        "'all' (mask tokens in the encoder: SimMIM, nnssl)")
+  check(tokens == "visible" or config.model.get("mask_token", False),
+        "objective.encoder_tokens='all' needs model.mask_token=True (the encoder's learned mask token)")
 
 
 class MaeObjective(base.Objective):
-  """``config.objective``: mask_ratio, norm_pix_loss, visible_loss_weight, recon_examples, knn_train_examples (> 0: the
+  """``config.objective``: mask_ratio, norm_pix_loss, visible_loss_weight, encoder_tokens, recon_examples, knn_train_examples (> 0: the
   frozen-feature monitor's bank, 0 = off); ``config.model``: the ViT fields + decoder_width,
   decoder_depth, decoder_heads."""
   name = "mae"
@@ -46,7 +52,7 @@ class MaeObjective(base.Objective):
     check(m.get("patch_embed", "patch") != "conv", "model.patch_embed='conv' is not allowed with "
           "objective.name='mae': the stem's overlapping receptive fields would show masked patches' "
           "pixels to the encoder")
-    check_visible_loss_weight(config)
+    check_loss_fields(config)
     bank = config.objective.get("knn_train_examples", 0)
     check(bank >= 0, f"objective.knn_train_examples={bank}: must be >= 0 (0 = no feature monitor)")
 
@@ -54,7 +60,8 @@ class MaeObjective(base.Objective):
     super().__init__(config, encoder_loader)
     m = config.model
     self.model = mae_model.MaskedAutoencoder(vit.vit_from_config(config), m.decoder_width,
-                                             m.decoder_depth, m.decoder_heads)
+                                             m.decoder_depth, m.decoder_heads,
+                                             encoder_tokens=config.objective.get("encoder_tokens", "visible"))
     self.patch = vit.parse_variant(m.variant).patch_size
     self.patch_shape = (self.patch, self.patch)   # per spatial axis (volumes: 3 axes)
     self.mask_block = 1                           # patches masked together (whole blocks)

@@ -48,7 +48,7 @@ class Mae3dObjective(mae.MaeObjective):
           f"objective.mask_block={block}: must be a multiple of the patch shape {patch} and divide "
           f"data.volume.size={size}")
     check(0.0 < r < 1.0, f"objective.mask_ratio={r}: must be in the open interval (0, 1)")
-    mae.check_visible_loss_weight(config)
+    mae.check_loss_fields(config)
     num_blocks = int(np.prod([s // b for s, b in zip(size, block)]))
     check(int(num_blocks * (1 - r)) >= 1,
           f"objective.mask_ratio={r}: keeps no block of {num_blocks} (objective.mask_block={block})")
