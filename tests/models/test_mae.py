@@ -42,15 +42,19 @@ def test_loss_on_hand_computable_input():
 
 
 @pytest.mark.slow
-def test_masked_patches_do_not_reach_encoder():
-  model = mae.MaskedAutoencoder(vit.VisionTransformer("Mu/4", image_size=16), 32, 1, 4)
+@pytest.mark.parametrize("encoder_tokens", ["visible", "all"])
+def test_masked_patches_do_not_reach_encoder(encoder_tokens):
+  # 'all': the encoder sees every position, the masked ones as its mask token (SimMIM, nnssl).
+  encoder = vit.VisionTransformer("Mu/4", image_size=16, mask_token=encoder_tokens == "all")
+  model = mae.MaskedAutoencoder(encoder, 32, 1, 4, encoder_tokens=encoder_tokens)
   rng = np.random.default_rng(0)   # numpy: each jax.random shape compiles a program of its own
   x = rng.standard_normal((1, 16, 16, 1)).astype(np.float32)
   noise = rng.random((1, 16), np.float32)
   variables = random_params(jax.eval_shape(functools.partial(model.init, mask_ratio=0.75), jax.random.key(2), x, noise))
   apply = jax.jit(model.apply, static_argnums=3)   # one compile (eagerly, each op compiles on its own)
   out = apply(variables, x, noise, 0.75)
-  assert out["latent"].shape == (1, 1 + 4, 96) and out["pred"].shape == (1, 16, 16)
+  assert out["latent"].shape == (1, 1 + (4 if encoder_tokens == "visible" else 16), 96)
+  assert out["pred"].shape == (1, 16, 16)
   # Changing a masked patch changes nothing in the latent; changing a visible one does.
   masked_patch = int(np.flatnonzero(out["mask"][0])[0])
   visible_patch = int(np.flatnonzero(out["mask"][0] == 0)[0])

@@ -66,6 +66,8 @@ def test_loss_is_mse_on_masked_voxels_and_blocks_are_16_cubed():
     ("model.pos_embed", "sincos2d", r"^model.pos_embed='sincos2d': volumes allow"),
     ("objective.knn_train_examples", 64, r"^objective.knn_train_examples: the frozen-feature monitor"),
     ("objective.visible_loss_weight", -1.0, r"^objective.visible_loss_weight=-1.0: must be >= 0"),
+    ("objective.encoder_tokens", "masked", r"^objective.encoder_tokens='masked': allowed 'visible'"),
+    ("objective.encoder_tokens", "all", r"^objective.encoder_tokens='all' needs model.mask_token=True"),
 ])
 def test_config_errors_are_one_line(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as e:
@@ -74,7 +76,7 @@ def test_config_errors_are_one_line(key, value, message):
 
 
 def test_variants_validate():
-  for variant in ("tiny", "tiny_seg", "primus_m"):
+  for variant in ("tiny", "tiny_seg", "tiny_seg_all", "primus_m"):
     config_lib.validate(mae3d_config.get_config(variant), None, 1)
   tiny, tiny_seg = mae3d_config.get_config("tiny"), mae3d_config.get_config("tiny_seg")
   assert tiny_seg.objective.norm_pix_loss and not tiny.objective.norm_pix_loss
