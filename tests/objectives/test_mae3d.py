@@ -81,6 +81,14 @@ def test_variants_validate():
   tiny, tiny_seg = mae3d_config.get_config("tiny"), mae3d_config.get_config("tiny_seg")
   assert tiny_seg.objective.norm_pix_loss and not tiny.objective.norm_pix_loss
   assert tiny_seg.model == tiny.model and tiny_seg.data == tiny.data
+  # tiny_seg_all is the part-8 run of docs/volumes.md: tiny_seg plus these fields, nothing else.
+  tiny_seg_all = mae3d_config.get_config("tiny_seg_all")
+  assert tiny_seg_all.objective.encoder_tokens == "all" and tiny_seg_all.model.mask_token
+  assert (tiny_seg_all.total_steps, tiny_seg_all.warmup_steps) == (900, 45)
+  for key, value in (("objective.encoder_tokens", "visible"), ("model.mask_token", False),
+                     ("total_steps", tiny_seg.total_steps), ("warmup_steps", tiny_seg.warmup_steps)):
+    helpers.override(tiny_seg_all, {key: value})
+  assert tiny_seg_all == tiny_seg
   c = mae3d_config.get_config("primus_m")
   size = vit.size_from_config(c.model)
   assert (size.width, size.depth, size.num_heads, size.patch_size) == (864, 16, 12, 8)
