@@ -22,7 +22,8 @@ seeds fixed in advance (vol9; +0.4 SE on the 21 fresh seeds). All are short of t
   python -m medfm_jax.main --config=configs/mae3d.py:tiny_seg --workdir=runs/mae3d_tiny_seg
 
 ``tiny_seg_all`` meets it: ``tiny_seg`` with mask tokens in the encoder (``objective.encoder_tokens=
-'all'``, nnssl's / SimMIM's input) for 900 steps, the 20 minutes on 2 cores. Fine-tuned for 150
+'all'``, nnssl's / SimMIM's input) for 900 steps: 19:50 to 19:59 of training on 2 cores, 20:37 to
+20:39 with start-up and compilation, so at the edge of the 20 minutes. Fine-tuned for 150
 steps on 2 labelled phantoms it leads random init by +0.028 mean Dice, +3.82 SE over 29 seeds per
 init (vol10, docs/volumes.md):
 
@@ -95,7 +96,7 @@ def get_config(arg: str | None = None):
   if variant == "tiny_seg_all":
     # nnssl's / SimMIM's encoder input: every position, masked patches as the mask token, so the
     # encoder is trained on the full sequences fine-tuning gives it. 4x the encoder's tokens: 900
-    # steps fill the 20 minutes on 2 cores.
+    # steps take about 20 minutes on 2 cores (docs/volumes.md).
     c.objective.encoder_tokens, c.model.mask_token = "all", True
     c.total_steps, c.warmup_steps = 900, 45
   elif variant not in ("tiny", "tiny_seg", "primus_m"):

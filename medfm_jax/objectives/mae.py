@@ -33,9 +33,9 @@ def check_loss_fields(config) -> None:
 
 
 class MaeObjective(base.Objective):
-  """``config.objective``: mask_ratio, norm_pix_loss, visible_loss_weight, encoder_tokens, recon_examples, knn_train_examples (> 0: the
-  frozen-feature monitor's bank, 0 = off); ``config.model``: the ViT fields + decoder_width,
-  decoder_depth, decoder_heads."""
+  """``config.objective``: mask_ratio, norm_pix_loss, visible_loss_weight, encoder_tokens,
+  recon_examples, knn_train_examples (> 0: the frozen-feature monitor's bank, 0 = off);
+  ``config.model``: the ViT fields + decoder_width, decoder_depth, decoder_heads (+ mask_token)."""
   name = "mae"
   image_encoders = {"encoder": ("params", "encoder")}
   hf_export = ("vitmae", ("params",))
