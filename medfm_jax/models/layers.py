@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medfm_jax.models import tpu_attention
 from medfm_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
@@ -120,7 +121,8 @@ _CUDNN_SEQ_MULTIPLE = 8
 
 def dot_product_attention(q, k, v, mask=None, is_causal: bool = False, implementation: str | None = None):
   """``jax.nn.dot_product_attention`` on ``[batch, seq, heads, kv]``; with ``implementation='cudnn'``
-  for any sequence length and any mask.
+  for any sequence length and any mask; ``'pallas'``: the TPU flash kernel
+  (:func:`tpu_attention.flash_attention`, key-padding masks).
 
   cuDNN's flash kernel (as JAX 0.10-0.11 call it) refuses odd sequence lengths in training
   (ViT-B/16 at 224 px has 197 tokens) and masks broadcast over queries ("Bias must have same seq
@@ -128,6 +130,8 @@ def dot_product_attention(q, k, v, mask=None, is_causal: bool = False, implement
   (by key lengths without a mask, else in a mask broadcast to ``[b, h, T, S]``) and drops the
   padded queries' outputs.
   """
+  if implementation == "pallas":
+    return tpu_attention.flash_attention(q, k, v, mask, is_causal)
   if implementation != "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation=implementation)
@@ -152,7 +156,7 @@ class Attention(nn.Module):
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
-  implementation: str | None = None    # None = XLA; 'cudnn' for flash attention on GPU
+  implementation: str | None = None    # None = XLA; 'cudnn' / 'pallas': flash attention on GPU / TPU
 
   @nn.compact
   def __call__(self, x, mask=None, is_causal: bool = False):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medfm_jax.models import layers
+from medfm_jax.models import layers, tpu_attention
 from medfm_jax.models.layers import constrain
 
 # name: (width, depth, heads, mlp_dim)
@@ -441,14 +441,18 @@ class VisionTransformer(nn.Module):
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")   # model.attention_impl
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")   # model.attention_impl
 
 
 def resolve_attention_impl(name: str, dtype) -> str:
-  """'auto' -> cuDNN flash attention on GPU with a half-precision compute dtype, else XLA."""
+  """'auto' -> cuDNN flash attention on GPU with a half-precision compute dtype, the Pallas flash
+  kernel on TPU, else XLA (for the platform of ``tpu_attention.target()``)."""
+  platform = tpu_attention.target()
   if name == "auto":
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    return "cudnn" if platform == "gpu" and half else "pallas" if platform == "tpu" else "xla"
+  if name == "pallas" and platform != "tpu":
+    raise ValueError(f"model.attention_impl='pallas' needs a TPU; this program is for {platform}")
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={name!r}: allowed {ATTENTION_IMPLS}")
   return name

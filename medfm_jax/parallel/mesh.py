@@ -68,9 +68,12 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, field: str = "mesh",
 def dcn_granules(devices: Sequence[Any]) -> tuple[int, bool]:
   """(number of DCN-connected units, whether those units are processes rather than slices).
 
-  Several TPU slices (distinct ``slice_index``) are the units; otherwise (one slice, GPU nodes,
-  CPU processes) each process is one.
+  On TPU the slices (distinct ``slice_index``) are the units: the hosts of one slice share its
+  ICI, so one slice is one unit however many processes drive it. Otherwise (GPU nodes, CPU
+  processes) each process is one.
   """
+  if devices and all(d.platform == "tpu" for d in devices):   # no slice_index: one slice
+    return len({getattr(d, "slice_index", 0) for d in devices}), False
   slices = {getattr(d, "slice_index", None) for d in devices}
   if None not in slices and len(slices) > 1:
     return len(slices), False

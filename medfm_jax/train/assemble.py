@@ -89,8 +89,9 @@ def assemble(config, mesh: jax.sharding.Mesh, batch=None) -> Assembly:
     batch = {k: v for k, v in data.abstract_batch(config.batch_size).items() if k != data_spec.SKIPPED_KEY}
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=mesh_lib.batch_sharding(mesh, len(a.shape))), batch)
-  with mesh_lib.use_mesh(mesh):
-    abstract_state = state_lib.state_shardings(objective, tx, config.seed, _one_example(batch), mesh)
+  example = _one_example(batch)   # on the default backend: the mesh's devices may be ones to
+  with mesh_lib.use_mesh(mesh):   # compile for, not to run on (plan --topology)
+    abstract_state = state_lib.state_shardings(objective, tx, config.seed, example, mesh)
   train_step = state_lib.jit_train_step(objective, tx, config, abstract_state)
   eval_step = jax.jit(state_lib.make_eval_step(objective))
   return Assembly(config, mesh, data, objective, tx, batch, abstract_state, train_step, eval_step)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medfm_jax.objectives import base as objectives_base
@@ -120,13 +122,22 @@ class ScheduledStep:
   ``step(state, batch)``; ``lower(state, batch)`` for ahead-of-time compilation (its compiled
   program takes ``(state, batch, self.schedule)``)."""
   jitted: Any
-  schedule: dict
+  values: dict                      # optim.schedule_values: host numbers
+  sharding: Any                     # replicated over the state's mesh
+
+  @functools.cached_property
+  def schedule(self) -> dict:
+    """The schedule numbers on the mesh's devices (placed on first use: a mesh of devices to
+    compile for, not to run on, never places them)."""
+    return jax.device_put(self.values, self.sharding)
 
   def __call__(self, state, batch):
     return self.jitted(state, batch, self.schedule)
 
   def lower(self, state, batch):
-    return self.jitted.lower(state, batch, self.schedule)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.sharding),
+                            self.values)
+    return self.jitted.lower(state, batch, abstract)
 
 
 def jit_train_step(objective: Objective, tx: optim.Optimizer, config, abstract_state) -> ScheduledStep:
@@ -136,9 +147,8 @@ def jit_train_step(objective: Objective, tx: optim.Optimizer, config, abstract_s
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   mesh = jax.tree.leaves(shardings)[0].mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  schedule = jax.device_put(optim.schedule_values(config), replicated)
   return ScheduledStep(jax.jit(make_train_step(objective, tx, config), donate_argnums=0,
-                               out_shardings=(shardings, None)), schedule)
+                               out_shardings=(shardings, None)), optim.schedule_values(config), replicated)
 
 
 def make_eval_step(objective: Objective):

@@ -14,6 +14,7 @@ from absl import logging
 from etils import epath
 
 from medfm_jax import storage
+from medfm_jax.models import tpu_attention
 
 # Dense bf16 peak TFLOP/s per device (vendor figures); CPU: per-core estimate x cores.
 PEAK_TFLOPS = {
@@ -44,14 +45,18 @@ def flop_counting_config(config, model_flops: bool = False):
   """A copy of ``config`` whose train step XLA's cost analysis counts whole, or ``None`` when
   ``config``'s own step already is. The analysis counts a loop body once, so the layer scan
   (``model.scan``), gradient accumulation (``grad_accum_steps``) and query-chunked attention
-  (``model.attention_chunk``) are unrolled: same math, same FLOPs. ``model_flops`` also drops
-  remat recomputation and lowers attention as XLA dots (for MFU)."""
+  (``model.attention_chunk``) are unrolled: same math, same FLOPs. It does not see into a Pallas
+  kernel at all, so the TPU flash attention (``attention_impl`` 'pallas', or 'auto' when compiling
+  for TPU) is counted as XLA's attention. ``model_flops`` also drops remat recomputation and lowers
+  every attention as XLA dots (for MFU)."""
   model = config.model
+  impl = model.get("attention_impl", "auto")
+  opaque = impl == "pallas" or (impl == "auto" and tpu_attention.target() == "tpu")
   loops = (model.get("scan", False) or config.get("grad_accum_steps", 1) > 1
            or model.get("attention_chunk", 0) > 0)
   extra = model_flops and (model.get("remat", "none") != "none"
                            or model.get("attention_impl") not in (None, "xla"))
-  if not (loops or extra):
+  if not (loops or extra or opaque):
     return None
   out = config.copy_and_resolve_references()
   for key, value in (("scan", False), ("attention_chunk", 0)):
@@ -64,6 +69,8 @@ def flop_counting_config(config, model_flops: bool = False):
       out.model.remat = "none"
     if out.model.get("attention_impl") is not None:
       out.model.attention_impl = "xla"
+  if opaque:
+    out.model.attention_impl = "xla"
   return out
 
 

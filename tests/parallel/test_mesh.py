@@ -57,6 +57,10 @@ def test_processes_are_the_dcn_units_without_slices():
   assert mesh_lib.dcn_granules(fake) == (4, True)
   arr = mesh_lib.device_array({"data": 1, "fsdp": 2, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 1}, fake)
   assert [[d.process_index for d in row] for row in arr[:, :, 0]] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+  # One TPU slice driven by 4 hosts is one ICI unit: mesh.{data,fsdp,tensor} span all its chips.
+  tpu = [dataclasses.replace(d, platform="tpu") for d in fake]
+  assert mesh_lib.dcn_granules(tpu) == (1, False)
+  assert mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, tpu).devices.shape == (2, 4, 1)
 
 
 @pytest.mark.parametrize("mesh, message", [
