@@ -9,9 +9,9 @@ for a TPU slice with the TPU compiler (``--topology``, no TPU needed: the ``tpu`
 With ``--topology`` the step is compiled by XLA:TPU for the slice's chips (JAX's deviceless
 ahead-of-time compilation), so the memory is the TPU program's, and ``model.attention_impl='auto'``
 is the Pallas flash kernel as on a real TPU (``models/tpu_attention.py``). On fake CPU devices
-XLA's attention is compiled. Nothing is materialised or executed: the train state comes from ``jax.eval_shape`` and the
-batch is a tree of ``jax.ShapeDtypeStruct`` with the run's shardings. Prints one Markdown table
-row per run (``--json=FILE`` appends the numbers as a JSON line):
+XLA's attention is compiled. Nothing is materialised or executed: the train state comes from
+``jax.eval_shape`` and the batch is a tree of ``jax.ShapeDtypeStruct`` with the run's shardings.
+Prints one Markdown table row per run (``--json=FILE`` appends the numbers as a JSON line):
 
 * per-device bytes of params, optimizer state, other state (EMA teacher, ...), the batch, and
   the step's peak temporaries (``compiled.memory_analysis()``); whether the total fits the chip;
@@ -36,6 +36,7 @@ import time
 
 import jax
 from absl import app, flags, logging
+from jax.experimental import topologies
 from ml_collections import config_flags
 
 from medfm_jax import config as config_lib
@@ -175,7 +176,6 @@ def tpu_devices(name: str) -> list:
   generation, shape = parse_topology(name)
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # no Cloud TPU metadata server to ask
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # no chips to guard: plans may run side by side
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   wrap = (min(shape) >= 4,) * 3                       # full cubes are tori
   try:
     topology = topologies.get_topology_desc(
@@ -199,7 +199,14 @@ def _cost(stage) -> dict:
 
 def plan(config, chip: str = "v5p", hbm_gib: float = 0.0, devices=None) -> dict:
   """Compiles the config's train step for ``devices`` (default: all of JAX's, e.g. fake CPU
-  ones; TPU devices from :func:`tpu_devices` compile with XLA:TPU); returns the memory/FLOP plan."""
+  ones; TPU devices from :func:`tpu_devices` compile with XLA:TPU, attention 'auto' as on a TPU);
+  returns the memory/FLOP plan."""
+  platform = (devices or jax.devices())[0].platform
+  with tpu_attention.target_platform(platform):
+    return _plan(config, chip, hbm_gib, devices)
+
+
+def _plan(config, chip: str, hbm_gib: float, devices) -> dict:
   spec = chip_spec(chip)
   config_lib.validate(config, num_devices=len(devices) if devices else None)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -298,9 +305,7 @@ def main(argv):
     if _TOPOLOGY.value:
       # XLA:TPU's compile-only client cannot load cached executables: no cache lookups to warn about.
       jax.config.update("jax_enable_compilation_cache", False)
-      devices = tpu_devices(_TOPOLOGY.value)
-      with tpu_attention.target_platform("tpu"):
-        result = plan(_CONFIG.value, chip, _HBM_GIB.value, devices)
+      result = plan(_CONFIG.value, chip, _HBM_GIB.value, tpu_devices(_TOPOLOGY.value))
     else:
       result = plan(_CONFIG.value, chip, _HBM_GIB.value)
   except config_lib.ConfigError as e:

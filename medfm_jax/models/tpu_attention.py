@@ -21,6 +21,7 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import flash_attention as fa
 from jax.sharding import PartitionSpec as P
 
 from medfm_jax.parallel import mesh as mesh_lib
@@ -57,7 +58,6 @@ def block_size(seq: int) -> int:
 def _segment_ids(b: int, t: int, t_pad: int, s: int, s_pad: int, key_mask):
   """(query, key) segment ids ``[b, t_pad]``, ``[b, s_pad]``: 1 = a real query / a kept key,
   0 = padding or a masked key."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   q_seg = jnp.broadcast_to((jnp.arange(t_pad) < t).astype(jnp.int32), (b, t_pad))
   keep = jnp.ones((b, s), bool) if key_mask is None else key_mask
   kv_seg = jnp.pad(keep.astype(jnp.int32), ((0, 0), (0, s_pad - s)))
@@ -67,7 +67,6 @@ def _segment_ids(b: int, t: int, t_pad: int, s: int, s_pad: int, key_mask):
 def _flash(q, k, v, q_seg, kv_seg, is_causal: bool, bq: int, bk: int):
   """The kernel on padded ``[b, h, n, d]`` inputs (one device's shard), query / key blocks
   ``bq`` / ``bk``."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   sizes = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
                         block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
                         block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
