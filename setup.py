@@ -9,7 +9,8 @@ DICOM = ["pydicom>=3,<4", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg
 VOLUME = ["nibabel>=5"]
 
 # Ahead-of-time compilation for TPU slices without a TPU (python -m medfm_jax.plan --topology=v5p-128),
-# and TPU runs: JAX's TPU compiler and runtime (libtpu) for the installed JAX.
+# and TPU runs: JAX's TPU compiler and runtime (libtpu) for the installed JAX. On a host without TPUs
+# JAX then logs libtpu's start-up warnings unless JAX_PLATFORMS=cpu (the tests set it).
 TPU = ["jax[tpu]>=0.7,<0.11"]
 
 # Caption tokenizers: HF tokenizer.json files and sentencepiece models (the byte tokenizer needs none).

@@ -22,6 +22,10 @@ soon as it finishes (a run cut short keeps what it measured), then writes ``DIR/
                          bf16, global attention 1024 queries at a time; GPU only (its CPU step at
                          batch 1 is in docs/segmentation.md: a tiny SAM step compiles too slowly
                          for the smoke test's budget)
+  primus_m_mae3d         the 3D MAE at Primus-M size (160^3 volumes, 8^3 patches: 8,000 tokens, the
+                         decoder on all of them), bf16, full remat, attention 'auto' (cuDNN flash);
+                         images/s are volumes/s
+  primus_m_mae3d_xla     the same with XLA's attention (the memory the fused path saves)
 
 Each JAX record: the batch, compile time, median step time, images/s, TFLOP/s (model FLOPs: XLA's
 cost analysis of the lowered step without remat and with XLA attention, ``telemetry.step_flops``), MFU against the device table's dense bf16 peak (H100/H200 SXM 989,
@@ -80,6 +84,8 @@ class Case:
 
 
 _MAE = "mae.py:vit_b16,dtype=bfloat16"
+_PRIMUS = "mae3d.py:primus_m"          # bf16, full remat, 160^3 volumes (8,000 tokens)
+_PRIMUS_SMOKE = ("mae3d.py:tiny,model.depth=1,model.decoder_depth=1", (2,))
 CASES = (
     Case("mae_b16", "jax", _MAE, (1024, 512, 256)),
     Case("mae_b16_xla", "jax", _MAE + ",model.attention_impl=xla", (1024, 512, 256),
@@ -99,6 +105,9 @@ CASES = (
          smoke=("dino.py:tiny_v2,model.depth=1", (8,))),
     Case("medsam_b_1024", "jax", "sam.py:medsam_vit_b,dtype=bfloat16,model.attention_chunk=1024", (16, 4, 1),
          needs_gpu=True),
+    Case("primus_m_mae3d", "jax", _PRIMUS, (16, 8, 4, 2), smoke=_PRIMUS_SMOKE),
+    Case("primus_m_mae3d_xla", "jax", _PRIMUS + ",model.attention_impl=xla", (16, 8, 4, 2),
+         smoke=(_PRIMUS_SMOKE[0] + ",model.attention_impl=xla", _PRIMUS_SMOKE[1])),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 # In smoke mode the GPU-only attention is replaced by XLA's, so the case's code path still runs.
