@@ -44,7 +44,8 @@ def get_config(arg: str | None = None):
   c.model.layer_scale_init = 0.0          # 0 disables LayerScale
   c.model.remat = "none"                  # 'none' | 'full' | 'dots'
   c.model.scan = False                    # nn.scan over blocks (faster compiles for deep models)
-  c.model.attention_impl = "auto"         # 'auto' (cuDNN flash on GPU in bf16) | 'xla' | 'cudnn'
+  # 'auto' (cuDNN flash on GPU in bf16, Pallas flash on TPU) | 'xla' | 'cudnn' | 'pallas'
+  c.model.attention_impl = "auto"
   c.model.decoder_width = 512
   c.model.decoder_depth = 8
   c.model.decoder_heads = 16

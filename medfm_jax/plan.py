@@ -187,6 +187,12 @@ def tpu_devices(name: str) -> list:
   return list(topology.devices)
 
 
+def _attention(config) -> str:
+  """The attention of the config's ViT (``model.attention_impl``, default 'auto') resolved for the
+  target platform; SAM's own ViTDet encoder (``objective.encoder='vitdet'``) runs XLA's instead."""
+  return vit.resolve_attention_impl(config.model.get("attention_impl", "auto"), vit.COMPUTE_DTYPES[config.dtype])
+
+
 def _per_device_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
@@ -251,8 +257,7 @@ def _plan(config, chip: str, hbm_gib: float, devices) -> dict:
       "model": config.model.get("variant"), "objective": config.objective.get("name"),
       "batch_size": config.batch_size, "dtype": config.dtype, "devices": n, "mesh": shape,
       "chip": chip, "platform": mesh.devices.flat[0].platform,
-      "attention": vit.resolve_attention_impl(config.model.get("attention_impl", "auto"),
-                                          vit.COMPUTE_DTYPES[config.dtype]),
+      "attention": _attention(config),
       "params_gib": params / GIB, "opt_state_gib": opt / GIB,
       "other_state_gib": (state_total - params - opt) / GIB, "batch_gib": batch_bytes / GIB,
       "temp_gib": temp / GIB, "total_gib": total / GIB, "hbm_gib": capacity,

@@ -50,7 +50,7 @@ def flop_counting_config(config, model_flops: bool = False):
   for TPU) is counted as XLA's attention. ``model_flops`` also drops remat recomputation and lowers
   every attention as XLA dots (for MFU)."""
   model = config.model
-  impl = model.get("attention_impl", "auto")
+  impl = model.get("attention_impl", "auto")     # vit_from_config's default
   opaque = impl == "pallas" or (impl == "auto" and tpu_attention.target() == "tpu")
   loops = (model.get("scan", False) or config.get("grad_accum_steps", 1) > 1
            or model.get("attention_chunk", 0) > 0)
@@ -70,7 +70,8 @@ def flop_counting_config(config, model_flops: bool = False):
     if out.model.get("attention_impl") is not None:
       out.model.attention_impl = "xla"
   if opaque:
-    out.model.attention_impl = "xla"
+    with out.unlocked():             # SAM's config has no field: its ViT reads the default
+      out.model.attention_impl = "xla"
   return out
 
 

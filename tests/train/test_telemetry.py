@@ -71,3 +71,17 @@ def test_flop_counting_config_unrolls_every_loop_the_cost_analysis_counts_once()
   sam = sam_config.get_config("tiny,objective.encoder='vitdet',model.attention_chunk=512")
   assert telemetry.flop_counting_config(sam).model.attention_chunk == 0
   assert "attention_impl" not in telemetry.flop_counting_config(sam, model_flops=True).model
+
+
+def test_flop_counting_config_counts_the_tpu_flash_kernel_as_xla_attention():
+  """XLA's cost analysis does not see into a Pallas kernel: compiling for TPU ('auto' = the
+  kernel), the FLOPs come from the same step with XLA's attention; SAM's config has no field."""
+  from configs import mae as mae_config, sam as sam_config   # pylint: disable=import-outside-toplevel
+  from medfm_jax.models import tpu_attention  # pylint: disable=import-outside-toplevel
+  plain, sam = mae_config.get_config("tiny"), sam_config.get_config("tiny")
+  with tpu_attention.target_platform("tpu"):
+    assert telemetry.flop_counting_config(plain).model.attention_impl == "xla"
+    assert telemetry.flop_counting_config(sam).model.attention_impl == "xla"
+    assert telemetry.flop_counting_config(mae_config.get_config("tiny,model.attention_impl=xla")) is None
+  assert plain.model.attention_impl == "auto" and "attention_impl" not in sam.model
+  assert telemetry.flop_counting_config(plain) is None              # on CPU: XLA's attention already
