@@ -17,7 +17,7 @@ from medfm_jax import objectives
 from medfm_jax.data import decode, sources, tokenizers
 from medfm_jax.data import spec as data_spec
 from medfm_jax.errors import ConfigError, check as _check, config_errors
-from medfm_jax.models import layers, tpu_attention, vit
+from medfm_jax.models import layers, vit
 from medfm_jax.parallel import mesh as mesh_lib
 from medfm_jax.train import optim
 
@@ -123,11 +123,8 @@ def validate(config, workdir: str | None = None, num_devices: int | None = None)
          f"model.cls_pool={m.get('cls_pool')!r}: allowed {vit.CLS_POOLS}")
   _check(m.get("cls_pool", "token") == "token" or m.get("class_token", True),
          f"model.cls_pool={m.get('cls_pool')!r} needs model.class_token=True (its output slot)")
-  _check(m.get("attention_impl", "auto") in vit.ATTENTION_IMPLS,
-         f"model.attention_impl={m.get('attention_impl')!r}: allowed {vit.ATTENTION_IMPLS}")
-  _check(m.get("attention_impl", "auto") != "pallas" or tpu_attention.target() == "tpu",
-         f"model.attention_impl='pallas' (the TPU flash kernel) needs a TPU; this run is for "
-         f"{tpu_attention.target()}")
+  with config_errors():   # a known name, and 'pallas' only for a TPU
+    vit.resolve_attention_impl(m.get("attention_impl", "auto"), vit.COMPUTE_DTYPES[c.dtype])
   _check(0.0 <= m.get("drop_path", 0.0) < 1.0, f"model.drop_path={m.get('drop_path')}: allowed [0, 1)")
   _check(m.get("num_prompts", 0) >= 0 and m.get("adapter_dim", 0) >= 0,
          f"model.num_prompts={m.get('num_prompts')}, model.adapter_dim={m.get('adapter_dim')}: must be >= 0")

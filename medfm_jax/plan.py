@@ -182,8 +182,8 @@ def tpu_devices(name: str) -> list:
         platform="tpu", topology_name=f"{TORUS_SLICES[generation][0]}:{'x'.join(map(str, shape))}",
         chip_config_name="megacore", chips_per_host_bounds=_CHIPS_PER_HOST, num_slices=1, wrap=wrap)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing or refusing the slice)
-    raise RuntimeError(f"--topology={name!r}: no TPU compiler ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}); install the tpu extra: pip install -e '.[tpu]'") from None
+    raise ValueError(f"--topology={name!r}: no TPU compiler ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}); install the tpu extra: pip install -e '.[tpu]'") from None
   return list(topology.devices)
 
 
@@ -297,29 +297,22 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DEVICES.value < 1:
     raise app.UsageError(f"--devices={_DEVICES.value}: must be a positive integer")
-  chip = _CHIP.value
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", _DEVICES.value)   # before the backend starts
+  chip, devices = _CHIP.value, None
   try:
     if _TOPOLOGY.value:
       chip = TORUS_SLICES[parse_topology(_TOPOLOGY.value)[0]][1]
+      # XLA:TPU's compile-only client cannot load cached executables: no cache lookups to warn about.
+      jax.config.update("jax_enable_compilation_cache", False)
+      devices = tpu_devices(_TOPOLOGY.value)
     chip_spec(chip)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", _DEVICES.value)   # before the backend starts
   try:
-    if _TOPOLOGY.value:
-      # XLA:TPU's compile-only client cannot load cached executables: no cache lookups to warn about.
-      jax.config.update("jax_enable_compilation_cache", False)
-      result = plan(_CONFIG.value, chip, _HBM_GIB.value, tpu_devices(_TOPOLOGY.value))
-    else:
-      result = plan(_CONFIG.value, chip, _HBM_GIB.value)
+    result = plan(_CONFIG.value, chip, _HBM_GIB.value, devices)
   except config_lib.ConfigError as e:
     sys.stderr.write(f"medfm_jax: config error: {e}\n")
-    sys.exit(2)
-  except RuntimeError as e:
-    if not str(e).startswith("--topology="):
-      raise
-    sys.stderr.write(f"medfm_jax: {e}\n")
     sys.exit(2)
   print(markdown_table([result]))
   where = (f"XLA:TPU for {_TOPOLOGY.value} ({result['devices']} chips)" if _TOPOLOGY.value

@@ -88,7 +88,7 @@ def key_padding_mask(mask, b: int, s: int):
 def flash_attention(q, k, v, mask=None, is_causal: bool = False):
   """Softmax attention of ``[batch, seq, heads, kv]`` q/k/v with an optional key-padding ``mask``
   (True = attend): the contract of ``jax.nn.dot_product_attention``."""
-  b, t, h, d = q.shape
+  b, t = q.shape[:2]
   s = k.shape[1]
   if is_causal and s != t:
     raise ValueError(f"model.attention_impl='pallas': causal attention needs as many keys as "

@@ -452,7 +452,8 @@ def resolve_attention_impl(name: str, dtype) -> str:
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if platform == "gpu" and half else "pallas" if platform == "tpu" else "xla"
   if name == "pallas" and platform != "tpu":
-    raise ValueError(f"model.attention_impl='pallas' needs a TPU; this program is for {platform}")
+    raise ValueError(f"model.attention_impl='pallas' (the TPU flash kernel) needs a TPU; this run "
+                     f"is for {platform}")
   if name not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={name!r}: allowed {ATTENTION_IMPLS}")
   return name

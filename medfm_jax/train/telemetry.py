@@ -14,7 +14,7 @@ from absl import logging
 from etils import epath
 
 from medfm_jax import storage
-from medfm_jax.models import tpu_attention
+from medfm_jax.models import vit
 
 # Dense bf16 peak TFLOP/s per device (vendor figures); CPU: per-core estimate x cores.
 PEAK_TFLOPS = {
@@ -50,8 +50,8 @@ def flop_counting_config(config, model_flops: bool = False):
   for TPU) is counted as XLA's attention. ``model_flops`` also drops remat recomputation and lowers
   every attention as XLA dots (for MFU)."""
   model = config.model
-  impl = model.get("attention_impl", "auto")     # vit_from_config's default
-  opaque = impl == "pallas" or (impl == "auto" and tpu_attention.target() == "tpu")
+  impl = model.get("attention_impl", "auto")    # vit_from_config's default (SAM's config has none)
+  opaque = vit.resolve_attention_impl(impl, vit.COMPUTE_DTYPES[config.dtype]) == "pallas"
   loops = (model.get("scan", False) or config.get("grad_accum_steps", 1) > 1
            or model.get("attention_chunk", 0) > 0)
   extra = model_flops and (model.get("remat", "none") != "none"
